@@ -1,0 +1,17 @@
+/* matmul.h: the dense products of a linear layer, y = x W^T as in torch.nn.Linear (W is (OC, C)).
+ * Every output element is reduced by one thread in a fixed order, so results do not depend on the
+ * thread count. Not a general BLAS. */
+#ifndef CST_MATMUL_H
+#define CST_MATMUL_H
+#include <stdint.h>
+
+/* out (N, OC) = inp (N, C) @ weight (OC, C)^T; added into out when accumulate != 0. */
+void cst_matmul_forward(float *out, const float *inp, const float *weight, int64_t N, int64_t C,
+                        int64_t OC, int accumulate);
+
+/* dinp (N, C) += dout (N, OC) @ weight (OC, C);  dweight (OC, C) += dout^T @ inp (N, C).
+ * Either output may be NULL to skip it (frozen weights, or the first layer's input). */
+void cst_matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
+                         const float *weight, int64_t N, int64_t C, int64_t OC);
+
+#endif

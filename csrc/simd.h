@@ -1,0 +1,19 @@
+/* simd.h: run-time choice of the SIMD path. The extension is compiled for baseline x86-64; faster
+ * paths are compiled per function with target attributes and chosen here from the CPU's features,
+ * so one build runs on any x86-64 machine. CST_SIMD=scalar|avx2|avx512 forces a path. */
+#ifndef CST_SIMD_H
+#define CST_SIMD_H
+
+typedef enum { CST_SIMD_SCALAR = 0, CST_SIMD_AVX2 = 1, CST_SIMD_AVX512 = 2 } cst_simd_path;
+
+/* Best path this CPU supports. */
+cst_simd_path cst_simd_detect(void);
+/* Path kernels use now (initialised from CST_SIMD or detection at import). */
+cst_simd_path cst_simd_current(void);
+/* Sets the path; returns -1 if the CPU lacks it. */
+int cst_simd_set(cst_simd_path p);
+const char *cst_simd_name(cst_simd_path p);
+/* Parses "scalar"/"avx2"/"avx512"; returns -1 for anything else. */
+int cst_simd_parse(const char *s);
+
+#endif
