@@ -100,7 +100,8 @@ def dicts(records):
 
 
 def test_import_does_not_pull_torch():
-    code = "import sys, cst.data, cst.prompts; sys.exit(int(any(m in sys.modules for m in ('torch', 'transformers', 'datasets'))))"
+    code = ("import sys, cst.data, cst.prompts; "
+            "sys.exit(int(any(m in sys.modules for m in ('torch', 'transformers', 'datasets'))))")
     r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1])
     assert r.returncode == 0
 
