@@ -13,9 +13,13 @@ static inline double mask_at(const float *mf, const uint8_t *mu, size_t i) {
     return mf ? (double)mf[i] : (double)(mu[i] != 0);
 }
 
+/* Below this many tokens a parallel region costs more than the sum (microseconds of work, while
+ * waking threads on a busy machine was measured at ~2 ms per call). */
+#define SEQ_PARALLEL_MIN ((size_t)1 << 18)
+
 void cst_seq_logps_forward(double *out, const float *token_logp, const float *mask_f32,
                            const uint8_t *mask_u8, int64_t B, int64_t T, int average) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((size_t)B * (size_t)T >= SEQ_PARALLEL_MIN)
     for (int64_t b = 0; b < B; b++) {
         /* One thread owns a row and sums it left to right in double: a 512-token sum of log-probs
          * around -10 each loses ~3 digits in float, and the order is fixed for any thread count. */
@@ -34,7 +38,7 @@ void cst_seq_logps_forward(double *out, const float *token_logp, const float *ma
 
 void cst_seq_logps_backward(float *dtoken_logp, const double *dout, const float *mask_f32,
                             const uint8_t *mask_u8, int64_t B, int64_t T, int average) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((size_t)B * (size_t)T >= SEQ_PARALLEL_MIN)
     for (int64_t b = 0; b < B; b++) {
         const size_t row = (size_t)b * (size_t)T;
         double g = dout[b];

@@ -272,18 +272,20 @@ def test_seq_logps_is_linear_so_backward_matches_finite_difference(rng):
 
 
 def test_seq_logps_thread_count_invariant(rng):
-    lp = rng.standard_normal((16, 300)).astype(np.float32)
-    mask = np.ones((16, 300), np.uint8)
+    B, T = 64, 4200  # above the kernel's parallel threshold (2^18 tokens)
+    lp = rng.standard_normal((B, T)).astype(np.float32)
+    mask = (rng.random((B, T)) < 0.9).astype(np.uint8)
     before = _core.get_num_threads()
     try:
         res = []
         for n in (1, 2, 3):
             _core.set_num_threads(n)
             res.append(L.sequence_logps(lp, mask))
+            res.append(L.sequence_logps_backward(np.arange(B, dtype=np.float64), mask, True))
     finally:
         _core.set_num_threads(before)
-    for r in res[1:]:
-        np.testing.assert_array_equal(r, res[0])
+    for i in range(2, len(res)):
+        np.testing.assert_array_equal(res[i], res[i % 2])
 
 
 def test_all_zero_mask_rows_rejected(rng):
