@@ -1,0 +1,193 @@
+"""The training configuration: one dataclass with TRL DPOConfig / transformers TrainingArguments names,
+validated on construction, saved and loaded as JSON. It holds settings only; the training loop, the
+LR schedule (cst.schedule) and the losses (cst.losses) read it."""
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from typing import Optional, Tuple
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+MODES = ("dpo", "sft")
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class DPOConfig:
+    """Hyper-parameters of a DPO (or SFT) run, named as in TRL's DPOConfig.
+
+    Defaults follow the CST paper's recipe (its cst_train.py on TRL 0.9.6) where it fixes a value:
+    beta 0.1, sigmoid loss, learning_rate 5e-5 (TRL's own default is 1e-6), 1 epoch, batch 2 x
+    gradient accumulation 4, max_length 512, max_prompt_length 128. The paper trains LoRA r=24,
+    alpha=48, dropout 0.05 on all seven projections; here lora_r=None means full fine-tuning.
+
+    Warmup: warmup_steps > 0 wins over warmup_ratio (as in transformers 4.x); see
+    cst.schedule.resolve_warmup. max_steps > 0 overrides num_train_epochs. max_grad_norm None or 0
+    disables clipping. eval_steps/save_steps None disable periodic evaluation/saving.
+    label_smoothing (cDPO) only exists for loss_type "sigmoid" and is rejected for the others.
+    """
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    learning_rate: float = 5e-5
+    lr_scheduler_type: str = "linear"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 2
+    gradient_accumulation_steps: int = 4
+    max_length: int = 512
+    max_prompt_length: int = 128
+    weight_decay: float = 0.0
+    max_grad_norm: Optional[float] = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    seed: int = 42
+    lora_r: Optional[int] = None
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: Tuple[str, ...] = LORA_MODULES
+    logging_steps: int = 10
+    eval_steps: Optional[int] = None
+    save_steps: Optional[int] = 500
+    output_dir: str = "runs/cst"
+    mode: str = "dpo"
+    num_threads: Optional[int] = None
+
+    def __post_init__(self):
+        def fail(name, msg):
+            raise ValueError(f"DPOConfig: {name} {msg}, got {getattr(self, name)!r}")
+
+        def real(name, lo=None, hi=None, lo_open=False, hi_open=False, optional=False):
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if not _is_number(v) or not math.isfinite(v):
+                fail(name, "must be a finite number")
+            if lo is not None and (v <= lo if lo_open else v < lo):
+                fail(name, f"must be {'>' if lo_open else '>='} {lo}")
+            if hi is not None and (v >= hi if hi_open else v > hi):
+                fail(name, f"must be {'<' if hi_open else '<='} {hi}")
+            setattr(self, name, float(v))
+
+        def integer(name, lo, optional=False):
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if not _is_int(v) or v < lo:
+                fail(name, f"must be an int >= {lo}" + (" or None" if optional else ""))
+
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                fail(name, f"must be one of {options}")
+
+        real("beta", 0.0, lo_open=True)
+        choice("loss_type", LOSS_TYPES)
+        real("label_smoothing", 0.0, 0.5)
+        if self.label_smoothing > 0 and self.loss_type != "sigmoid":
+            fail("label_smoothing", f"must be 0 for loss_type={self.loss_type!r} (only 'sigmoid' "
+                 "supports label smoothing)")
+        real("learning_rate", 0.0, lo_open=True)
+        choice("lr_scheduler_type", LR_SCHEDULERS)
+        integer("warmup_steps", 0)
+        real("warmup_ratio", 0.0, 1.0)
+        real("num_train_epochs", 0.0, lo_open=True)
+        if not _is_int(self.max_steps) or not (self.max_steps == -1 or self.max_steps >= 1):
+            fail("max_steps", "must be -1 (use num_train_epochs) or an int >= 1")
+        integer("per_device_train_batch_size", 1)
+        integer("gradient_accumulation_steps", 1)
+        integer("max_prompt_length", 1)
+        integer("max_length", 2)
+        if self.max_length <= self.max_prompt_length:
+            fail("max_length", f"must exceed max_prompt_length ({self.max_prompt_length}) to leave "
+                 "room for the completion")
+        real("weight_decay", 0.0)
+        real("max_grad_norm", 0.0, optional=True)
+        real("adam_beta1", 0.0, 1.0, hi_open=True)
+        real("adam_beta2", 0.0, 1.0, hi_open=True)
+        real("adam_epsilon", 0.0, lo_open=True)
+        integer("seed", 0)
+        integer("lora_r", 1, optional=True)
+        real("lora_alpha", 0.0, lo_open=True)
+        real("lora_dropout", 0.0, 1.0, hi_open=True)
+        mods = self.lora_target_modules
+        if isinstance(mods, str) or not isinstance(mods, (list, tuple)) or not mods:
+            fail("lora_target_modules", f"must be a non-empty list of names from {LORA_MODULES}")
+        unknown = [m for m in mods if m not in LORA_MODULES]
+        if unknown:
+            fail("lora_target_modules", f"has unknown module(s) {unknown}; known: {LORA_MODULES}")
+        if len(set(mods)) != len(mods):
+            fail("lora_target_modules", "has duplicates")
+        self.lora_target_modules = tuple(mods)
+        integer("logging_steps", 1)
+        integer("eval_steps", 1, optional=True)
+        integer("save_steps", 1, optional=True)
+        if isinstance(self.output_dir, os.PathLike):
+            self.output_dir = os.fspath(self.output_dir)
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            fail("output_dir", "must be a non-empty path")
+        choice("mode", MODES)
+        integer("num_threads", 1, optional=True)
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Examples per optimizer step (per device batch x gradient accumulation)."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict (lora_target_modules as a list)."""
+        d = asdict(self)
+        d["lora_target_modules"] = list(self.lora_target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DPOConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"DPOConfig.from_dict: expected a dict, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in d if k not in names)
+        if unknown:
+            raise ValueError(f"DPOConfig.from_dict: unknown key(s) {unknown}")
+        return cls(**d)
+
+    def to_json(self, path) -> None:
+        """Writes the config as JSON atomically: a temporary file in the same folder, then a rename,
+        so a crash never leaves a half-written config behind."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    @classmethod
+    def from_json(cls, path) -> "DPOConfig":
+        with open(os.fspath(path), encoding="utf-8") as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"DPOConfig.from_json: {path} is not valid JSON: {e}") from None
+        return cls.from_dict(d)
