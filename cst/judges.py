@@ -257,8 +257,14 @@ def _features(text, n_features):
     h = np.fromiter((zlib.crc32(g.encode("utf-8")) for g in grams), dtype=np.int64, count=len(grams))
     idx, cnt = np.unique(h % n_features, return_counts=True)
     val = 1.0 + np.log(cnt.astype(np.float64))
-    val /= np.sqrt(np.dot(val, val))
+    val /= math.sqrt(_dot(val, val))
     return idx, val
+
+
+def _dot(a, b):
+    # Not np.dot: OpenBLAS may split a long dot product across threads, which makes the sum depend on the
+    # thread count (and spins badly on a busy machine). NumPy's pairwise sum is single-threaded and fixed.
+    return float(np.add.reduce(a * b))
 
 
 class _Csr:
@@ -294,22 +300,22 @@ def _lbfgs(fun, x0, max_iter, tol, m=10):
         q = g.copy()
         alphas = []
         for s, y, rho in zip(reversed(s_hist), reversed(y_hist), reversed(rho_hist)):
-            a = rho * np.dot(s, q)
+            a = rho * _dot(s, q)
             alphas.append(a)
             q -= a * y
         if s_hist:
-            q *= np.dot(s_hist[-1], y_hist[-1]) / np.dot(y_hist[-1], y_hist[-1])
+            q *= _dot(s_hist[-1], y_hist[-1]) / _dot(y_hist[-1], y_hist[-1])
         else:
-            q /= max(1.0, np.linalg.norm(g))
+            q /= max(1.0, math.sqrt(_dot(g, g)))
         for (s, y, rho), a in zip(zip(s_hist, y_hist, rho_hist), reversed(alphas)):
-            b = rho * np.dot(y, q)
+            b = rho * _dot(y, q)
             q += (a - b) * s
         d = -q
-        slope = np.dot(g, d)
+        slope = _dot(g, d)
         if slope >= 0:  # not a descent direction (lost curvature): restart from steepest descent
             s_hist.clear(), y_hist.clear(), rho_hist.clear()
-            d = -g / max(1.0, np.linalg.norm(g))
-            slope = np.dot(g, d)
+            d = -g / max(1.0, math.sqrt(_dot(g, g)))
+            slope = _dot(g, d)
         step = 1.0
         for _ in range(40):
             x_new = x + step * d
@@ -320,7 +326,7 @@ def _lbfgs(fun, x0, max_iter, tol, m=10):
         else:
             return x, f, it, False  # no decrease possible at float64 precision
         s, y = x_new - x, g_new - g
-        sy = np.dot(s, y)
+        sy = _dot(s, y)
         if sy > 1e-12:
             s_hist.append(s), y_hist.append(y), rho_hist.append(1.0 / sy)
             if len(s_hist) > m:
@@ -404,7 +410,7 @@ class ClassifierJudge(Judge):
             w, b = theta[:d], theta[d]
             z = X.matvec(w) + b
             # log(1 + e^z) - y z, written with logaddexp so large |z| neither overflows nor loses digits
-            f = np.sum(np.logaddexp(0.0, z) - y * z) / n + 0.5 * l2 * np.dot(w, w)
+            f = np.sum(np.logaddexp(0.0, z) - y * z) / n + 0.5 * l2 * _dot(w, w)
             r = (_sigmoid(z) - y) / n
             g = np.empty(d + 1)
             g[:d] = X.rmatvec(r) + l2 * w
