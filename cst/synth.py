@@ -346,7 +346,16 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
                                   **gen)
                 rev_trunc = truncated_flags(revisions)
                 prompts_b = [t for _, _, t in batch]
-                judge_rev = _judge(judge, prompts_b, revisions, fn) if judge is not None else [None] * len(batch)
+                judge_rev = [None] * len(batch)
+                if judge is not None:
+                    # Only revisions that pass the cheap checks are judged (an LLM judge is costly).
+                    need = [k for k in range(len(batch))
+                            if answers[k].strip() and not unc_trunc[k] and revisions[k].strip()
+                            and not rev_trunc[k] and not near_identical(revisions[k], answers[k])]
+                    if need:
+                        s_rev = _judge(judge, [prompts_b[k] for k in need], [revisions[k].strip() for k in need], fn)
+                        for k, v in zip(need, s_rev):
+                            judge_rev[k] = v
 
                 decided = []
                 for k, (i, j, t) in enumerate(batch):

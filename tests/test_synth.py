@@ -58,8 +58,17 @@ FILTER_PROMPTS = ["Tell me [empty-answer] please.", "Tell me [trunc-answer] plea
                   "Tell me [refuse-answer] please.", "Tell me a normal thing please.", "Another normal one."]
 
 
+class StrictJudge(FakeJudge):
+    """Fails on responses that the cheap filters should have dropped before judging."""
+
+    def score_batch(self, prompts, responses):
+        for r in responses:
+            assert r.strip() and not S.is_truncated(r), r
+        return super().score_batch(prompts, responses)
+
+
 def test_filters_count_each_reason_without_fallback(tmp_path):
-    res = run(tmp_path, FILTER_PROMPTS, judge=FakeJudge(), refusal_fallback=False, batch_size=4)
+    res = run(tmp_path, FILTER_PROMPTS, judge=StrictJudge(), refusal_fallback=False, batch_size=4)
     d = res.stats["dropped"]
     assert d == {"empty_uncensored": 1, "truncated_uncensored": 1, "empty_safe": 1, "truncated_safe": 1,
                  "identical": 1, "judge_safe": 1, "judge_uncensored": 1}
