@@ -11,7 +11,6 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from . import data as D
 from . import prompts as P
