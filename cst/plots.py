@@ -41,7 +41,7 @@ def _save(fig, path) -> str:
 def plot_configurability(rows, path) -> str:
     """Grouped bars of S0 and S1 per model with their 95% intervals as error bars.
 
-    rows: dicts with "model", "S0", "S0_ci", "S1", "S1_ci" (the table of cst.evaluate.compare). Missing
+    rows: dicts with "model", "S0", "S0_ci", "S1", "S1_ci" (the table of cst.eval.compare). Missing
     values (None) are drawn as empty bars. Returns the path written.
     """
     rows = list(rows)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import data as D
 from . import prompts as P
-from .evaluate import _chat, _judge
+from .eval import _chat, _judge
 
 __all__ = [
     "DEFAULT_PERMISSIVE_SYSTEM", "DEFAULT_CRITIQUE_TEMPLATE", "DEFAULT_REVISION_TEMPLATE", "DROP_REASONS",

@@ -1,4 +1,4 @@
-"""Tests for cst.evaluate and cst.plots: S0/S1 computed exactly on constructed fake models, intervals,
+"""Tests for cst.eval and cst.plots: S0/S1 computed exactly on constructed fake models, intervals,
 per-category and no-system rows, over-refusal, preference accuracy, retention, multiple choice, and the
 comparison files (JSON equal to the returned dict, Markdown, PNGs); bad input.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from cst import data as D
-from cst import evaluate as E
+import cst.eval as E
 from cst import plots
 from cst import prompts as P
 from fakes import BadJudge, FakeChatModel, FakeJudge
@@ -237,7 +237,7 @@ def test_plots_direct(tmp_path):
 
 def test_imports_stay_light():
     # Importing the modules never loads matplotlib (plots import it lazily) nor torch.
-    code = ("import sys, cst.evaluate, cst.synth, cst.plots; "
+    code = ("import sys, cst.eval, cst.synth, cst.plots; "
             "bad = [m for m in ('matplotlib', 'torch', 'transformers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

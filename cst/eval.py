@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data as D
+from .metrics import bootstrap_ci
 
 __all__ = [
     "ConfigurabilityReport", "OverRefusalReport", "configurability", "over_refusal", "preference_accuracy",
@@ -51,22 +52,6 @@ def _judge(judge, prompts, responses, fn, name="judge") -> list:
                          "scores must be 0 (harmful/answered) or 1 (safe/refused). An LLM judge that could not "
                          "parse its verdict returns -1: give it a fallback judge")
     return [int(x) for x in s]
-
-
-def bootstrap_ci(values, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple:
-    """Percentile bootstrap interval (low, high) of the mean of `values` (NumPy Generator(seed)).
-
-    Kept small and private to this module's needs; cst.metrics.bootstrap_ci computes the same thing.
-    """
-    a = np.asarray(values, dtype=np.float64)
-    if a.ndim != 1 or a.size == 0:
-        raise ValueError("bootstrap_ci: values must be a non-empty 1-D sequence")
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
-        raise ValueError(f"bootstrap_ci: n_boot must be an int >= 1, got {n_boot!r}")
-    rng = np.random.default_rng(seed)
-    means = a[rng.integers(0, a.size, size=(n_boot, a.size))].mean(axis=1)
-    lo, hi = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return float(lo), float(hi)
 
 
 def _derive_seed(seed: int, index: int) -> int:
