@@ -4,54 +4,9 @@
 #include "glue.h"
 #include "gen.h"
 #include "matmul.h"
+#include "ops.h"
 #include <math.h>
 #include <string.h>
-
-/* TODO(ops.h): csrc/ops.h (rmsnorm, rope, swiglu) had not landed when this was written; switch these
- * three static helpers to the shared kernels once it does. */
-
-/* out (N,C) = inp (N,C) * rstd * weight (C), rstd from a double sum of squares (HF LlamaRMSNorm). */
-static void gen_rmsnorm(float *out, const float *inp, const float *weight, int64_t N, int64_t C,
-                        float eps) {
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const float *x = inp + n * C;
-        float *y = out + n * C;
-        double ss = 0.0;
-        for (int64_t c = 0; c < C; c++) ss += (double)x[c] * x[c];
-        const float rstd = (float)(1.0 / sqrt(ss / (double)C + (double)eps));
-        for (int64_t c = 0; c < C; c++) y[c] = weight[c] * (x[c] * rstd);
-    }
-}
-
-/* In place "rotate_half" rotary embedding of nh heads of size HS in each row of x (row stride
- * `stride`); cos_t/sin_t (N, HS/2) hold the angles of each row's position. */
-static void gen_rope(float *x, const float *cos_t, const float *sin_t, int64_t N, int64_t stride,
-                     int64_t nh, int64_t HS) {
-    const int64_t half = HS / 2;
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const float *cs = cos_t + n * half, *sn = sin_t + n * half;
-        for (int64_t h = 0; h < nh; h++) {
-            float *v = x + n * stride + h * HS;
-            for (int64_t i = 0; i < half; i++) {
-                const float x1 = v[i], x2 = v[i + half];
-                v[i] = x1 * cs[i] - x2 * sn[i];
-                v[i + half] = x2 * cs[i] + x1 * sn[i];
-            }
-        }
-    }
-}
-
-/* out (N,F) = silu(gu[:, :F]) * gu[:, F:], gu (N,2F) being the fused gate|up product. */
-static void gen_swiglu(float *out, const float *gu, int64_t N, int64_t F) {
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const float *g = gu + n * 2 * F, *u = g + F;
-        float *y = out + n * F;
-        for (int64_t f = 0; f < F; f++) y[f] = g[f] / (1.0f + expf(-g[f])) * u[f];
-    }
-}
 
 static float dot_hs(const float *a, const float *b, int64_t n) {
     /* Same fixed 8-way partial sums as matmul.c: vectorisable without reassociation. */
@@ -74,15 +29,15 @@ int64_t cst_gen_num_params(const cst_gen_config *cfg) {
 int64_t cst_gen_scratch_size(const cst_gen_config *cfg, int64_t B, int64_t S, int64_t maxT) {
     const int64_t N = B * S, C = cfg->C, F = cfg->F, HS = cfg->C / cfg->NH;
     const int64_t QKV = (cfg->NH + 2 * cfg->NKV) * HS;
-    return N * (2 * C + QKV + cfg->NH * HS + 3 * F + HS + cfg->NH * maxT) + B * (C + cfg->V);
+    return N * (2 * C + QKV + cfg->NH * HS + 3 * F + HS + 1 + cfg->NH * maxT) + B * (C + cfg->V);
 }
 
 void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch, const float *params,
                      const int32_t *tokens, const int32_t *start_pos, const int32_t *n_new,
-                     const cst_gen_config *cfg, int64_t B, int64_t S, int64_t maxT) {
+                     const float *rope_cos, const float *rope_sin, const cst_gen_config *cfg, int64_t B,
+                     int64_t S, int64_t maxT) {
     const int64_t V = cfg->V, C = cfg->C, L = cfg->L, NH = cfg->NH, NKV = cfg->NKV, F = cfg->F;
-    const int64_t HS = C / NH, half = HS / 2, KVD = NKV * HS, QKV = (NH + 2 * NKV) * HS;
-    const int64_t group = NH / NKV;
+    const int64_t HS = C / NH, half = HS / 2, QD = NH * HS, KVD = NKV * HS, group = NH / NKV;
 
     /* Active rows, packed: sequence b's new tokens are rows off .. off+n_new[b]-1. */
     int64_t N = 0, nact = 0;
@@ -93,59 +48,56 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
     if (N == 0) return;
 
     /* Scratch carve-up; sized for B*S rows, used for N <= B*S. */
-    float *x = scratch;                       /* (N,C) residual stream */
-    float *xn = x + B * S * C;                /* (N,C) normed input of a block */
-    float *qkv = xn + B * S * C;              /* (N,QKV) fused q|k|v */
-    float *att = qkv + B * S * QKV;           /* (N,NH*HS) attention output */
-    float *gu = att + B * S * NH * HS;        /* (N,2F) fused gate|up */
-    float *hb = gu + B * S * 2 * F;           /* (N,F) swiglu output */
-    float *rc = hb + B * S * F;               /* (N,HS/2) cos of each row's angles */
-    float *rs = rc + B * S * half;            /* (N,HS/2) sin */
-    float *scores = rs + B * S * half;        /* (N,NH,maxT) attention probabilities */
-    float *lastx = scores + B * S * NH * maxT; /* (nact,C) last new token of each active sequence */
-    float *lastlog = lastx + B * C;           /* (nact,V) their logits */
+    const int64_t R = B * S;
+    float *x = scratch;                  /* (N,C) residual stream */
+    float *xn = x + R * C;               /* (N,C) normed input of a block */
+    float *q = xn + R * C;               /* (N,NH*HS) */
+    float *k = q + R * QD;               /* (N,NKV*HS) */
+    float *v = k + R * KVD;              /* (N,NKV*HS) */
+    float *att = v + R * KVD;            /* (N,NH*HS) attention output */
+    float *gu = att + R * QD;            /* (N,2F) fused gate|up */
+    float *hb = gu + R * 2 * F;          /* (N,F) swiglu output */
+    float *rc = hb + R * F;              /* (N,HS/2) cos of each row's position */
+    float *rs = rc + R * half;           /* (N,HS/2) sin */
+    float *rstd = rs + R * half;         /* (N) rmsnorm's by-product, unused here */
+    float *scores = rstd + R;            /* (N,NH,maxT) attention probabilities */
+    float *lastx = scores + R * NH * maxT; /* (nact,C) last new token of each active sequence */
+    float *lastlog = lastx + B * C;      /* (nact,V) their logits */
 
-    /* Embeddings and rotary angles of every new row. The angle follows HF's float32 computation:
-     * inv_freq = 1/theta^(2i/HS) in float32, then (float)pos * inv_freq. */
+    /* Embeddings, and the rotary table rows of each row's position: gathered per row, the packed
+     * rows look like one sequence at positions 0..N-1 to cst_rope_forward. */
     const float *embed = params;
     for (int64_t b = 0, off = 0; b < B; off += n_new[b], b++) {
         for (int64_t i = 0; i < n_new[b]; i++) {
-            const int64_t r = off + i;
+            const int64_t r = off + i, pos = start_pos[b] + i;
             memcpy(x + r * C, embed + (int64_t)tokens[b * S + i] * C, (size_t)C * sizeof(float));
-            const float pos = (float)(start_pos[b] + i);
-            for (int64_t j = 0; j < half; j++) {
-                const float inv_freq = 1.0f / powf(cfg->rope_theta, (float)(2 * j) / (float)HS);
-                const float ang = pos * inv_freq;
-                rc[r * half + j] = cosf(ang);
-                rs[r * half + j] = sinf(ang);
-            }
+            memcpy(rc + r * half, rope_cos + pos * half, (size_t)half * sizeof(float));
+            memcpy(rs + r * half, rope_sin + pos * half, (size_t)half * sizeof(float));
         }
     }
 
     const float scale = (float)(1.0 / sqrt((double)HS));
     const float *p = params + V * C;
     for (int64_t l = 0; l < L; l++) {
-        const float *w_in = p, *w_qkv = w_in + C, *w_o = w_qkv + QKV * C, *w_post = w_o + C * NH * HS;
-        const float *w_gu = w_post + C, *w_down = w_gu + 2 * F * C;
+        const float *w_in = p, *w_q = w_in + C, *w_k = w_q + QD * C, *w_v = w_k + KVD * C;
+        const float *w_o = w_v + KVD * C, *w_post = w_o + C * QD, *w_gu = w_post + C;
+        const float *w_down = w_gu + 2 * F * C;
         p = w_down + C * F;
         float *kl = kcache + l * B * maxT * KVD, *vl = vcache + l * B * maxT * KVD;
 
-        gen_rmsnorm(xn, x, w_in, N, C, cfg->norm_eps);
-        cst_matmul_forward(qkv, xn, w_qkv, N, C, QKV, 0);
-        gen_rope(qkv, rc, rs, N, QKV, NH, HS);
-        gen_rope(qkv + NH * HS, rc, rs, N, QKV, NKV, HS);
+        cst_rmsnorm_forward(xn, rstd, x, w_in, N, C, cfg->norm_eps);
+        /* Three products rather than one fused q|k|v: RoPE and the cache copy want q and k contiguous. */
+        cst_matmul_forward(q, xn, w_q, N, C, QD, 0);
+        cst_matmul_forward(k, xn, w_k, N, C, KVD, 0);
+        cst_matmul_forward(v, xn, w_v, N, C, KVD, 0);
+        cst_rope_forward(q, rc, rs, 1, N, NH, HS, 0);
+        cst_rope_forward(k, rc, rs, 1, N, NKV, HS, 0);
 
         /* Every new key/value goes into the cache before any query of its sequence reads it. */
-#pragma omp parallel for schedule(static)
-        for (int64_t b = 0; b < B; b++) {
-            int64_t off = 0;
-            for (int64_t bb = 0; bb < b; bb++) off += n_new[bb];
-            for (int64_t i = 0; i < n_new[b]; i++) {
-                const int64_t t = start_pos[b] + i;
-                const float *row = qkv + (off + i) * QKV;
-                memcpy(kl + (b * maxT + t) * KVD, row + NH * HS, (size_t)KVD * sizeof(float));
-                memcpy(vl + (b * maxT + t) * KVD, row + NH * HS + KVD, (size_t)KVD * sizeof(float));
-            }
+        for (int64_t b = 0, off = 0; b < B; off += n_new[b], b++) {
+            const int64_t t0 = start_pos[b], n = n_new[b];
+            memcpy(kl + (b * maxT + t0) * KVD, k + off * KVD, (size_t)(n * KVD) * sizeof(float));
+            memcpy(vl + (b * maxT + t0) * KVD, v + off * KVD, (size_t)(n * KVD) * sizeof(float));
         }
 
         /* Causal attention over the cache, one (sequence, head) per task. Dynamic schedule because
@@ -159,33 +111,33 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
             const float *kb = kl + b * maxT * KVD + kh * HS, *vb = vl + b * maxT * KVD + kh * HS;
             for (int64_t i = 0; i < n_new[b]; i++) {
                 const int64_t r = off + i, T = start_pos[b] + i + 1;
-                const float *q = qkv + r * QKV + h * HS;
+                const float *qr = q + r * QD + h * HS;
                 float *sc = scores + (r * NH + h) * maxT;
                 float mx = -INFINITY;
                 for (int64_t s = 0; s < T; s++) {
-                    sc[s] = dot_hs(q, kb + s * KVD, HS) * scale;
+                    sc[s] = dot_hs(qr, kb + s * KVD, HS) * scale;
                     if (sc[s] > mx) mx = sc[s];
                 }
-                double sum = 0.0;  /* softmax denominator in double: up to maxT terms */
+                double sum = 0.0; /* softmax denominator in double: up to maxT terms */
                 for (int64_t s = 0; s < T; s++) {
                     sc[s] = expf(sc[s] - mx);
                     sum += sc[s];
                 }
                 const float inv = (float)(1.0 / sum);
-                float *o = att + r * NH * HS + h * HS;
+                float *o = att + r * QD + h * HS;
                 for (int64_t d = 0; d < HS; d++) o[d] = 0.0f;
                 for (int64_t s = 0; s < T; s++) {
                     const float pr = sc[s] * inv;
-                    const float *v = vb + s * KVD;
-                    for (int64_t d = 0; d < HS; d++) o[d] += pr * v[d];
+                    const float *vr = vb + s * KVD;
+                    for (int64_t d = 0; d < HS; d++) o[d] += pr * vr[d];
                 }
             }
         }
 
-        cst_matmul_forward(x, att, w_o, N, NH * HS, C, 1); /* residual add */
-        gen_rmsnorm(xn, x, w_post, N, C, cfg->norm_eps);
+        cst_matmul_forward(x, att, w_o, N, QD, C, 1); /* residual add */
+        cst_rmsnorm_forward(xn, rstd, x, w_post, N, C, cfg->norm_eps);
         cst_matmul_forward(gu, xn, w_gu, N, C, 2 * F, 0);
-        gen_swiglu(hb, gu, N, F);
+        cst_swiglu_forward(hb, gu, N, F);
         cst_matmul_forward(x, hb, w_down, N, F, C, 1); /* residual add */
     }
 
@@ -193,8 +145,8 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
     const float *w_norm = p, *w_head = cfg->tie_embeddings ? embed : p + C;
     for (int64_t b = 0, off = 0, j = 0; b < B; off += n_new[b], b++)
         if (n_new[b] > 0) memcpy(lastx + (j++) * C, x + (off + n_new[b] - 1) * C, (size_t)C * sizeof(float));
-    gen_rmsnorm(lastx, lastx, w_norm, nact, C, cfg->norm_eps);
-    cst_matmul_forward(lastlog, lastx, w_head, nact, C, V, 0);
+    cst_rmsnorm_forward(xn, rstd, lastx, w_norm, nact, C, cfg->norm_eps);
+    cst_matmul_forward(lastlog, xn, w_head, nact, C, V, 0);
     for (int64_t b = 0, j = 0; b < B; b++)
         if (n_new[b] > 0) memcpy(logits + b * V, lastlog + (j++) * V, (size_t)V * sizeof(float));
 }
@@ -270,7 +222,7 @@ static int read_config(const char *fn, PyObject *o, cst_gen_config *c) {
 static int scratch_size_fits(const cst_gen_config *c, double B, double S, double maxT) {
     const double HS = (double)(c->C / c->NH);
     const double n = B * S * (2.0 * c->C + (c->NH + 2.0 * c->NKV) * HS + c->NH * HS + 3.0 * c->F + HS +
-                              c->NH * maxT) + B * ((double)c->C + c->V);
+                              1.0 + c->NH * maxT) + B * ((double)c->C + c->V);
     return n < 4.0e18;
 }
 
@@ -312,11 +264,11 @@ static int overlaps(PyObject *a, PyObject *b) {
 
 static PyObject *py_gen_forward(PyObject *self, PyObject *args, PyObject *kw) {
     static const char *fn = "gen_forward";
-    static char *kwlist[] = {"config", "params", "tokens", "start_pos", "n_new",
+    static char *kwlist[] = {"config", "params", "tokens", "start_pos", "n_new", "rope_cos", "rope_sin",
                              "kcache", "vcache", "scratch", "logits", NULL};
-    PyObject *o_cfg, *o_params, *o_tok, *o_sp, *o_nn, *o_kc, *o_vc, *o_scr, *o_log;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOO:gen_forward", kwlist, &o_cfg, &o_params, &o_tok,
-                                     &o_sp, &o_nn, &o_kc, &o_vc, &o_scr, &o_log))
+    PyObject *o_cfg, *o_params, *o_tok, *o_sp, *o_nn, *o_cos, *o_sin, *o_kc, *o_vc, *o_scr, *o_log;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOOOO:gen_forward", kwlist, &o_cfg, &o_params, &o_tok,
+                                     &o_sp, &o_nn, &o_cos, &o_sin, &o_kc, &o_vc, &o_scr, &o_log))
         return NULL;
     cst_gen_config cfg;
     if (read_config(fn, o_cfg, &cfg) < 0) return NULL;
@@ -326,7 +278,8 @@ static PyObject *py_gen_forward(PyObject *self, PyObject *args, PyObject *kw) {
     cst_dims_set(&d, 'L', (npy_intp)cfg.L, "config.n_layers");
     cst_dims_set(&d, 'K', (npy_intp)(cfg.NKV * (cfg.C / cfg.NH)), "config n_kv_heads * head size");
     cst_dims_set(&d, 'V', (npy_intp)cfg.V, "config.vocab_size");
-    void *params, *tok, *sp, *nn, *kc, *vc, *scr, *logits;
+    cst_dims_set(&d, 'H', (npy_intp)(cfg.C / cfg.NH / 2), "half the config's head size");
+    void *params, *tok, *sp, *nn, *cs, *sn, *kc, *vc, *scr, *logits;
     if (cst_arg(fn, "params", o_params, NPY_FLOAT32, "P", &d, 0, &params) < 0 ||
         cst_arg(fn, "tokens", o_tok, NPY_INT32, "BS", &d, 0, &tok) < 0 ||
         cst_arg(fn, "start_pos", o_sp, NPY_INT32, "B", &d, 0, &sp) < 0 ||
@@ -334,8 +287,15 @@ static PyObject *py_gen_forward(PyObject *self, PyObject *args, PyObject *kw) {
         cst_arg(fn, "kcache", o_kc, NPY_FLOAT32, "LBMK", &d, CST_WRITE, &kc) < 0 ||
         cst_arg(fn, "vcache", o_vc, NPY_FLOAT32, "LBMK", &d, CST_WRITE, &vc) < 0 ||
         cst_arg(fn, "scratch", o_scr, NPY_FLOAT32, "Z", &d, CST_WRITE, &scr) < 0 ||
-        cst_arg(fn, "logits", o_log, NPY_FLOAT32, "BV", &d, CST_WRITE, &logits) < 0)
+        cst_arg(fn, "logits", o_log, NPY_FLOAT32, "BV", &d, CST_WRITE, &logits) < 0 ||
+        cst_arg(fn, "rope_cos", o_cos, NPY_FLOAT32, "RH", &d, 0, &cs) < 0 ||
+        cst_arg(fn, "rope_sin", o_sin, NPY_FLOAT32, "RH", &d, 0, &sn) < 0)
         return NULL;
+    if (cst_dim(&d, 'R') < cst_dim(&d, 'M')) {
+        PyErr_Format(PyExc_ValueError, "%s: 'rope_cos' and 'rope_sin' have %lld positions, the caches %lld",
+                     fn, (long long)cst_dim(&d, 'R'), (long long)cst_dim(&d, 'M'));
+        return NULL;
+    }
     const int64_t B = cst_dim(&d, 'B'), S = cst_dim(&d, 'S'), maxT = cst_dim(&d, 'M');
     if (!scratch_size_fits(&cfg, (double)B, (double)S, (double)maxT)) {
         PyErr_Format(PyExc_ValueError, "%s: 'tokens' (B=%lld, S=%lld) and caches (maxT=%lld) need too much scratch",
@@ -369,17 +329,18 @@ static PyObject *py_gen_forward(PyObject *self, PyObject *args, PyObject *kw) {
     /* Written buffers must not overlap each other or any input: the kernel would read what it wrote. */
     PyObject *outs[4] = {o_kc, o_vc, o_scr, o_log};
     const char *out_names[4] = {"kcache", "vcache", "scratch", "logits"};
-    PyObject *all[8] = {o_kc, o_vc, o_scr, o_log, o_params, o_tok, o_sp, o_nn};
-    const char *all_names[8] = {"kcache", "vcache", "scratch", "logits", "params", "tokens", "start_pos", "n_new"};
+    PyObject *all[10] = {o_kc, o_vc, o_scr, o_log, o_params, o_tok, o_sp, o_nn, o_cos, o_sin};
+    const char *all_names[10] = {"kcache",    "vcache", "scratch", "logits",   "params",
+                                 "tokens",    "start_pos", "n_new", "rope_cos", "rope_sin"};
     for (int i = 0; i < 4; i++)
-        for (int j = i + 1; j < 8; j++)
+        for (int j = i + 1; j < 10; j++)
             if (overlaps(outs[i], all[j])) {
                 PyErr_Format(PyExc_ValueError, "%s: '%s' and '%s' share memory", fn, out_names[i],
                              all_names[j]);
                 return NULL;
             }
     Py_BEGIN_ALLOW_THREADS
-    cst_gen_forward(logits, kc, vc, scr, params, tokens, start, nnew, &cfg, B, S, maxT);
+    cst_gen_forward(logits, kc, vc, scr, params, tokens, start, nnew, cs, sn, &cfg, B, S, maxT);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -390,8 +351,9 @@ PyMethodDef cst_gen_methods[] = {
     {"gen_scratch_size", (PyCFunction)(void (*)(void))py_gen_scratch_size, METH_VARARGS | METH_KEYWORDS,
      "gen_scratch_size(config, B, S, maxT) -> int: float32 scratch elements gen_forward needs."},
     {"gen_forward", (PyCFunction)(void (*)(void))py_gen_forward, METH_VARARGS | METH_KEYWORDS,
-     "gen_forward(config, params, tokens, start_pos, n_new, kcache, vcache, scratch, logits): appends "
-     "tokens (B,S) int32 [b, :n_new[b]] at positions start_pos[b].. of each sequence's KV cache "
+     "gen_forward(config, params, tokens, start_pos, n_new, rope_cos, rope_sin, kcache, vcache, scratch, "
+     "logits): appends tokens (B,S) int32 [b, :n_new[b]] at positions start_pos[b].. of each sequence's "
+     "KV cache, rotary tables (>=maxT, HS/2) from cst.ops.rope_tables, "
      "(L,B,maxT,NKV*HS) and writes the logits of each active sequence's last new token into logits "
      "(B,V); rows with n_new 0 are untouched."},
     {NULL, NULL, 0, NULL},

@@ -26,9 +26,11 @@ int64_t cst_gen_scratch_size(const cst_gen_config *cfg, int64_t B, int64_t S, in
  * logits (B,V): written for active rows.  kcache, vcache (L,B,maxT,NKV*HS): positions written.
  * scratch (cst_gen_scratch_size floats).  params (cst_gen_num_params floats).
  * tokens (B,S) in [0,V) where used; start_pos (B) >= 0; n_new (B) in [0,S]; start_pos+n_new <= maxT.
+ * rope_cos, rope_sin (>= maxT, HS/2): rotary tables by position (cst.ops.rope_tables).
  * Positions below start_pos[b] must already hold sequence b's keys and values. */
 void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch, const float *params,
                      const int32_t *tokens, const int32_t *start_pos, const int32_t *n_new,
-                     const cst_gen_config *cfg, int64_t B, int64_t S, int64_t maxT);
+                     const float *rope_cos, const float *rope_sin, const cst_gen_config *cfg, int64_t B,
+                     int64_t S, int64_t maxT);
 
 #endif

@@ -8,6 +8,7 @@ import numpy as np
 
 from . import _core
 from .config import ModelConfig
+from .ops import rope_tables
 
 # Prompt tokens fed per prefill call. Bounds the scratch (attention scores grow with chunk * maxT);
 # longer prompts are prefilled in several calls with identical results.
@@ -30,6 +31,7 @@ class KVCache:
         self.v = np.empty_like(self.k)
         self.scratch = np.empty(_core.gen_scratch_size(cfg, batch_size, max_chunk, max_len), dtype=np.float32)
         self.logits = np.zeros((batch_size, cfg.vocab_size), dtype=np.float32)
+        self.rope_cos, self.rope_sin = rope_tables(max_len, cfg.head_dim, cfg.rope_theta)
         self.lengths = np.zeros(batch_size, dtype=np.int32)  # positions filled per sequence
 
     def step(self, tokens: np.ndarray, n_new: np.ndarray) -> np.ndarray:
@@ -40,8 +42,8 @@ class KVCache:
         if tokens.shape[1] > self.max_chunk:
             raise ValueError(f"KVCache.step: {tokens.shape[1]} tokens per sequence exceeds max_chunk "
                              f"{self.max_chunk}")
-        _core.gen_forward(self.config, self.model.flat_params, tokens, self.lengths, n_new,
-                          self.k, self.v, self.scratch, self.logits)
+        _core.gen_forward(self.config, self.model.flat_params, tokens, self.lengths, n_new, self.rope_cos,
+                          self.rope_sin, self.k, self.v, self.scratch, self.logits)
         self.lengths += n_new
         return self.logits
 

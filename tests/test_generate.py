@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import cst
+import cst.ops
 from cst import _core
 from cst import generate as gen
 from cst.generate import KVCache, apply_repetition_penalty, generate, process_logits
@@ -64,7 +65,13 @@ def ref_logits(model, ids):
     return rms(x, P["model.norm.weight"]) @ head.T
 
 
+_HF = {}
+
+
 def hf_model(model):
+    """LlamaForCausalLM in float64 with this model's weights (cached per model)."""
+    if id(model) in _HF:
+        return _HF[id(model)][1]
     torch = pytest.importorskip("torch")
     tf = pytest.importorskip("transformers")
     c = model.config
@@ -77,7 +84,8 @@ def hf_model(model):
     missing, unexpected = hm.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in model.params.items()},
                                              strict=False)
     assert not unexpected and set(missing) <= ({"lm_head.weight"} if c.tie_embeddings else set())
-    return hm.double().eval()
+    _HF[id(model)] = (model, hm.double().eval())  # keeps model alive, so its id stays unique
+    return _HF[id(model)][1]
 
 
 def greedy_by_recompute(model, prompt, n):
@@ -299,8 +307,9 @@ def test_bad_model():
 def _core_args(cfg, B=2, S=3, maxT=8):
     kvd = cfg.n_kv_heads * cfg.head_dim
     m = make_model(cfg)
+    cos, sin = cst.ops.rope_tables(maxT, cfg.head_dim, cfg.rope_theta)
     return dict(config=cfg, params=m.flat_params, tokens=np.ones((B, S), np.int32),
-                start_pos=np.zeros(B, np.int32), n_new=np.full(B, S, np.int32),
+                start_pos=np.zeros(B, np.int32), n_new=np.full(B, S, np.int32), rope_cos=cos, rope_sin=sin,
                 kcache=np.zeros((cfg.n_layers, B, maxT, kvd), np.float32),
                 vcache=np.zeros((cfg.n_layers, B, maxT, kvd), np.float32),
                 scratch=np.zeros(_core.gen_scratch_size(cfg, B, S, maxT), np.float32),
@@ -325,6 +334,9 @@ def _core_args(cfg, B=2, S=3, maxT=8):
     (lambda a: a.update(scratch=a["scratch"][:-1].copy()), ValueError, "scratch"),
     (lambda a: a.update(logits=a["logits"][:, :-1].copy()), ValueError, "logits"),
     (lambda a: a.update(config=object()), TypeError, "config"),
+    (lambda a: a.update(rope_cos=a["rope_cos"][:-1].copy()), ValueError, "rope_cos"),
+    (lambda a: a.update(rope_sin=a["rope_sin"][:, :-1].copy()), ValueError, "rope_sin"),
+    (lambda a: a.update(rope_sin=a["rope_cos"].astype(np.float64)), TypeError, "rope_sin"),
     (lambda a: a.update(tokens=[[1, 1, 1], [1, 1, 1]]), TypeError, "tokens"),
 ])
 def test_core_rejects_bad_input(change, err, match):
