@@ -3,6 +3,7 @@ module only samples, tracks which sequences are finished, and stops them. Sampli
 Face's semantics (repetition penalty, then temperature, top-k, top-p). Not a tokenizer or chat layer.
 """
 import math
+import numbers
 
 import numpy as np
 
@@ -65,6 +66,10 @@ def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
 def apply_repetition_penalty(logits: np.ndarray, seen, penalty: float) -> np.ndarray:
     """HF's RepetitionPenaltyLogitsProcessor on one row: logits of tokens in `seen` are divided by
     `penalty` where > 0 and multiplied where < 0. Returns a new float64 array."""
@@ -121,13 +126,13 @@ def _validate(cfg, prompts, max_new_tokens, temperature, top_k, top_p, repetitio
     if longest + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"generate: prompt length {longest} + max_new_tokens {max_new_tokens} exceeds "
                          f"max_seq_len {cfg.max_seq_len}")
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"generate: temperature must be a finite number >= 0, got {temperature!r}")
     if not _is_int(top_k) or top_k < 0:
         raise ValueError(f"generate: top_k must be an int >= 0, got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or not (0.0 < top_p <= 1.0):
+    if not _is_real(top_p) or not (0.0 < top_p <= 1.0):
         raise ValueError(f"generate: top_p must lie in (0, 1], got {top_p!r}")
-    if (not isinstance(repetition_penalty, (int, float)) or not math.isfinite(repetition_penalty)
+    if (not _is_real(repetition_penalty) or not math.isfinite(repetition_penalty)
             or repetition_penalty <= 0):
         raise ValueError(f"generate: repetition_penalty must be a finite number > 0, got {repetition_penalty!r}")
     if eos_token_id is None:

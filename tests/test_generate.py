@@ -270,8 +270,11 @@ def test_keyboard_interrupt_leaves_no_state(model):
     assert generate(model, [[7, 7, 2]], max_new_tokens=8) == ref
 
 
-def test_zero_new_tokens(model):
+def test_zero_new_tokens_and_numpy_arguments(model):
     assert generate(model, [[1], [2, 3]], max_new_tokens=0) == [[], []]
+    ref = generate(model, [[1, 2, 3]], max_new_tokens=6, temperature=0.5, top_p=0.9, seed=4)
+    assert generate(model, [np.array([1, 2, 3])], max_new_tokens=np.int64(6), temperature=np.float32(0.5),
+                    top_p=np.float64(0.9), seed=4) == ref
 
 
 # ---------------------------------------------------------------- bad input
@@ -283,7 +286,7 @@ def test_zero_new_tokens(model):
     dict(top_k=-1), dict(top_k=1.5), dict(top_p=0.0), dict(top_p=1.5), dict(repetition_penalty=0.0),
     dict(repetition_penalty=-1.0), dict(eos_token_id=97), dict(eos_token_id="a"), dict(eos_token_id=[1, -1]),
     dict(stop_strings="x"), dict(stop_strings="", tokenizer=str), dict(stream=print, prompts=[[1], [2]]),
-    dict(stream=5), dict(tokenizer=5),
+    dict(stream=5), dict(tokenizer=5), dict(temperature=True), dict(top_p="0.5"),
 ])
 def test_bad_generate_arguments(kwargs):
     m = make_model(CFG_TIED)
