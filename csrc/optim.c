@@ -4,32 +4,67 @@
 #include "optim.h"
 #include <math.h>
 
+typedef struct {
+    float decay, w1, b2, w2, neg_step_size, bc2_sqrt, eps, grad_scale;
+} adamw_consts;
+
+/* The loop stays scalar: sqrtf may set errno, so GCC guards each call with a branch (only
+ * -fno-math-errno lifts that, and this build does not use it). About 9 ns per element on one core,
+ * small next to a forward/backward pass over the same parameters. */
+static inline __attribute__((always_inline)) void adamw_range(float *param, float *m, float *v,
+                                                            const float *grad, int64_t lo,
+                                                            int64_t hi, adamw_consts k,
+                                                            int lerp_low) {
+    for (int64_t i = lo; i < hi; i++) {
+        const float g = grad[i] * k.grad_scale;
+        const float p = param[i] * k.decay; /* decay is exactly 1 without weight decay */
+        /* torch.lerp's two forms, chosen by the weight, for its rounding. */
+        const float mi = lerp_low ? m[i] + k.w1 * (g - m[i]) : g - (g - m[i]) * (1.0f - k.w1);
+        const float vi = v[i] * k.b2 + k.w2 * g * g;
+        const float denom = sqrtf(vi) / k.bc2_sqrt + k.eps;
+        param[i] = p + k.neg_step_size * mi / denom;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+/* Two instances so that the lerp form is a constant inside each loop. */
+static void adamw_range_low(float *param, float *m, float *v, const float *grad, int64_t lo,
+                            int64_t hi, adamw_consts k) {
+    adamw_range(param, m, v, grad, lo, hi, k, 1);
+}
+static void adamw_range_high(float *param, float *m, float *v, const float *grad, int64_t lo,
+                             int64_t hi, adamw_consts k) {
+    adamw_range(param, m, v, grad, lo, hi, k, 0);
+}
+
+/* Elements per parallel chunk: element-wise work, so any split gives the same bits. */
+#define CST_ADAMW_CHUNK 16384
+
 void cst_adamw_step(float *param, float *m, float *v, const float *grad, int64_t n, double lr,
                     double beta1, double beta2, double eps, double weight_decay, int64_t step,
                     float grad_scale) {
     /* Scalars are formed in double and rounded to float once, as PyTorch does with Python floats
      * passed to float32 tensor ops. */
-    const float decay = (float)(1.0 - lr * weight_decay);
-    const float w1 = (float)(1.0 - beta1);
-    const float b2 = (float)beta2, w2 = (float)(1.0 - beta2);
+    adamw_consts k;
+    k.decay = weight_decay != 0.0 ? (float)(1.0 - lr * weight_decay) : 1.0f;
+    k.w1 = (float)(1.0 - beta1);
+    k.b2 = (float)beta2;
+    k.w2 = (float)(1.0 - beta2);
     const double bc1 = 1.0 - pow(beta1, (double)step);
     const double bc2 = 1.0 - pow(beta2, (double)step);
-    const float neg_step_size = (float)(-(lr / bc1));
-    const float bc2_sqrt = (float)sqrt(bc2);
-    const float epsf = (float)eps;
-    const int lerp_low = fabs(1.0 - beta1) < 0.5;
+    k.neg_step_size = (float)(-(lr / bc1));
+    k.bc2_sqrt = (float)sqrt(bc2);
+    k.eps = (float)eps;
+    k.grad_scale = grad_scale;
+    void (*range)(float *, float *, float *, const float *, int64_t, int64_t, adamw_consts) =
+        fabs(1.0 - beta1) < 0.5 ? adamw_range_low : adamw_range_high;
+    const int64_t nchunk = (n + CST_ADAMW_CHUNK - 1) / CST_ADAMW_CHUNK;
 #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        const float g = grad[i] * grad_scale;
-        float p = param[i];
-        if (weight_decay != 0.0) p = p * decay;
-        /* torch.lerp's two forms, chosen by the weight, for its rounding. */
-        const float mi = lerp_low ? m[i] + w1 * (g - m[i]) : g - (g - m[i]) * (1.0f - w1);
-        const float vi = v[i] * b2 + w2 * g * g;
-        const float denom = sqrtf(vi) / bc2_sqrt + epsf;
-        param[i] = p + neg_step_size * mi / denom;
-        m[i] = mi;
-        v[i] = vi;
+    for (int64_t c = 0; c < nchunk; c++) {
+        const int64_t lo = c * CST_ADAMW_CHUNK;
+        const int64_t hi = n - lo < CST_ADAMW_CHUNK ? n : lo + CST_ADAMW_CHUNK;
+        range(param, m, v, grad, lo, hi, k);
     }
 }
 

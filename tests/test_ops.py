@@ -601,3 +601,24 @@ def test_logprobs_rejects_bad_input():
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="'logits'.*writeable"):
         _core.logprobs_backward_inplace(ro, logp, t, lse)
+
+
+def test_swiglu_and_rope_are_thread_count_independent(rng):
+    N, F = 67, 130
+    gu = (rng.standard_normal((N, 2 * F)) * 4).astype(np.float32)
+    dy = rng.standard_normal((N, F)).astype(np.float32)
+    x = rng.standard_normal((3, 11, 9, 64)).astype(np.float32)
+    cos, sin = rope_tables(11, 64, 100000.0)
+
+    def run():
+        out = np.empty((N, F), np.float32)
+        _core.swiglu_forward(out, gu)
+        d = np.zeros_like(gu)
+        _core.swiglu_backward(d, dy, gu)
+        r = x.copy()
+        _core.rope_forward(r, cos, sin)
+        _core.rope_backward(r, cos, sin)
+        return out, d, r
+
+    for a, b in zip(with_threads(1, run), with_threads(2, run)):
+        np.testing.assert_array_equal(a, b)

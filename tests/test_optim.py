@@ -35,6 +35,20 @@ def test_sum_squares_is_thread_count_independent(rng):
     assert a == with_threads(3, lambda: _core.sum_squares(x))
 
 
+def test_adamw_step_is_thread_count_independent(rng):
+    n = 100003
+    p0, g = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
+
+    def run():
+        p, m, v = p0.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)
+        for step in (1, 2):
+            _core.adamw_step(p, g, m, v, 1e-2, 0.9, 0.99, 1e-8, 0.1, step, 0.7)
+        return p, m, v
+
+    for a, b in zip(with_threads(1, run), with_threads(3, run)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_adamw_step_single_update_matches_formula(rng):
     n = 1001
     p = rng.standard_normal(n).astype(np.float32)
