@@ -144,6 +144,17 @@ def test_attention_threads_and_simd_paths_bitwise(rng):
             np.testing.assert_array_equal(a, b, err_msg=str(key))
 
 
+def test_attention_rows_do_not_depend_on_length_bitwise(simd, rng):
+    # Rows run four at a time where four valid rows exist and one at a time before the padding; a
+    # row's result must not depend on which (causality, and the tiled code's fixed sum order).
+    q, k, v = make(rng, 1, 11, 6, 2, 20)
+    full, lse_full = ours_forward(q, k, v)
+    for n in range(1, 12):
+        out, lse = ours_forward(q, k, v, np.array([n], np.int32))
+        np.testing.assert_array_equal(out[:, :n], full[:, :n])
+        np.testing.assert_array_equal(lse[:, :, :n], lse_full[:, :, :n])
+
+
 def test_attention_rejects_bad_input():
     B, T, NH, NKV, HS = 2, 4, 4, 2, 8
     q = np.zeros((B, T, NH, HS), np.float32)
