@@ -89,6 +89,7 @@ class Model:
         self.logits_chunk_rows = max(1, (1 << 22) // config.vocab_size)
         self._arena = {}
         self._state = None  # "logits" after forward, "logprobs" after forward_logprobs
+        self._acts_saved = None
         self._rope = None
         self._fused = self._fused_views(self.flat_params)
         self._gfused = None
@@ -134,6 +135,7 @@ class Model:
     def release_buffers(self):
         """Frees the activation arena (it is re-created on the next forward)."""
         self._arena = {}
+        self._acts_saved = None
         self._state = None
 
     # ---- the one place every projection goes through (adapters hook here) ----

@@ -100,6 +100,9 @@ def test_logprob_paths_agree_with_full_forward():
     assert not got[~valid[:, 1:]].any()
     with pytest.raises(ValueError, match="forward"):
         m.backward(np.zeros((B, T, V), np.float32))  # token_logprobs leaves nothing to backward
+    assert m.token_logprobs(tokens[:, :1]).shape == (B, 0)
+    one = m.forward(tokens[:, :1]).astype(np.float64)  # T = 1: the first position alone
+    np.testing.assert_allclose(one[:, 0], logits[:, 0], rtol=1e-5, atol=1e-5)
 
     # Chunked forward/backward vs the full path with the same d loss / d logits.
     targets = rng.integers(-1, V, (B, T)).astype(np.int32)
