@@ -1,9 +1,11 @@
 """Training-step throughput of cst's decoder against Hugging Face transformers + PyTorch eager fp32 on
 a SmolLM2-135M-shaped model with random weights: forward + backward of the token cross-entropy
-(ours: forward_logprobs/backward_logprobs; theirs: LlamaForCausalLM(labels=...).loss.backward()).
+(ours: forward_logprobs/backward_logprobs, the chunked LM head that never holds (B,T,V) logits, or
+with --path full forward/backward over full logits; theirs: cross_entropy(logits).backward()).
 Each side runs in its own spawned process so peak RSS is its own. Not a convergence benchmark.
 
     python3 benchmarks/bench_model.py [--threads 2] [--batch 4] [--seq 256] [--layers 30] [--iters 2]
+                                      [--path lean|full] [--skip-torch]
 """
 import argparse
 import multiprocessing as mp
@@ -31,7 +33,7 @@ def _peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
-def run_ours(cfg, B, T, iters, threads, q):
+def run_ours(cfg, B, T, iters, threads, path, q):
     os.environ["OMP_NUM_THREADS"] = str(threads)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import numpy as np
@@ -45,11 +47,23 @@ def run_ours(cfg, B, T, iters, threads, q):
     inp, tgt = tokens[:, :-1].copy(), tokens[:, 1:].copy()
     dlogp = np.full((B, T), -1.0 / (B * T), np.float32)  # d mean cross-entropy / d logp
     m.zero_grad()
+    N, V = B * T, cfg["vocab_size"]
+    if path == "full":
+        flat_tgt = tgt.reshape(N)
+        logp, lse = np.empty(N, np.float32), np.empty(N, np.float64)
+        dlogits = np.empty((B, T, V), np.float32)
     times, loss = [], None
     for i in range(iters + 1):  # the first call allocates the arena and warms caches
         t0 = time.perf_counter()
-        logp = m.forward_logprobs(inp, tgt)
-        m.backward_logprobs(dlogp)
+        if path == "lean":
+            logp = m.forward_logprobs(inp, tgt)
+            m.backward_logprobs(dlogp)
+        else:
+            logits = m.forward(inp).reshape(N, V)
+            cst._core.logprobs_forward(logp, lse, logits, flat_tgt)
+            dlogits.fill(0.0)
+            cst._core.logprobs_backward(dlogits.reshape(N, V), dlogp.reshape(N), logits, flat_tgt, lse)
+            m.backward(dlogits)
         times.append(time.perf_counter() - t0)
         loss = -float(logp.mean())
     q.put(dict(times=times[1:], loss=loss, rss=_peak_rss_mb(), simd=cst.simd_path()))
@@ -103,14 +117,15 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--layers", type=int, default=SMOLLM2["n_layers"])
     ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--path", choices=("lean", "full"), default="lean")
     ap.add_argument("--skip-torch", action="store_true")
     a = ap.parse_args()
     cfg = dict(SMOLLM2, n_layers=a.layers)
     B, T = a.batch, a.seq
     flops = train_flops(cfg, B, T)
     print(f"model: SmolLM2-135M shape, {a.layers} layers; B={B} T={T}; {a.threads} threads; "
-          f"{flops / 1e9:.1f} GFLOP per step; {a.iters} timed steps after 1 warm-up")
-    results = {"cst": in_child(run_ours, cfg, B, T, a.iters, a.threads)}
+          f"{flops / 1e9:.1f} GFLOP per step; {a.iters} timed steps after 1 warm-up; cst path {a.path}")
+    results = {"cst": in_child(run_ours, cfg, B, T, a.iters, a.threads, a.path)}
     if not a.skip_torch:
         results["torch eager"] = in_child(run_torch, cfg, B, T, a.iters, a.threads)
     for name, r in results.items():
