@@ -145,9 +145,10 @@ def test_bitwise_identical_across_thread_counts():
         cst.set_num_threads(before)
     np.testing.assert_array_equal(res[0][0], res[1][0])
     np.testing.assert_array_equal(res[0][1], res[1][1])
-    # backward adds: a second backward of the same forward doubles every gradient exactly.
+    # backward adds: a second backward of the same forward doubles every gradient (up to rounding:
+    # kernels add term by term into the existing values).
     m.backward(dl)
-    np.testing.assert_array_equal(m.flat_grads, 2 * res[1][1])
+    assert rel_err(m.flat_grads, 2 * res[1][1]) < 1e-6
 
 
 def test_fused_views_share_memory_and_frozen_base():
