@@ -1,6 +1,360 @@
-/* gen.c: placeholder method table; the kernels of this family land here. */
+/* gen.c: the cached forward for generation (see gen.h): new tokens of B sequences are packed into
+ * one row block so each weight matrix is streamed once per step for the whole batch, whatever mix of
+ * prefill and decode the step holds. Not a sampler; no backward. */
 #include "glue.h"
+#include "gen.h"
+#include "matmul.h"
+#include "ops.h"
+#include <math.h>
+#include <string.h>
+
+static float dot_hs(const float *a, const float *b, int64_t n) {
+    /* Same fixed 8-way partial sums as matmul.c: vectorisable without reassociation. */
+    float acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += a[i + j] * b[i + j];
+    float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+int64_t cst_gen_num_params(const cst_gen_config *cfg) {
+    const int64_t C = cfg->C, F = cfg->F, HS = cfg->C / cfg->NH;
+    const int64_t QKV = (cfg->NH + 2 * cfg->NKV) * HS;
+    const int64_t layer = C + QKV * C + C * cfg->NH * HS + C + 2 * F * C + C * F;
+    return cfg->V * C + cfg->L * layer + C + (cfg->tie_embeddings ? 0 : cfg->V * C);
+}
+
+int64_t cst_gen_scratch_size(const cst_gen_config *cfg, int64_t B, int64_t S, int64_t maxT) {
+    const int64_t N = B * S, C = cfg->C, F = cfg->F, HS = cfg->C / cfg->NH;
+    const int64_t QKV = (cfg->NH + 2 * cfg->NKV) * HS;
+    return N * (2 * C + QKV + cfg->NH * HS + 3 * F + HS + 1 + cfg->NH * maxT) + B * (C + cfg->V);
+}
+
+void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch, const float *params,
+                     const int32_t *tokens, const int32_t *start_pos, const int32_t *n_new,
+                     const float *rope_cos, const float *rope_sin, const cst_gen_config *cfg, int64_t B,
+                     int64_t S, int64_t maxT) {
+    const int64_t V = cfg->V, C = cfg->C, L = cfg->L, NH = cfg->NH, NKV = cfg->NKV, F = cfg->F;
+    const int64_t HS = C / NH, half = HS / 2, QD = NH * HS, KVD = NKV * HS, group = NH / NKV;
+
+    /* Active rows, packed: sequence b's new tokens are rows off .. off+n_new[b]-1. */
+    int64_t N = 0, nact = 0;
+    for (int64_t b = 0; b < B; b++) {
+        N += n_new[b];
+        nact += n_new[b] > 0;
+    }
+    if (N == 0) return;
+
+    /* Scratch carve-up; sized for B*S rows, used for N <= B*S. */
+    const int64_t R = B * S;
+    float *x = scratch;                  /* (N,C) residual stream */
+    float *xn = x + R * C;               /* (N,C) normed input of a block */
+    float *q = xn + R * C;               /* (N,NH*HS) */
+    float *k = q + R * QD;               /* (N,NKV*HS) */
+    float *v = k + R * KVD;              /* (N,NKV*HS) */
+    float *att = v + R * KVD;            /* (N,NH*HS) attention output */
+    float *gu = att + R * QD;            /* (N,2F) fused gate|up */
+    float *hb = gu + R * 2 * F;          /* (N,F) swiglu output */
+    float *rc = hb + R * F;              /* (N,HS/2) cos of each row's position */
+    float *rs = rc + R * half;           /* (N,HS/2) sin */
+    float *rstd = rs + R * half;         /* (N) rmsnorm's by-product, unused here */
+    float *scores = rstd + R;            /* (N,NH,maxT) attention probabilities */
+    float *lastx = scores + R * NH * maxT; /* (nact,C) last new token of each active sequence */
+    float *lastlog = lastx + B * C;      /* (nact,V) their logits */
+
+    /* Embeddings, and the rotary table rows of each row's position: gathered per row, the packed
+     * rows look like one sequence at positions 0..N-1 to cst_rope_forward. */
+    const float *embed = params;
+    for (int64_t b = 0, off = 0; b < B; off += n_new[b], b++) {
+        for (int64_t i = 0; i < n_new[b]; i++) {
+            const int64_t r = off + i, pos = start_pos[b] + i;
+            memcpy(x + r * C, embed + (int64_t)tokens[b * S + i] * C, (size_t)C * sizeof(float));
+            memcpy(rc + r * half, rope_cos + pos * half, (size_t)half * sizeof(float));
+            memcpy(rs + r * half, rope_sin + pos * half, (size_t)half * sizeof(float));
+        }
+    }
+
+    const float scale = (float)(1.0 / sqrt((double)HS));
+    const float *p = params + V * C;
+    for (int64_t l = 0; l < L; l++) {
+        const float *w_in = p, *w_q = w_in + C, *w_k = w_q + QD * C, *w_v = w_k + KVD * C;
+        const float *w_o = w_v + KVD * C, *w_post = w_o + C * QD, *w_gu = w_post + C;
+        const float *w_down = w_gu + 2 * F * C;
+        p = w_down + C * F;
+        float *kl = kcache + l * B * maxT * KVD, *vl = vcache + l * B * maxT * KVD;
+
+        cst_rmsnorm_forward(xn, rstd, x, w_in, N, C, cfg->norm_eps);
+        /* Three products rather than one fused q|k|v: RoPE and the cache copy want q and k contiguous. */
+        cst_matmul_forward(q, xn, w_q, N, C, QD, 0);
+        cst_matmul_forward(k, xn, w_k, N, C, KVD, 0);
+        cst_matmul_forward(v, xn, w_v, N, C, KVD, 0);
+        cst_rope_forward(q, rc, rs, 1, N, NH, HS, 0);
+        cst_rope_forward(k, rc, rs, 1, N, NKV, HS, 0);
+
+        /* Every new key/value goes into the cache before any query of its sequence reads it. */
+        for (int64_t b = 0, off = 0; b < B; off += n_new[b], b++) {
+            const int64_t t0 = start_pos[b], n = n_new[b];
+            memcpy(kl + (b * maxT + t0) * KVD, k + off * KVD, (size_t)(n * KVD) * sizeof(float));
+            memcpy(vl + (b * maxT + t0) * KVD, v + off * KVD, (size_t)(n * KVD) * sizeof(float));
+        }
+
+        /* Causal attention over the cache, one (sequence, head) per task. Dynamic schedule because
+         * tasks differ in length; each output is still reduced by one thread in a fixed order. */
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int64_t bh = 0; bh < B * NH; bh++) {
+            const int64_t b = bh / NH, h = bh % NH, kh = h / group;
+            if (n_new[b] == 0) continue;
+            int64_t off = 0;
+            for (int64_t bb = 0; bb < b; bb++) off += n_new[bb];
+            const float *kb = kl + b * maxT * KVD + kh * HS, *vb = vl + b * maxT * KVD + kh * HS;
+            for (int64_t i = 0; i < n_new[b]; i++) {
+                const int64_t r = off + i, T = start_pos[b] + i + 1;
+                const float *qr = q + r * QD + h * HS;
+                float *sc = scores + (r * NH + h) * maxT;
+                float mx = -INFINITY;
+                for (int64_t s = 0; s < T; s++) {
+                    sc[s] = dot_hs(qr, kb + s * KVD, HS) * scale;
+                    if (sc[s] > mx) mx = sc[s];
+                }
+                double sum = 0.0; /* softmax denominator in double: up to maxT terms */
+                for (int64_t s = 0; s < T; s++) {
+                    sc[s] = expf(sc[s] - mx);
+                    sum += sc[s];
+                }
+                const float inv = (float)(1.0 / sum);
+                float *o = att + r * QD + h * HS;
+                for (int64_t d = 0; d < HS; d++) o[d] = 0.0f;
+                for (int64_t s = 0; s < T; s++) {
+                    const float pr = sc[s] * inv;
+                    const float *vr = vb + s * KVD;
+                    for (int64_t d = 0; d < HS; d++) o[d] += pr * vr[d];
+                }
+            }
+        }
+
+        cst_matmul_forward(x, att, w_o, N, QD, C, 1); /* residual add */
+        cst_rmsnorm_forward(xn, rstd, x, w_post, N, C, cfg->norm_eps);
+        cst_matmul_forward(gu, xn, w_gu, N, C, 2 * F, 0);
+        cst_swiglu_forward(hb, gu, N, F);
+        cst_matmul_forward(x, hb, w_down, N, F, C, 1); /* residual add */
+    }
+
+    /* LM head on the last new token of each active sequence only. */
+    const float *w_norm = p, *w_head = cfg->tie_embeddings ? embed : p + C;
+    for (int64_t b = 0, off = 0, j = 0; b < B; off += n_new[b], b++)
+        if (n_new[b] > 0) memcpy(lastx + (j++) * C, x + (off + n_new[b] - 1) * C, (size_t)C * sizeof(float));
+    cst_rmsnorm_forward(xn, rstd, lastx, w_norm, nact, C, cfg->norm_eps);
+    cst_matmul_forward(lastlog, xn, w_head, nact, C, V, 0);
+    for (int64_t b = 0, j = 0; b < B; b++)
+        if (n_new[b] > 0) memcpy(logits + b * V, lastlog + (j++) * V, (size_t)V * sizeof(float));
+}
+
+/* ---- Python boundary ---- */
+
+static int get_i64(const char *fn, PyObject *cfg, const char *name, int64_t *out) {
+    PyObject *v = PyObject_GetAttrString(cfg, name);
+    if (!v) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: 'config' has no attribute '%s' (expected a cst.ModelConfig)",
+                     fn, name);
+        return -1;
+    }
+    long long x = PyLong_Check(v) && !PyBool_Check(v) ? PyLong_AsLongLong(v) : -1;
+    Py_DECREF(v);
+    if (x == -1 && PyErr_Occurred()) PyErr_Clear();
+    if (x < 1 || x > ((int64_t)1 << 40)) {
+        PyErr_Format(PyExc_ValueError, "%s: config.%s must be a positive int", fn, name);
+        return -1;
+    }
+    *out = (int64_t)x;
+    return 0;
+}
+
+static int get_f32(const char *fn, PyObject *cfg, const char *name, float *out) {
+    PyObject *v = PyObject_GetAttrString(cfg, name);
+    if (!v) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: 'config' has no attribute '%s' (expected a cst.ModelConfig)",
+                     fn, name);
+        return -1;
+    }
+    double x = PyFloat_AsDouble(v);
+    Py_DECREF(v);
+    if (x == -1.0 && PyErr_Occurred()) PyErr_Clear();
+    if (!(x > 0.0) || !isfinite(x) || !isfinite((float)x) || (float)x <= 0.0f) {
+        PyErr_Format(PyExc_ValueError, "%s: config.%s must be a positive finite number", fn, name);
+        return -1;
+    }
+    *out = (float)x;
+    return 0;
+}
+
+/* Reads and checks a cst.ModelConfig (or anything with its attributes). */
+static int read_config(const char *fn, PyObject *o, cst_gen_config *c) {
+    if (get_i64(fn, o, "vocab_size", &c->V) < 0 || get_i64(fn, o, "dim", &c->C) < 0 ||
+        get_i64(fn, o, "n_layers", &c->L) < 0 || get_i64(fn, o, "n_heads", &c->NH) < 0 ||
+        get_i64(fn, o, "n_kv_heads", &c->NKV) < 0 || get_i64(fn, o, "ffn_dim", &c->F) < 0 ||
+        get_f32(fn, o, "rope_theta", &c->rope_theta) < 0 || get_f32(fn, o, "norm_eps", &c->norm_eps) < 0)
+        return -1;
+    if (c->C % c->NH || c->NH % c->NKV || (c->C / c->NH) % 2) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: config needs dim %% n_heads == 0, n_heads %% n_kv_heads == 0 and an even head "
+                     "size (dim=%lld, n_heads=%lld, n_kv_heads=%lld)",
+                     fn, (long long)c->C, (long long)c->NH, (long long)c->NKV);
+        return -1;
+    }
+    PyObject *t = PyObject_GetAttrString(o, "tie_embeddings");
+    if (!t) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "%s: 'config' has no attribute 'tie_embeddings'", fn);
+        return -1;
+    }
+    int tie = PyObject_IsTrue(t);
+    Py_DECREF(t);
+    if (tie < 0) return -1;
+    c->tie_embeddings = tie;
+    return 0;
+}
+
+/* The scratch size in double precision: rejects sizes whose int64 arithmetic would overflow. */
+static int scratch_size_fits(const cst_gen_config *c, double B, double S, double maxT) {
+    const double HS = (double)(c->C / c->NH);
+    const double n = B * S * (2.0 * c->C + (c->NH + 2.0 * c->NKV) * HS + c->NH * HS + 3.0 * c->F + HS +
+                              1.0 + c->NH * maxT) + B * ((double)c->C + c->V);
+    return n < 4.0e18;
+}
+
+static PyObject *py_gen_num_params(PyObject *self, PyObject *args) {
+    PyObject *o_cfg;
+    if (!PyArg_ParseTuple(args, "O:gen_num_params", &o_cfg)) return NULL;
+    cst_gen_config cfg;
+    if (read_config("gen_num_params", o_cfg, &cfg) < 0) return NULL;
+    return PyLong_FromLongLong((long long)cst_gen_num_params(&cfg));
+}
+
+static PyObject *py_gen_scratch_size(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *fn = "gen_scratch_size";
+    static char *kwlist[] = {"config", "B", "S", "maxT", NULL};
+    PyObject *o_cfg;
+    long long B, S, maxT;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OLLL:gen_scratch_size", kwlist, &o_cfg, &B, &S, &maxT))
+        return NULL;
+    cst_gen_config cfg;
+    if (read_config(fn, o_cfg, &cfg) < 0) return NULL;
+    const long long lim = (long long)1 << 24;
+    if (B < 0 || S < 0 || maxT < 0 || B > lim || S > lim || maxT > lim) {
+        PyErr_Format(PyExc_ValueError, "%s: 'B', 'S' and 'maxT' must lie in [0, 2^24], got %lld, %lld, %lld",
+                     fn, B, S, maxT);
+        return NULL;
+    }
+    if (!scratch_size_fits(&cfg, (double)B, (double)S, (double)maxT)) {
+        PyErr_Format(PyExc_ValueError, "%s: scratch for B=%lld, S=%lld, maxT=%lld is too large", fn, B, S, maxT);
+        return NULL;
+    }
+    return PyLong_FromLongLong((long long)cst_gen_scratch_size(&cfg, B, S, maxT));
+}
+
+static int overlaps(PyObject *a, PyObject *b) {
+    const char *pa = PyArray_DATA((PyArrayObject *)a), *pb = PyArray_DATA((PyArrayObject *)b);
+    const npy_intp na = PyArray_NBYTES((PyArrayObject *)a), nb = PyArray_NBYTES((PyArrayObject *)b);
+    return na > 0 && nb > 0 && pa < pb + nb && pb < pa + na;
+}
+
+static PyObject *py_gen_forward(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *fn = "gen_forward";
+    static char *kwlist[] = {"config", "params", "tokens", "start_pos", "n_new", "rope_cos", "rope_sin",
+                             "kcache", "vcache", "scratch", "logits", NULL};
+    PyObject *o_cfg, *o_params, *o_tok, *o_sp, *o_nn, *o_cos, *o_sin, *o_kc, *o_vc, *o_scr, *o_log;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOOOO:gen_forward", kwlist, &o_cfg, &o_params, &o_tok,
+                                     &o_sp, &o_nn, &o_cos, &o_sin, &o_kc, &o_vc, &o_scr, &o_log))
+        return NULL;
+    cst_gen_config cfg;
+    if (read_config(fn, o_cfg, &cfg) < 0) return NULL;
+    cst_dims d;
+    cst_dims_init(&d);
+    cst_dims_set(&d, 'P', (npy_intp)cst_gen_num_params(&cfg), "the config's parameter count");
+    cst_dims_set(&d, 'L', (npy_intp)cfg.L, "config.n_layers");
+    cst_dims_set(&d, 'K', (npy_intp)(cfg.NKV * (cfg.C / cfg.NH)), "config n_kv_heads * head size");
+    cst_dims_set(&d, 'V', (npy_intp)cfg.V, "config.vocab_size");
+    cst_dims_set(&d, 'H', (npy_intp)(cfg.C / cfg.NH / 2), "half the config's head size");
+    void *params, *tok, *sp, *nn, *cs, *sn, *kc, *vc, *scr, *logits;
+    if (cst_arg(fn, "params", o_params, NPY_FLOAT32, "P", &d, 0, &params) < 0 ||
+        cst_arg(fn, "tokens", o_tok, NPY_INT32, "BS", &d, 0, &tok) < 0 ||
+        cst_arg(fn, "start_pos", o_sp, NPY_INT32, "B", &d, 0, &sp) < 0 ||
+        cst_arg(fn, "n_new", o_nn, NPY_INT32, "B", &d, 0, &nn) < 0 ||
+        cst_arg(fn, "kcache", o_kc, NPY_FLOAT32, "LBMK", &d, CST_WRITE, &kc) < 0 ||
+        cst_arg(fn, "vcache", o_vc, NPY_FLOAT32, "LBMK", &d, CST_WRITE, &vc) < 0 ||
+        cst_arg(fn, "scratch", o_scr, NPY_FLOAT32, "Z", &d, CST_WRITE, &scr) < 0 ||
+        cst_arg(fn, "logits", o_log, NPY_FLOAT32, "BV", &d, CST_WRITE, &logits) < 0 ||
+        cst_arg(fn, "rope_cos", o_cos, NPY_FLOAT32, "RH", &d, 0, &cs) < 0 ||
+        cst_arg(fn, "rope_sin", o_sin, NPY_FLOAT32, "RH", &d, 0, &sn) < 0)
+        return NULL;
+    if (cst_dim(&d, 'R') < cst_dim(&d, 'M')) {
+        PyErr_Format(PyExc_ValueError, "%s: 'rope_cos' and 'rope_sin' have %lld positions, the caches %lld",
+                     fn, (long long)cst_dim(&d, 'R'), (long long)cst_dim(&d, 'M'));
+        return NULL;
+    }
+    const int64_t B = cst_dim(&d, 'B'), S = cst_dim(&d, 'S'), maxT = cst_dim(&d, 'M');
+    if (!scratch_size_fits(&cfg, (double)B, (double)S, (double)maxT)) {
+        PyErr_Format(PyExc_ValueError, "%s: 'tokens' (B=%lld, S=%lld) and caches (maxT=%lld) need too much scratch",
+                     fn, (long long)B, (long long)S, (long long)maxT);
+        return NULL;
+    }
+    const int64_t need = cst_gen_scratch_size(&cfg, B, S, maxT);
+    if (cst_dim(&d, 'Z') < need) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: 'scratch' has %lld floats, needs gen_scratch_size(config, B=%lld, S=%lld, "
+                     "maxT=%lld) = %lld",
+                     fn, (long long)cst_dim(&d, 'Z'), (long long)B, (long long)S, (long long)maxT,
+                     (long long)need);
+        return NULL;
+    }
+    const int32_t *start = sp, *nnew = nn, *tokens = tok;
+    for (int64_t b = 0; b < B; b++) {
+        if (nnew[b] < 0 || nnew[b] > S) {
+            PyErr_Format(PyExc_ValueError, "%s: 'n_new'[%lld] = %d must lie in [0, S=%lld]", fn,
+                         (long long)b, (int)nnew[b], (long long)S);
+            return NULL;
+        }
+        if (start[b] < 0 || (int64_t)start[b] + nnew[b] > maxT) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s: 'start_pos'[%lld] = %d with n_new %d does not fit the cache (maxT=%lld)", fn,
+                         (long long)b, (int)start[b], (int)nnew[b], (long long)maxT);
+            return NULL;
+        }
+        if (cst_check_range_i32(fn, "tokens", tokens + b * S, nnew[b], 0, cfg.V) < 0) return NULL;
+    }
+    /* Written buffers must not overlap each other or any input: the kernel would read what it wrote. */
+    PyObject *outs[4] = {o_kc, o_vc, o_scr, o_log};
+    const char *out_names[4] = {"kcache", "vcache", "scratch", "logits"};
+    PyObject *all[10] = {o_kc, o_vc, o_scr, o_log, o_params, o_tok, o_sp, o_nn, o_cos, o_sin};
+    const char *all_names[10] = {"kcache",    "vcache", "scratch", "logits",   "params",
+                                 "tokens",    "start_pos", "n_new", "rope_cos", "rope_sin"};
+    for (int i = 0; i < 4; i++)
+        for (int j = i + 1; j < 10; j++)
+            if (overlaps(outs[i], all[j])) {
+                PyErr_Format(PyExc_ValueError, "%s: '%s' and '%s' share memory", fn, out_names[i],
+                             all_names[j]);
+                return NULL;
+            }
+    Py_BEGIN_ALLOW_THREADS
+    cst_gen_forward(logits, kc, vc, scr, params, tokens, start, nnew, cs, sn, &cfg, B, S, maxT);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
 
 PyMethodDef cst_gen_methods[] = {
+    {"gen_num_params", py_gen_num_params, METH_VARARGS,
+     "gen_num_params(config) -> int: floats in the flat parameter buffer of this config."},
+    {"gen_scratch_size", (PyCFunction)(void (*)(void))py_gen_scratch_size, METH_VARARGS | METH_KEYWORDS,
+     "gen_scratch_size(config, B, S, maxT) -> int: float32 scratch elements gen_forward needs."},
+    {"gen_forward", (PyCFunction)(void (*)(void))py_gen_forward, METH_VARARGS | METH_KEYWORDS,
+     "gen_forward(config, params, tokens, start_pos, n_new, rope_cos, rope_sin, kcache, vcache, scratch, "
+     "logits): appends tokens (B,S) int32 [b, :n_new[b]] at positions start_pos[b].. of each sequence's "
+     "KV cache, rotary tables (>=maxT, HS/2) from cst.ops.rope_tables, "
+     "(L,B,maxT,NKV*HS) and writes the logits of each active sequence's last new token into logits "
+     "(B,V); rows with n_new 0 are untouched."},
     {NULL, NULL, 0, NULL},
 };

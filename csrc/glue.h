@@ -45,5 +45,6 @@ extern PyMethodDef cst_optim_methods[];
 extern PyMethodDef cst_quant_methods[];
 extern PyMethodDef cst_dpo_methods[];
 extern PyMethodDef cst_gen_methods[];
+extern PyMethodDef cst_attention_methods[];
 
 #endif

@@ -86,7 +86,7 @@ static PyMethodDef module_methods[] = {
 
 static PyMethodDef *tables[] = {module_methods,    cst_matmul_methods, cst_ops_methods,
                                 cst_optim_methods, cst_quant_methods,  cst_dpo_methods,
-                                cst_gen_methods};
+                                cst_gen_methods,   cst_attention_methods};
 
 static PyMethodDef *all_methods = NULL;
 

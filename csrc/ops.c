@@ -1,6 +1,649 @@
-/* ops.c: placeholder method table; the kernels of this family land here. */
+/* ops.c: per-position kernels of a Llama-family decoder (see ops.h) and their NumPy boundary.
+ * Every kernel is parallel over rows or column blocks that own disjoint outputs, with a fixed
+ * reduction order, so results are bitwise identical for any thread count. Not attention, not matmul. */
 #include "glue.h"
+#include "ops.h"
+#include "simd.h"
+#include <math.h>
+#include <string.h>
+
+/* ---- a vectorisable exp ----
+ * libm's expf sets errno, so compilers will not vectorise loops that call it without -ffast-math.
+ * This one is branch-free (Cephes' expf polynomial, about 1 ulp), so the same C loop compiles to
+ * SSE2, AVX2 or AVX-512 code with identical results (no FMA contraction under -std=c11). Inputs
+ * above 88.376 give +inf (the true overflow is at 88.72) and below -87.34 give 0 (no denormals). */
+
+/* c ? a : b as a bit mask. A plain ?: lets GCC sink the arithmetic around it into branches, which
+ * under the default -ftrapping-math it then refuses to if-convert, so the loop stays scalar. */
+static inline float select_f32(int c, float a, float b) {
+    union { float f; int32_t i; } ua, ub, r;
+    ua.f = a;
+    ub.f = b;
+    const int32_t m = -(int32_t)(c != 0);
+    r.i = (ua.i & m) | (ub.i & ~m);
+    return r.f;
+}
+
+static inline float exp_f32(float x) {
+    const float hi = 88.3762626647949f, lo = -87.3365478515625f;
+    float xc = select_f32(x < lo, lo, x);
+    xc = select_f32(xc > hi, hi, xc);
+    /* n = round(x / ln2) by the 1.5 * 2^23 trick: the integer lands in the low mantissa bits. */
+    union { float f; int32_t i; } t, magic, s;
+    magic.f = 12582912.0f;
+    t.f = xc * 1.44269504088896341f + magic.f;
+    const float n = t.f - magic.f;
+    const int32_t ni = t.i - magic.i;
+    float r = xc - n * 0.693359375f; /* ln2 split in two so that n * ln2_hi is exact */
+    r = r - n * -2.12194440e-4f;
+    const float z = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * z + r + 1.0f;
+    s.i = (ni + 127) * (1 << 23);
+    float y = p * s.f;
+    y = select_f32(x < lo, 0.0f, y);
+    y = select_f32(x > hi, INFINITY, y);
+    return select_f32(x != x, x, y);
+}
+
+#define CST_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define CST_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+/* ---- embedding ---- */
+
+void cst_embedding_forward(float *out, const int32_t *tokens, const float *wte, int64_t N, int64_t C) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        memcpy(out + n * C, wte + (int64_t)tokens[n] * C, (size_t)C * sizeof(float));
+}
+
+/* Columns per block in the scatter backwards: small enough that C = 576 gives 9 parallel blocks,
+ * wide enough to read whole cache lines. Fixed, so the result does not depend on the thread count. */
+#define CST_COL_BLOCK 64
+
+void cst_embedding_backward(float *dwte, const float *dout, const int32_t *tokens,
+                            const int32_t *lengths, int64_t B, int64_t T, int64_t C) {
+    /* Two positions with the same token write the same row, so rows cannot be split across threads
+     * without atomics; columns can, and each column block then adds positions in order. */
+    const int64_t nblk = (C + CST_COL_BLOCK - 1) / CST_COL_BLOCK;
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < nblk; blk++) {
+        const int64_t c0 = blk * CST_COL_BLOCK;
+        const int64_t cn = C - c0 < CST_COL_BLOCK ? C - c0 : CST_COL_BLOCK;
+        for (int64_t b = 0; b < B; b++) {
+            const int64_t len = lengths ? lengths[b] : T;
+            for (int64_t t = 0; t < len; t++) {
+                const int64_t n = b * T + t;
+                float *dst = dwte + (int64_t)tokens[n] * C + c0;
+                const float *src = dout + n * C + c0;
+                for (int64_t j = 0; j < cn; j++) dst[j] += src[j];
+            }
+        }
+    }
+}
+
+/* ---- RMSNorm ---- */
+
+static double sumsq_f32(const float *x, int64_t n) {
+    /* Eight partial sums in a fixed order: vectorisable without reassociation. */
+    double acc[8] = {0};
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int j = 0; j < 8; j++) acc[j] += (double)x[i + j] * (double)x[i + j];
+    double s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) s += (double)x[i] * (double)x[i];
+    return s;
+}
+
+void cst_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, int64_t N,
+                         int64_t C, float eps) {
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const float *x = inp + n * C;
+        float *y = out + n * C;
+        const float r = (float)(1.0 / sqrt(sumsq_f32(x, C) / (double)C + (double)eps));
+        /* (x * r) * w, the rounding order of Hugging Face's LlamaRMSNorm. */
+        for (int64_t c = 0; c < C; c++) y[c] = (x[c] * r) * weight[c];
+        rstd[n] = r;
+    }
+}
+
+void cst_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp,
+                          const float *weight, const float *rstd, int64_t N, int64_t C) {
+    if (dinp) {
+        /* y = w * x * r with r = (mean(x^2) + eps)^-1/2, so
+         * dx = r * (g - x * r^2 * mean(g * x)),  g = dy * w. */
+#pragma omp parallel for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const float *x = inp + n * C, *dy = dout + n * C;
+            float *dx = dinp + n * C;
+            double acc[8] = {0};
+            int64_t c = 0;
+            for (; c + 8 <= C; c += 8)
+                for (int j = 0; j < 8; j++)
+                    acc[j] += (double)(dy[c + j] * weight[c + j]) * (double)x[c + j];
+            double dot = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+            for (; c < C; c++) dot += (double)(dy[c] * weight[c]) * (double)x[c];
+            const double r = rstd[n];
+            const float rf = rstd[n];
+            const float k = (float)(r * r * dot / (double)C);
+            for (c = 0; c < C; c++) dx[c] += rf * (dy[c] * weight[c] - x[c] * k);
+        }
+    }
+    if (dweight) {
+        const int64_t nblk = (C + CST_COL_BLOCK - 1) / CST_COL_BLOCK;
+#pragma omp parallel for schedule(static)
+        for (int64_t blk = 0; blk < nblk; blk++) {
+            const int64_t c0 = blk * CST_COL_BLOCK;
+            const int64_t cn = C - c0 < CST_COL_BLOCK ? C - c0 : CST_COL_BLOCK;
+            double acc[CST_COL_BLOCK] = {0};
+            for (int64_t n = 0; n < N; n++) {
+                const float *x = inp + n * C + c0, *dy = dout + n * C + c0;
+                const double r = rstd[n];
+                for (int64_t j = 0; j < cn; j++) acc[j] += (double)(dy[j] * x[j]) * r;
+            }
+            for (int64_t j = 0; j < cn; j++) dweight[c0 + j] += (float)acc[j];
+        }
+    }
+}
+
+/* ---- rotary embedding ---- */
+
+/* sign = +1 rotates by +angle (forward), -1 by -angle (backward: the transpose of the rotation). */
+static void rope_apply(float *x, const float *cos_t, const float *sin_t, int64_t B, int64_t T,
+                       int64_t H, int64_t HS, int64_t pos0, float sign) {
+    const int64_t half = HS / 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t bt = 0; bt < B * T; bt++) {
+        const int64_t pos = pos0 + bt % T;
+        const float *cs = cos_t + pos * half, *sn = sin_t + pos * half;
+        for (int64_t h = 0; h < H; h++) {
+            float *x1 = x + (bt * H + h) * HS, *x2 = x1 + half;
+            /* x * cos + rotate_half(x) * sin, in Hugging Face's rounding order. */
+            for (int64_t i = 0; i < half; i++) {
+                const float a = x1[i], b = x2[i], c = cs[i], s = sign * sn[i];
+                x1[i] = a * c + (-b) * s;
+                x2[i] = b * c + a * s;
+            }
+        }
+    }
+}
+
+void cst_rope_forward(float *x, const float *cos_t, const float *sin_t, int64_t B, int64_t T,
+                      int64_t H, int64_t HS, int64_t pos0) {
+    rope_apply(x, cos_t, sin_t, B, T, H, HS, pos0, 1.0f);
+}
+
+void cst_rope_backward(float *dx, const float *cos_t, const float *sin_t, int64_t B, int64_t T,
+                       int64_t H, int64_t HS, int64_t pos0) {
+    rope_apply(dx, cos_t, sin_t, B, T, H, HS, pos0, -1.0f);
+}
+
+/* ---- SwiGLU ---- */
+
+static inline __attribute__((always_inline)) void swiglu_fwd_row(float *y, const float *g,
+                                                                const float *u, int64_t F) {
+    for (int64_t i = 0; i < F; i++) y[i] = g[i] / (1.0f + exp_f32(-g[i])) * u[i];
+}
+
+static inline __attribute__((always_inline)) void swiglu_bwd_row(float *dg, float *du,
+                                                                const float *dy, const float *g,
+                                                                const float *u, int64_t F) {
+    for (int64_t i = 0; i < F; i++) {
+        const float s = 1.0f / (1.0f + exp_f32(-g[i]));
+        const float gs = g[i] * s;
+        /* silu'(g) = s * (1 + g * (1 - s)) */
+        dg[i] += dy[i] * u[i] * (s * (1.0f + g[i] * (1.0f - s)));
+        du[i] += dy[i] * gs;
+    }
+}
+
+static void swiglu_fwd_scalar(float *y, const float *g, const float *u, int64_t F) {
+    swiglu_fwd_row(y, g, u, F);
+}
+CST_TARGET_AVX2 static void swiglu_fwd_avx2(float *y, const float *g, const float *u, int64_t F) {
+    swiglu_fwd_row(y, g, u, F);
+}
+CST_TARGET_AVX512 static void swiglu_fwd_avx512(float *y, const float *g, const float *u, int64_t F) {
+    swiglu_fwd_row(y, g, u, F);
+}
+static void swiglu_bwd_scalar(float *dg, float *du, const float *dy, const float *g, const float *u,
+                              int64_t F) {
+    swiglu_bwd_row(dg, du, dy, g, u, F);
+}
+CST_TARGET_AVX2 static void swiglu_bwd_avx2(float *dg, float *du, const float *dy, const float *g,
+                                            const float *u, int64_t F) {
+    swiglu_bwd_row(dg, du, dy, g, u, F);
+}
+CST_TARGET_AVX512 static void swiglu_bwd_avx512(float *dg, float *du, const float *dy, const float *g,
+                                                const float *u, int64_t F) {
+    swiglu_bwd_row(dg, du, dy, g, u, F);
+}
+
+void cst_swiglu_forward(float *out, const float *gu, int64_t N, int64_t F) {
+    const cst_simd_path p = cst_simd_current();
+    void (*row)(float *, const float *, const float *, int64_t) =
+        p == CST_SIMD_AVX512 ? swiglu_fwd_avx512 : p == CST_SIMD_AVX2 ? swiglu_fwd_avx2 : swiglu_fwd_scalar;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) row(out + n * F, gu + n * 2 * F, gu + n * 2 * F + F, F);
+}
+
+void cst_swiglu_backward(float *dgu, const float *dout, const float *gu, int64_t N, int64_t F) {
+    const cst_simd_path p = cst_simd_current();
+    void (*row)(float *, float *, const float *, const float *, const float *, int64_t) =
+        p == CST_SIMD_AVX512 ? swiglu_bwd_avx512 : p == CST_SIMD_AVX2 ? swiglu_bwd_avx2 : swiglu_bwd_scalar;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        row(dgu + n * 2 * F, dgu + n * 2 * F + F, dout + n * F, gu + n * 2 * F, gu + n * 2 * F + F, F);
+}
+
+/* ---- token log-probabilities ---- */
+
+/* The max of a row and sum(exp(x - max)) in double: the hot loop of the loss (V = 49152 per row). */
+static inline __attribute__((always_inline)) double row_sumexp(const float *x, int64_t V, float *mx) {
+    /* 16 running maxima, combined at the end: the max is exact in any order. */
+    float mm[16];
+    for (int j = 0; j < 16; j++) mm[j] = -INFINITY;
+    int64_t i = 0;
+    for (; i + 16 <= V; i += 16)
+        for (int j = 0; j < 16; j++) mm[j] = x[i + j] > mm[j] ? x[i + j] : mm[j];
+    float m = -INFINITY;
+    for (int j = 0; j < 16; j++) m = mm[j] > m ? mm[j] : m;
+    for (; i < V; i++) m = x[i] > m ? x[i] : m;
+    *mx = m;
+    /* exp in float (vectorised), summed into 16 double lanes in a fixed order. */
+    double acc[16] = {0};
+    float e[16];
+    i = 0;
+    for (; i + 16 <= V; i += 16) {
+        for (int j = 0; j < 16; j++) e[j] = exp_f32(x[i + j] - m);
+        for (int j = 0; j < 16; j++) acc[j] += (double)e[j];
+    }
+    double s = 0.0;
+    for (int j = 0; j < 16; j++) s += acc[j];
+    for (; i < V; i++) s += (double)exp_f32(x[i] - m);
+    return s;
+}
+
+/* dx = scale * (onehot - exp(x - lse)), with lse = ref + rest split so that x - ref is exact for the
+ * logits that matter even at 1e4 magnitude (the float lse alone would be off by up to 5e-4). */
+static inline __attribute__((always_inline)) void row_grad(float *dx, const float *x, int64_t V,
+                                                          float ref, float rest, float scale,
+                                                          int accumulate) {
+    const float ns = -scale;
+    if (accumulate)
+        for (int64_t i = 0; i < V; i++) dx[i] += ns * exp_f32((x[i] - ref) - rest);
+    else
+        for (int64_t i = 0; i < V; i++) dx[i] = ns * exp_f32((x[i] - ref) - rest);
+}
+
+static double row_sumexp_scalar(const float *x, int64_t V, float *mx) { return row_sumexp(x, V, mx); }
+CST_TARGET_AVX2 static double row_sumexp_avx2(const float *x, int64_t V, float *mx) {
+    return row_sumexp(x, V, mx);
+}
+CST_TARGET_AVX512 static double row_sumexp_avx512(const float *x, int64_t V, float *mx) {
+    return row_sumexp(x, V, mx);
+}
+static void row_grad_scalar(float *dx, const float *x, int64_t V, float ref, float rest, float scale,
+                            int acc) {
+    row_grad(dx, x, V, ref, rest, scale, acc);
+}
+CST_TARGET_AVX2 static void row_grad_avx2(float *dx, const float *x, int64_t V, float ref, float rest,
+                                          float scale, int acc) {
+    row_grad(dx, x, V, ref, rest, scale, acc);
+}
+CST_TARGET_AVX512 static void row_grad_avx512(float *dx, const float *x, int64_t V, float ref,
+                                              float rest, float scale, int acc) {
+    row_grad(dx, x, V, ref, rest, scale, acc);
+}
+
+void cst_logprobs_forward(float *logp, double *lse, const float *logits, const int32_t *targets,
+                          int64_t N, int64_t V) {
+    const cst_simd_path p = cst_simd_current();
+    double (*sumexp)(const float *, int64_t, float *) =
+        p == CST_SIMD_AVX512 ? row_sumexp_avx512 : p == CST_SIMD_AVX2 ? row_sumexp_avx2 : row_sumexp_scalar;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        if (targets[n] < 0) {
+            logp[n] = 0.0f;
+            lse[n] = 0.0;
+            continue;
+        }
+        const float *x = logits + n * V;
+        float m;
+        const double s = sumexp(x, V, &m);
+        const double l = (double)m + log(s);
+        lse[n] = l;
+        logp[n] = (float)((double)x[targets[n]] - l);
+    }
+}
+
+void cst_logprobs_backward(float *dlogits, const float *dlogp, const float *logits,
+                           const int32_t *targets, const double *lse, int64_t N, int64_t V,
+                           int accumulate) {
+    const cst_simd_path p = cst_simd_current();
+    void (*grad)(float *, const float *, int64_t, float, float, float, int) =
+        p == CST_SIMD_AVX512 ? row_grad_avx512 : p == CST_SIMD_AVX2 ? row_grad_avx2 : row_grad_scalar;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float *dx = dlogits + n * V;
+        const int32_t tgt = targets[n];
+        if (tgt < 0) {
+            if (!accumulate) memset(dx, 0, (size_t)V * sizeof(float));
+            continue;
+        }
+        const float *x = logits + n * V;
+        const float g = dlogp[n];
+        const float ref = (float)lse[n];
+        const float rest = (float)(lse[n] - (double)ref);
+        /* The target's term is computed before the row is overwritten (dx may alias x), with
+         * 1 - p = -expm1(x_t - lse) in double so a confident target loses no digits. */
+        const float dt = (float)(-(double)g * expm1((double)x[tgt] - lse[n]));
+        const float old = accumulate ? dx[tgt] : 0.0f;
+        grad(dx, x, V, ref, rest, g, accumulate);
+        dx[tgt] = old + dt;
+    }
+}
+
+/* ---- Python boundary ---- */
+
+#define CST_METHOD(f) (PyCFunction)(void (*)(void))(f), METH_VARARGS | METH_KEYWORDS
+
+static PyObject *py_embedding_forward(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *fn = "embedding_forward";
+    static char *kwlist[] = {"out", "tokens", "wte", NULL};
+    PyObject *o_out, *o_tok, *o_wte;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO:embedding_forward", kwlist, &o_out, &o_tok, &o_wte))
+        return NULL;
+    cst_dims d;
+    cst_dims_init(&d);
+    void *out, *tok, *wte;
+    if (cst_arg(fn, "wte", o_wte, NPY_FLOAT32, "VC", &d, 0, &wte) < 0 ||
+        cst_arg(fn, "tokens", o_tok, NPY_INT32, "BT", &d, 0, &tok) < 0 ||
+        cst_arg(fn, "out", o_out, NPY_FLOAT32, "BTC", &d, CST_WRITE, &out) < 0)
+        return NULL;
+    int64_t B = cst_dim(&d, 'B'), T = cst_dim(&d, 'T'), C = cst_dim(&d, 'C'), V = cst_dim(&d, 'V');
+    if (cst_check_range_i32(fn, "tokens", tok, B * T, 0, V) < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    cst_embedding_forward(out, tok, wte, B * T, C);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_embedding_backward(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *fn = "embedding_backward";
+    static char *kwlist[] = {"dwte", "dout", "tokens", "lengths", NULL};
+    PyObject *o_dwte, *o_dout, *o_tok, *o_len = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|O:embedding_backward", kwlist, &o_dwte, &o_dout,
+                                     &o_tok, &o_len))
+        return NULL;
+    cst_dims d;
+    cst_dims_init(&d);
+    void *dwte, *dout, *tok, *len;
+    if (cst_arg(fn, "dwte", o_dwte, NPY_FLOAT32, "VC", &d, CST_WRITE, &dwte) < 0 ||
+        cst_arg(fn, "tokens", o_tok, NPY_INT32, "BT", &d, 0, &tok) < 0 ||
+        cst_arg(fn, "dout", o_dout, NPY_FLOAT32, "BTC", &d, 0, &dout) < 0 ||
+        cst_arg(fn, "lengths", o_len, NPY_INT32, "B", &d, CST_OPTIONAL, &len) < 0)
+        return NULL;
+    int64_t B = cst_dim(&d, 'B'), T = cst_dim(&d, 'T'), C = cst_dim(&d, 'C'), V = cst_dim(&d, 'V');
+    /* Padded positions are skipped, but their ids are still checked: a bad id is a bug upstream. */
+    if (cst_check_range_i32(fn, "tokens", tok, B * T, 0, V) < 0) return NULL;
+    if (len && cst_check_range_i32(fn, "lengths", len, B, 0, T + 1) < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    cst_embedding_backward(dwte, dout, tok, len, B, T, C);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_rmsnorm_forward(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *fn = "rmsnorm_forward";
+    static char *kwlist[] = {"out", "rstd", "inp", "weight", "eps", NULL};
+    PyObject *o_out, *o_rstd, *o_inp, *o_w;
+    double eps;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOd:rmsnorm_forward", kwlist, &o_out, &o_rstd, &o_inp,
+                                     &o_w, &eps))
+        return NULL;
+    if (!(eps > 0.0) || !isfinite(eps)) {
+        PyObject *e = PyFloat_FromDouble(eps);
+        if (e) PyErr_Format(PyExc_ValueError, "%s: 'eps' must be a finite number > 0, got %R", fn, e);
+        Py_XDECREF(e);
+        return NULL;
+    }
+    cst_dims d;
+    cst_dims_init(&d);
+    void *out, *rstd, *inp, *w;
+    if (cst_arg(fn, "inp", o_inp, NPY_FLOAT32, "NC", &d, 0, &inp) < 0 ||
+        cst_arg(fn, "weight", o_w, NPY_FLOAT32, "C", &d, 0, &w) < 0 ||
+        cst_arg(fn, "out", o_out, NPY_FLOAT32, "NC", &d, CST_WRITE, &out) < 0 ||
+        cst_arg(fn, "rstd", o_rstd, NPY_FLOAT32, "N", &d, CST_WRITE, &rstd) < 0)
+        return NULL;
+    int64_t N = cst_dim(&d, 'N'), C = cst_dim(&d, 'C');
+    Py_BEGIN_ALLOW_THREADS
+    cst_rmsnorm_forward(out, rstd, inp, w, N, C, (float)eps);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_rmsnorm_backward(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *fn = "rmsnorm_backward";
+    static char *kwlist[] = {"dinp", "dweight", "dout", "inp", "weight", "rstd", NULL};
+    PyObject *o_dinp, *o_dw, *o_dout, *o_inp, *o_w, *o_rstd;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOO:rmsnorm_backward", kwlist, &o_dinp, &o_dw,
+                                     &o_dout, &o_inp, &o_w, &o_rstd))
+        return NULL;
+    cst_dims d;
+    cst_dims_init(&d);
+    void *dinp, *dw, *dout, *inp, *w, *rstd;
+    if (cst_arg(fn, "inp", o_inp, NPY_FLOAT32, "NC", &d, 0, &inp) < 0 ||
+        cst_arg(fn, "weight", o_w, NPY_FLOAT32, "C", &d, 0, &w) < 0 ||
+        cst_arg(fn, "dout", o_dout, NPY_FLOAT32, "NC", &d, 0, &dout) < 0 ||
+        cst_arg(fn, "rstd", o_rstd, NPY_FLOAT32, "N", &d, 0, &rstd) < 0 ||
+        cst_arg(fn, "dinp", o_dinp, NPY_FLOAT32, "NC", &d, CST_WRITE | CST_OPTIONAL, &dinp) < 0 ||
+        cst_arg(fn, "dweight", o_dw, NPY_FLOAT32, "C", &d, CST_WRITE | CST_OPTIONAL, &dw) < 0)
+        return NULL;
+    int64_t N = cst_dim(&d, 'N'), C = cst_dim(&d, 'C');
+    Py_BEGIN_ALLOW_THREADS
+    cst_rmsnorm_backward(dinp, dw, dout, inp, w, rstd, N, C);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *rope_common(PyObject *args, PyObject *kw, const char *fn, int backward) {
+    static char *kwlist_f[] = {"x", "cos", "sin", "pos0", NULL};
+    static char *kwlist_b[] = {"dx", "cos", "sin", "pos0", NULL};
+    PyObject *o_x, *o_cos, *o_sin;
+    long long pos0 = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, backward ? "OOO|L:rope_backward" : "OOO|L:rope_forward",
+                                     backward ? kwlist_b : kwlist_f, &o_x, &o_cos, &o_sin, &pos0))
+        return NULL;
+    const char *xname = backward ? "dx" : "x";
+    cst_dims d;
+    cst_dims_init(&d);
+    void *x, *cs, *sn;
+    if (cst_arg(fn, xname, o_x, NPY_FLOAT32, "BTHD", &d, CST_WRITE, &x) < 0) return NULL;
+    int64_t B = cst_dim(&d, 'B'), T = cst_dim(&d, 'T'), H = cst_dim(&d, 'H'), HS = cst_dim(&d, 'D');
+    if (HS % 2) {
+        PyErr_Format(PyExc_ValueError, "%s: '%s' head size (last axis) must be even, got %lld", fn,
+                     xname, (long long)HS);
+        return NULL;
+    }
+    cst_dims_set(&d, 'E', HS / 2, backward ? "dx's head size / 2" : "x's head size / 2");
+    if (cst_arg(fn, "cos", o_cos, NPY_FLOAT32, "PE", &d, 0, &cs) < 0 ||
+        cst_arg(fn, "sin", o_sin, NPY_FLOAT32, "PE", &d, 0, &sn) < 0)
+        return NULL;
+    int64_t P = cst_dim(&d, 'P');
+    if (pos0 < 0 || pos0 + T > P) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: positions pos0=%lld .. pos0+T-1=%lld must lie in the tables' [0, %lld) "
+                     "('cos' has %lld rows)", fn, pos0, pos0 + (long long)T - 1, (long long)P, (long long)P);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (backward)
+        cst_rope_backward(x, cs, sn, B, T, H, HS, pos0);
+    else
+        cst_rope_forward(x, cs, sn, B, T, H, HS, pos0);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_rope_forward(PyObject *self, PyObject *args, PyObject *kw) {
+    return rope_common(args, kw, "rope_forward", 0);
+}
+
+static PyObject *py_rope_backward(PyObject *self, PyObject *args, PyObject *kw) {
+    return rope_common(args, kw, "rope_backward", 1);
+}
+
+static PyObject *py_swiglu_forward(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *fn = "swiglu_forward";
+    static char *kwlist[] = {"out", "gu", NULL};
+    PyObject *o_out, *o_gu;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO:swiglu_forward", kwlist, &o_out, &o_gu)) return NULL;
+    cst_dims d;
+    cst_dims_init(&d);
+    void *out, *gu;
+    if (cst_arg(fn, "out", o_out, NPY_FLOAT32, "NF", &d, CST_WRITE, &out) < 0) return NULL;
+    cst_dims_set(&d, 'G', 2 * cst_dim(&d, 'F'), "2 * out's F");
+    if (cst_arg(fn, "gu", o_gu, NPY_FLOAT32, "NG", &d, 0, &gu) < 0) return NULL;
+    int64_t N = cst_dim(&d, 'N'), F = cst_dim(&d, 'F');
+    Py_BEGIN_ALLOW_THREADS
+    cst_swiglu_forward(out, gu, N, F);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_swiglu_backward(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *fn = "swiglu_backward";
+    static char *kwlist[] = {"dgu", "dout", "gu", NULL};
+    PyObject *o_dgu, *o_dout, *o_gu;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO:swiglu_backward", kwlist, &o_dgu, &o_dout, &o_gu))
+        return NULL;
+    cst_dims d;
+    cst_dims_init(&d);
+    void *dgu, *dout, *gu;
+    if (cst_arg(fn, "dout", o_dout, NPY_FLOAT32, "NF", &d, 0, &dout) < 0) return NULL;
+    cst_dims_set(&d, 'G', 2 * cst_dim(&d, 'F'), "2 * dout's F");
+    if (cst_arg(fn, "gu", o_gu, NPY_FLOAT32, "NG", &d, 0, &gu) < 0 ||
+        cst_arg(fn, "dgu", o_dgu, NPY_FLOAT32, "NG", &d, CST_WRITE, &dgu) < 0)
+        return NULL;
+    int64_t N = cst_dim(&d, 'N'), F = cst_dim(&d, 'F');
+    Py_BEGIN_ALLOW_THREADS
+    cst_swiglu_backward(dgu, dout, gu, N, F);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_logprobs_forward(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *fn = "logprobs_forward";
+    static char *kwlist[] = {"logp", "lse", "logits", "targets", NULL};
+    PyObject *o_logp, *o_lse, *o_logits, *o_tgt;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO:logprobs_forward", kwlist, &o_logp, &o_lse,
+                                     &o_logits, &o_tgt))
+        return NULL;
+    cst_dims d;
+    cst_dims_init(&d);
+    void *logp, *lse, *logits, *tgt;
+    if (cst_arg(fn, "logits", o_logits, NPY_FLOAT32, "NV", &d, 0, &logits) < 0 ||
+        cst_arg(fn, "targets", o_tgt, NPY_INT32, "N", &d, 0, &tgt) < 0 ||
+        cst_arg(fn, "logp", o_logp, NPY_FLOAT32, "N", &d, CST_WRITE, &logp) < 0 ||
+        cst_arg(fn, "lse", o_lse, NPY_FLOAT64, "N", &d, CST_WRITE, &lse) < 0)
+        return NULL;
+    int64_t N = cst_dim(&d, 'N'), V = cst_dim(&d, 'V');
+    if (V < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: 'logits' must have at least one column", fn);
+        return NULL;
+    }
+    if (cst_check_range_i32(fn, "targets", tgt, N, -1, V) < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    cst_logprobs_forward(logp, lse, logits, tgt, N, V);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *logprobs_backward_common(PyObject *args, PyObject *kw, int inplace) {
+    const char *fn = inplace ? "logprobs_backward_inplace" : "logprobs_backward";
+    static char *kwlist[] = {"dlogits", "dlogp", "logits", "targets", "lse", NULL};
+    static char *kwlist_ip[] = {"logits", "dlogp", "targets", "lse", NULL};
+    PyObject *o_dlogits = NULL, *o_dlogp, *o_logits, *o_tgt, *o_lse;
+    if (inplace) {
+        if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO:logprobs_backward_inplace", kwlist_ip,
+                                         &o_logits, &o_dlogp, &o_tgt, &o_lse))
+            return NULL;
+    } else if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO:logprobs_backward", kwlist, &o_dlogits,
+                                            &o_dlogp, &o_logits, &o_tgt, &o_lse)) {
+        return NULL;
+    }
+    cst_dims d;
+    cst_dims_init(&d);
+    void *dlogits = NULL, *dlogp, *logits, *tgt, *lse;
+    if (cst_arg(fn, "logits", o_logits, NPY_FLOAT32, "NV", &d, inplace ? CST_WRITE : 0, &logits) < 0 ||
+        cst_arg(fn, "targets", o_tgt, NPY_INT32, "N", &d, 0, &tgt) < 0 ||
+        cst_arg(fn, "dlogp", o_dlogp, NPY_FLOAT32, "N", &d, 0, &dlogp) < 0 ||
+        cst_arg(fn, "lse", o_lse, NPY_FLOAT64, "N", &d, 0, &lse) < 0)
+        return NULL;
+    if (!inplace) {
+        if (cst_arg(fn, "dlogits", o_dlogits, NPY_FLOAT32, "NV", &d, CST_WRITE, &dlogits) < 0)
+            return NULL;
+        if (dlogits == logits) {
+            PyErr_Format(PyExc_ValueError, "%s: 'dlogits' must not be 'logits' (this adds into dlogits; "
+                         "use logprobs_backward_inplace to overwrite logits with the gradient)", fn);
+            return NULL;
+        }
+    } else {
+        dlogits = logits;
+    }
+    int64_t N = cst_dim(&d, 'N'), V = cst_dim(&d, 'V');
+    if (cst_check_range_i32(fn, "targets", tgt, N, -1, V) < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    cst_logprobs_backward(dlogits, dlogp, logits, tgt, lse, N, V, !inplace);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_logprobs_backward(PyObject *self, PyObject *args, PyObject *kw) {
+    return logprobs_backward_common(args, kw, 0);
+}
+
+static PyObject *py_logprobs_backward_inplace(PyObject *self, PyObject *args, PyObject *kw) {
+    return logprobs_backward_common(args, kw, 1);
+}
 
 PyMethodDef cst_ops_methods[] = {
+    {"embedding_forward", CST_METHOD(py_embedding_forward),
+     "embedding_forward(out, tokens, wte): out (B,T,C) = wte (V,C)[tokens (B,T) int32]."},
+    {"embedding_backward", CST_METHOD(py_embedding_backward),
+     "embedding_backward(dwte, dout, tokens, lengths=None): dwte (V,C) += scatter of dout (B,T,C) by "
+     "tokens; positions t >= lengths[b] (int32 (B)) contribute nothing. Deterministic."},
+    {"rmsnorm_forward", CST_METHOD(py_rmsnorm_forward),
+     "rmsnorm_forward(out, rstd, inp, weight, eps): out (N,C) = inp * rstd * weight (C); "
+     "rstd (N) = 1/sqrt(mean(inp^2) + eps)."},
+    {"rmsnorm_backward", CST_METHOD(py_rmsnorm_backward),
+     "rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd): dinp (N,C) += ..., dweight (C) += ... "
+     "(either may be None). Needs no scratch."},
+    {"rope_forward", CST_METHOD(py_rope_forward),
+     "rope_forward(x, cos, sin, pos0=0): in place on x (B,T,H,HS), HF rotate_half rotary embedding at "
+     "positions pos0+t; cos/sin (Tmax, HS/2) from cst.ops.rope_tables."},
+    {"rope_backward", CST_METHOD(py_rope_backward),
+     "rope_backward(dx, cos, sin, pos0=0): in place on the gradient dx (B,T,H,HS): rotation by -angle "
+     "(overwrites, does not add)."},
+    {"swiglu_forward", CST_METHOD(py_swiglu_forward),
+     "swiglu_forward(out, gu): out (N,F) = silu(gu[:, :F]) * gu[:, F:], gu (N,2F) = [gate | up]."},
+    {"swiglu_backward", CST_METHOD(py_swiglu_backward),
+     "swiglu_backward(dgu, dout, gu): dgu (N,2F) += gradient of swiglu_forward."},
+    {"logprobs_forward", CST_METHOD(py_logprobs_forward),
+     "logprobs_forward(logp, lse, logits, targets): logp (N) float32 = log_softmax(logits (N,V))[targets "
+     "(N) int32]; lse (N) float64 = row log-sum-exp. Target -1 ignores the row (logp 0, lse 0)."},
+    {"logprobs_backward", CST_METHOD(py_logprobs_backward),
+     "logprobs_backward(dlogits, dlogp, logits, targets, lse): dlogits (N,V) += dlogp * (onehot - "
+     "softmax(logits)); ignored rows untouched. dlogits must not be logits."},
+    {"logprobs_backward_inplace", CST_METHOD(py_logprobs_backward_inplace),
+     "logprobs_backward_inplace(logits, dlogp, targets, lse): overwrites logits (N,V) with "
+     "dlogp * (onehot - softmax(logits)) (no extra (N,V) buffer); ignored rows become 0."},
     {NULL, NULL, 0, NULL},
 };

@@ -5,6 +5,7 @@ import numpy as np
 
 from . import _core
 from .config import ModelConfig
+from .ops import rope_tables
 
 
 def param_layout(cfg: ModelConfig):
@@ -40,9 +41,38 @@ def _views(flat: np.ndarray, layout):
     return views
 
 
+def _offsets(layout):
+    out, off = {}, 0
+    for name, shape in layout:
+        out[name] = off
+        off += int(np.prod(shape))
+    return out
+
+
+# The fused projections every layer routes through _linear_forward / _linear_backward, and the
+# Hugging Face weights each one stacks (rows in this order).
+LINEARS = {
+    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o": ("self_attn.o_proj",),
+    "gu": ("mlp.gate_proj", "mlp.up_proj"),
+    "down": ("mlp.down_proj",),
+}
+
+
+class _Acts:
+    """Views of the activation arena for one (B, T): what forward saves for backward, plus scratch."""
+
+
 class Model:
     """Llama-family decoder. `params` and `grads` map Hugging Face names to float32 views of one flat
-    buffer each (`flat_params`, `flat_grads`), so optimisers and checkpoints see a single array."""
+    buffer each (`flat_params`, `flat_grads`), so optimisers and checkpoints see a single array.
+
+    Training step: `logits = m.forward(tokens, lengths)`, then `m.backward(dlogits)` adds into
+    `m.grads`; or the memory-lean pair `forward_logprobs` / `backward_logprobs`, which never holds the
+    full (B, T, V) logits. Activations live in an arena that grows to the largest (B, T) seen and is
+    reused afterwards: the logits returned by `forward` are a view into it, overwritten by the next
+    call (copy them to keep them). `frozen_base = True` makes backward compute activation gradients
+    only (for adapters), leaving `grads` untouched."""
 
     def __init__(self, config: ModelConfig, seed: int = 0):
         if not isinstance(config, ModelConfig):
@@ -54,6 +84,15 @@ class Model:
         self.params = _views(self.flat_params, self.layout)
         self.flat_grads = None
         self.grads = None
+        self.frozen_base = False
+        # Rows of the lean LM head computed at once: bounds the (rows, V) scratch to about 16 MB.
+        self.logits_chunk_rows = max(1, (1 << 22) // config.vocab_size)
+        self._arena = {}
+        self._state = None  # "logits" after forward, "logprobs" after forward_logprobs
+        self._acts_saved = None
+        self._rope = None
+        self._fused = self._fused_views(self.flat_params)
+        self._gfused = None
         # Hugging Face's Llama initialisation: N(0, 0.02) for matrices, ones for norms.
         rng = np.random.default_rng(seed)
         for name, arr in self.params.items():
@@ -66,12 +105,364 @@ class Model:
     def num_parameters(self) -> int:
         return int(self.flat_params.size)
 
+    def _fused_views(self, flat):
+        """Per layer {which: (rows, C) view} over the adjacent q/k/v and gate/up weights."""
+        cfg, offs = self.config, _offsets(self.layout)
+        shapes = dict(self.layout)
+        layers = []
+        for i in range(cfg.n_layers):
+            p = f"model.layers.{i}."
+            d = {}
+            for which, parts in LINEARS.items():
+                rows = sum(shapes[p + q + ".weight"][0] for q in parts)
+                cols = shapes[p + parts[0] + ".weight"][1]
+                o = offs[p + parts[0] + ".weight"]
+                d[which] = flat[o:o + rows * cols].reshape(rows, cols)
+            layers.append(d)
+        return layers
+
     def _ensure_grads(self):
         if self.flat_grads is None:
             self.flat_grads = np.zeros_like(self.flat_params)
             self.grads = _views(self.flat_grads, self.layout)
+            self._gfused = self._fused_views(self.flat_grads)
 
     def zero_grad(self):
         """Clears every gradient; backward adds into them, so call this between steps."""
         self._ensure_grads()
         self.flat_grads[...] = 0.0
+
+    def release_buffers(self):
+        """Frees the activation arena (it is re-created on the next forward)."""
+        self._arena = {}
+        self._acts_saved = None
+        self._state = None
+
+    # ---- the one place every projection goes through (adapters hook here) ----
+
+    def _linear_forward(self, layer: int, which: str, x, out, accumulate: bool = False):
+        """out (N, rows) (+)= x (N, C) @ W^T for the fused projection `which` of `layer` (see LINEARS)."""
+        _core.matmul_forward(out, x, self._fused[layer][which], accumulate)
+
+    def _linear_backward(self, layer: int, which: str, dx, dout, x):
+        """dx (N, C) += dout @ W, and W's gradient += dout^T @ x unless the base is frozen."""
+        dw = None if self.frozen_base else self._gfused[layer][which]
+        _core.matmul_backward(dx, dw, dout, x, self._fused[layer][which])
+
+    # ---- buffers ----
+
+    def _buf(self, name, shape, dtype=np.float32):
+        n = int(np.prod(shape))
+        a = self._arena.get(name)
+        if a is None or a.size < n or a.dtype != dtype:
+            a = np.empty(max(n, 1), dtype=dtype)
+            self._arena[name] = a
+        return a[:n].reshape(shape)
+
+    def _acts(self, B, T):
+        cfg = self.config
+        L, C, F, NH, NKV, HS = cfg.n_layers, cfg.dim, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        N, QKV = B * T, (NH + 2 * NKV) * HS
+        a = _Acts()
+        b = self._buf
+        a.res = b("res", (L + 1, N, C))  # residual stream entering each layer (last: final norm's input)
+        a.mid = b("mid", (L, N, C))  # residual after attention
+        a.rstd1, a.rstd2, a.rstdf = b("rstd1", (L, N)), b("rstd2", (L, N)), b("rstdf", (N,))
+        a.q = b("q", (L, B, T, NH, HS))  # after rotary
+        a.k = b("k", (L, B, T, NKV, HS))  # after rotary
+        a.v = b("v", (L, B, T, NKV, HS))
+        a.att = b("att", (L, B, T, NH, HS))
+        a.lse = b("lse", (L, B, NH, T))
+        a.gu = b("gu", (L, N, 2 * F))
+        a.lnf = b("lnf", (N, C))
+        # Scratch, recomputed where backward needs it: normed inputs, the qkv product, swiglu output.
+        a.ln, a.qkv, a.h = b("ln", (N, C)), b("qkv", (N, QKV)), b("h", (N, F))
+        return a
+
+    def _grad_acts(self, a, B, T):
+        cfg = self.config
+        C, F, NH, NKV, HS = cfg.dim, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        N = B * T
+        b = self._buf
+        a.dres, a.dln, a.datt = b("dres", (N, C)), b("dln", (N, C)), b("datt", (N, C))
+        a.dq, a.dk, a.dv = b("dq", (B, T, NH, HS)), b("dk", (B, T, NKV, HS)), b("dv", (B, T, NKV, HS))
+        a.dqkv, a.dh, a.dgu = b("dqkv", (N, (NH + 2 * NKV) * HS)), b("dh", (N, F)), b("dgu", (N, 2 * F))
+
+    def _rope_for(self, T):
+        if self._rope is None or self._rope[0].shape[0] < T:
+            cfg = self.config
+            cos, sin = rope_tables(max(T, 64), cfg.head_dim, cfg.rope_theta)
+            self._rope = (np.ascontiguousarray(cos, np.float32), np.ascontiguousarray(sin, np.float32))
+        return self._rope
+
+    # ---- validation ----
+
+    def _check_inputs(self, fn, tokens, lengths):
+        cfg = self.config
+        if not isinstance(tokens, np.ndarray):
+            raise TypeError(f"{fn}: 'tokens' must be a numpy.ndarray of int32, got {type(tokens).__name__}")
+        if tokens.dtype != np.int32:
+            raise TypeError(f"{fn}: 'tokens' must have dtype int32, got {tokens.dtype}")
+        if tokens.ndim != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
+            raise ValueError(f"{fn}: 'tokens' must have shape (B, T) with B, T >= 1, got {tokens.shape}")
+        B, T = tokens.shape
+        if T > cfg.max_seq_len:
+            raise ValueError(f"{fn}: 'tokens' has T = {T} > max_seq_len = {cfg.max_seq_len}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"{fn}: 'tokens' ids must lie in [0, {cfg.vocab_size}), got min {lo}, max {hi}")
+        if lengths is not None:
+            if not isinstance(lengths, np.ndarray):
+                raise TypeError(f"{fn}: 'lengths' must be None or a numpy.ndarray of int32, "
+                                f"got {type(lengths).__name__}")
+            if lengths.dtype != np.int32:
+                raise TypeError(f"{fn}: 'lengths' must have dtype int32, got {lengths.dtype}")
+            if lengths.shape != (B,):
+                raise ValueError(f"{fn}: 'lengths' must have shape ({B},), got {lengths.shape}")
+            if lengths.min() < 1 or lengths.max() > T:
+                raise ValueError(f"{fn}: 'lengths' must lie in [1, {T}], got min {int(lengths.min())}, "
+                                 f"max {int(lengths.max())}")
+        tok = self._buf("tokens", (B, T), np.int32)
+        tok[...] = tokens
+        if lengths is None:
+            self._lengths, self._pad = None, None
+        else:
+            self._lengths = np.array(lengths, dtype=np.int32)  # (B,): tiny, and kept past the call
+            pad = np.arange(T)[None, :] >= self._lengths[:, None]
+            self._pad = np.flatnonzero(pad) if pad.any() else None
+        self._shape = (B, T)
+        return tok
+
+    def _check_grad(self, fn, name, arr, shape):
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"{fn}: '{name}' must be a numpy.ndarray of float32, got {type(arr).__name__}")
+        if arr.dtype != np.float32:
+            raise TypeError(f"{fn}: '{name}' must have dtype float32, got {arr.dtype}")
+        if arr.shape != shape:
+            raise ValueError(f"{fn}: '{name}' must have shape {shape} (from the last forward), got {arr.shape}")
+        if not arr.flags.c_contiguous:
+            raise ValueError(f"{fn}: '{name}' must be C-contiguous (use np.ascontiguousarray)")
+
+    # ---- forward ----
+
+    def _trunk(self, tokens):
+        """Embedding, every layer and the final norm; leaves the normed hidden states in lnf."""
+        cfg = self.config
+        B, T = tokens.shape
+        N, C, L, eps = B * T, cfg.dim, cfg.n_layers, cfg.norm_eps
+        QD, KD = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        cos, sin = self._rope_for(T)
+        a = self._acts(B, T)
+        P = self.params
+        _core.embedding_forward(a.res[0].reshape(B, T, C), tokens, P["model.embed_tokens.weight"])
+        for i in range(L):
+            p = f"model.layers.{i}."
+            x, mid = a.res[i], a.mid[i]
+            _core.rmsnorm_forward(a.ln, a.rstd1[i], x, P[p + "input_layernorm.weight"], eps)
+            self._linear_forward(i, "qkv", a.ln, a.qkv)
+            # Split the fused product: attention and rotary want (B,T,H,HS) contiguous arrays.
+            np.copyto(a.q[i].reshape(N, QD), a.qkv[:, :QD])
+            np.copyto(a.k[i].reshape(N, KD), a.qkv[:, QD:QD + KD])
+            np.copyto(a.v[i].reshape(N, KD), a.qkv[:, QD + KD:])
+            _core.rope_forward(a.q[i], cos, sin)
+            _core.rope_forward(a.k[i], cos, sin)
+            _core.attention_forward(a.att[i], a.lse[i], a.q[i], a.k[i], a.v[i], self._lengths)
+            np.copyto(mid, x)
+            self._linear_forward(i, "o", a.att[i].reshape(N, C), mid, accumulate=True)
+            _core.rmsnorm_forward(a.ln, a.rstd2[i], mid, P[p + "post_attention_layernorm.weight"], eps)
+            self._linear_forward(i, "gu", a.ln, a.gu[i])
+            _core.swiglu_forward(a.h, a.gu[i])
+            np.copyto(a.res[i + 1], mid)
+            self._linear_forward(i, "down", a.h, a.res[i + 1], accumulate=True)
+        _core.rmsnorm_forward(a.lnf, a.rstdf, a.res[L], P["model.norm.weight"], eps)
+        return a
+
+    @property
+    def _lm_head(self):
+        name = "model.embed_tokens.weight" if self.config.tie_embeddings else "lm_head.weight"
+        return self.params[name], (self.grads[name] if self.grads is not None else None)
+
+    def forward(self, tokens, lengths=None):
+        """tokens (B, T) int32, lengths (B,) int32 in [1, T] or None (right padding) -> logits
+        (B, T, V) float32, a view into the arena valid until the next call."""
+        self._state = None
+        tokens = self._check_inputs("forward", tokens, lengths)
+        B, T = tokens.shape
+        V = self.config.vocab_size
+        a = self._trunk(tokens)
+        logits = self._buf("logits", (B, T, V))
+        _core.matmul_forward(logits.reshape(B * T, V), a.lnf, self._lm_head[0])
+        # Zeroing the padded rows of the saved head input makes their head-weight gradient vanish
+        # without copying dlogits; backward zeroes their input gradient likewise.
+        if self._pad is not None:
+            a.lnf[self._pad] = 0.0
+        self._acts_saved = a
+        self._state = "logits"
+        return logits
+
+    def forward_logprobs(self, tokens, targets, lengths=None):
+        """Memory-lean forward for training on log-probabilities: tokens, targets (B, T) int32
+        (targets in [-1, V), -1 = ignore) -> logp (B, T) float32, log p(targets[b,t] | tokens[b,:t+1]).
+        The LM head runs in row chunks: only the final hidden states and row log-sum-exps are saved.
+        Padded and ignored positions give 0. The result is a view valid until the next call."""
+        self._state = None
+        tokens = self._check_inputs("forward_logprobs", tokens, lengths)
+        B, T = tokens.shape
+        cfg = self.config
+        if not isinstance(targets, np.ndarray):
+            raise TypeError(f"forward_logprobs: 'targets' must be a numpy.ndarray of int32, "
+                            f"got {type(targets).__name__}")
+        if targets.dtype != np.int32:
+            raise TypeError(f"forward_logprobs: 'targets' must have dtype int32, got {targets.dtype}")
+        if targets.shape != (B, T):
+            raise ValueError(f"forward_logprobs: 'targets' must have shape {(B, T)} like 'tokens', "
+                             f"got {targets.shape}")
+        if targets.min() < -1 or targets.max() >= cfg.vocab_size:
+            raise ValueError(f"forward_logprobs: 'targets' must lie in [-1, {cfg.vocab_size}), got min "
+                             f"{int(targets.min())}, max {int(targets.max())}")
+        return self._forward_logprobs(tokens, targets)
+
+    def _forward_logprobs(self, tokens, targets):
+        B, T = tokens.shape
+        N, V = B * T, self.config.vocab_size
+        tg = self._buf("targets", (N,), np.int32)
+        tg[...] = targets.reshape(N)
+        if self._pad is not None:
+            tg[self._pad] = -1
+        a = self._trunk(tokens)
+        if self._pad is not None:
+            a.lnf[self._pad] = 0.0
+        logp = self._buf("logp", (N,))
+        lse = self._buf("lp_lse", (N,), np.float64)
+        W = self._lm_head[0]
+        for r0, r1, chunk in self._chunks(N, tg):
+            if chunk is None:
+                logp[r0:r1] = 0.0
+                lse[r0:r1] = 0.0
+                continue
+            _core.matmul_forward(chunk, a.lnf[r0:r1], W)
+            _core.logprobs_forward(logp[r0:r1], lse[r0:r1], chunk, tg[r0:r1])
+        self._acts_saved = a
+        self._state = "logprobs"
+        return logp.reshape(B, T)
+
+    def _chunks(self, N, tg):
+        """(r0, r1, logits scratch or None when every target in the chunk is ignored)."""
+        R = min(N, self.logits_chunk_rows)
+        for r0 in range(0, N, R):
+            r1 = min(N, r0 + R)
+            if not (tg[r0:r1] >= 0).any():
+                yield r0, r1, None
+            else:
+                yield r0, r1, self._buf("logits_chunk", (r1 - r0, self.config.vocab_size))
+
+    def token_logprobs(self, tokens, lengths=None):
+        """tokens (B, T) int32 -> (B, T-1) float32 log p(tokens[b, t+1] | tokens[b, :t+1]); positions
+        whose next token is padding give 0. Chunked like forward_logprobs; a fresh array is returned,
+        and no backward can follow."""
+        self._state = None
+        tokens = self._check_inputs("token_logprobs", tokens, lengths)
+        B, T = tokens.shape
+        targets = np.full((B, T), -1, np.int32)
+        targets[:, :-1] = tokens[:, 1:]
+        if self._lengths is not None:
+            targets[np.arange(T)[None, :] >= self._lengths[:, None] - 1] = -1
+        out = self._forward_logprobs(tokens, targets)[:, :-1].copy()
+        self._state = None
+        return out
+
+    # ---- backward ----
+
+    def backward(self, dlogits):
+        """Adds the gradients of the last forward, given dlogits (B, T, V) float32, into `grads`
+        (allocated on first use). Rows of padded positions are ignored."""
+        if self._state != "logits":
+            raise ValueError("backward: call forward(tokens, lengths) first (no saved activations)")
+        B, T = self._shape
+        N, V = B * T, self.config.vocab_size
+        self._check_grad("backward", "dlogits", dlogits, (B, T, V))
+        if not self.frozen_base:
+            self._ensure_grads()
+        a = self._acts_saved
+        self._grad_acts(a, B, T)
+        W, dW = self._lm_head
+        dlnf = a.dln
+        dlnf.fill(0.0)
+        _core.matmul_backward(dlnf, None if self.frozen_base else dW, dlogits.reshape(N, V), a.lnf, W)
+        if self._pad is not None:
+            dlnf[self._pad] = 0.0
+        self._backward_trunk(a, B, T)
+
+    def backward_logprobs(self, dlogp):
+        """Adds the gradients of the last forward_logprobs, given dlogp (B, T) float32 (d loss / d
+        logp), into `grads`, recomputing the LM head one row chunk at a time."""
+        if self._state != "logprobs":
+            raise ValueError("backward_logprobs: call forward_logprobs(tokens, targets, lengths) first")
+        B, T = self._shape
+        N = B * T
+        self._check_grad("backward_logprobs", "dlogp", dlogp, (B, T))
+        if not self.frozen_base:
+            self._ensure_grads()
+        a = self._acts_saved
+        self._grad_acts(a, B, T)
+        W, dW = self._lm_head
+        dW = None if self.frozen_base else dW
+        tg, lse = self._buf("targets", (N,), np.int32), self._buf("lp_lse", (N,), np.float64)
+        dflat = dlogp.reshape(N)
+        dlnf = a.dln
+        dlnf.fill(0.0)
+        for r0, r1, chunk in self._chunks(N, tg):
+            if chunk is None:
+                continue
+            _core.matmul_forward(chunk, a.lnf[r0:r1], W)
+            _core.logprobs_backward_inplace(chunk, dflat[r0:r1], tg[r0:r1], lse[r0:r1])
+            _core.matmul_backward(dlnf[r0:r1], dW, chunk, a.lnf[r0:r1], W)
+        self._backward_trunk(a, B, T)
+
+    def _backward_trunk(self, a, B, T):
+        """From d lnf (in a.dln) down to the embedding, adding into grads unless frozen."""
+        cfg = self.config
+        N, C, L, eps = B * T, cfg.dim, cfg.n_layers, cfg.norm_eps
+        QD, KD = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        cos, sin = self._rope_for(T)
+        P, frozen = self.params, self.frozen_base
+        G = (lambda name: None) if frozen else (lambda name: self.grads[name])
+        dres = a.dres
+        dres.fill(0.0)
+        _core.rmsnorm_backward(dres, G("model.norm.weight"), a.dln, a.res[L], P["model.norm.weight"], a.rstdf)
+        for i in reversed(range(L)):
+            p = f"model.layers.{i}."
+            x, mid = a.res[i], a.mid[i]
+            # MLP block; its normed input and swiglu output are recomputed rather than saved.
+            w2 = P[p + "post_attention_layernorm.weight"]
+            _core.rmsnorm_forward(a.ln, a.rstd2[i], mid, w2, eps)
+            _core.swiglu_forward(a.h, a.gu[i])
+            a.dh.fill(0.0)
+            self._linear_backward(i, "down", a.dh, dres, a.h)
+            a.dgu.fill(0.0)
+            _core.swiglu_backward(a.dgu, a.dh, a.gu[i])
+            a.dln.fill(0.0)
+            self._linear_backward(i, "gu", a.dln, a.dgu, a.ln)
+            _core.rmsnorm_backward(dres, G(p + "post_attention_layernorm.weight"), a.dln, mid, w2, a.rstd2[i])
+            # Attention block; dres now holds d mid, which is also d x through the residual.
+            w1 = P[p + "input_layernorm.weight"]
+            _core.rmsnorm_forward(a.ln, a.rstd1[i], x, w1, eps)
+            a.datt.fill(0.0)
+            self._linear_backward(i, "o", a.datt, dres, a.att[i].reshape(N, C))
+            a.dq.fill(0.0)
+            a.dk.fill(0.0)
+            a.dv.fill(0.0)
+            _core.attention_backward(a.dq, a.dk, a.dv, a.datt.reshape(a.att[i].shape), a.att[i], a.lse[i],
+                                     a.q[i], a.k[i], a.v[i], self._lengths)
+            _core.rope_backward(a.dq, cos, sin)
+            _core.rope_backward(a.dk, cos, sin)
+            np.copyto(a.dqkv[:, :QD], a.dq.reshape(N, QD))
+            np.copyto(a.dqkv[:, QD:QD + KD], a.dk.reshape(N, KD))
+            np.copyto(a.dqkv[:, QD + KD:], a.dv.reshape(N, KD))
+            a.dln.fill(0.0)
+            self._linear_backward(i, "qkv", a.dln, a.dqkv, a.ln)
+            _core.rmsnorm_backward(dres, G(p + "input_layernorm.weight"), a.dln, x, w1, a.rstd1[i])
+        if not frozen:
+            tokens = self._buf("tokens", (B, T), np.int32)
+            _core.embedding_backward(self.grads["model.embed_tokens.weight"], dres.reshape(B, T, C),
+                                     tokens, self._lengths)

@@ -1,0 +1,465 @@
+/* attention.c: causal grouped-query self-attention, forward and backward (see attention.h).
+ * Saves the per-row log-sum-exp instead of the (B,NH,T,T) probabilities and recomputes them in
+ * backward, so memory is O(B*NH*T) per layer. Not a flash kernel for GPUs, and no KV cache. */
+#include "glue.h"
+#include "attention.h"
+#include "simd.h"
+#include <math.h>
+#include <string.h>
+
+/* Keys are scored in blocks of KB into a stack buffer: bounded scratch (no allocation) whatever T. */
+#define KB 64
+
+#define CST_INLINE static inline __attribute__((always_inline))
+
+/* Dot products keep eight interleaved partial sums combined in a fixed tree. With GNU C vector
+ * types (this file needs GCC or clang) the eight lanes are one vector on every path: two SSE
+ * registers on baseline x86-64, one ymm register on AVX2/AVX-512. The compiler may not
+ * reassociate them, so every SIMD path gives the same bits. */
+typedef float f8 __attribute__((vector_size(32)));
+/* The same vector read through an unaligned, aliasing-safe type: rows need only float alignment. */
+typedef float f8u __attribute__((vector_size(32), aligned(4), may_alias));
+#define load8(p) (*(const f8u *)(p))
+#define CST_F8_ZERO ((f8){0, 0, 0, 0, 0, 0, 0, 0})
+
+CST_INLINE float tree8(const float c[8]) {
+    return ((c[0] + c[4]) + (c[1] + c[5])) + ((c[2] + c[6]) + (c[3] + c[7]));
+}
+
+CST_INLINE float dot_f32(const float *a, const float *b, int64_t n) {
+    float c[8] = {0};
+    int64_t i = 0;
+    f8 acc = CST_F8_ZERO;
+    for (; i + 8 <= n; i += 8) acc += load8(a + i) * load8(b + i);
+    memcpy(c, &acc, sizeof c);
+    float s = tree8(c);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+CST_INLINE void axpy_f32(float *restrict y, float a, const float *restrict x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+/* One query row against keys 0..n-1 (n >= 1): online softmax over blocks of KB keys, with the
+ * running maximum subtracted so large scores cannot overflow. o (HS) is the accumulator and the
+ * result; returns the row's log-sum-exp. ks is the stride between consecutive keys. */
+CST_INLINE float fwd_row_body(float *restrict o, const float *restrict qr, const float *k0,
+                              const float *v0, int64_t ks, int64_t n, int64_t HS, float scale) {
+    float sc[KB];
+    float m = -INFINITY, l = 0.0f;
+    for (int64_t i = 0; i < HS; i++) o[i] = 0.0f;
+    for (int64_t j0 = 0; j0 < n; j0 += KB) {
+        const int64_t nb = n - j0 < KB ? n - j0 : KB;
+        float bm = -INFINITY;
+        for (int64_t jj = 0; jj < nb; jj++) {
+            const float s = dot_f32(qr, k0 + (j0 + jj) * ks, HS) * scale;
+            sc[jj] = s;
+            bm = s > bm ? s : bm;
+        }
+        if (bm > m) {
+            /* First block: m = -inf, so c = 0 and the (zero) accumulator stays zero. */
+            const float c = expf(m - bm);
+            l *= c;
+            for (int64_t i = 0; i < HS; i++) o[i] *= c;
+            m = bm;
+        }
+        for (int64_t jj = 0; jj < nb; jj++) {
+            const float p = expf(sc[jj] - m);
+            l += p;
+            axpy_f32(o, p, v0 + (j0 + jj) * ks, HS);
+        }
+    }
+    const float inv = 1.0f / l;
+    for (int64_t i = 0; i < HS; i++) o[i] *= inv;
+    return m + logf(l);
+}
+
+/* Query rows are processed four at a time where they can be: each key is loaded once for four
+ * rows and the four dot products form independent dependency chains. Every row still sees its
+ * sums in exactly the order of the one-row code (same 8 partial sums, keys ascending, rows in
+ * time order), so tiled and untiled rows give the same bits. */
+#define QT 4
+
+/* Four dot products against one shared vector b, each in dot_f32's order. */
+CST_INLINE void dot4_f32(float out[QT], const float *a0, const float *a1, const float *a2,
+                         const float *a3, const float *b, int64_t n) {
+    float c0[8] = {0}, c1[8] = {0}, c2[8] = {0}, c3[8] = {0};
+    int64_t i = 0;
+    f8 s0 = CST_F8_ZERO, s1 = CST_F8_ZERO, s2 = CST_F8_ZERO, s3 = CST_F8_ZERO;
+    for (; i + 8 <= n; i += 8) {
+        const f8 x = load8(b + i);
+        s0 += load8(a0 + i) * x;
+        s1 += load8(a1 + i) * x;
+        s2 += load8(a2 + i) * x;
+        s3 += load8(a3 + i) * x;
+    }
+    memcpy(c0, &s0, sizeof c0);
+    memcpy(c1, &s1, sizeof c1);
+    memcpy(c2, &s2, sizeof c2);
+    memcpy(c3, &s3, sizeof c3);
+    out[0] = tree8(c0);
+    out[1] = tree8(c1);
+    out[2] = tree8(c2);
+    out[3] = tree8(c3);
+    for (; i < n; i++) {
+        out[0] += a0[i] * b[i];
+        out[1] += a1[i] * b[i];
+        out[2] += a2[i] * b[i];
+        out[3] += a3[i] * b[i];
+    }
+}
+
+/* y_r += a[r] * x for four rows sharing x. */
+CST_INLINE void axpy4_f32(float *restrict y0, float *restrict y1, float *restrict y2,
+                          float *restrict y3, const float a[QT], const float *restrict x,
+                          int64_t n) {
+    const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+    for (int64_t i = 0; i < n; i++) {
+        const float v = x[i];
+        y0[i] += a0 * v;
+        y1[i] += a1 * v;
+        y2[i] += a2 * v;
+        y3[i] += a3 * v;
+    }
+}
+
+/* y += a[0] x0 + a[1] x1 + a[2] x2 + a[3] x3, added in that order (as four successive axpys). */
+CST_INLINE void axpy_sum4_f32(float *restrict y, const float a[QT], const float *x0,
+                              const float *x1, const float *x2, const float *x3, int64_t n) {
+    const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+    for (int64_t i = 0; i < n; i++) y[i] = (((y[i] + a0 * x0[i]) + a1 * x1[i]) + a2 * x2[i]) + a3 * x3[i];
+}
+
+/* Rows t0..t0+3 of one head, all valid (t0 + 3 < length): row r attends keys 0..t0+r. Same
+ * online softmax as fwd_row_body, per row. o rows and lse entries are os and 1 apart. */
+CST_INLINE void fwd_tile_body(float *o, int64_t os, float *lse, const float *q, const float *k0,
+                              const float *v0, int64_t ks, int64_t t0, int64_t HS, float scale) {
+    float sc[QT][KB];
+    float m[QT], l[QT];
+    float *o0 = o, *o1 = o + os, *o2 = o + 2 * os, *o3 = o + 3 * os;
+    const float *q0 = q, *q1 = q + os, *q2 = q + 2 * os, *q3 = q + 3 * os;
+    float *orow[QT] = {o0, o1, o2, o3};
+    for (int r = 0; r < QT; r++) {
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+        for (int64_t i = 0; i < HS; i++) orow[r][i] = 0.0f;
+    }
+    const int64_t n = t0 + QT;
+    for (int64_t j0 = 0; j0 < n; j0 += KB) {
+        const int64_t nb = n - j0 < KB ? n - j0 : KB;
+        float bm[QT] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+        for (int64_t jj = 0; jj < nb; jj++) {
+            const int64_t j = j0 + jj;
+            float s[QT];
+            dot4_f32(s, q0, q1, q2, q3, k0 + j * ks, HS);
+            for (int r = 0; r < QT; r++) {
+                /* Keys after row r's own position are masked out of its softmax. */
+                const float x = j <= t0 + r ? s[r] * scale : -INFINITY;
+                sc[r][jj] = x;
+                bm[r] = x > bm[r] ? x : bm[r];
+            }
+        }
+        for (int r = 0; r < QT; r++)
+            if (bm[r] > m[r]) {
+                const float c = expf(m[r] - bm[r]);
+                l[r] *= c;
+                for (int64_t i = 0; i < HS; i++) orow[r][i] *= c;
+                m[r] = bm[r];
+            }
+        for (int64_t jj = 0; jj < nb; jj++) {
+            const int64_t j = j0 + jj;
+            const float *vj = v0 + j * ks;
+            if (j <= t0) {
+                float p[QT];
+                for (int r = 0; r < QT; r++) {
+                    p[r] = expf(sc[r][jj] - m[r]);
+                    l[r] += p[r];
+                }
+                axpy4_f32(o0, o1, o2, o3, p, vj, HS);
+            } else {
+                for (int r = (int)(j - t0); r < QT; r++) {
+                    const float p = expf(sc[r][jj] - m[r]);
+                    l[r] += p;
+                    axpy_f32(orow[r], p, vj, HS);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < QT; r++) {
+        const float inv = 1.0f / l[r];
+        for (int64_t i = 0; i < HS; i++) orow[r][i] *= inv;
+        lse[r] = m[r] + logf(l[r]);
+    }
+}
+
+/* Backward of one query row t (keys 0..t); adds into dq row, and dk, dv rows 0..t. */
+CST_INLINE void bwd_row(float *dqr, float *dkb, float *dvb, const float *dor, const float *orow,
+                        const float *qr, const float *kb, const float *vb, float L, int64_t ks,
+                        int64_t t, int64_t HS, float scale) {
+    /* D = sum_j p_j dp_j = dout . out: the softmax Jacobian's correction term. */
+    const float D = dot_f32(dor, orow, HS);
+    for (int64_t j = 0; j <= t; j++) {
+        const float *kj = kb + j * ks, *vj = vb + j * ks;
+        const float p = expf(dot_f32(qr, kj, HS) * scale - L);
+        const float ds = p * (dot_f32(dor, vj, HS) - D) * scale;
+        axpy_f32(dqr, ds, kj, HS);
+        axpy_f32(dkb + j * ks, ds, qr, HS);
+        axpy_f32(dvb + j * ks, p, dor, HS);
+    }
+}
+
+/* Backward of rows t0..t0+3 (all valid) with bwd_row's arithmetic: dk_j and dv_j receive the rows'
+ * terms in time order, dq_r its keys in ascending order, exactly as four bwd_row calls would. */
+CST_INLINE void bwd_tile(float *dq, const float *dout, const float *out, const float *q, int64_t qs,
+                         float *dkb, float *dvb, const float *kb, const float *vb, const float *L,
+                         int64_t ks, int64_t t0, int64_t HS, float scale) {
+    const float *q0 = q, *q1 = q + qs, *q2 = q + 2 * qs, *q3 = q + 3 * qs;
+    const float *d0 = dout, *d1 = dout + qs, *d2 = dout + 2 * qs, *d3 = dout + 3 * qs;
+    float *dq0 = dq, *dq1 = dq + qs, *dq2 = dq + 2 * qs, *dq3 = dq + 3 * qs;
+    float D[QT];
+    for (int r = 0; r < QT; r++) D[r] = dot_f32(dout + r * qs, out + r * qs, HS);
+    for (int64_t j = 0; j < t0 + QT; j++) {
+        const float *kj = kb + j * ks, *vj = vb + j * ks;
+        float s[QT], dp[QT], p[QT], ds[QT];
+        dot4_f32(s, q0, q1, q2, q3, kj, HS);
+        dot4_f32(dp, d0, d1, d2, d3, vj, HS);
+        for (int r = 0; r < QT; r++) {
+            p[r] = expf(s[r] * scale - L[r]);
+            ds[r] = p[r] * (dp[r] - D[r]) * scale;
+        }
+        if (j <= t0) {
+            axpy4_f32(dq0, dq1, dq2, dq3, ds, kj, HS);
+            axpy_sum4_f32(dkb + j * ks, ds, q0, q1, q2, q3, HS);
+            axpy_sum4_f32(dvb + j * ks, p, d0, d1, d2, d3, HS);
+        } else {
+            /* The diagonal corner: key j exists only for rows r >= j - t0. */
+            for (int r = (int)(j - t0); r < QT; r++) {
+                axpy_f32(dq + r * qs, ds[r], kj, HS);
+                axpy_f32(dkb + j * ks, ds[r], q + r * qs, HS);
+                axpy_f32(dvb + j * ks, p[r], dout + r * qs, HS);
+            }
+        }
+    }
+}
+
+/* Every q head of kv group (b, g): their dq rows and the group's dk, dv rows belong to this call
+ * alone, so groups run in parallel without atomics, and the loop order below fixes every sum. */
+CST_INLINE void bwd_group_body(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                               const float *lse, const float *q, const float *k, const float *v,
+                               int64_t b, int64_t g, int64_t len, int64_t T, int64_t NH,
+                               int64_t NKV, int64_t HS, float scale) {
+    const int64_t rep = NH / NKV;
+    const int64_t qs = NH * HS, ks = NKV * HS; /* strides between time steps */
+    const float *kb = k + (size_t)b * T * ks + g * HS, *vb = v + (size_t)b * T * ks + g * HS;
+    float *dkb = dk + (size_t)b * T * ks + g * HS, *dvb = dv + (size_t)b * T * ks + g * HS;
+    for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
+        const float *L = lse + ((size_t)b * NH + h) * T;
+        int64_t t = 0;
+        for (; t + QT <= len; t += QT) {
+            const size_t row = ((size_t)b * T + t) * qs + h * HS;
+            bwd_tile(dq + row, dout + row, out + row, q + row, qs, dkb, dvb, kb, vb, L + t, ks, t,
+                     HS, scale);
+        }
+        for (; t < len; t++) {
+            const size_t row = ((size_t)b * T + t) * qs + h * HS;
+            bwd_row(dq + row, dkb, dvb, dout + row, out + row, q + row, kb, vb, L[t], ks, t, HS,
+                    scale);
+        }
+    }
+}
+
+typedef void (*fwd_tile_fn)(float *, float *, const float *, const float *, const float *,
+                            const int32_t *, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                            float);
+typedef void (*bwd_group_fn)(float *, float *, float *, const float *, const float *, const float *,
+                             const float *, const float *, const float *, int64_t, int64_t, int64_t,
+                             int64_t, int64_t, int64_t, int64_t, float);
+
+/* Work item i of the forward: QT consecutive rows of one (b, h). Full tiles of valid rows take
+ * the tiled kernel; the tail before the padding goes row by row; padded rows are zeroed. */
+CST_INLINE void fwd_item_body(float *out, float *lse, const float *q, const float *k, const float *v,
+                              const int32_t *lengths, int64_t i, int64_t B, int64_t T, int64_t NH,
+                              int64_t NKV, int64_t HS, float scale) {
+    const int64_t ntile = (T + QT - 1) / QT;
+    const int64_t b = i / (NH * ntile), h = (i / ntile) % NH, t0 = (i % ntile) * QT;
+    const int64_t len = lengths ? lengths[b] : T;
+    const int64_t rep = NH / NKV, qs = NH * HS, ks = NKV * HS;
+    const size_t kv0 = (size_t)b * T * ks + (h / rep) * HS;
+    float *L = lse + ((size_t)b * NH + h) * T;
+    const size_t row0 = ((size_t)b * T + t0) * qs + h * HS;
+    if (t0 + QT <= len) {
+        fwd_tile_body(out + row0, qs, L + t0, q + row0, k + kv0, v + kv0, ks, t0, HS, scale);
+        return;
+    }
+    for (int64_t t = t0; t < t0 + QT && t < T; t++) {
+        float *o = out + row0 + (t - t0) * qs;
+        if (t >= len) {
+            for (int64_t c = 0; c < HS; c++) o[c] = 0.0f;
+            L[t] = 0.0f;
+        } else {
+            L[t] = fwd_row_body(o, q + row0 + (t - t0) * qs, k + kv0, v + kv0, ks, t + 1, HS, scale);
+        }
+    }
+}
+
+/* One copy of the row and group kernels per SIMD path: the bodies are inlined into functions
+ * compiled for that target, so wider vectors are used without hand-written intrinsics. */
+#define CST_ATTN_PATH(suffix, attr)                                                              \
+    static attr void fwd_item_##suffix(float *out, float *lse, const float *q, const float *k,   \
+                                       const float *v, const int32_t *lengths, int64_t i,        \
+                                       int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS, \
+                                       float scale) {                                            \
+        fwd_item_body(out, lse, q, k, v, lengths, i, B, T, NH, NKV, HS, scale);                  \
+    }                                                                                            \
+    static attr void bwd_group_##suffix(float *dq, float *dk, float *dv, const float *dout,      \
+                                        const float *out, const float *lse, const float *q,      \
+                                        const float *k, const float *v, int64_t b, int64_t g,    \
+                                        int64_t len, int64_t T, int64_t NH, int64_t NKV,         \
+                                        int64_t HS, float scale) {                               \
+        bwd_group_body(dq, dk, dv, dout, out, lse, q, k, v, b, g, len, T, NH, NKV, HS, scale);   \
+    }
+
+CST_ATTN_PATH(scalar, )
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define CST_ATTN_X86 1
+CST_ATTN_PATH(avx2, __attribute__((target("avx2,fma"))))
+CST_ATTN_PATH(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))))
+#endif
+
+static void pick_path(fwd_tile_fn *f, bwd_group_fn *g) {
+    *f = fwd_item_scalar;
+    *g = bwd_group_scalar;
+#ifdef CST_ATTN_X86
+    switch (cst_simd_current()) {
+    case CST_SIMD_AVX512: *f = fwd_item_avx512; *g = bwd_group_avx512; break;
+    case CST_SIMD_AVX2: *f = fwd_item_avx2; *g = bwd_group_avx2; break;
+    default: break;
+    }
+#endif
+}
+
+void cst_attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
+                           const int32_t *lengths, int64_t B, int64_t T, int64_t NH, int64_t NKV,
+                           int64_t HS) {
+    fwd_tile_fn item;
+    bwd_group_fn unused;
+    pick_path(&item, &unused);
+    const float scale = 1.0f / sqrtf((float)HS);
+    const int64_t n = B * NH * ((T + QT - 1) / QT);
+    /* Tiles are independent; dynamic chunks even out the causal triangle's uneven tile costs. */
+#pragma omp parallel for schedule(dynamic, 4)
+    for (int64_t i = 0; i < n; i++) item(out, lse, q, k, v, lengths, i, B, T, NH, NKV, HS, scale);
+}
+
+void cst_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
+                            const float *lse, const float *q, const float *k, const float *v,
+                            const int32_t *lengths, int64_t B, int64_t T, int64_t NH, int64_t NKV,
+                            int64_t HS) {
+    fwd_tile_fn unused;
+    bwd_group_fn group;
+    pick_path(&unused, &group);
+    const float scale = 1.0f / sqrtf((float)HS);
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t i = 0; i < B * NKV; i++) {
+        const int64_t b = i / NKV, g = i % NKV;
+        const int64_t len = lengths ? lengths[b] : T;
+        group(dq, dk, dv, dout, out, lse, q, k, v, b, g, len, T, NH, NKV, HS, scale);
+    }
+}
+
+/* ---- Python boundary ---- */
+
+/* Shared checks: head grouping and lengths in [1, T]. */
+static int check_heads_lengths(const char *fn, const cst_dims *d, const int32_t *lengths) {
+    int64_t NH = cst_dim(d, 'H'), NKV = cst_dim(d, 'K');
+    if (NKV < 1 || NH % NKV) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: the number of q heads (%ld, axis 2 of 'q') must be a multiple of the "
+                     "number of kv heads (%ld, axis 2 of 'k')",
+                     fn, (long)NH, (long)NKV);
+        return -1;
+    }
+    if (cst_dim(d, 'S') < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: head size (axis 3 of 'q') must be >= 1", fn);
+        return -1;
+    }
+    if (lengths && cst_check_range_i32(fn, "lengths", lengths, cst_dim(d, 'B'), 1,
+                                       (int64_t)cst_dim(d, 'T') + 1) < 0)
+        return -1;
+    return 0;
+}
+
+static PyObject *py_attention_forward(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *fn = "attention_forward";
+    static char *kwlist[] = {"out", "lse", "q", "k", "v", "lengths", NULL};
+    PyObject *o_out, *o_lse, *o_q, *o_k, *o_v, *o_len = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|O:attention_forward", kwlist, &o_out, &o_lse,
+                                     &o_q, &o_k, &o_v, &o_len))
+        return NULL;
+    cst_dims d;
+    cst_dims_init(&d);
+    void *out, *lse, *q, *k, *v, *len;
+    if (cst_arg(fn, "q", o_q, NPY_FLOAT32, "BTHS", &d, 0, &q) < 0 ||
+        cst_arg(fn, "k", o_k, NPY_FLOAT32, "BTKS", &d, 0, &k) < 0 ||
+        cst_arg(fn, "v", o_v, NPY_FLOAT32, "BTKS", &d, 0, &v) < 0 ||
+        cst_arg(fn, "out", o_out, NPY_FLOAT32, "BTHS", &d, CST_WRITE, &out) < 0 ||
+        cst_arg(fn, "lse", o_lse, NPY_FLOAT32, "BHT", &d, CST_WRITE, &lse) < 0 ||
+        cst_arg(fn, "lengths", o_len, NPY_INT32, "B", &d, CST_OPTIONAL, &len) < 0 ||
+        check_heads_lengths(fn, &d, len) < 0)
+        return NULL;
+    int64_t B = cst_dim(&d, 'B'), T = cst_dim(&d, 'T'), NH = cst_dim(&d, 'H'),
+            NKV = cst_dim(&d, 'K'), HS = cst_dim(&d, 'S');
+    Py_BEGIN_ALLOW_THREADS
+    cst_attention_forward(out, lse, q, k, v, len, B, T, NH, NKV, HS);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_attention_backward(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *fn = "attention_backward";
+    static char *kwlist[] = {"dq", "dk", "dv", "dout", "out", "lse", "q", "k", "v", "lengths", NULL};
+    PyObject *o_dq, *o_dk, *o_dv, *o_dout, *o_out, *o_lse, *o_q, *o_k, *o_v, *o_len = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOO|O:attention_backward", kwlist, &o_dq,
+                                     &o_dk, &o_dv, &o_dout, &o_out, &o_lse, &o_q, &o_k, &o_v,
+                                     &o_len))
+        return NULL;
+    cst_dims d;
+    cst_dims_init(&d);
+    void *dq, *dk, *dv, *dout, *out, *lse, *q, *k, *v, *len;
+    if (cst_arg(fn, "q", o_q, NPY_FLOAT32, "BTHS", &d, 0, &q) < 0 ||
+        cst_arg(fn, "k", o_k, NPY_FLOAT32, "BTKS", &d, 0, &k) < 0 ||
+        cst_arg(fn, "v", o_v, NPY_FLOAT32, "BTKS", &d, 0, &v) < 0 ||
+        cst_arg(fn, "out", o_out, NPY_FLOAT32, "BTHS", &d, 0, &out) < 0 ||
+        cst_arg(fn, "lse", o_lse, NPY_FLOAT32, "BHT", &d, 0, &lse) < 0 ||
+        cst_arg(fn, "dout", o_dout, NPY_FLOAT32, "BTHS", &d, 0, &dout) < 0 ||
+        cst_arg(fn, "dq", o_dq, NPY_FLOAT32, "BTHS", &d, CST_WRITE, &dq) < 0 ||
+        cst_arg(fn, "dk", o_dk, NPY_FLOAT32, "BTKS", &d, CST_WRITE, &dk) < 0 ||
+        cst_arg(fn, "dv", o_dv, NPY_FLOAT32, "BTKS", &d, CST_WRITE, &dv) < 0 ||
+        cst_arg(fn, "lengths", o_len, NPY_INT32, "B", &d, CST_OPTIONAL, &len) < 0 ||
+        check_heads_lengths(fn, &d, len) < 0)
+        return NULL;
+    if (dq == dk || dq == dv || dk == dv) {
+        PyErr_Format(PyExc_ValueError, "%s: 'dq', 'dk' and 'dv' must be distinct arrays", fn);
+        return NULL;
+    }
+    int64_t B = cst_dim(&d, 'B'), T = cst_dim(&d, 'T'), NH = cst_dim(&d, 'H'),
+            NKV = cst_dim(&d, 'K'), HS = cst_dim(&d, 'S');
+    Py_BEGIN_ALLOW_THREADS
+    cst_attention_backward(dq, dk, dv, dout, out, lse, q, k, v, len, B, T, NH, NKV, HS);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyMethodDef cst_attention_methods[] = {
+    {"attention_forward", (PyCFunction)(void (*)(void))py_attention_forward,
+     METH_VARARGS | METH_KEYWORDS,
+     "attention_forward(out, lse, q, k, v, lengths=None): causal GQA attention. q (B,T,NH,HS), "
+     "k v (B,T,NKV,HS), lengths (B,) int32 in [1,T] or None; writes out (B,T,NH,HS) and the "
+     "row log-sum-exp lse (B,NH,T) that backward needs. Padded query rows give 0."},
+    {"attention_backward", (PyCFunction)(void (*)(void))py_attention_backward,
+     METH_VARARGS | METH_KEYWORDS,
+     "attention_backward(dq, dk, dv, dout, out, lse, q, k, v, lengths=None): adds the gradients "
+     "into dq (B,T,NH,HS), dk and dv (B,T,NKV,HS)."},
+    {NULL, NULL, 0, NULL},
+};
