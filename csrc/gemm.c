@@ -397,7 +397,7 @@ void cst_gemm(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, c
     /* Split output tiles along the dimension with more panels; tiny products stay on one thread. */
     const int split_rows = pm > pn;
     int nt = max_threads();
-    if ((double)M * N * K < 2e5) nt = 1;
+    if ((double)M * N * K < 1e6) nt = 1; /* fork/join (~5 us) would cost more than it saves */
     if (nt > (split_rows ? pm : pn)) nt = (int)(split_rows ? pm : pn);
     const size_t abuf_len = (size_t)g.mcp * g.mr * KC, bbuf_len = (size_t)g.ncp * g.nr * KC;
     int cached;
@@ -558,7 +558,7 @@ void cst_gemv_nt(float *out, const float *x, const float *w, int64_t N, int64_t 
     /* Chunks of 64 weight rows: whole tiles for every tile width, and enough chunks to balance. */
     const int64_t nchunk = (OC + 63) / 64;
     int nt = max_threads();
-    if ((double)N * C * OC < 2e5) nt = 1;
+    if ((double)N * C * OC < 1e6) nt = 1;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t ch = 0; ch < nchunk; ch++) {
         const int64_t o0 = ch * 64, o1 = min64(o0 + 64, OC);
