@@ -559,6 +559,7 @@ void cst_gemv_nt(float *out, const float *x, const float *w, int64_t N, int64_t 
     const int64_t nchunk = (OC + 63) / 64;
     int nt = max_threads();
     if ((double)N * C * OC < 1e6) nt = 1;
+    (void)nt; /* unused without OpenMP */
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t ch = 0; ch < nchunk; ch++) {
         const int64_t o0 = ch * 64, o1 = min64(o0 + 64, OC);
