@@ -6,11 +6,11 @@ from conftest import rel_err
 
 # Covers the tile edges of every path (AVX-512 8x48, AVX2 6x16, scalar 4x16), the k block (256), the
 # column block (512-576 + a tail), the tiny-N GEMV path (N <= 32), the first GEMM sizes (33+), the
-# in-place-B path (N <= 2 MR),
-# LoRA-like thin dimensions, and rows past the row block (~1024).
+# in-place-B path (N <= 2 MR), LoRA-like thin dimensions, and rows past the row block (~1024).
 SHAPES = [(1, 1, 1), (1, 7, 3), (2, 5, 40), (3, 577, 40), (5, 16, 9), (16, 33, 70), (17, 31, 33),
           (28, 64, 47), (29, 300, 65), (33, 64, 17), (64, 96, 130), (130, 40, 257), (15, 256, 32),
-          (100, 513, 31), (45, 20, 545), (40, 70, 50), (1, 600, 1100), (70, 8, 600), (64, 576, 8), (1045, 9, 35)]
+          (100, 513, 31), (45, 20, 545), (40, 70, 50), (1, 600, 1100), (70, 8, 600), (64, 576, 8),
+          (1045, 9, 35)]
 
 
 @pytest.mark.parametrize("N,C,OC", SHAPES)
