@@ -1,0 +1,19 @@
+/* gemm.h: the single-precision matrix products behind matmul.c: a GotoBLAS/BLIS-style packed GEMM on
+ * strided operands and a GEMV-like path for a few rows against a large (OC, C) weight. Not a BLAS:
+ * row-major C only, no alpha, and results are bitwise independent of the OpenMP thread count. */
+#ifndef CST_GEMM_H
+#define CST_GEMM_H
+#include <stdint.h>
+
+/* c (M, N), row stride ldc: c = a @ b, or c += a @ b when accumulate != 0.
+ * a (M, K) element (i, k) at a[i*rsa + k*csa]; b (K, N) element (k, j) at b[k*rsb + j*csb].
+ * Each element is summed over k in ascending order in fixed blocks of k, by one thread. */
+void cst_gemm(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, const float *b,
+              int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t K, int accumulate);
+
+/* out (N, OC) = x (N, C) @ w (OC, C)^T (or += when accumulate): row-by-row dot products that stream
+ * w once, for small N (token-by-token generation). Parallel over OC. */
+void cst_gemv_nt(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
+                 int accumulate);
+
+#endif
