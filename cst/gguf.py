@@ -262,6 +262,9 @@ def _config(reader, path, tensors):
         )
     except ValueError as e:
         raise FormatError(f"{path}: inconsistent hyper-parameters: {e}") from None
+    if cfg.n_layers * 9 > len(tensors):  # bounds the layout built from it before any shape check
+        raise FormatError(f"{path}: block_count {cfg.n_layers} needs {cfg.n_layers * 9} tensors, "
+                          f"the file has {len(tensors)}")
     for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
         v = _field(reader, path, a + key, "int")
         if v is not None and v != cfg.head_dim:
@@ -301,17 +304,19 @@ def load_gguf_tokenizer(path):
 def load_gguf(path, with_tokenizer=True):
     """cst.Model from a Llama GGUF file, dequantised to float32, Q/K rows in Hugging Face order; the
     tokenizer (or None when the file has none) is attached as model.tokenizer."""
-    from .model import Model
     path = os.fspath(path)
     reader = _reader(path)
     tensors = {t.name: t for t in reader.tensors}
     cfg = _config(reader, path, tensors)
-    model = new_model(cfg)
-    expected = {gguf_name(n) for n, _ in model.layout}
+    from .model import param_layout
+    layout = param_layout(cfg)
+    expected = {gguf_name(n) for n, _ in layout}
     extra = sorted(set(tensors) - expected)
     if extra:
         raise FormatError(f"{path}: unexpected tensors for a llama model: {extra[:5]}")
-    for name, shape in model.layout:
+    # Every shape is checked against the metadata before the float32 buffer is allocated, so damaged
+    # metadata cannot ask for a huge allocation.
+    for name, shape in layout:
         gname = gguf_name(name)
         t = tensors.get(gname)
         if t is None:
@@ -319,6 +324,10 @@ def load_gguf(path, with_tokenizer=True):
         got = tuple(int(d) for d in reversed(t.shape.tolist()))
         if got != tuple(shape):
             raise FormatError(f"{path}: tensor {gname!r} has shape {got}, expected {tuple(shape)} (from the metadata)")
+    model = new_model(cfg)
+    for name, shape in model.layout:
+        gname = gguf_name(name)
+        t = tensors[gname]
         raw = np.asarray(t.data).reshape(-1).view(np.uint8)
         dst = model.params[name]
         n_head = (cfg.n_heads if name.endswith("q_proj.weight") else

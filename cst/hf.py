@@ -182,21 +182,30 @@ def load_hf(path, with_tokenizer=True):
             if name in where:
                 raise FormatError(f"{f}: tensor {name!r} also appears in {where[name][0]}")
             where[name] = (f, entry)
-    model = new_model(cfg)
-    wanted = {n for n, _ in model.layout}
+    if cfg.n_layers * 9 > len(where):  # bounds the layout built from it
+        raise FormatError(f"{cfg_path}: num_hidden_layers {cfg.n_layers} needs {cfg.n_layers * 9} tensors, "
+                          f"the checkpoint has {len(where)}")
+    from .model import param_layout
+    layout = param_layout(cfg)
+    wanted = {n for n, _ in layout}
     extra = sorted(n for n in where if n not in wanted and not n.endswith(_IGNORED_SUFFIXES)
                    and not (n == "lm_head.weight" and cfg.tie_embeddings))
     if extra:
         raise FormatError(f"{path}: unexpected tensors for this config: {extra[:5]}")
+    # Shapes are checked before the float32 buffer is allocated: a damaged config.json cannot ask for
+    # a huge allocation.
+    for name, shape in layout:
+        if name not in where:
+            raise FormatError(f"{path}: tensor {name!r} missing from the safetensors file(s)")
+        f, entry = where[name]
+        if entry[1] != tuple(shape):
+            raise FormatError(f"{f}: tensor {name!r} has shape {entry[1]}, expected {tuple(shape)} "
+                              f"from {cfg_path}")
+    model = new_model(cfg)
     handles = {}
     try:
         for name, shape in model.layout:
-            if name not in where:
-                raise FormatError(f"{path}: tensor {name!r} missing from the safetensors file(s)")
             f, entry = where[name]
-            if entry[1] != tuple(shape):
-                raise FormatError(f"{f}: tensor {name!r} has shape {entry[1]}, expected {tuple(shape)} "
-                                  f"from {cfg_path}")
             if f not in handles:
                 handles[f] = open(f, "rb")
             _read_into(f, handles[f], entry, model.params[name], name)
