@@ -222,3 +222,26 @@ def test_smollm2_logits_equal_transformers(smollm2):
     got = np.asarray(ours.forward(np.array([ids], dtype=np.int32)))[0]
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-3)
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.95
+
+
+def test_save_gguf_carries_tokenizer_and_template(tmp_path, smollm2):
+    """A re-exported file keeps tokenizer metadata and chat template: gguf-py, cst and transformers
+    read them back the same."""
+    ours, _, _ = smollm2
+    tok = ours.tokenizer
+    cfg = cst.ModelConfig(**{**TINY.to_dict(), "vocab_size": tok.vocab_size, "tie_embeddings": True})
+    m = cst.Model(cfg, seed=1)
+    out = tmp_path / "tok.gguf"
+    cst.io.save(m, str(out), format="gguf", tokenizer=tok)
+    r = gguf.GGUFReader(str(out))
+    assert r.fields["tokenizer.chat_template"].contents() == tok.chat_template
+    assert r.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    back = cst.io.load(str(out)).tokenizer
+    text = "<|im_start|>user\nHi 123,   456 😀<|im_end|>"
+    assert back.encode(text) == tok.encode(text)
+    assert (back.bos_token_id, back.eos_token_id, back.pad_token_id) == (1, 2, 2)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tok.gguf")
+    msgs = [{"role": "user", "content": "Hello there"}]
+    assert hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        back.render_chat(msgs, add_generation_prompt=True)
+    assert hf_tok("Hello world", add_special_tokens=False)["input_ids"] == back.encode("Hello world")
