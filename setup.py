@@ -45,7 +45,7 @@ core = Extension(
     sources=sorted(glob.glob("csrc/*.c")),
     include_dirs=[np.get_include(), "csrc"],
     depends=sorted(glob.glob("csrc/*.h")),
-    extra_compile_args=["-std=c11", "-O3", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function",
+    extra_compile_args=["-std=c11", "-O3", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function", "-Wno-psabi", "-fno-math-errno",
                         "-fvisibility=hidden"],
     extra_link_args=[],
 )

@@ -74,7 +74,7 @@ class Model:
     call (copy them to keep them). `frozen_base = True` makes backward compute activation gradients
     only (for adapters), leaving `grads` untouched."""
 
-    def __init__(self, config: ModelConfig, seed: int = 0):
+    def __init__(self, config: ModelConfig, seed: int = 0, init: bool = True):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"Model: config must be a cst.ModelConfig, got {type(config).__name__}")
         self.config = config
@@ -85,6 +85,9 @@ class Model:
         self.flat_grads = None
         self.grads = None
         self.frozen_base = False
+        self.adapter = None  # a cst.lora.LoRA once attached; every projection consults it
+        self.tokenizer = None
+        self.last_truncated = None  # per conversation of the last chat(): hit max_new_tokens
         # Rows of the lean LM head computed at once: bounds the (rows, V) scratch to about 16 MB.
         self.logits_chunk_rows = max(1, (1 << 22) // config.vocab_size)
         self._arena = {}
@@ -93,6 +96,9 @@ class Model:
         self._rope = None
         self._fused = self._fused_views(self.flat_params)
         self._gfused = None
+        if not init:  # weights about to be loaded: skip drawing 135M normals
+            self.flat_params[...] = 0.0
+            return
         # Hugging Face's Llama initialisation: N(0, 0.02) for matrices, ones for norms.
         rng = np.random.default_rng(seed)
         for name, arr in self.params.items():
@@ -143,11 +149,15 @@ class Model:
     def _linear_forward(self, layer: int, which: str, x, out, accumulate: bool = False):
         """out (N, rows) (+)= x (N, C) @ W^T for the fused projection `which` of `layer` (see LINEARS)."""
         _core.matmul_forward(out, x, self._fused[layer][which], accumulate)
+        if self.adapter is not None:
+            self.adapter.forward(layer, which, x, out)
 
     def _linear_backward(self, layer: int, which: str, dx, dout, x):
         """dx (N, C) += dout @ W, and W's gradient += dout^T @ x unless the base is frozen."""
         dw = None if self.frozen_base else self._gfused[layer][which]
         _core.matmul_backward(dx, dw, dout, x, self._fused[layer][which])
+        if self.adapter is not None:
+            self.adapter.backward(layer, which, dx, dout, x)
 
     # ---- buffers ----
 
@@ -466,3 +476,60 @@ class Model:
             tokens = self._buf("tokens", (B, T), np.int32)
             _core.embedding_backward(self.grads["model.embed_tokens.weight"], dres.reshape(B, T, C),
                                      tokens, self._lengths)
+
+    # ---- inference, chat and export ----
+
+    def merged(self):
+        """The model as inference and export see it: itself without an enabled adapter, else a
+        snapshot whose weights have the adapters added in (a copy; the model is not changed)."""
+        if self.adapter is None or not self.adapter.enabled:
+            return self
+        return _Snapshot(self, self.adapter.merged_params())
+
+    def generate(self, prompts, **kwargs):
+        """New token ids for each prompt (lists of ids), with the KV cache; see cst.generate.generate
+        for the sampling options (max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+        eos_token_id, stop_strings, seed, stream)."""
+        from .generate import generate
+        if "eos_token_id" not in kwargs and self.tokenizer is not None:
+            kwargs["eos_token_id"] = self.tokenizer.eos_token_id
+        if kwargs.get("stop_strings") and "tokenizer" not in kwargs and self.tokenizer is not None:
+            kwargs["tokenizer"] = self.tokenizer
+        return generate(self.merged(), prompts, **kwargs)
+
+    def chat(self, conversations, max_new_tokens=256, **kwargs):
+        """Replies to chat conversations (lists of {"role", "content"} messages) rendered with the
+        model's own chat template; one conversation gives a str, a list of them a list of str.
+        `last_truncated` then says, per conversation, whether max_new_tokens cut the reply."""
+        if self.tokenizer is None:
+            raise ValueError("chat: this model has no tokenizer (load one with cst.load)")
+        single = isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict)
+        convs = [conversations] if single else list(conversations)
+        if not convs:
+            raise ValueError("chat: no conversation given")
+        for i, c in enumerate(convs):
+            if not isinstance(c, (list, tuple)) or not c or not all(isinstance(m, dict) for m in c):
+                raise ValueError(f"chat: conversation {i} must be a non-empty list of message dicts")
+        tok = self.tokenizer
+        prompts = [tok.encode_chat(list(c), add_generation_prompt=True) for c in convs]
+        outs = self.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)
+        eos = tok.eos_token_id
+        self.last_truncated = [len(o) >= max_new_tokens and (not o or o[-1] != eos) for o in outs]
+        texts = [tok.decode([t for t in o if t != eos], skip_special_tokens=True).strip() for o in outs]
+        return texts[0] if single else texts
+
+    def save(self, path, format="hf", dtype=None):
+        """Writes the model (adapters merged) and its tokenizer: format "hf" (a directory that
+        transformers loads) or "gguf" (F32 or F16); atomic."""
+        from .io import save
+        return save(self.merged(), path, format=format, dtype=dtype, tokenizer=self.tokenizer)
+
+
+class _Snapshot:
+    """Read-only stand-in for a Model with other weights (adapters merged): what generation and
+    export read (config, layout, params, flat_params, tokenizer)."""
+
+    def __init__(self, model, flat):
+        self.config, self.layout, self.tokenizer = model.config, model.layout, model.tokenizer
+        self.flat_params = flat
+        self.params = _views(flat, model.layout)
