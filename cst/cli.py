@@ -127,7 +127,18 @@ def _set_threads(n):
         set_num_threads(n)
 
 
-def _read_json(path, what):
+def _count(n):
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def _size(n_bytes):
+    return f"{n_bytes / 2**20:.1f} MiB" if n_bytes >= 2**20 else f"{n_bytes / 1024:.1f} KiB"
+
+
+def _read_json(path, what, malformed=None):
+    """Parsed JSON of `path`; a missing or unreadable file is a CliError, malformed JSON a `malformed`
+    (default CliError; UsageError for settings files)."""
+    malformed = malformed or CliError
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -140,7 +151,7 @@ def _read_json(path, what):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise CliError(f"{what} {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise malformed(f"{what} {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
 def _atomic_write(path, text):
@@ -241,16 +252,26 @@ def _configurations(spec):
     return out
 
 
+def _check_model_source(source):
+    """Fails with one clear line, before anything is printed or loaded, when `source` names no model."""
+    from .io import SMOLLM2_NAME, smollm2_path
+    if source.lower() == SMOLLM2_NAME and not os.path.exists(source):
+        smollm2_path()  # raises FileNotFoundError with the install hint
+    elif not os.path.exists(source):
+        raise CliError(f"model {source!r}: no such file or directory (expected {SMOLLM2_NAME!r}, a .gguf file "
+                       "or a Hugging Face model directory)")
+
+
 def _load_model(source, need_tokenizer=True):
     from .io import load
-    _say(f"loading {source} ...")
+    _check_model_source(source)
     t0 = time.perf_counter()
     model = load(source)
     if need_tokenizer and model.tokenizer is None:
         raise CliError(f"model {source}: has no tokenizer (a GGUF without tokenizer metadata, or a directory "
                        "without tokenizer.json); this command needs one")
     c = model.config
-    _say(f"loaded {source}: {model.num_parameters / 1e6:.1f}M parameters, {c.n_layers} layers, dim {c.dim} "
+    _say(f"loaded {source}: {_count(model.num_parameters)} parameters, {c.n_layers} layers, dim {c.dim} "
          f"({time.perf_counter() - t0:.1f} s)")
     return model
 
@@ -356,10 +377,11 @@ def _model_from_args(args, need_tokenizer=True):
             raise UsageError("--model is required")
         if not info or not info.get("model"):
             raise UsageError(f"--model is required (no {RUN_FILE} of a `cst train` run next to {ckpt})")
-        source = info["model"]
+        source = args.model = info["model"]
         _say(f"model of the run: {source}")
     if ckpt:
         find_checkpoint(ckpt)  # fail on a bad path before loading the model
+    _check_model_source(source)
     model = _load_model(source, need_tokenizer)
     if ckpt:
         res = load_checkpoint_into(model, ckpt, merge=True)
@@ -371,8 +393,9 @@ def _model_from_args(args, need_tokenizer=True):
 # ---- demo ----
 
 def cmd_demo(args):
+    import importlib
     try:
-        from . import demo
+        demo = importlib.import_module(".demo", __package__)
     except ModuleNotFoundError as e:
         if e.name in ("cst.demo", None):
             raise CliError("cst demo is not available: this build of cst has no cst.demo module") from None
@@ -404,9 +427,12 @@ def cmd_data_synth(args):
     _set_threads(args.threads)
     model = _model_from_args(args)
     _say(f"synthesizing pairs for {len(prompts)} prompt(s) into {args.output}")
-    res = synthesize(model, prompts, output=args.output, max_new_tokens=args.max_new_tokens,
-                     batch_size=args.batch_size, seed=args.seed, temperature=args.temperature,
-                     n_per_prompt=args.n_per_prompt, resume=not args.fresh, progress=sys.stderr.isatty())
+    try:
+        res = synthesize(model, prompts, output=args.output, max_new_tokens=args.max_new_tokens,
+                         batch_size=args.batch_size, seed=args.seed, temperature=args.temperature,
+                         n_per_prompt=args.n_per_prompt, resume=not args.fresh, progress=sys.stderr.isatty())
+    except ValueError as e:
+        raise CliError(str(e).replace("resume=False", "--fresh")) from None
     s = res.stats
     print(f"generated {s['generated']} sample(s) ({s['resumed']} from an earlier run), kept {s['kept']}, "
           f"dropped {s['dropped_total']}")
@@ -552,7 +578,7 @@ def build_config(args):
     from .training_config import DPOConfig
     d = {}
     if args.config:
-        d = _read_json(args.config, "config file")
+        d = _read_json(args.config, "config file", malformed=UsageError)
         if not isinstance(d, dict):
             raise UsageError(f"config file {args.config}: expected a JSON object of DPOConfig fields, "
                              f"got {type(d).__name__}")
@@ -590,19 +616,31 @@ def cmd_train(args):
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return 0
+    _check_model_source(args.model)
     records = D.load_records(args.data)
     if not records:
         raise CliError(f"--data {args.data}: no records")
     eval_records = D.load_records(args.eval_data) if args.eval_data else None
-    model = _load_model(args.model)
     resume = None
     if args.resume is not None:
-        resume = True if args.resume == "latest" else args.resume
-        if resume is not True:
-            resume = find_checkpoint(resume)
+        where = config.output_dir if args.resume == "latest" else args.resume
+        try:
+            resume = find_checkpoint(where)
+        except (OSError, ValueError):
+            raise CliError(f"--resume: no checkpoint in {where}" if args.resume == "latest"
+                           else f"--resume: {where} is not a checkpoint of `cst train`") from None
+    model = _load_model(args.model)
+    trainer = Trainer(model, config, train_dataset=records, eval_dataset=eval_records)
+    if resume is not None:
+        # Loaded here rather than by train(resume_from_checkpoint=...) (the same call), so that a checkpoint
+        # that does not fit these settings fails before run.json/config.json are rewritten.
+        try:
+            trainer.load_checkpoint(resume)
+        except ValueError as e:
+            raise CliError(f"--resume: {e} (resume with the settings of the run that wrote it)") from None
+        _say(f"resuming from {resume} (step {trainer.step})")
     _say(f"training on {len(records)} record(s)" + (f", evaluating on {len(eval_records)}" if eval_records else "")
          + f"; output in {config.output_dir}")
-    trainer = Trainer(model, config, train_dataset=records, eval_dataset=eval_records)
     os.makedirs(config.output_dir, exist_ok=True)
     config.to_json(os.path.join(config.output_dir, "config.json"))
     model_src = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
@@ -611,7 +649,7 @@ def cmd_train(args):
     _atomic_write(os.path.join(config.output_dir, RUN_FILE), json.dumps(run, indent=2) + "\n")
     t0 = time.perf_counter()
     try:
-        history = trainer.train(resume_from_checkpoint=resume)
+        history = trainer.train()
     except TrainingError as e:
         raise CliError(f"training stopped: {e}") from None
     dt = time.perf_counter() - t0
@@ -854,8 +892,7 @@ def cmd_export(args):
         size = sum(os.path.getsize(os.path.join(args.output, n)) for n in os.listdir(args.output))
     elif os.path.isfile(args.output):
         size = os.path.getsize(args.output)
-    print(f"wrote {args.output} ({args.format}, {dtype or 'float32'}, {model.num_parameters / 1e6:.1f}M parameters, "
-          f"{size / 2**20:.1f} MiB)")
+    print(f"wrote {args.output} ({args.format}, {dtype or 'float32'}, {_count(model.num_parameters)} parameters, {_size(size)})")
     return 0
 
 
