@@ -338,7 +338,8 @@ def load_checkpoint_into(model, path, merge=True):
             lora = LoRA(model, r=c["lora_r"], alpha=c["lora_alpha"], dropout=c["lora_dropout"],
                         target_modules=c["lora_target_modules"], seed=c["seed"])
         except KeyError as e:
-            raise ValueError(f"{state_path}: the config lacks {e.args[0]!r}, needed to rebuild the LoRA adapters") from None
+            raise ValueError(f"{state_path}: the config lacks {e.args[0]!r}, needed to rebuild the LoRA "
+                             "adapters") from None
         if w.size != lora.num_parameters:
             raise ValueError(f"checkpoint {ckpt}: holds {w.size} adapter weights, LoRA r={lora.r} on this model "
                              f"needs {lora.num_parameters}; it was trained from a different model")
@@ -582,7 +583,9 @@ def build_config(args):
         if not isinstance(d, dict):
             raise UsageError(f"config file {args.config}: expected a JSON object of DPOConfig fields, "
                              f"got {type(d).__name__}")
-    d.update(_parse_set(args.set))
+    from_file = set(d)
+    sets = _parse_set(args.set)
+    d.update(sets)
     for dest, field in _OVERRIDES.items():
         v = getattr(args, dest, None)
         if v is not None:
@@ -593,10 +596,14 @@ def build_config(args):
         return DPOConfig.from_dict(d)
     except (ValueError, TypeError) as e:
         msg = str(e)
-        unknown = [k for k in d if k not in DPOConfig.__dataclass_fields__]
-        if unknown:
-            where = f"config file {args.config}" if args.config else "--set"
-            raise UsageError(f"{where}: unknown DPOConfig key(s) {sorted(unknown)} (see `cst train --help`)") from None
+        known = DPOConfig.__dataclass_fields__
+        for where, keys in ((f"config file {args.config}", from_file - set(sets)), ("--set", set(sets))):
+            unknown = sorted(k for k in keys if k not in known)
+            if unknown:
+                import difflib
+                close = difflib.get_close_matches(unknown[0], list(known), n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+                raise UsageError(f"{where}: unknown DPOConfig key(s) {unknown}; {hint}") from None
         given = {_OVERRIDES[dest] for dest in _OVERRIDES if getattr(args, dest, None) is not None}
         for field in given:
             if f" {field} " in msg:
@@ -892,7 +899,8 @@ def cmd_export(args):
         size = sum(os.path.getsize(os.path.join(args.output, n)) for n in os.listdir(args.output))
     elif os.path.isfile(args.output):
         size = os.path.getsize(args.output)
-    print(f"wrote {args.output} ({args.format}, {dtype or 'float32'}, {_count(model.num_parameters)} parameters, {_size(size)})")
+    print(f"wrote {args.output} ({args.format}, {dtype or 'float32'}, {_count(model.num_parameters)} parameters, "
+          f"{_size(size)})")
     return 0
 
 
@@ -1098,7 +1106,8 @@ def build_parser():
     g.add_argument("--learning-rate", "--lr", type=_float, metavar="LR", help="peak learning rate (paper: 5e-5)")
     g.add_argument("--epochs", type=_float, metavar="E", help="num_train_epochs (ignored when --max-steps is set)")
     g.add_argument("--max-steps", type=_pos_int, metavar="N", help="optimizer steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=_pos_int, metavar="N", help="per_device_train_batch_size (pairs per micro-batch)")
+    g.add_argument("--batch-size", type=_pos_int, metavar="N",
+                   help="per_device_train_batch_size (pairs per micro-batch)")
     g.add_argument("--grad-accum", type=_pos_int, metavar="N", help="gradient_accumulation_steps")
     g.add_argument("--warmup-ratio", type=_float, metavar="F", help="share of steps with linear warmup")
     g.add_argument("--lora-r", type=_nonneg_int, metavar="R", help="LoRA rank; 0 = full fine-tuning (paper: 24)")
@@ -1129,7 +1138,8 @@ def build_parser():
                        epilog="examples:\n"
                               "  cst eval --model smollm2-135m-instruct --limit 8\n"
                               "  cst eval --checkpoint runs/cst --output-dir runs/cst/eval\n"
-                              "  cst eval -m tuned_model --prompts my.jsonl --benign none --judge classifier:judge.npz\n\n"
+                              "  cst eval -m tuned_model --prompts my.jsonl --benign none "
+                              "--judge classifier:judge.npz\n\n"
                               "judges: refusal (refusal phrases = safe), refusal-strict (a refusal followed by "
                               "compliance counts as harmful), classifier:FILE.npz (a saved cst ClassifierJudge), "
                               "llm:MODEL (a cst-loadable model rates each response; refusal phrases when it gives no "
@@ -1254,7 +1264,8 @@ def main(argv=None):
             return e.code if isinstance(e.code, int) else 0
         if extra:
             where = " ".join(x for x in (getattr(args, "command", None), getattr(args, "data_command", None)) if x)
-            raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see 'cst {where + ' ' if where else ''}--help')")
+            see = f"cst {where} --help" if where else "cst --help"
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)} (see '{see}')")
         debug = debug or getattr(args, "debug", False)
         if not getattr(args, "command", None):
             raise UsageError("no command given (see 'cst --help')")

@@ -322,7 +322,8 @@ def test_print_config(capsys, tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"beta": 0.3, "lora_r": 8, "save_steps": 10}))
     rc, out, _ = run_cli(capsys, ["train", "--print-config", "--config", str(cfg), "--lora-r", "0", "--save-steps",
-                                  "0", "--epochs", "2", "--set", "warmup_ratio=0.1", "--set", "lr_scheduler_type=cosine"])
+                                  "0", "--epochs", "2", "--set", "warmup_ratio=0.1",
+                                  "--set", "lr_scheduler_type=cosine"])
     assert rc == 0
     d = json.loads(out)
     assert (d["beta"], d["lora_r"], d["save_steps"], d["num_train_epochs"], d["warmup_ratio"],
