@@ -6,6 +6,7 @@ Not a check of the notebooks' prose or of their committed form beyond "no output
 """
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 CELL_TIMEOUT_S = 600
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # Data files a notebook cannot run without, as paths relative to notebooks/ (the kernel's working
 # directory); an environment variable that overrides the path takes precedence.
@@ -74,13 +76,18 @@ def test_notebook_runs(path, tmp_path):
                                      resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
     # setup_kernel passes env and cwd on to the kernel manager's start_kernel, and shuts the kernel
     # down on exit, error or not.
+    failure = None
     with client.setup_kernel(env=_kernel_env(tmp_path), cwd=str(NOTEBOOK_DIR)):
         for index, cell in enumerate(nb.cells):
             try:
                 client.execute_cell(cell, index)
             except nbclient.exceptions.CellExecutionError as e:
-                pytest.fail(f"{path.name}, cell {index} failed.\n--- cell source ---\n{cell.source}\n"
-                            f"--- error ---\n{e}", pytrace=False)
+                # str(e) holds the cell source and the kernel's traceback, coloured for a terminal.
+                failure = (f"{path.name}, cell {index} failed with {e.ename}: {e.evalue}\n"
+                           f"{ANSI.sub('', str(e))}")
             except nbclient.exceptions.CellTimeoutError:
-                pytest.fail(f"{path.name}, cell {index} ran past {CELL_TIMEOUT_S} s.\n--- cell source ---\n"
-                            f"{cell.source}", pytrace=False)
+                failure = f"{path.name}, cell {index} ran past {CELL_TIMEOUT_S} s.\n--- cell source ---\n{cell.source}"
+            if failure:
+                break
+    if failure:  # outside the except blocks, so pytest does not print the nbclient exception chain too
+        pytest.fail(failure, pytrace=False)
