@@ -28,7 +28,8 @@ class _Group:
     matrices are adjacent in the flat buffer, so one (n*R, in) matmul computes every h = x A^T at
     once; the B matrices are copied into a block-diagonal (rows, n*R) scratch so that one
     accumulating matmul adds every x A^T B^T into the fused output (the zero blocks cost a few
-    percent of the base projection's flops and save a temporary per module and a strided add)."""
+    percent of the base projection's flops and save a temporary per module and a strided add).
+    A group of one module that fills the projection (o, down) uses B directly, no scratch."""
     __slots__ = ("sites", "A", "dA", "rows", "Bbd", "dBbd", "H", "dropout_calls")
 
 
@@ -108,8 +109,11 @@ class LoRA:
             nR, C = len(g.sites) * r, g.sites[0].A.shape[1]
             g.A = self.flat_params[first:first + nR * C].reshape(nR, C)
             g.dA = self.flat_grads[first:first + nR * C].reshape(nR, C)
-            g.Bbd = np.zeros((g.rows, nR), np.float32)
-            g.dBbd = np.zeros((g.rows, nR), np.float32)
+            if len(g.sites) == 1 and g.sites[0].r0 == 0 and g.sites[0].r1 == g.rows:
+                g.Bbd, g.dBbd = None, None  # o and down: B itself is the whole block
+            else:
+                g.Bbd = np.zeros((g.rows, nR), np.float32)
+                g.dBbd = np.zeros((g.rows, nR), np.float32)
         self._groups = groups
         self._sites = sites
         # PEFT's initialisation: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0,
@@ -178,6 +182,9 @@ class LoRA:
                 _core.matmul_forward(h, self._dropped(s, self.calls, x)[0], s.A)
                 H[:, s.j * R:(s.j + 1) * R] = h
         H *= np.float32(self.scale)
+        if g.Bbd is None:
+            _core.matmul_forward(out, H, g.sites[0].B, True)
+            return
         for s in g.sites:
             g.Bbd[s.r0:s.r1, s.j * R:(s.j + 1) * R] = s.B
         _core.matmul_forward(out, H, g.Bbd, True)
@@ -193,10 +200,13 @@ class LoRA:
         H = g.H[:N]  # already carries the scale
         nR = len(g.sites) * R
         dH = np.zeros((N, nR), np.float32)
-        g.dBbd.fill(0.0)
-        _core.matmul_backward(dH, g.dBbd, dout, H, g.Bbd)
-        for s in g.sites:
-            s.dB += g.dBbd[s.r0:s.r1, s.j * R:(s.j + 1) * R]
+        if g.Bbd is None:
+            _core.matmul_backward(dH, g.sites[0].dB, dout, H, g.sites[0].B)
+        else:
+            g.dBbd.fill(0.0)
+            _core.matmul_backward(dH, g.dBbd, dout, H, g.Bbd)
+            for s in g.sites:
+                s.dB += g.dBbd[s.r0:s.r1, s.j * R:(s.j + 1) * R]
         dH *= np.float32(self.scale)
         if g.dropout_calls is None:
             _core.matmul_backward(dx, g.dA, dH, x, g.A)
