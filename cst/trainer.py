@@ -330,6 +330,12 @@ class Trainer:
             raise
         return ref
 
+    def _ensure_references(self):
+        if self._ref is None:
+            self._ref = self._reference(self.train_examples, "train")
+        if self._eval_ref is None and self.eval_examples:
+            self._eval_ref = self._reference(self.eval_examples, "eval")
+
     # ---- one micro-batch ----
 
     def _micro_step(self, batch, weight):
@@ -467,6 +473,10 @@ class Trainer:
             opt["m"] = [z["m"]] if "m" in z.files else None
             opt["v"] = [z["v"]] if "v" in z.files else None
         self.optimizer.load_state_dict(opt)
+        if self.lora is None:
+            # Full fine-tuning: the references are the weights before any update, which this model
+            # holds only until the checkpoint's weights replace them (cached, so usually free).
+            self._ensure_references()
         self._params[...] = w
         self.step, self.epoch, self.cursor = st["step"], st["epoch"], st["cursor"]
         if self.lora is not None:
@@ -511,10 +521,7 @@ class Trainer:
         os.makedirs(cfg.output_dir, exist_ok=True)
         # The references come first: for full fine-tuning they are the weights before any update,
         # which a resumed run only has before its checkpoint is loaded (else they come from the cache).
-        if self._ref is None:
-            self._ref = self._reference(self.train_examples, "train")
-        if self._eval_ref is None and self.eval_examples:
-            self._eval_ref = self._reference(self.eval_examples, "eval")
+        self._ensure_references()
         if resume_from_checkpoint:
             path = self._latest_checkpoint() if resume_from_checkpoint is True else resume_from_checkpoint
             if path is None:

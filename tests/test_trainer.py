@@ -162,8 +162,9 @@ def _assert_same(a, b):
     assert a[3] == b[3]
 
 
+@pytest.mark.parametrize("flow", ["train_arg", "load_then_train"])
 @pytest.mark.parametrize("lora", [True, False], ids=["lora_dropout", "full"])
-def test_resume_equals_uninterrupted_bitwise(tmp_path, lora):
+def test_resume_equals_uninterrupted_bitwise(tmp_path, lora, flow):
     data = varied_pairs(20, 5)  # 20 examples, batch 4, accumulation 2: 3 steps per epoch, 6 steps
     full = _make(tmp_path, "a", lora, data)
     full.train()
@@ -172,7 +173,12 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path, lora):
     part.train()
     assert os.path.isdir(os.path.join(part.config.output_dir, "checkpoint-4"))
     resumed = _make(tmp_path, "b", lora, data, save_steps=4)
-    resumed.train(resume_from_checkpoint=os.path.join(part.config.output_dir, "checkpoint-4"))
+    ck = os.path.join(part.config.output_dir, "checkpoint-4")
+    if flow == "train_arg":
+        resumed.train(resume_from_checkpoint=ck)
+    else:  # what `cst train --resume` does: load first (to fail early), then train()
+        resumed.load_checkpoint(ck)
+        resumed.train()
     assert resumed.step == 6
     _assert_same(_state(resumed), ref)
     # Same losses in the history after the resume point.
