@@ -72,10 +72,11 @@ class _DeferInterrupt:
     step k. Only the main thread can own signal handlers; elsewhere this does nothing."""
 
     def __enter__(self):
-        self.hit, self.old = False, None
+        self.hit, self.old, self.installed = False, None, False
         if threading.current_thread() is threading.main_thread():
             try:
                 self.old = signal.signal(signal.SIGINT, self._handler)
+                self.installed = True
             except (ValueError, TypeError, OSError):
                 self.old = None
         return self
@@ -86,6 +87,8 @@ class _DeferInterrupt:
     def __exit__(self, exc_type, exc, tb):
         if self.old is not None:
             signal.signal(signal.SIGINT, self.old)
+        elif self.installed:  # the previous handler was not set from Python: Python's default
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         if self.hit and exc_type is None:
             raise KeyboardInterrupt
         return False

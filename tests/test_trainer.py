@@ -399,3 +399,26 @@ def test_no_clipping_with_max_grad_norm_zero(tmp_path):
     tr = _make(tmp_path, "a", True, varied_pairs(8, 1), max_grad_norm=0.0, max_steps=2)
     tr.train()
     assert tr.step == 2 and all(np.isfinite(r["grad_norm"]) for r in tr.history)
+
+
+def test_real_sigint_while_a_step_commits_keeps_that_step(tmp_path):
+    """A real SIGINT arriving inside the optimizer update is held until the step is committed, so
+    the checkpoint has step 3's weights with step 3's counters, and resuming matches."""
+    import signal
+    data = varied_pairs(20, 5)
+    full = _make(tmp_path, "a", True, data)
+    full.train()
+    tr = _make(tmp_path, "b", True, data)
+    orig = tr.optimizer.step
+
+    def step_with_sigint(*a, **kw):
+        if tr.step == 2:  # the update that makes step 3
+            os.kill(os.getpid(), signal.SIGINT)
+        return orig(*a, **kw)
+
+    tr.optimizer.step = step_with_sigint
+    tr.train()
+    assert tr.interrupted and tr.step == 3 and tr.optimizer.step_count == 3
+    again = _make(tmp_path, "b", True, data)
+    again.train(resume_from_checkpoint=True)
+    _assert_same(_state(again), _state(full))
