@@ -1,6 +1,9 @@
 """LoRA adapters for cst.Model: y = x W^T + (alpha/r) * dropout(x) A^T B^T on any of the seven
-projections, base weights frozen. Adapter weights live in one flat buffer (names as PEFT saves them).
-The math reuses the linear-layer kernels; this module holds no kernels of its own."""
+projections, base weights frozen; PEFT's math, names and adapter files (save_adapter/load_adapter).
+Adapter weights live in one flat buffer. The math reuses the linear-layer kernels; no kernels here."""
+import json
+import os
+
 import numpy as np
 
 from . import _core
@@ -15,63 +18,104 @@ _PREFIX = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", 
 
 
 class _Site:
-    """One adapted module: its A (R, in) and B (out, R) views, its gradient views, and the rows it
-    occupies in the fused projection's output."""
-    __slots__ = ("layer", "module", "which", "r0", "r1", "A", "B", "dA", "dB", "index")
+    """One adapted module: its A (R, in) and B (out, R) views and gradient views, its column block
+    j*R:(j+1)*R in its group, and the rows r0:r1 it occupies in the fused projection's output."""
+    __slots__ = ("layer", "module", "j", "r0", "r1", "A", "B", "dA", "dB", "index")
+
+
+class _Group:
+    """The adapted modules of one fused projection of one layer (q/k/v, o, gate/up or down). Their A
+    matrices are adjacent in the flat buffer, so one (n*R, in) matmul computes every h = x A^T at
+    once; the B matrices are copied into a block-diagonal (rows, n*R) scratch so that one
+    accumulating matmul adds every x A^T B^T into the fused output (the zero blocks cost a few
+    percent of the base projection's flops and save a temporary per module and a strided add).
+    A group of one module that fills the projection (o, down) uses B directly, no scratch."""
+    __slots__ = ("sites", "A", "dA", "rows", "Bbd", "dBbd", "H", "dropout_calls")
 
 
 class LoRA:
-    """Adapters on `target_modules` of every layer of `model`. `attach()` makes the model route its
-    projections through them and freezes the base; `enabled = False` gives the base model back
-    without a second copy of the weights (the reference model of DPO)."""
+    """Adapters on `target_modules` of every layer of `model`, as PEFT's LoraConfig(r, lora_alpha,
+    target_modules, lora_dropout) builds them: scale alpha / r, A initialised kaiming-uniform, B
+    zero, dropout on the adapter's input only. `attach()` makes the model route its projections
+    through them and freezes the base; `enabled = False` gives the base model back without a second
+    copy of the weights (the reference model of DPO); `training = False` turns dropout off.
+
+    Parameter names are PEFT's `get_peft_model_state_dict` keys
+    (base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight, ...)."""
 
     def __init__(self, model, r=16, alpha=32.0, dropout=0.0, target_modules=TARGETS, seed=0):
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
             raise ValueError(f"LoRA: r must be a positive int, got {r!r}")
-        if not alpha > 0:
-            raise ValueError(f"LoRA: alpha must be > 0, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)) \
+                or not np.isfinite(alpha) or not alpha > 0:
+            raise ValueError(f"LoRA: alpha must be a finite number > 0, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float, np.floating, np.integer)) \
+                or not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA: dropout must lie in [0, 1), got {dropout!r}")
+        if isinstance(target_modules, str):
+            target_modules = (target_modules,)
         target_modules = tuple(target_modules)
         unknown = [m for m in target_modules if m not in TARGETS]
         if unknown or not target_modules:
             raise ValueError(f"LoRA: target_modules must be a non-empty subset of {TARGETS}, got unknown {unknown}")
+        r = int(r)
         self.model, self.r, self.alpha, self.dropout = model, r, float(alpha), float(dropout)
         self.scale = self.alpha / r
         self.target_modules = tuple(m for m in TARGETS if m in target_modules)
         self.enabled = True
         self.training = True
         self.seed = int(seed)
-        self.calls = 0  # forward calls so far: with the seed, fixes every dropout mask
+        self.calls = 0  # training forward passes so far: with the seed, fixes every dropout mask
         cfg = model.config
-        layout, sites = [], {}
+        layout, groups, sites = [], {}, []
         for i in range(cfg.n_layers):
             for which, parts in LINEARS.items():
-                row = 0
+                row, members = 0, []
                 for part in parts:
                     module = part.split(".")[1]
                     out_dim, in_dim = model.params[f"model.layers.{i}.{part}.weight"].shape
                     if module in self.target_modules:
                         s = _Site()
-                        s.layer, s.module, s.which, s.r0, s.r1 = i, module, which, row, row + out_dim
+                        s.layer, s.module, s.j, s.r0, s.r1 = i, module, len(members), row, row + out_dim
                         s.index = len(sites)
-                        base = f"base_model.model.model.layers.{i}.{_PREFIX[module]}.{module}"
-                        layout.append((base + ".lora_A.weight", (r, in_dim)))
-                        layout.append((base + ".lora_B.weight", (out_dim, r)))
-                        sites.setdefault((i, which), []).append(s)
+                        members.append((s, in_dim, out_dim))
+                        sites.append(s)
                     row += out_dim
+                if not members:
+                    continue
+                # All A's of the group first (adjacent: one stacked view), then the B's.
+                layout += [(self._names(s)[0], (r, in_dim)) for s, in_dim, _ in members]
+                layout += [(self._names(s)[1], (out_dim, r)) for s, _, out_dim in members]
+                g = _Group()
+                g.sites, g.rows = [s for s, _, _ in members], row
+                g.H, g.dropout_calls = None, None
+                groups[(i, which)] = g
         self.layout = layout
         n = sum(a * b for _, (a, b) in layout)
         self.flat_params = np.zeros(n, np.float32)
         self.flat_grads = np.zeros(n, np.float32)
         self.params = _views(self.flat_params, layout)
         self.grads = _views(self.flat_grads, layout)
-        self._sites = sites
-        for site_list in sites.values():
-            for s in site_list:
+        offsets, off = {}, 0
+        for name, (a, b) in layout:
+            offsets[name] = off
+            off += a * b
+        for g in groups.values():
+            for s in g.sites:
                 a_name, b_name = self._names(s)
                 s.A, s.B = self.params[a_name], self.params[b_name]
                 s.dA, s.dB = self.grads[a_name], self.grads[b_name]
+            first = offsets[self._names(g.sites[0])[0]]
+            nR, C = len(g.sites) * r, g.sites[0].A.shape[1]
+            g.A = self.flat_params[first:first + nR * C].reshape(nR, C)
+            g.dA = self.flat_grads[first:first + nR * C].reshape(nR, C)
+            if len(g.sites) == 1 and g.sites[0].r0 == 0 and g.sites[0].r1 == g.rows:
+                g.Bbd, g.dBbd = None, None  # o and down: B itself is the whole block
+            else:
+                g.Bbd = np.zeros((g.rows, nR), np.float32)
+                g.dBbd = np.zeros((g.rows, nR), np.float32)
+        self._groups = groups
+        self._sites = sites
         # PEFT's initialisation: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0,
         # so the adapted model starts equal to the base.
         rng = np.random.default_rng(self.seed)
@@ -79,7 +123,6 @@ class LoRA:
             if name.endswith("lora_A.weight"):
                 bound = 1.0 / np.sqrt(arr.shape[1])
                 arr[...] = rng.uniform(-bound, bound, size=arr.shape).astype(np.float32)
-        self._saved = {}
 
     @staticmethod
     def _names(s):
@@ -107,59 +150,85 @@ class LoRA:
         """Advances the dropout stream: call once per forward pass that will be back-propagated."""
         self.calls += 1
 
-    def _dropped(self, s, x):
-        """dropout(x) for site s; the mask is a function of (seed, calls, site), so backward
-        regenerates it instead of storing it."""
-        if not (self.training and self.dropout > 0.0):
-            return x
-        rng = np.random.default_rng([self.seed, self.calls, s.index])
-        keep = rng.random(x.shape, dtype=np.float32) >= self.dropout
-        return np.where(keep, x * np.float32(1.0 / (1.0 - self.dropout)), np.float32(0.0)).astype(np.float32)
+    # ---- the projection hook ----
+
+    def _keep(self, s, calls, shape):
+        """Dropout keep-mask of site s for forward pass `calls`: a function of (seed, calls, site),
+        so backward regenerates it instead of storing N x in bytes per module."""
+        rng = np.random.default_rng([self.seed, calls, s.index])
+        return rng.random(shape, dtype=np.float32) >= np.float32(self.dropout)
+
+    def _dropped(self, s, calls, x):
+        keep = self._keep(s, calls, x.shape)
+        return np.multiply(x, keep, dtype=np.float32) * np.float32(1.0 / (1.0 - self.dropout)), keep
 
     def forward(self, layer, which, x, out):
         """out (N, rows) += scale * dropout(x) A^T B^T for each adapted module of this projection."""
-        sites = self._sites.get((layer, which))
-        if not sites or not self.enabled:
+        g = self._groups.get((layer, which))
+        if g is None or not self.enabled:
             return
-        N = x.shape[0]
-        for s in sites:
-            xd = self._dropped(s, x)
-            h = np.empty((N, self.r), np.float32)
-            _core.matmul_forward(h, xd, s.A)
-            h *= np.float32(self.scale)
-            self._saved[(layer, s.module)] = h
-            if s.r0 == 0 and s.r1 == out.shape[1]:
-                _core.matmul_forward(out, h, s.B, True)
-            else:
-                delta = np.empty((N, s.r1 - s.r0), np.float32)
-                _core.matmul_forward(delta, h, s.B)
-                out[:, s.r0:s.r1] += delta
+        N, R = x.shape[0], self.r
+        nR = len(g.sites) * R
+        if g.H is None or g.H.shape[0] < N:
+            g.H = np.empty((N, nR), np.float32)
+        H = g.H[:N]
+        use_dropout = self.training and self.dropout > 0.0
+        g.dropout_calls = self.calls if use_dropout else None
+        if not use_dropout:
+            _core.matmul_forward(H, x, g.A)  # every module's x A^T in one product
+        else:
+            h = np.empty((N, R), np.float32)
+            for s in g.sites:
+                _core.matmul_forward(h, self._dropped(s, self.calls, x)[0], s.A)
+                H[:, s.j * R:(s.j + 1) * R] = h
+        H *= np.float32(self.scale)
+        if g.Bbd is None:
+            _core.matmul_forward(out, H, g.sites[0].B, True)
+            return
+        for s in g.sites:
+            g.Bbd[s.r0:s.r1, s.j * R:(s.j + 1) * R] = s.B
+        _core.matmul_forward(out, H, g.Bbd, True)
 
     def backward(self, layer, which, dx, dout, x):
         """Adds adapter gradients (dA, dB) and the adapter path's input gradient into dx."""
-        sites = self._sites.get((layer, which))
-        if not sites or not self.enabled:
+        g = self._groups.get((layer, which))
+        if g is None or not self.enabled:
             return
-        N = x.shape[0]
-        for s in sites:
-            h = self._saved[(layer, s.module)]
-            d = dout if (s.r0 == 0 and s.r1 == dout.shape[1]) else np.ascontiguousarray(dout[:, s.r0:s.r1])
-            dh = np.zeros((N, self.r), np.float32)
-            _core.matmul_backward(dh, s.dB, d, h, s.B)  # h already carries the scale
-            dh *= np.float32(self.scale)
-            xd = self._dropped(s, x)
-            if xd is x:
-                _core.matmul_backward(dx, s.dA, dh, x, s.A)
-            else:
-                dxd = np.zeros_like(x)
-                _core.matmul_backward(dxd, s.dA, dh, xd, s.A)
-                # d dropout(x)/dx is the same mask scaled by 1/(1-p): reuse xd's zero pattern.
-                dx += np.where(xd != 0, dxd * np.float32(1.0 / (1.0 - self.dropout)), np.float32(0.0))
+        N, R = x.shape[0], self.r
+        if g.H is None or g.H.shape[0] < N:
+            raise ValueError("LoRA.backward: no saved activations for this shape (forward first)")
+        H = g.H[:N]  # already carries the scale
+        nR = len(g.sites) * R
+        dH = np.zeros((N, nR), np.float32)
+        if g.Bbd is None:
+            _core.matmul_backward(dH, g.sites[0].dB, dout, H, g.sites[0].B)
+        else:
+            g.dBbd.fill(0.0)
+            _core.matmul_backward(dH, g.dBbd, dout, H, g.Bbd)
+            for s in g.sites:
+                s.dB += g.dBbd[s.r0:s.r1, s.j * R:(s.j + 1) * R]
+        dH *= np.float32(self.scale)
+        if g.dropout_calls is None:
+            _core.matmul_backward(dx, g.dA, dH, x, g.A)
+            return
+        inv = np.float32(1.0 / (1.0 - self.dropout))
+        dxd = np.empty_like(x)
+        for s in g.sites:
+            xd, keep = self._dropped(s, g.dropout_calls, x)
+            dh = np.ascontiguousarray(dH[:, s.j * R:(s.j + 1) * R])
+            dxd.fill(0.0)
+            _core.matmul_backward(dxd, s.dA, dh, xd, s.A)
+            # d dropout(x) / dx is the same mask times 1/(1-p).
+            dxd *= keep
+            dxd *= inv
+            dx += dxd
+
+    # ---- merging, state, files ----
 
     def delta(self, layer, module):
         """scale * B @ A for one adapted module, (out, in) float32."""
-        for s in self._sites.get((layer, _FUSED[module]), []):
-            if s.module == module:
+        for s in self._sites:
+            if s.layer == layer and s.module == module:
                 return (np.float32(self.scale) * (s.B.astype(np.float64) @ s.A.astype(np.float64))).astype(np.float32)
         raise KeyError(f"no adapter on layer {layer} {module}")
 
@@ -167,10 +236,9 @@ class LoRA:
         """A copy of the model's flat parameters with every adapter added into its base weight."""
         flat = self.model.flat_params.copy()
         views = _views(flat, self.model.layout)
-        for site_list in self._sites.values():
-            for s in site_list:
-                name = f"model.layers.{s.layer}.{_PREFIX[s.module]}.{s.module}.weight"
-                views[name] += self.delta(s.layer, s.module)
+        for s in self._sites:
+            name = f"model.layers.{s.layer}.{_PREFIX[s.module]}.{s.module}.weight"
+            views[name] += self.delta(s.layer, s.module)
         return flat
 
     def state_dict(self):
@@ -180,9 +248,84 @@ class LoRA:
         missing = [n for n in self.params if n not in sd]
         if missing:
             raise ValueError(f"LoRA.load_state_dict: missing {len(missing)} tensors, e.g. {missing[0]}")
+        extra = [n for n in sd if n not in self.params]
+        if extra:
+            raise ValueError(f"LoRA.load_state_dict: {len(extra)} unexpected tensors, e.g. {extra[0]}")
         for name, arr in self.params.items():
             src = np.asarray(sd[name])
             if src.shape != arr.shape:
                 raise ValueError(f"LoRA.load_state_dict: '{name}' has shape {src.shape}, expected {arr.shape}")
-            arr[...] = src
+            if not np.all(np.isfinite(src)):
+                raise ValueError(f"LoRA.load_state_dict: '{name}' holds non-finite values")
+        for name, arr in self.params.items():
+            arr[...] = sd[name]
 
+    def peft_config(self):
+        """The adapter_config.json that PEFT's LoraConfig reads for these adapters."""
+        return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
+                "lora_dropout": self.dropout, "target_modules": list(self.target_modules), "bias": "none",
+                "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+                "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+                "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+                "base_model_name_or_path": None, "revision": None}
+
+    def save_adapter(self, path):
+        """Writes adapter_model.safetensors and adapter_config.json into directory `path` (atomically),
+        loadable by peft.PeftModel.from_pretrained(hf_model, path) and by load_adapter."""
+        from safetensors.numpy import save_file
+        from .io import _atomic_dir
+        with _atomic_dir(path) as tmp:
+            save_file({n: np.ascontiguousarray(a) for n, a in self.params.items()},
+                      os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+            with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
+                json.dump(self.peft_config(), f, indent=2)
+        return os.fspath(path)
+
+    def load_adapter(self, path):
+        """Reads adapter weights written by save_adapter or by PEFT's save_pretrained (any float dtype
+        NumPy knows; bfloat16 files need PEFT's safetensors-with-torch and are refused). r, alpha and target modules must match these adapters."""
+        from .errors import FormatError
+        path = os.fspath(path)
+        cfg_path = os.path.join(path, "adapter_config.json")
+        with open(cfg_path, encoding="utf-8") as f:
+            try:
+                c = json.load(f)
+            except ValueError as e:
+                raise FormatError(f"{cfg_path}: not valid JSON ({e})") from None
+        if not isinstance(c, dict) or c.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"load_adapter: {cfg_path} is not a LoRA adapter config")
+        tm = c.get("target_modules")
+        tm = [tm] if isinstance(tm, str) else list(tm or [])
+        if c.get("r") != self.r or not np.isclose(float(c.get("lora_alpha", -1)), self.alpha) \
+                or sorted(tm) != sorted(self.target_modules):
+            raise ValueError(f"load_adapter: {path} has r={c.get('r')}, lora_alpha={c.get('lora_alpha')}, "
+                             f"target_modules={tm}; these adapters have r={self.r}, alpha={self.alpha}, "
+                             f"target_modules={list(self.target_modules)}")
+        if c.get("use_dora") or c.get("use_rslora") or c.get("rank_pattern") or c.get("alpha_pattern"):
+            raise ValueError(f"load_adapter: {cfg_path} uses DoRA/rsLoRA/per-module ranks (not supported)")
+        st = os.path.join(path, "adapter_model.safetensors")
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+        try:
+            tensors = load_file(st)
+        except (SafetensorError, ValueError, TypeError) as e:
+            raise FormatError(f"{st}: not a readable safetensors file ({e})") from None
+        # Older PEFT files keep the adapter name in keys (".lora_A.default.weight").
+        tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
+        missing = [n for n in self.params if n not in tensors]
+        extra = [n for n in tensors if n not in self.params]
+        if missing or extra:
+            raise ValueError(f"load_adapter: {st} lacks {len(missing)} tensors (e.g. {missing[:1]}) and has "
+                             f"{len(extra)} unexpected ones (e.g. {extra[:1]})")
+        new = np.empty_like(self.flat_params)
+        views = _views(new, self.layout)
+        for name, arr in self.params.items():
+            src = tensors[name]
+            if src.shape != arr.shape or src.dtype.kind != "f":
+                raise ValueError(f"load_adapter: {st}: '{name}' is {src.dtype} {src.shape}, expected float "
+                                 f"{arr.shape}")
+            views[name][...] = src
+        if not np.all(np.isfinite(new)):
+            raise ValueError(f"load_adapter: {st} holds non-finite values")
+        self.flat_params[...] = new
+        return self

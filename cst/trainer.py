@@ -6,13 +6,16 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import losses
+from . import _core, losses
 from .lora import LoRA
 from .optim import AdamW, clip_grad_norm
 from .runtime import set_num_threads
@@ -63,6 +66,39 @@ def _fingerprint(*arrays):
     return h.hexdigest()
 
 
+class _DeferInterrupt:
+    """Holds Ctrl-C back while a step is being committed (optimizer update, counters, log,
+    checkpoint), then raises it: a checkpoint never sees weights of step k+1 with the counters of
+    step k. Only the main thread can own signal handlers; elsewhere this does nothing."""
+
+    def __enter__(self):
+        self.hit, self.old, self.installed = False, None, False
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self.old = signal.signal(signal.SIGINT, self._handler)
+                self.installed = True
+            except (ValueError, TypeError, OSError):
+                self.old = None
+        return self
+
+    def _handler(self, signum, frame):
+        self.hit = True
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        elif self.installed:  # the previous handler was not set from Python: Python's default
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.hit and exc_type is None:
+            raise KeyboardInterrupt
+        return False
+
+
+def _finite(a):
+    """True when every value of the flat float32 array is finite (one pass, no temporary)."""
+    return math.isfinite(_core.sum_squares(a))
+
+
 def _atomic_json(path, obj):
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
@@ -76,8 +112,19 @@ class Trainer:
 
     train_dataset / eval_dataset: tokenised examples (cst.data.TokenizedExample or dicts with
     prompt_ids, chosen_ids, rejected_ids), or preference records, which are tokenised with the
-    model's tokenizer (or `tokenizer=`). LoRA is used when config.lora_r is set (adapters are
-    created here and exposed as `trainer.lora`), full fine-tuning otherwise."""
+    model's tokenizer (or `tokenizer=`). LoRA is used when config.lora_r is set or `lora=` is given
+    (adapters are created here and exposed as `trainer.lora`), full fine-tuning otherwise.
+
+    Lengths: an example whose prompt alone has max_length tokens or more is skipped (counted in
+    `train_stats`, the first one described, and a warning says so); otherwise, when prompt plus the
+    longer completion exceed max_length, TRL's rule applies: the prompt keeps its last
+    max_prompt_length tokens, then the completions their first (max_length - prompt) tokens.
+
+    Gradient accumulation: the gradient of one step is that of the mean over every completion token
+    (SFT) or every pair (DPO) of its micro-batches, whatever their sizes, so 2 micro-batches of 2
+    give the step of 1 batch of 4 (like transformers >= 4.46 with num_items_in_batch, not the older
+    equal weighting of micro-batches). A step never spans two epochs: the last one of an epoch may
+    have fewer micro-batches (as the HF Trainer does)."""
 
     def __init__(self, model, config=None, train_dataset=None, eval_dataset=None, tokenizer=None, lora=None):
         self.config = config = config if config is not None else DPOConfig()
@@ -85,17 +132,24 @@ class Trainer:
             raise TypeError(f"Trainer: config must be a cst.DPOConfig, got {type(config).__name__}")
         if train_dataset is None or len(train_dataset) == 0:
             raise ValueError("Trainer: train_dataset is empty")
+        if config.max_length > model.config.max_seq_len:
+            raise ValueError(f"Trainer: config.max_length = {config.max_length} exceeds the model's "
+                             f"max_seq_len = {model.config.max_seq_len}")
+        if lora is not None and config.lora_r is not None and lora.r != config.lora_r:
+            raise ValueError(f"Trainer: lora= has r={lora.r} but config.lora_r={config.lora_r}")
+        if lora is not None and lora.model is not model:
+            raise ValueError("Trainer: lora= was built for another model")
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.train_examples, self.train_stats = self._examples(train_dataset, "train_dataset")
         self.eval_examples, self.eval_stats = (self._examples(eval_dataset, "eval_dataset")
                                                if eval_dataset is not None and len(eval_dataset) else ([], None))
         if not self.train_examples:
-            raise ValueError("Trainer: no usable training example after tokenisation "
-                             f"(stats: {self.train_stats})")
+            raise ValueError("Trainer: no usable training example (every prompt is at least max_length = "
+                             f"{config.max_length} tokens; first: {self.train_stats['first_skipped']})")
         if config.num_threads:
             set_num_threads(int(config.num_threads))
-        if config.lora_r is not None:
+        if config.lora_r is not None or lora is not None:
             self.lora = lora if lora is not None else LoRA(
                 model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                 target_modules=config.lora_target_modules, seed=config.seed)
@@ -115,6 +169,7 @@ class Trainer:
         self.epoch = 0
         self.cursor = 0  # micro-batches of the current epoch already consumed
         self.history = []
+        self.interrupted = False
         self._ref = None
         self._eval_ref = None
         self._epoch_batches = None
@@ -123,20 +178,70 @@ class Trainer:
     # ---- data ----
 
     def _examples(self, dataset, name):
+        """Checked, length-limited TokenizedExamples and their stats."""
+        from .data import PreferenceRecord, TokenizedExample, load_records, tokenize_dataset
         first = dataset[0]
         has_ids = (isinstance(first, dict) and "prompt_ids" in first) or hasattr(first, "prompt_ids")
+        texts = None
         if has_ids:
-            return list(dataset), None
-        from .data import PreferenceRecord, load_records, tokenize_dataset
-        if self.tokenizer is None:
-            raise ValueError(f"Trainer: {name} holds records, but the model has no tokenizer; pass tokenizer=")
-        records = dataset if isinstance(first, PreferenceRecord) else load_records(list(dataset))
-        examples, stats = tokenize_dataset(records, self.tokenizer, self.config.max_length,
-                                           self.config.max_prompt_length)
-        if stats["skipped"]:
-            print(f"Trainer: {name}: skipped {stats['skipped']} record(s) whose prompt alone exceeds "
-                  f"max_length={self.config.max_length}; first: {stats['first_skipped']}")
-        return examples, stats
+            raw = list(dataset)
+        else:
+            if self.tokenizer is None:
+                raise ValueError(f"Trainer: {name} holds records, but the model has no tokenizer; pass tokenizer=")
+            records = list(dataset) if isinstance(first, PreferenceRecord) else load_records(list(dataset))
+            # Tokenised without any limit; the limits are applied below, the same way for both kinds.
+            raw, _ = tokenize_dataset(records, self.tokenizer, max_length=1 << 40, max_prompt_length=None)
+            texts = records
+        cfg, V = self.config, self.model.config.vocab_size
+        out, skipped, first_skipped, p_trunc, c_trunc = [], 0, None, 0, 0
+        for i, ex in enumerate(raw):
+            try:
+                p, c, r = (_ex_ids(ex, k) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+            except (AttributeError, KeyError, TypeError) as e:
+                raise ValueError(f"Trainer: {name}[{i}] lacks prompt_ids/chosen_ids/rejected_ids ({e})") from None
+            for key, ids in (("prompt_ids", p), ("chosen_ids", c), ("rejected_ids", r)):
+                if not ids:
+                    raise ValueError(f"Trainer: {name}[{i}].{key} is empty (a completion needs a prompt "
+                                     "token before it and at least one token to score)")
+                try:
+                    a = np.asarray(ids)
+                    ok = a.ndim == 1 and np.issubdtype(a.dtype, np.integer)
+                except (TypeError, ValueError):
+                    ok = False
+                if not ok:
+                    raise ValueError(f"Trainer: {name}[{i}].{key} must be a list of ints")
+                lo, hi = int(a.min()), int(a.max())
+                if lo < 0 or hi >= V:
+                    raise ValueError(f"Trainer: {name}[{i}].{key} has token id {hi if hi >= V else lo} outside "
+                                     f"[0, {V}) (the model's vocab_size): was it tokenised for another model?")
+            if len(p) >= cfg.max_length:
+                skipped += 1
+                if first_skipped is None:
+                    first_skipped = {"index": i, "prompt_tokens": len(p)}
+                    if texts is not None:
+                        ix = getattr(ex, "index", i)
+                        first_skipped.update(prompt=texts[ix].prompt[:200], system=texts[ix].system[:200])
+                continue
+            if len(p) + max(len(c), len(r)) > cfg.max_length:
+                if len(p) > cfg.max_prompt_length:
+                    p, p_trunc = p[-cfg.max_prompt_length:], p_trunc + 1
+                room = cfg.max_length - len(p)
+                if max(len(c), len(r)) > room:
+                    c, r, c_trunc = c[:room], r[:room], c_trunc + 1
+            out.append(TokenizedExample([int(t) for t in p], [int(t) for t in c], [int(t) for t in r],
+                                        index=getattr(ex, "index", i) if not isinstance(ex, dict) else i,
+                                        task=getattr(ex, "task", "default") if not isinstance(ex, dict)
+                                        else ex.get("task", "default")))
+        stats = {"count": len(out), "skipped": skipped, "first_skipped": first_skipped,
+                 "prompt_truncated": p_trunc, "completion_truncated": c_trunc}
+        if skipped:
+            warnings.warn(f"Trainer: {name}: skipped {skipped} example(s) whose prompt alone has max_length="
+                          f"{cfg.max_length} tokens or more; first: {first_skipped}", stacklevel=3)
+        if p_trunc:
+            warnings.warn(f"Trainer: {name}: {p_trunc} prompt(s) cut to their last max_prompt_length="
+                          f"{cfg.max_prompt_length} tokens, which drops the system prompt that CST conditions "
+                          "on; raise max_length or max_prompt_length", stacklevel=3)
+        return out, stats
 
     def _batches(self, epoch):
         if self._epoch_batches is None or self._epoch_batches[0] != epoch:
@@ -162,7 +267,7 @@ class Trainer:
 
     def _length(self, i):
         ex = self.train_examples[i]
-        return len(_ex_ids(ex, "prompt_ids")) + max(len(_ex_ids(ex, "chosen_ids")), len(_ex_ids(ex, "rejected_ids")))
+        return len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids))
 
     def _collate(self, examples, idx, sft=False):
         seqs, plens = [], []
@@ -170,9 +275,8 @@ class Trainer:
         for side in sides:
             for i in idx:
                 ex = examples[i]
-                p = _ex_ids(ex, "prompt_ids")
-                seqs.append(p + _ex_ids(ex, side))
-                plens.append(len(p))
+                seqs.append(ex.prompt_ids + getattr(ex, side))
+                plens.append(len(ex.prompt_ids))
         tokens, targets, lengths, mask = _pack(seqs, plens)
         return _Batch(tokens, targets, lengths, mask, np.asarray(idx), int(lengths.sum()))
 
@@ -185,20 +289,23 @@ class Trainer:
 
     def _reference(self, examples, tag):
         """(n, 2) float64 reference log-probs of (chosen, rejected), computed once with the frozen
-        reference (adapters off, or the initial weights) and cached in output_dir."""
+        reference (adapters off, or the weights the model has before any update) and cached in
+        output_dir under a key of the token ids, the base weights and the settings that change them."""
         if self.config.mode == "sft" or not examples:
             return None
-        ids = np.concatenate([np.asarray(_ex_ids(e, k), np.int64) for e in examples
+        ids = np.concatenate([np.asarray(getattr(e, k), np.int64) for e in examples
                               for k in ("prompt_ids", "chosen_ids", "rejected_ids")] +
-                             [np.asarray([len(_ex_ids(e, k)) for e in examples for k in
+                             [np.asarray([len(getattr(e, k)) for e in examples for k in
                                           ("prompt_ids", "chosen_ids", "rejected_ids")], np.int64)])
-        base = self.model.flat_params
-        key = _fingerprint(ids, base) + f"-{self.config.loss_type}-{self.config.max_length}"
+        key = _fingerprint(ids, self.model.flat_params) + f"-{self.config.loss_type}"
         path = os.path.join(self.config.output_dir, f"ref_logps_{tag}.npz")
         if os.path.exists(path):
-            with np.load(path) as z:
-                if str(z["key"]) == key:
-                    return z["ref"]
+            try:
+                with np.load(path) as z:
+                    if str(z["key"]) == key and z["ref"].shape == (len(examples), 2):
+                        return z["ref"]
+            except (OSError, ValueError, KeyError):
+                pass  # unreadable cache: recompute and overwrite it
         was = None
         if self.lora is not None:
             was, self.lora.enabled = self.lora.enabled, False
@@ -212,42 +319,55 @@ class Trainer:
         finally:
             if was is not None:
                 self.lora.enabled = was
+        if not np.all(np.isfinite(ref)):
+            raise TrainingError(f"non-finite reference log-probs for {tag}: the model's weights are not finite")
         os.makedirs(self.config.output_dir, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.config.output_dir, prefix=".tmp-", suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, ref=ref, key=np.array(key))
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, ref=ref, key=np.array(key))
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         return ref
+
+    def _ensure_references(self):
+        if self._ref is None:
+            self._ref = self._reference(self.train_examples, "train")
+        if self._eval_ref is None and self.eval_examples:
+            self._eval_ref = self._reference(self.eval_examples, "eval")
 
     # ---- one micro-batch ----
 
-    def _micro_step(self, batch, scale):
-        """Forward, loss, backward for one micro-batch; gradients (times `scale`) are added."""
+    def _micro_step(self, batch, weight):
+        """Forward, loss, backward for one micro-batch; its gradient times `weight` (its share of
+        the step's tokens or pairs) is added into the trainable gradients."""
         cfg = self.config
         if self.lora is not None:
             self.lora.new_step()
-        tlp, lp = self._seq_logps(batch) if cfg.mode == "dpo" else (None, None)
         if cfg.mode == "sft":
             tlp = self.model.forward_logprobs(batch.tokens, batch.targets, batch.lengths)
             loss, dtlp = losses.sft_loss(tlp, batch.mask)
-            dtlp *= np.float32(scale)
             if not math.isfinite(loss):
                 raise TrainingError(f"non-finite SFT loss {loss} at step {self.step}")
+            dtlp *= np.float32(weight)
             self.model.backward_logprobs(dtlp)
             return {"loss": loss}
+        tlp, lp = self._seq_logps(batch)
+        if not np.all(np.isfinite(lp)):
+            raise TrainingError(f"non-finite policy log-probs at step {self.step}")
         P = len(batch.index)
         ref = self._ref[batch.index]
         out = losses.dpo_loss(lp[:P], lp[P:], ref[:, 0], ref[:, 1], beta=cfg.beta, loss_type=cfg.loss_type,
                               label_smoothing=cfg.label_smoothing)
         if not math.isfinite(out.loss):
             raise TrainingError(f"non-finite DPO loss {out.loss} at step {self.step}")
-        dseq = np.concatenate([out.grad_chosen, out.grad_rejected]) * scale
+        dseq = np.concatenate([out.grad_chosen, out.grad_rejected]) * weight
         dtlp = losses.sequence_logps_backward(dseq, batch.mask, average=losses.uses_average_logps(cfg.loss_type))
         self.model.backward_logprobs(dtlp)
-        return {"loss": out.loss, "rewards/chosen": float(out.chosen_rewards.mean()),
-                "rewards/rejected": float(out.rejected_rewards.mean()),
-                "rewards/accuracies": float(out.accuracies.mean()), "rewards/margins": float(out.margins.mean()),
-                "logps/chosen": float(lp[:P].mean()), "logps/rejected": float(lp[P:].mean())}
+        return _dpo_metrics(out, lp, P)
 
     # ---- evaluation ----
 
@@ -269,20 +389,20 @@ class Trainer:
                 if cfg.mode == "sft":
                     b = self._collate(self.eval_examples, idx, sft=True)
                     tlp = self.model.forward_logprobs(b.tokens, b.targets, b.lengths)
-                    m = {"loss": losses.sft_loss(tlp, b.mask)[0]}
-                else:
-                    _, lp = self._seq_logps(self._collate(self.eval_examples, idx))
-                    P, ref = len(idx), self._eval_ref[idx]
-                    o = losses.dpo_loss(lp[:P], lp[P:], ref[:, 0], ref[:, 1], beta=cfg.beta,
-                                        loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
-                    m = {"loss": o.loss, "rewards/chosen": float(o.chosen_rewards.mean()),
-                         "rewards/rejected": float(o.rejected_rewards.mean()),
-                         "rewards/accuracies": float(o.accuracies.mean()),
-                         "rewards/margins": float(o.margins.mean()),
-                         "logps/chosen": float(lp[:P].mean()), "logps/rejected": float(lp[P:].mean())}
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + v * len(idx)
-                n += len(idx)
+                    loss, _ = losses.sft_loss(tlp, b.mask)
+                    w = float(b.mask.sum())
+                    sums["loss"] = sums.get("loss", 0.0) + loss * w
+                    n += w
+                    continue
+                _, lp = self._seq_logps(self._collate(self.eval_examples, idx))
+                P, ref = len(idx), self._eval_ref[idx]
+                if not np.all(np.isfinite(lp)):
+                    raise TrainingError(f"non-finite eval log-probs at step {self.step}")
+                o = losses.dpo_loss(lp[:P], lp[P:], ref[:, 0], ref[:, 1], beta=cfg.beta,
+                                    loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
+                for k, v in _dpo_metrics(o, lp, P).items():
+                    sums[k] = sums.get(k, 0.0) + v * P
+                n += P
         finally:
             if self.lora is not None:
                 self.lora.training = training
@@ -297,8 +417,9 @@ class Trainer:
                 "history": self.history, "kind": "lora" if self.lora is not None else "full"}
 
     def save_checkpoint(self, path=None):
-        """Writes trainable weights, optimizer state, step, data position and RNG stream into a
-        directory, atomically (a temp directory renamed into place). Returns its path."""
+        """Writes trainable weights, optimizer state, step, data position and dropout stream into a
+        directory, atomically (a temp directory renamed into place). LoRA runs also get PEFT's
+        adapter_model.safetensors + adapter_config.json there. Returns its path."""
         path = path or os.path.join(self.config.output_dir, f"checkpoint-{self.step}")
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
@@ -311,6 +432,11 @@ class Trainer:
             state = self._state()
             state["optimizer"] = {k: opt[k] for k in ("step", "lr", "betas", "eps", "weight_decay")}
             _atomic_json(os.path.join(tmp, "trainer_state.json"), state)
+            if self.lora is not None:
+                self.lora.save_adapter(os.path.join(tmp, "adapter"))
+                for f in os.listdir(os.path.join(tmp, "adapter")):
+                    os.replace(os.path.join(tmp, "adapter", f), os.path.join(tmp, f))
+                os.rmdir(os.path.join(tmp, "adapter"))
             if os.path.exists(path):
                 old = path + ".old"
                 shutil.rmtree(old, ignore_errors=True)
@@ -334,6 +460,7 @@ class Trainer:
         return os.path.join(d, f"checkpoint-{max(steps)}") if steps else None
 
     def load_checkpoint(self, path):
+        """Restores what save_checkpoint wrote (weights, optimizer, counters, history)."""
         for f in ("weights.npy", "optimizer.npz", "trainer_state.json"):
             if not os.path.exists(os.path.join(path, f)):
                 raise ValueError(f"load_checkpoint: {path} is not a cst checkpoint (missing {f})")
@@ -342,108 +469,112 @@ class Trainer:
         if st["kind"] != ("lora" if self.lora is not None else "full"):
             raise ValueError(f"load_checkpoint: {path} holds a {st['kind']} run, this trainer is not")
         w = np.load(os.path.join(path, "weights.npy"))
-        if w.shape != self._params.shape:
+        if w.shape != self._params.shape or w.dtype != self._params.dtype:
             raise ValueError(f"load_checkpoint: weights in {path} have {w.size} values, expected {self._params.size}")
-        self._params[...] = w
         opt = dict(st["optimizer"], betas=tuple(st["optimizer"]["betas"]))
         with np.load(os.path.join(path, "optimizer.npz")) as z:
             opt["m"] = [z["m"]] if "m" in z.files else None
             opt["v"] = [z["v"]] if "v" in z.files else None
         self.optimizer.load_state_dict(opt)
+        if self.lora is None:
+            # Full fine-tuning: the references are the weights before any update, which this model
+            # holds only until the checkpoint's weights replace them (cached, so usually free).
+            self._ensure_references()
+        self._params[...] = w
         self.step, self.epoch, self.cursor = st["step"], st["epoch"], st["cursor"]
         if self.lora is not None:
             self.lora.calls = st["lora_calls"]
         self.history = st["history"]
+        self.last_checkpoint = path
 
     # ---- the loop ----
 
+    def _next_micro_batches(self):
+        """Up to gradient_accumulation_steps micro-batches of the current epoch (advancing it first
+        when it is used up); moves the data cursor past them."""
+        batches = self._batches(self.epoch)
+        if self.cursor >= len(batches):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            batches = self._batches(self.epoch)
+        take = batches[self.cursor:self.cursor + self.config.gradient_accumulation_steps]
+        self.cursor += len(take)
+        return take
+
+    def _fail(self, msg, start):
+        """Rolls the data position back to the step's start (None: the step was committed) and
+        raises TrainingError, keeping the last good checkpoint: the current weights are saved
+        only if they are finite."""
+        if start is not None:
+            self.epoch, self.cursor = start[0], start[1]
+            if self.lora is not None:
+                self.lora.calls = start[2]
+        if _finite(self._params):
+            self.save_checkpoint()
+        where = f"; the last good state is in {self.last_checkpoint}" if self.last_checkpoint else \
+            "; no checkpoint was written (set save_steps)"
+        raise TrainingError(msg + where)
+
     def train(self, resume_from_checkpoint=None):
         """Runs to total_steps and returns the history (a list of metric dicts). Ctrl-C saves a
-        checkpoint of the last completed step and returns; a non-finite loss or gradient raises
-        TrainingError after saving the last good state."""
+        checkpoint of the last completed step and returns (with `interrupted` True); a non-finite
+        loss or gradient raises TrainingError, keeping the last good checkpoint."""
         from tqdm.auto import tqdm
 
         cfg = self.config
         os.makedirs(cfg.output_dir, exist_ok=True)
+        # The references come first: for full fine-tuning they are the weights before any update,
+        # which a resumed run only has before its checkpoint is loaded (else they come from the cache).
+        self._ensure_references()
         if resume_from_checkpoint:
             path = self._latest_checkpoint() if resume_from_checkpoint is True else resume_from_checkpoint
             if path is None:
                 raise ValueError(f"train: no checkpoint to resume from in {cfg.output_dir}")
             self.load_checkpoint(path)
-        # Both references before any update: for full fine-tuning the reference is the initial weights.
-        if self._ref is None:
-            self._ref = self._reference(self.train_examples, "train")
-        if self._eval_ref is None and self.eval_examples:
-            self._eval_ref = self._reference(self.eval_examples, "eval")
         if self.lora is not None:
             self.lora.training = True
         metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-        accum = cfg.gradient_accumulation_steps
+        # metrics.jsonl mirrors the history: rows logged after the checkpoint we resume from go.
+        _atomic_text(metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.mode.upper()} train", unit="step",
                    dynamic_ncols=True)
         self.interrupted = False
-        window, t0, tokens = [], time.perf_counter(), 0
+        window = []
+        self._t0, self._tokens = time.perf_counter(), 0
         try:
             while self.step < self.total_steps:
-                start = (self.epoch, self.cursor)
-                calls0 = self.lora.calls if self.lora is not None else 0
+                start = (self.epoch, self.cursor, self.lora.calls if self.lora is not None else 0)
+                committed = False
                 if self.lora is not None:
                     self.lora.zero_grad()
                 else:
                     self.model.zero_grad()
-                parts = []
                 try:
-                    for _ in range(accum):
-                        batches = self._batches(self.epoch)
-                        if self.cursor >= len(batches):
-                            self.epoch, self.cursor = self.epoch + 1, 0
-                            batches = self._batches(self.epoch)
-                        idx = batches[self.cursor]
-                        self.cursor += 1
-                        b = self._collate(self.train_examples, idx, sft=cfg.mode == "sft")
-                        parts.append(self._micro_step(b, 1.0 / accum))
-                        tokens += b.n_tokens
+                    batches = [self._collate(self.train_examples, idx, sft=cfg.mode == "sft")
+                               for idx in self._next_micro_batches()]
+                    sizes = [float(b.mask.sum()) if cfg.mode == "sft" else float(len(b.index)) for b in batches]
+                    weights = [s / sum(sizes) for s in sizes]
+                    parts = [self._micro_step(b, w) for b, w in zip(batches, weights)]
+                    norm = math.sqrt(_core.sum_squares(self._grads))
+                    if not math.isfinite(norm):
+                        raise TrainingError(f"non-finite gradient norm at step {self.step}")
+                    scale = 1.0
+                    if cfg.max_grad_norm:
+                        norm, scale = clip_grad_norm(self._grads, cfg.max_grad_norm)
+                    lr = lr_at(self.step, self.total_steps, cfg.learning_rate, cfg.lr_scheduler_type,
+                               self.warmup_steps)
+                    with _DeferInterrupt():
+                        self.optimizer.step(self._params, self._grads, lr=lr, grad_scale=scale)
+                        self.step += 1
+                        committed = True
+                        self._after_step(batches, weights, parts, lr, norm, window, metrics_path, bar)
                 except KeyboardInterrupt:
-                    self.epoch, self.cursor = start  # the unfinished step is discarded
-                    if self.lora is not None:
-                        self.lora.calls = calls0
+                    if not committed:  # the unfinished step is discarded
+                        self.epoch, self.cursor = start[0], start[1]
+                        if self.lora is not None:
+                            self.lora.calls = start[2]
                     raise
-                except TrainingError:
-                    self.epoch, self.cursor = start
-                    self.save_checkpoint()
-                    raise
-                scale, norm = 1.0, float(np.sqrt(np.sum(np.square(self._grads, dtype=np.float64))))
-                if cfg.max_grad_norm is not None:
-                    norm, scale = clip_grad_norm(self._grads, cfg.max_grad_norm)
-                if not math.isfinite(norm):
-                    self.epoch, self.cursor = start
-                    self.save_checkpoint()
-                    raise TrainingError(f"non-finite gradient norm at step {self.step}; the last good state "
-                                        f"is saved in {self.last_checkpoint}")
-                lr = lr_at(self.step, self.total_steps, cfg.learning_rate, cfg.lr_scheduler_type,
-                           self.warmup_steps)
-                self.optimizer.step(self._params, self._grads, lr=lr, grad_scale=scale)
-                self.step += 1
-                m = {k: float(np.mean([p[k] for p in parts])) for k in parts[0]}
-                m.update(learning_rate=lr, grad_norm=norm)
-                window.append(m)
-                bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}")
-                last = self.step == self.total_steps
-                if self.step % cfg.logging_steps == 0 or last:
-                    dt = time.perf_counter() - t0
-                    row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                    row.update(step=self.step, epoch=self.epoch + self.cursor / max(1, len(self._batches(self.epoch))),
-                               tokens_per_s=tokens / dt if dt > 0 else 0.0)
-                    if cfg.eval_steps and (self.step % cfg.eval_steps == 0 or last):
-                        row.update(self.evaluate())
-                    self._log(row, metrics_path)
-                    window, t0, tokens = [], time.perf_counter(), 0
-                elif cfg.eval_steps and self.step % cfg.eval_steps == 0:
-                    self._log({"step": self.step, **self.evaluate()}, metrics_path)
-                if cfg.save_steps and self.step % cfg.save_steps == 0 and not last:
-                    self.save_checkpoint()
-            self.save_checkpoint()
+                except TrainingError as e:
+                    self._fail(str(e), None if committed else start)
         except KeyboardInterrupt:
             self.interrupted = True
             path = self.save_checkpoint()
@@ -452,7 +583,48 @@ class Trainer:
             bar.close()
         return self.history
 
+    def _after_step(self, batches, weights, parts, lr, norm, window, metrics_path, bar):
+        """Bookkeeping of a committed step: metrics, logging, evaluation, periodic checkpoint."""
+        cfg = self.config
+        self._tokens += sum(b.n_tokens for b in batches)
+        m = {k: float(sum(w * p[k] for w, p in zip(weights, parts))) for k in parts[0]}
+        m.update(learning_rate=lr, grad_norm=norm)
+        window.append(m)
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss']:.4f}")
+        last = self.step == self.total_steps
+        evaluate = bool(cfg.eval_steps) and (self.step % cfg.eval_steps == 0 or last)
+        if self.step % cfg.logging_steps == 0 or last:
+            dt = time.perf_counter() - self._t0
+            row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+            row.update(step=self.step, epoch=self.epoch + self.cursor / max(1, len(self._batches(self.epoch))),
+                       tokens_per_s=self._tokens / dt if dt > 0 else 0.0)
+            if evaluate:
+                row.update(self.evaluate())
+            self._log(row, metrics_path)
+            window.clear()
+            self._t0, self._tokens = time.perf_counter(), 0
+        elif evaluate:
+            self._log({"step": self.step, **self.evaluate()}, metrics_path)
+        if (cfg.save_steps and self.step % cfg.save_steps == 0) or last:
+            self.save_checkpoint()
+
     def _log(self, row, path):
         self.history.append(row)
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def _dpo_metrics(out, lp, P):
+    return {"loss": out.loss, "rewards/chosen": float(out.chosen_rewards.mean()),
+            "rewards/rejected": float(out.rejected_rewards.mean()),
+            "rewards/accuracies": float(out.accuracies.mean()), "rewards/margins": float(out.margins.mean()),
+            "logps/chosen": float(lp[:P].mean()), "logps/rejected": float(lp[P:].mean())}
+
+
+def _atomic_text(path, text):
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
