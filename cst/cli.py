@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from .atomic import write_text
 
 __all__ = ["main", "build_parser", "load_checkpoint_into", "find_checkpoint", "CliError", "UsageError"]
 
@@ -152,11 +153,6 @@ def _read_json(path, what, malformed=None):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise malformed(f"{what} {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-
-
-def _atomic_write(path, text):
-    from .io import _atomic_write_text
-    _atomic_write_text(path, text)
 
 
 def _read_prompts(spec, default, what="prompts"):
@@ -653,7 +649,7 @@ def cmd_train(args):
     model_src = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
     run = {"model": model_src, "data": os.path.abspath(args.data),
            "eval_data": os.path.abspath(args.eval_data) if args.eval_data else None}
-    _atomic_write(os.path.join(config.output_dir, RUN_FILE), json.dumps(run, indent=2) + "\n")
+    write_text(os.path.join(config.output_dir, RUN_FILE), json.dumps(run, indent=2) + "\n")
     t0 = time.perf_counter()
     try:
         history = trainer.train()
@@ -794,8 +790,8 @@ def cmd_eval(args):
     os.makedirs(args.output_dir, exist_ok=True)
     json_path = os.path.join(args.output_dir, "report.json")
     md_path = os.path.join(args.output_dir, "report.md")
-    _atomic_write(json_path, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-    _atomic_write(md_path, md)
+    write_text(json_path, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    write_text(md_path, md)
     print("\n".join(lines))
     print(f"wrote {json_path} and {md_path}")
     return 0

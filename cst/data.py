@@ -6,12 +6,12 @@ datasets. Tokenisation codes against a small tokenizer interface (render_chat/en
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from .atomic import write_text
 
 __all__ = [
     "DataError", "PreferenceRecord", "load_records", "save_records", "split_by_prompt", "dedupe", "shuffle",
@@ -193,20 +193,7 @@ def save_records(records: Sequence, path) -> None:
         text = json.dumps(dicts, ensure_ascii=False, indent=2) + "\n"
     else:
         text = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in dicts)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_text(path, text)
 
 
 def _check_seed(fn: str, seed) -> None:

@@ -7,8 +7,6 @@ Codes against `model.chat(conversations, ...) -> list[str]`, judges with `score_
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import numpy as np
 
 from . import data as D
 from .metrics import bootstrap_ci
+from .atomic import write_text
 
 __all__ = [
     "ConfigurabilityReport", "OverRefusalReport", "configurability", "over_refusal", "preference_accuracy",
@@ -57,22 +56,6 @@ def _judge(judge, prompts, responses, fn, name="judge") -> list:
 def _derive_seed(seed: int, index: int) -> int:
     h = hashlib.sha256(f"{seed}:eval:{index}".encode()).digest()
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _items(fn, prompts, forbid_kind):
@@ -568,6 +551,6 @@ def compare(models: dict, prompts, benign_prompts, configurations=None, judge=No
     # Round-trip through JSON so the returned dict equals the file exactly (tuples -> lists, keys -> str).
     text = json.dumps(result, ensure_ascii=False, indent=1, allow_nan=False)
     result = json.loads(text)
-    _atomic_write(out / "comparison.md", _markdown(table, refusal_names).encode("utf-8"))
-    _atomic_write(out / "comparison.json", (text + "\n").encode("utf-8"))
+    write_text(out / "comparison.md", _markdown(table, refusal_names))
+    write_text(out / "comparison.json", text + "\n")
     return result

@@ -359,12 +359,12 @@ def save_gguf(model, tokenizer, path, dtype="f32"):
     """Writes model (and tokenizer, when not None) as a llama GGUF. dtype "f32" or "f16" for 2-D
     weights; norms stay f32 as llama.cpp expects. Written to a temp file, then renamed into place."""
     import gguf
-    from .io import _atomic_path
+    from .atomic import atomic_path
     if dtype not in ("f32", "f16"):
         raise ValueError(f"save_gguf: dtype must be 'f32' or 'f16', got {dtype!r}")
     cfg = model.config
     path = os.fspath(path)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(tmp, "llama")
         w.add_name("cst model")
         w.add_context_length(cfg.max_seq_len)

@@ -223,12 +223,12 @@ def save_hf(model, tokenizer, path, dtype="float32"):
     """Writes config.json, generation_config.json, model.safetensors (float32 or float16) and, when a
     tokenizer is given, tokenizer.json + tokenizer_config.json, into directory path (atomically)."""
     from safetensors.numpy import save_file
-    from .io import _atomic_dir
+    from .atomic import atomic_dir
     if dtype not in ("float32", "float16"):
         raise ValueError(f"save_hf: dtype must be 'float32' or 'float16', got {dtype!r}")
     np_dtype = np.float32 if dtype == "float32" else np.float16
     cfg = model.config
-    with _atomic_dir(path) as tmp:
+    with atomic_dir(path) as tmp:
         tensors = {name: np.ascontiguousarray(model.params[name], dtype=np_dtype) for name, _ in model.layout}
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:

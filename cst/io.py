@@ -1,11 +1,8 @@
 """One entry point for model files: load(source) -> Model (with .tokenizer) from a GGUF file, a Hugging
 Face Llama directory, or the bundled SmolLM2 name; save(model, path, format). Every write goes to a
 temporary name next to the target and is renamed into place, so a crash never leaves half a file."""
-import contextlib
 import importlib.util
 import os
-import shutil
-import tempfile
 
 from .errors import FormatError
 
@@ -58,56 +55,3 @@ def save(model, path, format="hf", dtype=None, tokenizer=None):
         from .gguf import save_gguf
         return save_gguf(model, tok, path, dtype=dtype or "f32")
     raise ValueError(f"cst.io.save: format must be 'hf' or 'gguf', got {format!r}")
-
-
-# ---- atomic writes ----
-
-@contextlib.contextmanager
-def _atomic_path(path):
-    """Yields a temporary file name in path's directory; renames it onto path when the block succeeds
-    and deletes it when the block raises."""
-    path = os.path.abspath(os.fspath(path))
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def _atomic_write_text(path, text):
-    with _atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-
-@contextlib.contextmanager
-def _atomic_dir(path):
-    """Yields a temporary directory next to path. On success: when path does not exist, the directory
-    is renamed onto it (one atomic step); when it does, each file is moved in with os.replace (atomic
-    per file; other files already in path are left alone)."""
-    path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise FileExistsError(f"{path} exists and is not a directory")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
-    try:
-        yield tmp
-        if not os.path.exists(path):
-            try:
-                os.rename(tmp, path)
-                return
-            except OSError:
-                os.makedirs(path, exist_ok=True)  # lost a race with another writer: merge file by file
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(path, name))
-        os.rmdir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import unicodedata
 import zlib
 from collections import Counter
@@ -18,6 +17,7 @@ from string import Formatter
 import numpy as np
 
 from . import metrics
+from .atomic import atomic_open
 
 __all__ = [
     "SAFE_SYSTEM",
@@ -502,20 +502,9 @@ class ClassifierJudge(Judge):
         os.replace), so a crash never leaves a half-written judge at `path`."""
         if self.weights is None:
             raise ValueError("ClassifierJudge.save(): the judge is not fitted")
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-judge-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(f, weights=self.weights, bias=np.float64(self.bias),
-                                    config=np.array(json.dumps(self._config())))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_open(path, "wb") as f:
+            np.savez_compressed(f, weights=self.weights, bias=np.float64(self.bias),
+                                config=np.array(json.dumps(self._config())))
 
     @classmethod
     def load(cls, path):

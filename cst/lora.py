@@ -273,8 +273,8 @@ class LoRA:
         """Writes adapter_model.safetensors and adapter_config.json into directory `path` (atomically),
         loadable by peft.PeftModel.from_pretrained(hf_model, path) and by load_adapter."""
         from safetensors.numpy import save_file
-        from .io import _atomic_dir
-        with _atomic_dir(path) as tmp:
+        from .atomic import atomic_dir
+        with atomic_dir(path) as tmp:
             save_file({n: np.ascontiguousarray(a) for n, a in self.params.items()},
                       os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
             with open(os.path.join(tmp, "adapter_config.json"), "w") as f:

@@ -2,9 +2,8 @@
 trainer histories. matplotlib is imported inside the functions, through its object API with the Agg
 canvas, so importing cst never loads it and a notebook's pyplot backend is left alone.
 """
-import os
-import tempfile
 from pathlib import Path
+from .atomic import atomic_open
 
 __all__ = ["plot_configurability", "plot_training_curves", "CURVE_KEYS"]
 
@@ -22,19 +21,8 @@ def _figure(width, height):
 def _save(fig, path) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
     return str(path)
 
 

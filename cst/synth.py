@@ -8,13 +8,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import data as D
 from . import prompts as P
 from .eval import _chat, _judge
+from .atomic import write_text
 
 __all__ = [
     "DEFAULT_PERMISSIVE_SYSTEM", "DEFAULT_CRITIQUE_TEMPLATE", "DEFAULT_REVISION_TEMPLATE", "DROP_REASONS",
@@ -83,23 +83,6 @@ def _derive_seed(seed: int, stage: str, index: int) -> int:
     """A 31-bit seed from (seed, stage, unit index), stable across processes and Python versions."""
     h = hashlib.sha256(f"{seed}:{stage}:{index}".encode()).digest()
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _prompt_items(fn: str, prompts) -> list:
@@ -305,7 +288,7 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
         raise ValueError(f"{fn}: output must be a .jsonl file, got {path}")
     samples = _read_log(path, header, units) if (resume and path.exists()) else []
     if not samples and not (resume and path.exists() and path.stat().st_size > 0):
-        _atomic_write_text(path, json.dumps({"synth_header": header}, ensure_ascii=False) + "\n")
+        write_text(path, json.dumps({"synth_header": header}, ensure_ascii=False) + "\n")
     resumed = len(samples)
 
     tok = getattr(model, "tokenizer", None)
@@ -401,7 +384,7 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
         bar.close()
 
     stats = _stats(samples)
-    _atomic_write_text(Path(str(path) + ".stats.json"), json.dumps(stats, indent=2) + "\n")
+    write_text(Path(str(path) + ".stats.json"), json.dumps(stats, indent=2) + "\n")
     stats = dict(stats, resumed=resumed)
     pairs = [_pair(s) for s in samples if s["kept"]]
     return SynthesisResult(pairs, stats, path, configurations)

@@ -281,10 +281,10 @@ class Tokenizer:
     def save_hf(self, path):
         """Writes tokenizer.json and tokenizer_config.json into directory `path` (created if needed),
         each file atomically."""
-        from .io import _atomic_write_text
+        from .atomic import write_text
         os.makedirs(path, exist_ok=True)
         for name, text in self.hf_files().items():
-            _atomic_write_text(os.path.join(path, name), text)
+            write_text(os.path.join(path, name), text)
 
     def gguf_fields(self) -> dict:
         """tokens, token_types, merges, pre and special ids in GGUF's terms (for save_gguf)."""

@@ -21,6 +21,7 @@ from .optim import AdamW, clip_grad_norm
 from .runtime import set_num_threads
 from .schedule import lr_at, resolve_total_steps, resolve_warmup
 from .training_config import DPOConfig
+from .atomic import atomic_open, write_json, write_text
 
 
 class TrainingError(RuntimeError):
@@ -97,14 +98,6 @@ class _DeferInterrupt:
 def _finite(a):
     """True when every value of the flat float32 array is finite (one pass, no temporary)."""
     return math.isfinite(_core.sum_squares(a))
-
-
-def _atomic_json(path, obj):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -322,15 +315,8 @@ class Trainer:
         if not np.all(np.isfinite(ref)):
             raise TrainingError(f"non-finite reference log-probs for {tag}: the model's weights are not finite")
         os.makedirs(self.config.output_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.config.output_dir, prefix=".tmp-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, ref=ref, key=np.array(key))
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_open(path, "wb") as f:
+            np.savez(f, ref=ref, key=np.array(key))
         return ref
 
     def _ensure_references(self):
@@ -431,7 +417,7 @@ class Trainer:
             np.savez(os.path.join(tmp, "optimizer.npz"), **moments)
             state = self._state()
             state["optimizer"] = {k: opt[k] for k in ("step", "lr", "betas", "eps", "weight_decay")}
-            _atomic_json(os.path.join(tmp, "trainer_state.json"), state)
+            write_json(os.path.join(tmp, "trainer_state.json"), state, indent=1)
             if self.lora is not None:
                 self.lora.save_adapter(os.path.join(tmp, "adapter"))
                 for f in os.listdir(os.path.join(tmp, "adapter")):
@@ -534,7 +520,7 @@ class Trainer:
             self.lora.training = True
         metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         # metrics.jsonl mirrors the history: rows logged after the checkpoint we resume from go.
-        _atomic_text(metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
+        write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.mode.upper()} train", unit="step",
                    dynamic_ncols=True)
         self.interrupted = False
@@ -620,11 +606,3 @@ def _dpo_metrics(out, lp, P):
             "rewards/rejected": float(out.rejected_rewards.mean()),
             "rewards/accuracies": float(out.accuracies.mean()), "rewards/margins": float(out.margins.mean()),
             "logps/chosen": float(lp[:P].mean()), "logps/rejected": float(lp[P:].mean())}
-
-
-def _atomic_text(path, text):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".txt")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -4,9 +4,9 @@ LR schedule (cst.schedule) and the losses (cst.losses) read it."""
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from typing import Optional, Tuple
+from .atomic import write_json
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
@@ -165,23 +165,7 @@ class DPOConfig:
     def to_json(self, path) -> None:
         """Writes the config as JSON atomically: a temporary file in the same folder, then a rename,
         so a crash never leaves a half-written config behind."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_json(path, self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, path) -> "DPOConfig":

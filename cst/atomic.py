@@ -1,0 +1,80 @@
+"""Atomic file writes: every file cst writes goes to a temporary name in the target's directory, is
+flushed to disk, then renamed into place, so an interrupted run never leaves half a file. Not a lock:
+two writers of one path race, and the last rename wins."""
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary file name next to `path` (for writers that take a name); on success the file
+    is fsynced and renamed onto `path`, on failure it is removed."""
+    path = os.path.abspath(os.fspath(path))
+    d = os.path.dirname(path)
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="w", encoding="utf-8"):
+    """open() for writing whose result appears at `path` only once the block has succeeded."""
+    binary = "b" in mode
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, **({} if binary else {"encoding": encoding, "newline": "\n"})) as f:
+            yield f
+
+
+def write_text(path, text):
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def write_bytes(path, data):
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def write_json(path, obj, **kwargs):
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, **kwargs)
+        f.write("\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yields a temporary directory next to `path`. On success: when `path` does not exist, the
+    directory is renamed onto it (one atomic step); when it does, each file is moved in with os.replace
+    (atomic per file; other files already in `path` are left alone)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{path} exists and is not a directory")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
+    try:
+        yield tmp
+        if not os.path.exists(path):
+            try:
+                os.rename(tmp, path)
+                return
+            except OSError:
+                os.makedirs(path, exist_ok=True)  # lost a race with another writer: merge file by file
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(path, name))
+        os.rmdir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
