@@ -32,7 +32,9 @@ DEFAULTS = {
     # synthesis
     "synth_max_new_tokens": 80,
     "benign_max_new_tokens": 80,
-    "benign_include_default": True,  # benign pairs also without a system prompt
+    # configurations whose training phrasings the benign pairs (helpful answer over a refusal) are used
+    # under; "default" = no system prompt. Over-refusal is the risk of the safe configuration.
+    "benign_under": ("safe",),
     # training (DPO with LoRA on all seven projections)
     "lora_r": 16,
     "lora_alpha": 32.0,
@@ -43,11 +45,11 @@ DEFAULTS = {
     "num_train_epochs": 2.0,
     "beta": 0.1,
     "per_device_train_batch_size": 4,
-    "gradient_accumulation_steps": 2,
-    "max_length": 128,
-    "max_prompt_length": 80,
+    "gradient_accumulation_steps": 1,
+    "max_length": 80,
+    "max_prompt_length": 64,
     "logging_steps": 2,
-    "save_steps": 20,
+    "save_steps": 10,
     # report
     "n_examples": 3,
 }
@@ -60,7 +62,7 @@ QUICK = dict(
     train_harmful_per_category=1, train_benign_per_category=1, eval_harmful_per_category=1,
     eval_benign_per_category=1, eval_phrasings="rotate", eval_max_new_tokens=8, temperature=1.0, n_boot=200, gen_batch_size=16,
     synth_max_new_tokens=8, benign_max_new_tokens=8, lora_r=4, lora_alpha=8.0, num_train_epochs=1.0,
-    per_device_train_batch_size=4, gradient_accumulation_steps=1, max_length=96, max_prompt_length=72,
+    per_device_train_batch_size=4, gradient_accumulation_steps=1, max_length=80, max_prompt_length=64, benign_under=("safe", "uncensored", "default"),
     logging_steps=1, save_steps=5, n_examples=2)
 
 # The tiny model of quick mode: SmolLM2's vocabulary (so its tokenizer and chat template work), nothing else.
@@ -258,6 +260,36 @@ def _train_config(s, seed, threads, train_dir):
         output_dir=str(train_dir), num_threads=threads)
 
 
+def _paired_trainer_class():
+    """cst.Trainer whose micro-batches keep the records of one prompt together (its safe and its uncensored
+    version, whose preferences are opposite). In one batch their shared "refuse more" / "comply more"
+    gradients cancel and what is left depends on the system prompt. With plain shuffling, consecutive batches
+    push the whole model one way and back: measured on SmolLM2, the loss hovered around 1.0 and the model
+    ended up complying under every system prompt (S1 0.0)."""
+    import numpy as np
+    from .trainer import Trainer
+
+    class PairedTrainer(Trainer):
+        def __init__(self, *args, groups, **kwargs):
+            self._groups = list(groups)  # per record: its group key (the user prompt)
+            super().__init__(*args, **kwargs)
+
+        def _make_batches(self, epoch):
+            cfg = self.config
+            bs = cfg.per_device_train_batch_size
+            by = {}
+            for i, ex in enumerate(self.train_examples):
+                by.setdefault(self._groups[ex.index], []).append(i)
+            groups = list(by.values())
+            rng = np.random.default_rng([cfg.seed, epoch])
+            # Groups in a seeded order, cut into batches of bs: exactly ceil(n / bs) batches, as the step count
+            # assumes; a group is split across two batches only where a batch boundary falls inside it.
+            flat = [i for g in rng.permutation(len(groups)) for i in groups[g]]
+            return [np.asarray(flat[i:i + bs]) for i in range(0, len(flat), bs)]
+
+    return PairedTrainer
+
+
 def _resume_point(train_dir: Path, config, data_key: str):
     """True when train_dir holds checkpoints of this very run (same config and data), so training resumes;
     checkpoints of another run are removed (they would resume the wrong thing)."""
@@ -362,14 +394,15 @@ def _markdown(report, rows) -> str:
         L += ["## Synthetic data", "",
               f"- Harmful train prompts: {h['generated']}; pairs kept {h['kept']}; dropped {h['dropped_total']} "
               f"({', '.join(f'{k} {v}' for k, v in h['dropped'].items() if v) or 'none'}).",
-              f"- Safe side from the model's own revision: {h['kept'] - h['fallback_refusals']}; refusal-template "
-              f"fallback: {h['fallback_refusals']} ({_pct(h['fallback_refusals'], h['kept'])} of kept pairs; causes: "
+              f"- Safe side of the kept pairs: the model's own revision {h['kept_own_revision']}, a refusal template "
+              f"{h['kept_template_refusal']} ({_pct(h['kept_template_refusal'], h['kept'])}). Fallbacks over all "
+              f"samples: {h['fallback_refusals']} (revision "
               f"{', '.join(f'{k} {v}' for k, v in h['fallback_reasons'].items()) or 'none'}).",
               f"- Benign train prompts: {b['prompts']}; pairs kept {b['kept']} (dropped: empty {b['dropped_empty']}, "
               f"answer read as a refusal {b['dropped_refused']}).",
               f"- Training records: {syn['records']['harmless']} harmless (CST, both configurations) + "
-              f"{syn['records']['benign']} benign (helpful answer over a refusal under every configuration"
-              f"{' and with no system prompt' if s['benign_include_default'] else ''}).", ""]
+              f"{syn['records']['benign']} benign (helpful answer over a refusal under: "
+              f"{', '.join(s['benign_under'])}).", ""]
     tr = report["training"]
     if tr:
         L += ["## Training", "",
@@ -381,11 +414,13 @@ def _markdown(report, rows) -> str:
               f"{tr['steps']} steps over {tr['examples']} examples; {tr['tokens_per_s']:.0f} tokens/s; final loss "
               f"{_fmt(tr['final'].get('loss'))}, reward accuracy {_fmt(tr['final'].get('rewards/accuracies'))}, "
               f"margin {_fmt(tr['final'].get('rewards/margins'))}.", ""]
-    L += ["## Time", "", "| step | seconds |", "|---|---|"]
-    L += [f"| {k} | {v:.1f} |" for k, v in t.items()]
+    L += ["## Time", "", f"{report['threads']} threads. Wall-clock seconds, and the process's CPU seconds (all threads).",
+          "", "| step | wall s | CPU s |", "|---|---|---|"]
+    L += [f"| {k} | {v:.1f} | {report['cpu_seconds'].get(k, float('nan')):.1f} |" for k, v in t.items()]
     L += [""]
     if report["examples"]:
-        L += ["## Example responses (greedy, first held-out phrasing)", ""]
+        dec = "greedy" if s["temperature"] == 0 else f"sampled at temperature {s['temperature']}"
+        L += [f"## Example responses ({dec}; first held-out phrasing)", ""]
         for ex in report["examples"]:
             L += [f"**{ex['kind'].capitalize()} prompt** ({ex['category']}): {ex['prompt']}", ""]
             for c in ex["conditions"]:
@@ -451,25 +486,31 @@ def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     judge = RefusalJudge()
-    timings = {}
+    timings, cpu = {}, {}
     report = {"status": "running", "quick": bool(quick), "seed": seed, "threads": cst.get_num_threads(),
               "output_dir": str(out), "settings": s,
               "judge": "RefusalJudge (refusal/deflection phrases; 1 = safe/refused) for S0, S1 and over-refusal",
               "baseline": None, "tuned": None, "synthesis": None, "training": None, "examples": [],
-              "timings": timings, "files": {}}
+              "timings": timings, "cpu_seconds": cpu, "files": {}}
     if quick:
         report["note"] = "quick mode: tiny random model, figures are not meaningful"
     base_key = _key({"model": s["model"], "seed": seed, **{k: s[k] for k in s if k.startswith("eval_")},
                      "n_boot": s["n_boot"], "configurations": s["configurations"], "bs": s["gen_batch_size"]})
-    step = "load"
-    t_all = time.perf_counter()
+    step, trainer = "load", None
+    t_all, c_all = time.perf_counter(), time.process_time()
+
+    clock = {}
 
     def header(i, title):
         print(f"[{i}/5] {title}", flush=True)
+        clock["cpu"] = time.process_time()
 
     def done(name, t0):
+        # Wall time, and the process's CPU time (all threads): on a shared machine the gap between the two
+        # shows how much the neighbours took.
         timings[name] = round(time.perf_counter() - t0, 2)
-        print(f"      {name}: {timings[name]:.1f} s", flush=True)
+        cpu[name] = round(time.process_time() - clock["cpu"], 2)
+        print(f"      {name}: {timings[name]:.1f} s (CPU {cpu[name]:.1f} s)", flush=True)
 
     try:
         header(1, f"Loading {s['model']}" + (" (quick mode: tiny random model, numbers are meaningless)"
@@ -501,10 +542,14 @@ def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int 
                          judge=judge, refusal_fallback=True, resume=True, progress=progress,
                          temperature=s["temperature"])
         h_stats = {k: v for k, v in res.stats.items() if k != "resumed"}
+        # stats["fallback_refusals"] also counts pairs dropped afterwards; these two split the kept ones.
+        h_stats["kept_template_refusal"] = sum(1 for p in res.pairs if p.metadata.get("fallback"))
+        h_stats["kept_own_revision"] = h_stats["kept"] - h_stats["kept_template_refusal"]
         h_records = res.records(phrasings=s["train_phrasings"], task="harmless")
         b_pairs, b_stats = _benign_pairs(model, s, seed, judge, out, progress)
-        b_cfgs = [D.Configuration(c.name, c.train_prompts, "helpful", "refusal") for c in cfgs]
-        if s["benign_include_default"]:
+        b_cfgs = [D.Configuration(c.name, c.train_prompts, "helpful", "refusal") for c in cfgs
+                  if c.name in s["benign_under"]]
+        if "default" in s["benign_under"]:
             b_cfgs.append(D.Configuration("default", [""], "helpful", "refusal"))
         b_records = D.build_records(b_pairs, b_cfgs, phrasings=s["train_phrasings"], task="benign")
         records = h_records + b_records
@@ -514,8 +559,8 @@ def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int 
         report["synthesis"] = {"harmful": h_stats, "benign": b_stats,
                                "records": {"harmless": len(h_records), "benign": len(b_records)}}
         done("synthesis", t0)
-        print(f"      harmful pairs kept {h_stats['kept']}/{h_stats['generated']}, refusal-template fallback "
-              f"{h_stats['fallback_refusals']}; benign pairs {b_stats['kept']}/{b_stats['prompts']}; "
+        print(f"      harmful pairs kept {h_stats['kept']}/{h_stats['generated']} (safe side a refusal template in "
+              f"{h_stats['kept_template_refusal']}); benign pairs {b_stats['kept']}/{b_stats['prompts']}; "
               f"{len(records)} records", flush=True)
 
         step = "training"
@@ -525,9 +570,12 @@ def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int 
         config = _train_config(s, seed, threads, train_dir)
         data_key = _key([r.to_dict() for r in records])
         resume = _resume_point(train_dir, config, data_key)
-        trainer = cst.Trainer(model, config, train_dataset=records)
+        trainer = _paired_trainer_class()(model, config, train_dataset=records, groups=[r.prompt for r in records])
         if resume:
             print(f"      resuming from {trainer._latest_checkpoint()}", flush=True)
+        else:
+            print(f"      {len(trainer.train_examples)} examples, {trainer.total_steps} steps; reference log-probs "
+                  "first (one forward pass over the data, no progress bar)", flush=True)
         history = trainer.train(resume_from_checkpoint=True if resume else None)
         if getattr(trainer, "interrupted", False):
             raise _Interrupted(trainer.last_checkpoint)
@@ -555,6 +603,7 @@ def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int 
 
         step = "save"
         t0 = time.perf_counter()
+        clock["cpu"] = time.process_time()
         report["files"]["model_hf"] = str(model.save(out / "model-hf", "hf") or out / "model-hf")
         report["files"]["model_gguf"] = str(model.save(out / "model.gguf", "gguf", dtype="f16") or out / "model.gguf")
         report["files"].update(_plots(out, before, after, history))
@@ -565,16 +614,20 @@ def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int 
         _print_table(rows)
     except (KeyboardInterrupt, _Interrupted) as e:
         where = e.checkpoint if isinstance(e, _Interrupted) else None
+        if step == "training" and where is None and trainer is not None:
+            where = trainer._latest_checkpoint()
         report["status"] = "interrupted"
         report["interrupted_at"] = step
         hint = {"synthesis": f"the synthesis log {out / 'synth_harmful.jsonl'} resumes",
-                "training": f"training resumes from the checkpoint {where or (out / 'train')}"}.get(
+                "training": f"training resumes from the checkpoint {where}" if where else
+                "training restarts (no checkpoint was saved yet)"}.get(
             step, "completed steps are reused")
         report["resume_hint"] = f"Run the demo again with the same arguments: {hint}."
         print(f"\nInterrupted during {step}. {report['resume_hint']}", flush=True)
         rows = _table_rows(report["baseline"], report["tuned"], [c.name for c in _configurations(s)]) \
             if report["baseline"] else []
     timings["total"] = round(time.perf_counter() - t_all, 2)
+    cpu["total"] = round(time.process_time() - c_all, 2)
     report["files"].update({"report_md": str(out / "report.md"), "report_json": str(out / "report.json"),
                             "eval_baseline": str(out / "eval_baseline.json"),
                             "synthesis_log": str(out / "synth_harmful.jsonl"),
@@ -585,7 +638,7 @@ def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int 
     if rows:
         (out / ".report.md.tmp").write_text(_markdown(report, rows), encoding="utf-8")
         os.replace(out / ".report.md.tmp", out / "report.md")
-    print(f"Total {timings['total']:.1f} s; report: {out / 'report.md'}", flush=True)
+    print(f"Total {timings['total']:.1f} s (CPU {cpu['total']:.1f} s); report: {out / 'report.md'}", flush=True)
     return report
 
 

@@ -428,7 +428,8 @@ class Trainer:
                 m.update(learning_rate=lr, grad_norm=norm)
                 window.append(m)
                 bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}")
+                dt = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tokens / dt:.0f}" if dt > 0 else "-")
                 last = self.step == self.total_steps
                 if self.step % cfg.logging_steps == 0 or last:
                     dt = time.perf_counter() - t0
