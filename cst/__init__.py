@@ -4,11 +4,18 @@ Importing cst loads only NumPy and the native extension; torch and transformers 
 Submodules (cst.data, cst.eval, cst.judges, ...) load on first use.
 """
 import importlib
+import os
 
-from . import _core
-from .config import ModelConfig
-from .model import Model
-from .runtime import get_num_threads, set_num_threads, simd_path
+# libgomp's default spin-waiting makes each of the many short parallel regions of token-by-token
+# generation cost a whole scheduler slice when other processes share the cores (15-20x slower decoding,
+# measured); passive waiting costs little when the cores are free. An explicit setting wins. Read by
+# libgomp when the extension loads, hence before the import below.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import _core  # noqa: E402
+from .config import ModelConfig  # noqa: E402
+from .model import Model  # noqa: E402
+from .runtime import get_num_threads, set_num_threads, simd_path  # noqa: E402
 
 __version__ = "0.1.0"
 

