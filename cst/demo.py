@@ -42,7 +42,7 @@ DEFAULTS = {
     "learning_rate": 1e-3,
     "lr_scheduler_type": "cosine",
     "warmup_ratio": 0.1,
-    "num_train_epochs": 2.0,
+    "num_train_epochs": 3.0,
     "beta": 0.1,
     # RPO term: + rpo_alpha * NLL of the chosen answers. Plain DPO (e1/e2/f1 in docs/demo.md) pushed both
     # sides down and the 135M model drifted into compliance under the safe prompts.
