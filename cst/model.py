@@ -334,7 +334,7 @@ class Model:
 
     def _forward_logprobs(self, tokens, targets):
         B, T = tokens.shape
-        N, V = B * T, self.config.vocab_size
+        N = B * T
         tg = self._buf("targets", (N,), np.int32)
         tg[...] = targets.reshape(N)
         if self._pad is not None:

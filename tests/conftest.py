@@ -30,3 +30,29 @@ def rel_err(a, b):
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def with_threads(n, fn):
+    """fn() run with n OpenMP threads, the previous count restored afterwards."""
+    before = _core.get_num_threads()
+    _core.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        _core.set_num_threads(before)
+
+
+def damaged_copies(good, header_end, n, seed):
+    """n damaged versions of a file's bytes for fuzzing readers: every tenth truncated at random, the
+    others with 1-5 random bytes overwritten, two in three of them inside the header (where counts and
+    sizes live)."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        data = bytearray(good)
+        if i % 10 == 0:
+            data = data[: int(rng.integers(0, len(data)))]
+        else:
+            hi = header_end if i % 3 else len(data)
+            for _ in range(int(rng.integers(1, 6))):
+                data[int(rng.integers(0, hi))] = int(rng.integers(0, 256))
+        yield bytes(data)

@@ -7,7 +7,7 @@ import torch
 
 from cst import _core
 from cst.ops import rope_tables
-from conftest import rel_err
+from conftest import rel_err, with_threads
 
 
 def fd_directional(forward, x, dout, grad, rng, h=1e-2, tol=2e-2):
@@ -22,15 +22,6 @@ def fd_directional(forward, x, dout, grad, rng, h=1e-2, tol=2e-2):
     num = (loss(x + h * u) - loss(x - h * u)) / (2 * h)
     ana = float(np.sum(grad.astype(np.float64) * u))
     assert abs(num - ana) <= tol * max(1.0, abs(ana)), (num, ana)
-
-
-def with_threads(n, fn):
-    before = _core.get_num_threads()
-    _core.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        _core.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- embedding

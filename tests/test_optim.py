@@ -7,16 +7,8 @@ import pytest
 import torch
 
 from cst import _core
+from conftest import with_threads
 from cst.optim import AdamW, clip_grad_norm
-
-
-def with_threads(n, fn):
-    before = _core.get_num_threads()
-    _core.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        _core.set_num_threads(before)
 
 
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 255, 256, 257, 10007, 1 << 20])

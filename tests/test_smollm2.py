@@ -18,7 +18,7 @@ def smollm2():
 def test_greedy_chat_knows_paris(smollm2):
     reply = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=24)
     assert "Paris" in reply
-    assert smollm2.last_truncated == [False] or len(reply) > 0
+    assert smollm2.last_truncated == [False]  # the answer ended with EOS, not at the limit
 
 
 def test_kv_cache_generation_equals_full_recomputation(smollm2):
