@@ -127,8 +127,8 @@ static void ukr_scalar(int64_t kc, const float *ap, const float *b, int64_t ldb,
 }
 
 #if defined(__x86_64__)
-#define T512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-#define T256 __attribute__((target("avx2,fma")))
+#define T512 CST_TARGET_AVX512
+#define T256 CST_TARGET_AVX2
 
 /* Transposing pack for B = W^T (the forward product): 8 rows of W x 8 k at a time through an 8x8
  * register transpose, ~5x faster than scalar strided stores. Matters when few rows share the packed
@@ -220,6 +220,9 @@ T512 static inline __attribute__((always_inline)) void ukr512_t(int64_t kc, cons
     }
 }
 T512 static void ukr512_8x48(int64_t kc, const float *ap, const float *b, int64_t ldb, float *c, int64_t ldc, int mr, int nr, int beta) { ukr512_t(kc, ap, b, ldb, c, ldc, mr, nr, beta, 8, 3); }
+/* 16 x 16 for prepacked weights: 16 rows (a decode step of 16 sequences) in one pass over each weight
+ * panel, so the panel is read from memory once; 16 accumulators, 1 load + 16 broadcasts per 16 FMAs. */
+T512 static void ukr512_16x16(int64_t kc, const float *ap, const float *b, int64_t ldb, float *c, int64_t ldc, int mr, int nr, int beta) { ukr512_t(kc, ap, b, ldb, c, ldc, mr, nr, beta, 16, 1); }
 
 /* 6 x 16: 12 ymm accumulators + 2 B + 1 broadcast = 15 of 16 registers (the classic Haswell tile). */
 T256 static void ukr_avx2(int64_t kc, const float *ap, const float *b, int64_t ldb, float *c,
@@ -571,4 +574,91 @@ void cst_gemv_nt(float *out, const float *x, const float *w, int64_t N, int64_t 
             gemv_scalar(out, x, w, N, C, OC, o0, o1, accumulate);
     }
     (void)p;
+}
+
+/* ---- prepacked weights: y = x W^T against W packed once into the B panels of the current path ----
+ * Generation multiplies the same weights by a few rows per token; packing them once per call of
+ * generate (not once per product) lets those rows run through the GEMM microkernel at full speed
+ * instead of the dot-product path, and a long prompt's prefill skips packing B altogether. */
+
+/* The packed path's tiles: panel width 16 on every path (so a packing serves all of them); on AVX-512
+ * the 16 x 16 kernel instead of 8 x 48. Every kernel sums each element over k in the same order, so
+ * the tile shape does not change results. */
+static gemm_cfg packed_cfg_for(cst_simd_path p) {
+    gemm_cfg g = cfg_for(p);
+#if defined(__x86_64__)
+    if (p == CST_SIMD_AVX512) g = (gemm_cfg){16, 16, 64, 0, ukr512_16x16, 1};
+#endif
+    return g;
+}
+
+int cst_gemm_panel_width(void) { return packed_cfg_for(cst_simd_current()).nr; }
+
+int64_t cst_gemm_packed_size(int64_t OC, int64_t C, int nr) { return (OC + nr - 1) / nr * nr * C; }
+
+void cst_gemm_pack_nt(float *dst, const float *w, int64_t OC, int64_t C) {
+    const gemm_cfg g = packed_cfg_for(cst_simd_current());
+    const int64_t np = (OC + g.nr - 1) / g.nr;
+    int nt = max_threads();
+    if ((double)OC * C < 1e6) nt = 1;
+    (void)nt;
+    /* Panel p holds weight rows p*NR .. p*NR+NR-1 for every k: dst[p*NR*C + k*NR + j], zero-padded. */
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t p = 0; p < np; p++)
+        pack_b(dst + p * g.nr * C, w, 1, C, 0, C, p * g.nr, min64(g.nr, OC - p * g.nr), g.nr, g.simd_pack);
+}
+
+void cst_gemm_packed_nt(float *c, const float *a, const float *wp, int64_t M, int64_t C, int64_t OC,
+                        int accumulate) {
+    if (M <= 0 || OC <= 0) return;
+    const gemm_cfg g = packed_cfg_for(cst_simd_current());
+    const int MR = g.mr, NR = g.nr;
+    if (C <= 0) {
+        if (!accumulate)
+            for (int64_t i = 0; i < M; i++) memset(c + i * OC, 0, (size_t)OC * sizeof(float));
+        return;
+    }
+    const int64_t MC = (int64_t)g.mcp * MR;
+    const int64_t pm = (M + MR - 1) / MR, pn = (OC + NR - 1) / NR;
+    const int split_rows = pm > pn;
+    int nt = max_threads();
+    if ((double)M * OC * C < 1e6) nt = 1;
+    if (nt > (split_rows ? pm : pn)) nt = (int)(split_rows ? pm : pn);
+    const size_t abuf_len = (size_t)g.mcp * MR * KC;
+    int cached;
+    float *scratch = scratch_get(abuf_len * (size_t)nt, &cached);
+    if (!scratch) { /* no memory for an A block: the unpacked weights are not at hand, so go unblocked */
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < M; i++)
+            for (int64_t o = 0; o < OC; o++) {
+                const float *col = wp + (o / NR) * NR * C + o % NR;
+                float s = 0.0f;
+                for (int64_t k = 0; k < C; k++) s += a[i * C + k] * col[k * NR];
+                c[i * OC + o] = accumulate ? c[i * OC + o] + s : s;
+            }
+        return;
+    }
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int t = 0; t < nt; t++) {
+        float *abuf = scratch + (size_t)t * abuf_len;
+        const int64_t P = split_rows ? pm : pn, q0 = P * t / nt, q1 = P * (t + 1) / nt;
+        const int64_t m0 = split_rows ? q0 * MR : 0, m1 = split_rows ? min64(q1 * MR, M) : M;
+        const int64_t j0 = split_rows ? 0 : q0, j1 = split_rows ? pn : q1; /* panels */
+        for (int64_t ic = m0; ic < m1; ic += MC) {
+            const int64_t mc = min64(MC, m1 - ic);
+            for (int64_t pc = 0; pc < C; pc += KC) {
+                const int64_t kc = min64(KC, C - pc);
+                const int beta = accumulate || pc > 0;
+                pack_a(abuf, a, C, 1, ic, mc, pc, kc, MR, g.simd_pack);
+                for (int64_t jp = j0; jp < j1; jp++) {
+                    const int nr = (int)min64(NR, OC - jp * NR);
+                    const float *bp = wp + jp * NR * C + pc * NR;
+                    for (int64_t ip = 0; ip < mc; ip += MR)
+                        g.ukr(kc, abuf + ip * kc, bp, NR, c + (ic + ip) * OC + jp * NR, OC,
+                              (int)min64(MR, mc - ip), nr, beta);
+                }
+            }
+        }
+    }
+    scratch_put(scratch, cached);
 }

@@ -2,13 +2,16 @@
  * one row block so each weight matrix is streamed once per step for the whole batch, whatever mix of
  * prefill and decode the step holds. Not a sampler; no backward. */
 #include "glue.h"
+#include "gemm.h"
 #include "gen.h"
 #include "matmul.h"
 #include "ops.h"
+#include "simd.h"
+#include "vexp.h"
 #include <math.h>
 #include <string.h>
 
-static float dot_hs(const float *a, const float *b, int64_t n) {
+static inline __attribute__((always_inline)) float dot_hs(const float *a, const float *b, int64_t n) {
     /* Same fixed 8-way partial sums as matmul.c: vectorisable without reassociation. */
     float acc[8] = {0};
     int64_t i = 0;
@@ -17,6 +20,67 @@ static float dot_hs(const float *a, const float *b, int64_t n) {
     float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
     for (; i < n; i++) s += a[i] * b[i];
     return s;
+}
+
+/* Attention of the n new tokens of one sequence for the `group` query heads that share one KV head,
+ * over the cached positions 0 .. t0+i (causal): each cached key and value row is loaded once for all
+ * of them. q, att: row i at i*qs, head g at g*HS. sc: row i at i*ss, head g at g*maxT (probabilities
+ * left there). k, v: position s at s*kvs. */
+static inline __attribute__((always_inline)) void attend_body(float *att, float *sc, const float *q,
+    const float *k, const float *v, int64_t t0, int64_t n, int64_t group, int64_t HS, int64_t qs,
+    int64_t ss, int64_t kvs, int64_t maxT, float scale) {
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t T = t0 + i + 1;
+        const float *q0 = q + i * qs;
+        float *sc0 = sc + i * ss;
+        for (int64_t s = 0; s < T; s++) {
+            const float *kr = k + s * kvs;
+            for (int64_t g = 0; g < group; g++) sc0[g * maxT + s] = dot_hs(q0 + g * HS, kr, HS) * scale;
+        }
+        for (int64_t g = 0; g < group; g++) {
+            float *p = sc0 + g * maxT, mx = -INFINITY;
+            for (int64_t s = 0; s < T; s++) mx = p[s] > mx ? p[s] : mx;
+            for (int64_t s = 0; s < T; s++) p[s] = exp_f32(p[s] - mx);
+            double sum = 0.0; /* softmax denominator in double: up to maxT terms */
+            for (int64_t s = 0; s < T; s++) sum += p[s];
+            const float inv = (float)(1.0 / sum);
+            for (int64_t s = 0; s < T; s++) p[s] *= inv;
+        }
+        float *o0 = att + i * qs;
+        for (int64_t d = 0; d < group * HS; d++) o0[d] = 0.0f;
+        for (int64_t s = 0; s < T; s++) {
+            const float *vr = v + s * kvs;
+            for (int64_t g = 0; g < group; g++) {
+                const float pr = sc0[g * maxT + s];
+                float *o = o0 + g * HS;
+                for (int64_t d = 0; d < HS; d++) o[d] += pr * vr[d];
+            }
+        }
+    }
+}
+
+typedef void (*attend_fn)(float *, float *, const float *, const float *, const float *, int64_t, int64_t,
+                          int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float);
+#define ATTEND_VARIANT(NAME, TGT)                                                                       \
+    TGT static void NAME(float *att, float *sc, const float *q, const float *k, const float *v, int64_t t0, \
+                         int64_t n, int64_t group, int64_t HS, int64_t qs, int64_t ss, int64_t kvs,     \
+                         int64_t maxT, float scale) {                                                   \
+        attend_body(att, sc, q, k, v, t0, n, group, HS, qs, ss, kvs, maxT, scale);                      \
+    }
+ATTEND_VARIANT(attend_scalar, )
+#if defined(__x86_64__)
+ATTEND_VARIANT(attend_avx2, CST_TARGET_AVX2)
+ATTEND_VARIANT(attend_avx512, CST_TARGET_AVX512)
+#endif
+
+/* The same arithmetic on every path (no FMA contraction under -std=c11; exp_f32 is exact-portable). */
+static attend_fn attend_for(cst_simd_path p) {
+#if defined(__x86_64__)
+    if (p == CST_SIMD_AVX512) return attend_avx512;
+    if (p == CST_SIMD_AVX2) return attend_avx2;
+#endif
+    (void)p;
+    return attend_scalar;
 }
 
 int64_t cst_gen_num_params(const cst_gen_config *cfg) {
@@ -29,13 +93,60 @@ int64_t cst_gen_num_params(const cst_gen_config *cfg) {
 int64_t cst_gen_scratch_size(const cst_gen_config *cfg, int64_t B, int64_t S, int64_t maxT) {
     const int64_t N = B * S, C = cfg->C, F = cfg->F, HS = cfg->C / cfg->NH;
     const int64_t QKV = (cfg->NH + 2 * cfg->NKV) * HS;
-    return N * (2 * C + QKV + cfg->NH * HS + 3 * F + HS + 1 + cfg->NH * maxT) + B * (C + cfg->V);
+    return N * (2 * C + 2 * QKV + cfg->NH * HS + 3 * F + HS + 1 + cfg->NH * maxT) + B * (C + cfg->V);
+}
+
+/* The matrices of one layer as packed, (rows, cols) of y = x W^T: q|k|v fused (they are adjacent in
+ * the flat parameters), o, gate|up, down. */
+enum { GEN_NW = 4 };
+static void layer_shapes(const cst_gen_config *cfg, int64_t rows[GEN_NW], int64_t cols[GEN_NW]) {
+    const int64_t C = cfg->C, HS = cfg->C / cfg->NH, QD = cfg->NH * HS, KVD = cfg->NKV * HS, F = cfg->F;
+    const int64_t r[GEN_NW] = {QD + 2 * KVD, C, 2 * F, C}, c[GEN_NW] = {C, QD, C, F};
+    for (int i = 0; i < GEN_NW; i++) rows[i] = r[i], cols[i] = c[i];
+}
+
+int64_t cst_gen_packed_size(const cst_gen_config *cfg, int nr) {
+    int64_t rows[GEN_NW], cols[GEN_NW], layer = 0;
+    layer_shapes(cfg, rows, cols);
+    for (int i = 0; i < GEN_NW; i++) layer += cst_gemm_packed_size(rows[i], cols[i], nr);
+    return cfg->L * layer + cst_gemm_packed_size(cfg->V, cfg->C, nr);
+}
+
+/* Packs q|k|v, o, gate|up and down of every layer, then the LM head, in that order. */
+void cst_gen_pack(float *dst, const float *params, const cst_gen_config *cfg) {
+    const int64_t C = cfg->C, nr = cst_gemm_panel_width();
+    int64_t rows[GEN_NW], cols[GEN_NW];
+    layer_shapes(cfg, rows, cols);
+    const float *p = params + cfg->V * C;
+    for (int64_t l = 0; l < cfg->L; l++) {
+        p += C; /* attention norm */
+        for (int i = 0; i < GEN_NW; i++) {
+            cst_gemm_pack_nt(dst, p, rows[i], cols[i]);
+            dst += cst_gemm_packed_size(rows[i], cols[i], (int)nr);
+            p += rows[i] * cols[i];
+            if (i == 1) p += C; /* the MLP norm sits between o and gate|up */
+        }
+    }
+    cst_gemm_pack_nt(dst, cfg->tie_embeddings ? params : p + C, cfg->V, C);
+}
+
+/* y = x W^T from the packed copy when there is one, else from the weight itself. */
+static void linear(float *out, const float *x, const float *w, const float **wp, int64_t N, int64_t C,
+                   int64_t OC, int accumulate, int nr) {
+    if (*wp) {
+        cst_gemm_packed_nt(out, x, *wp, N, C, OC, accumulate);
+        *wp += cst_gemm_packed_size(OC, C, nr);
+    } else {
+        cst_matmul_forward(out, x, w, N, C, OC, accumulate);
+    }
 }
 
 void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch, const float *params,
-                     const int32_t *tokens, const int32_t *start_pos, const int32_t *n_new,
-                     const float *rope_cos, const float *rope_sin, const cst_gen_config *cfg, int64_t B,
-                     int64_t S, int64_t maxT) {
+                     const float *packed, const int32_t *tokens, const int32_t *start_pos,
+                     const int32_t *n_new, const float *rope_cos, const float *rope_sin,
+                     const cst_gen_config *cfg, int64_t B, int64_t S, int64_t maxT) {
+    const int nr = cst_gemm_panel_width();
+    const float *wp = packed;
     const int64_t V = cfg->V, C = cfg->C, L = cfg->L, NH = cfg->NH, NKV = cfg->NKV, F = cfg->F;
     const int64_t HS = C / NH, half = HS / 2, QD = NH * HS, KVD = NKV * HS, group = NH / NKV;
 
@@ -61,7 +172,8 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
     float *rs = rc + R * half;           /* (N,HS/2) sin */
     float *rstd = rs + R * half;         /* (N) rmsnorm's by-product, unused here */
     float *scores = rstd + R;            /* (N,NH,maxT) attention probabilities */
-    float *lastx = scores + R * NH * maxT; /* (nact,C) last new token of each active sequence */
+    float *qkv = scores + R * NH * maxT; /* (N,NH*HS+2*NKV*HS) fused q|k|v (packed weights only) */
+    float *lastx = qkv + R * (QD + 2 * KVD); /* (nact,C) last new token of each active sequence */
     float *lastlog = lastx + B * C;      /* (nact,V) their logits */
 
     /* Embeddings, and the rotary table rows of each row's position: gathered per row, the packed
@@ -84,12 +196,23 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
         const float *w_down = w_gu + 2 * F * C;
         p = w_down + C * F;
         float *kl = kcache + l * B * maxT * KVD, *vl = vcache + l * B * maxT * KVD;
+        const attend_fn attend = attend_for(cst_simd_current());
 
         cst_rmsnorm_forward(xn, rstd, x, w_in, N, C, cfg->norm_eps);
-        /* Three products rather than one fused q|k|v: RoPE and the cache copy want q and k contiguous. */
-        cst_matmul_forward(q, xn, w_q, N, C, QD, 0);
-        cst_matmul_forward(k, xn, w_k, N, C, KVD, 0);
-        cst_matmul_forward(v, xn, w_v, N, C, KVD, 0);
+        if (wp) { /* one product against the packed q|k|v, then its columns split into q, k and v */
+            cst_gemm_packed_nt(qkv, xn, wp, N, C, QD + 2 * KVD, 0);
+            wp += cst_gemm_packed_size(QD + 2 * KVD, C, nr);
+            for (int64_t r = 0; r < N; r++) {
+                const float *row = qkv + r * (QD + 2 * KVD);
+                memcpy(q + r * QD, row, (size_t)QD * sizeof(float));
+                memcpy(k + r * KVD, row + QD, (size_t)KVD * sizeof(float));
+                memcpy(v + r * KVD, row + QD + KVD, (size_t)KVD * sizeof(float));
+            }
+        } else { /* three products, as RoPE and the cache copy want q, k and v contiguous */
+            cst_matmul_forward(q, xn, w_q, N, C, QD, 0);
+            cst_matmul_forward(k, xn, w_k, N, C, KVD, 0);
+            cst_matmul_forward(v, xn, w_v, N, C, KVD, 0);
+        }
         cst_rope_forward(q, rc, rs, 1, N, NH, HS, 0);
         cst_rope_forward(k, rc, rs, 1, N, NKV, HS, 0);
 
@@ -100,45 +223,24 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
             memcpy(vl + (b * maxT + t0) * KVD, v + off * KVD, (size_t)(n * KVD) * sizeof(float));
         }
 
-        /* Causal attention over the cache, one (sequence, head) per task. Dynamic schedule because
+        /* Causal attention over the cache, one (sequence, KV head) per task. Dynamic schedule because
          * tasks differ in length; each output is still reduced by one thread in a fixed order. */
 #pragma omp parallel for schedule(dynamic, 1)
-        for (int64_t bh = 0; bh < B * NH; bh++) {
-            const int64_t b = bh / NH, h = bh % NH, kh = h / group;
+        for (int64_t bk = 0; bk < B * NKV; bk++) {
+            const int64_t b = bk / NKV, kh = bk % NKV;
             if (n_new[b] == 0) continue;
             int64_t off = 0;
             for (int64_t bb = 0; bb < b; bb++) off += n_new[bb];
-            const float *kb = kl + b * maxT * KVD + kh * HS, *vb = vl + b * maxT * KVD + kh * HS;
-            for (int64_t i = 0; i < n_new[b]; i++) {
-                const int64_t r = off + i, T = start_pos[b] + i + 1;
-                const float *qr = q + r * QD + h * HS;
-                float *sc = scores + (r * NH + h) * maxT;
-                float mx = -INFINITY;
-                for (int64_t s = 0; s < T; s++) {
-                    sc[s] = dot_hs(qr, kb + s * KVD, HS) * scale;
-                    if (sc[s] > mx) mx = sc[s];
-                }
-                double sum = 0.0; /* softmax denominator in double: up to maxT terms */
-                for (int64_t s = 0; s < T; s++) {
-                    sc[s] = expf(sc[s] - mx);
-                    sum += sc[s];
-                }
-                const float inv = (float)(1.0 / sum);
-                float *o = att + r * QD + h * HS;
-                for (int64_t d = 0; d < HS; d++) o[d] = 0.0f;
-                for (int64_t s = 0; s < T; s++) {
-                    const float pr = sc[s] * inv;
-                    const float *vr = vb + s * KVD;
-                    for (int64_t d = 0; d < HS; d++) o[d] += pr * vr[d];
-                }
-            }
+            attend(att + off * QD + kh * group * HS, scores + off * NH * maxT + kh * group * maxT,
+                   q + off * QD + kh * group * HS, kl + b * maxT * KVD + kh * HS, vl + b * maxT * KVD + kh * HS,
+                   start_pos[b], n_new[b], group, HS, QD, NH * maxT, KVD, maxT, scale);
         }
 
-        cst_matmul_forward(x, att, w_o, N, QD, C, 1); /* residual add */
+        linear(x, att, w_o, &wp, N, QD, C, 1, nr); /* residual add */
         cst_rmsnorm_forward(xn, rstd, x, w_post, N, C, cfg->norm_eps);
-        cst_matmul_forward(gu, xn, w_gu, N, C, 2 * F, 0);
+        linear(gu, xn, w_gu, &wp, N, C, 2 * F, 0, nr);
         cst_swiglu_forward(hb, gu, N, F);
-        cst_matmul_forward(x, hb, w_down, N, F, C, 1); /* residual add */
+        linear(x, hb, w_down, &wp, N, F, C, 1, nr); /* residual add */
     }
 
     /* LM head on the last new token of each active sequence only. */
@@ -146,7 +248,7 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
     for (int64_t b = 0, off = 0, j = 0; b < B; off += n_new[b], b++)
         if (n_new[b] > 0) memcpy(lastx + (j++) * C, x + (off + n_new[b] - 1) * C, (size_t)C * sizeof(float));
     cst_rmsnorm_forward(xn, rstd, lastx, w_norm, nact, C, cfg->norm_eps);
-    cst_matmul_forward(lastlog, xn, w_head, nact, C, V, 0);
+    linear(lastlog, xn, w_head, &wp, nact, C, V, 0, nr);
     for (int64_t b = 0, j = 0; b < B; b++)
         if (n_new[b] > 0) memcpy(logits + b * V, lastlog + (j++) * V, (size_t)V * sizeof(float));
 }
@@ -221,7 +323,7 @@ static int read_config(const char *fn, PyObject *o, cst_gen_config *c) {
 /* The scratch size in double precision: rejects sizes whose int64 arithmetic would overflow. */
 static int scratch_size_fits(const cst_gen_config *c, double B, double S, double maxT) {
     const double HS = (double)(c->C / c->NH);
-    const double n = B * S * (2.0 * c->C + (c->NH + 2.0 * c->NKV) * HS + c->NH * HS + 3.0 * c->F + HS +
+    const double n = B * S * (2.0 * c->C + 2.0 * (c->NH + 2.0 * c->NKV) * HS + c->NH * HS + 3.0 * c->F + HS +
                               1.0 + c->NH * maxT) + B * ((double)c->C + c->V);
     return n < 4.0e18;
 }
@@ -265,10 +367,13 @@ static int overlaps(PyObject *a, PyObject *b) {
 static PyObject *py_gen_forward(PyObject *self, PyObject *args, PyObject *kw) {
     static const char *fn = "gen_forward";
     static char *kwlist[] = {"config", "params", "tokens", "start_pos", "n_new", "rope_cos", "rope_sin",
-                             "kcache", "vcache", "scratch", "logits", NULL};
+                             "kcache", "vcache", "scratch", "logits", "packed", "packed_nr", NULL};
     PyObject *o_cfg, *o_params, *o_tok, *o_sp, *o_nn, *o_cos, *o_sin, *o_kc, *o_vc, *o_scr, *o_log;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOOOO:gen_forward", kwlist, &o_cfg, &o_params, &o_tok,
-                                     &o_sp, &o_nn, &o_cos, &o_sin, &o_kc, &o_vc, &o_scr, &o_log))
+    PyObject *o_packed = Py_None;
+    int packed_nr = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOOOO|Oi:gen_forward", kwlist, &o_cfg, &o_params, &o_tok,
+                                     &o_sp, &o_nn, &o_cos, &o_sin, &o_kc, &o_vc, &o_scr, &o_log, &o_packed,
+                                     &packed_nr))
         return NULL;
     cst_gen_config cfg;
     if (read_config(fn, o_cfg, &cfg) < 0) return NULL;
@@ -291,6 +396,18 @@ static PyObject *py_gen_forward(PyObject *self, PyObject *args, PyObject *kw) {
         cst_arg(fn, "rope_cos", o_cos, NPY_FLOAT32, "RH", &d, 0, &cs) < 0 ||
         cst_arg(fn, "rope_sin", o_sin, NPY_FLOAT32, "RH", &d, 0, &sn) < 0)
         return NULL;
+    void *packed = NULL;
+    if (o_packed != Py_None) {
+        const int nr = cst_gemm_panel_width();
+        if (packed_nr != nr) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s: 'packed' was packed for panel width %d, the current SIMD path uses %d "
+                         "(pack again with gen_pack)", fn, packed_nr, nr);
+            return NULL;
+        }
+        cst_dims_set(&d, 'W', (npy_intp)cst_gen_packed_size(&cfg, nr), "gen_packed_size(config)");
+        if (cst_arg(fn, "packed", o_packed, NPY_FLOAT32, "W", &d, 0, &packed) < 0) return NULL;
+    }
     if (cst_dim(&d, 'R') < cst_dim(&d, 'M')) {
         PyErr_Format(PyExc_ValueError, "%s: 'rope_cos' and 'rope_sin' have %lld positions, the caches %lld",
                      fn, (long long)cst_dim(&d, 'R'), (long long)cst_dim(&d, 'M'));
@@ -329,23 +446,65 @@ static PyObject *py_gen_forward(PyObject *self, PyObject *args, PyObject *kw) {
     /* Written buffers must not overlap each other or any input: the kernel would read what it wrote. */
     PyObject *outs[4] = {o_kc, o_vc, o_scr, o_log};
     const char *out_names[4] = {"kcache", "vcache", "scratch", "logits"};
-    PyObject *all[10] = {o_kc, o_vc, o_scr, o_log, o_params, o_tok, o_sp, o_nn, o_cos, o_sin};
-    const char *all_names[10] = {"kcache",    "vcache", "scratch", "logits",   "params",
-                                 "tokens",    "start_pos", "n_new", "rope_cos", "rope_sin"};
+    PyObject *all[11] = {o_kc, o_vc, o_scr, o_log, o_params, o_tok, o_sp, o_nn, o_cos, o_sin, o_packed};
+    const char *all_names[11] = {"kcache",    "vcache",    "scratch", "logits",   "params", "tokens",
+                                 "start_pos", "n_new",     "rope_cos", "rope_sin", "packed"};
+    const int n_all = packed ? 11 : 10;
     for (int i = 0; i < 4; i++)
-        for (int j = i + 1; j < 10; j++)
+        for (int j = i + 1; j < n_all; j++)
             if (overlaps(outs[i], all[j])) {
                 PyErr_Format(PyExc_ValueError, "%s: '%s' and '%s' share memory", fn, out_names[i],
                              all_names[j]);
                 return NULL;
             }
     Py_BEGIN_ALLOW_THREADS
-    cst_gen_forward(logits, kc, vc, scr, params, tokens, start, nnew, cs, sn, &cfg, B, S, maxT);
+    cst_gen_forward(logits, kc, vc, scr, params, packed, tokens, start, nnew, cs, sn, &cfg, B, S, maxT);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
+static PyObject *py_gen_packed_size(PyObject *self, PyObject *args) {
+    PyObject *o_cfg;
+    if (!PyArg_ParseTuple(args, "O:gen_packed_size", &o_cfg)) return NULL;
+    cst_gen_config cfg;
+    if (read_config("gen_packed_size", o_cfg, &cfg) < 0) return NULL;
+    return PyLong_FromLongLong((long long)cst_gen_packed_size(&cfg, cst_gemm_panel_width()));
+}
+
+static PyObject *py_gen_pack(PyObject *self, PyObject *args, PyObject *kw) {
+    static const char *fn = "gen_pack";
+    static char *kwlist[] = {"config", "params", "out", NULL};
+    PyObject *o_cfg, *o_params, *o_out;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO:gen_pack", kwlist, &o_cfg, &o_params, &o_out)) return NULL;
+    cst_gen_config cfg;
+    if (read_config(fn, o_cfg, &cfg) < 0) return NULL;
+    const int nr = cst_gemm_panel_width();
+    cst_dims d;
+    cst_dims_init(&d);
+    cst_dims_set(&d, 'P', (npy_intp)cst_gen_num_params(&cfg), "the config's parameter count");
+    cst_dims_set(&d, 'W', (npy_intp)cst_gen_packed_size(&cfg, nr), "gen_packed_size(config)");
+    void *params, *out;
+    if (cst_arg(fn, "params", o_params, NPY_FLOAT32, "P", &d, 0, &params) < 0 ||
+        cst_arg(fn, "out", o_out, NPY_FLOAT32, "W", &d, CST_WRITE, &out) < 0)
+        return NULL;
+    if (overlaps(o_params, o_out)) {
+        PyErr_Format(PyExc_ValueError, "%s: 'params' and 'out' share memory", fn);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    cst_gen_pack(out, params, &cfg);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(nr);
+}
+
 PyMethodDef cst_gen_methods[] = {
+    {"gen_packed_size", py_gen_packed_size, METH_VARARGS,
+     "gen_packed_size(config) -> int: float32 elements gen_pack writes on the current SIMD path."},
+    {"gen_pack", (PyCFunction)(void (*)(void))py_gen_pack, METH_VARARGS | METH_KEYWORDS,
+     "gen_pack(config, params, out) -> int: packs every weight matrix of params into out "
+     "(gen_packed_size(config) floats) for the GEMM microkernel of the current SIMD path and returns the "
+     "panel width it used; pass both to gen_forward(packed=, packed_nr=). Pack again after the weights "
+     "or the SIMD path change."},
     {"gen_num_params", py_gen_num_params, METH_VARARGS,
      "gen_num_params(config) -> int: floats in the flat parameter buffer of this config."},
     {"gen_scratch_size", (PyCFunction)(void (*)(void))py_gen_scratch_size, METH_VARARGS | METH_KEYWORDS,
@@ -355,6 +514,7 @@ PyMethodDef cst_gen_methods[] = {
      "logits): appends tokens (B,S) int32 [b, :n_new[b]] at positions start_pos[b].. of each sequence's "
      "KV cache, rotary tables (>=maxT, HS/2) from cst.ops.rope_tables, "
      "(L,B,maxT,NKV*HS) and writes the logits of each active sequence's last new token into logits "
-     "(B,V); rows with n_new 0 are untouched."},
+     "(B,V); rows with n_new 0 are untouched. packed/packed_nr (from gen_pack, optional): the weights "
+     "packed once, so that products of few rows run through the GEMM microkernel."},
     {NULL, NULL, 0, NULL},
 };

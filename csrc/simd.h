@@ -10,6 +10,11 @@ typedef enum { CST_SIMD_SCALAR = 0, CST_SIMD_AVX2 = 1, CST_SIMD_AVX512 = 2 } cst
 cst_simd_path cst_simd_detect(void);
 /* Path kernels use now (initialised from CST_SIMD or detection at import). */
 cst_simd_path cst_simd_current(void);
+
+/* Function attributes for the per-path copies of a kernel (x86-64 GCC/Clang; the build itself targets
+ * the baseline ISA, and callers dispatch on cst_simd_current()). */
+#define CST_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define CST_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 /* Sets the path; returns -1 if the CPU lacks it. */
 int cst_simd_set(cst_simd_path p);
 const char *cst_simd_name(cst_simd_path p);

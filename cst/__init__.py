@@ -6,11 +6,15 @@ Submodules (cst.data, cst.eval, cst.judges, ...) load on first use.
 import importlib
 import os
 
-# libgomp's default spin-waiting makes each of the many short parallel regions of token-by-token
-# generation cost a whole scheduler slice when other processes share the cores (15-20x slower decoding,
-# measured); passive waiting costs little when the cores are free. An explicit setting wins. Read by
+# libgomp's default spin-waiting (300,000 spins) makes each of the many short parallel regions of
+# token-by-token generation cost a whole scheduler slice when other processes share the cores (15-20x
+# slower decoding, measured). Pure passive waiting (a futex sleep and wake per region) cost 25-35% of a
+# decoding step on free cores instead. 3,000 spins, then sleep, measured better than both on free and
+# on busy cores (docs/benchmarks.md). An explicit OMP_WAIT_POLICY or GOMP_SPINCOUNT wins. Read by
 # libgomp when the extension loads, hence before the import below.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = "3000"
 
 from . import _core  # noqa: E402
 from .config import ModelConfig  # noqa: E402

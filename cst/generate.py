@@ -4,6 +4,7 @@ Face's semantics (repetition penalty, then temperature, top-k, top-p). Not a tok
 """
 import math
 import numbers
+import threading
 
 import numpy as np
 
@@ -15,12 +16,49 @@ from .ops import rope_tables
 # longer prompts are prefilled in several calls with identical results.
 PREFILL_CHUNK = 256
 
+# From this many sequences on, generate() packs the weights once for the GEMM microkernel (gen_pack):
+# every product then runs at GEMM speed instead of the dot-product path. One or two rows are bound by
+# reading the weights either way, and packing (~0.1 s for SmolLM2) would not pay off.
+PACK_MIN_BATCH = 3
+
+
+class _PackBuffer:
+    """One reusable buffer for packed weights: a fresh 0.5 GB array costs ~0.2 s of page faults per call.
+    A second concurrent generation gets its own array (freed after use)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._buf = None
+
+    def acquire(self, size: int):
+        """-> (array of `size` floats, owned): pass both to release()."""
+        if self._lock.acquire(blocking=False):
+            if self._buf is None or self._buf.size < size:
+                self._buf = None
+                self._buf = np.empty(size, dtype=np.float32)
+            return self._buf[:size], True
+        return np.empty(size, dtype=np.float32), False
+
+    def release(self, owned: bool) -> None:
+        if owned:
+            self._lock.release()
+
+    def clear(self) -> None:
+        """Frees the cached buffer (when no generation is using it)."""
+        if self._lock.acquire(blocking=False):
+            self._buf = None
+            self._lock.release()
+
+
+_pack_buffer = _PackBuffer()
+
 
 class KVCache:
     """Caches and scratch for one generation session of `batch_size` sequences of up to `max_len`
     positions, allocated once. `step` appends tokens and returns each active sequence's last logits."""
 
-    def __init__(self, model, batch_size: int, max_len: int, max_chunk: int = PREFILL_CHUNK):
+    def __init__(self, model, batch_size: int, max_len: int, max_chunk: int = PREFILL_CHUNK,
+                 packed: np.ndarray | None = None, packed_nr: int = 0):
         cfg = _check_model(model)
         if max_len > cfg.max_seq_len:
             raise ValueError(f"KVCache: max_len {max_len} exceeds config.max_seq_len {cfg.max_seq_len}")
@@ -34,6 +72,8 @@ class KVCache:
         self.logits = np.zeros((batch_size, cfg.vocab_size), dtype=np.float32)
         self.rope_cos, self.rope_sin = rope_tables(max_len, cfg.head_dim, cfg.rope_theta)
         self.lengths = np.zeros(batch_size, dtype=np.int32)  # positions filled per sequence
+        # Optional: the weights packed by _core.gen_pack (and the panel width it returned).
+        self.packed, self.packed_nr = packed, packed_nr
 
     def step(self, tokens: np.ndarray, n_new: np.ndarray) -> np.ndarray:
         """Appends tokens[b, :n_new[b]] to sequence b (n_new[b] == 0 skips it; its logits row keeps
@@ -44,7 +84,8 @@ class KVCache:
             raise ValueError(f"KVCache.step: {tokens.shape[1]} tokens per sequence exceeds max_chunk "
                              f"{self.max_chunk}")
         _core.gen_forward(self.config, self.model.flat_params, tokens, self.lengths, n_new, self.rope_cos,
-                          self.rope_sin, self.k, self.v, self.scratch, self.logits)
+                          self.rope_sin, self.k, self.v, self.scratch, self.logits, packed=self.packed,
+                          packed_nr=self.packed_nr)
         self.lengths += n_new
         return self.logits
 
@@ -191,7 +232,21 @@ def generate(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p
     lens = np.array([p.size for p in prompts])
     longest = int(lens.max())
     chunk = min(longest, PREFILL_CHUNK)
-    cache = KVCache(model, B, longest + max_new_tokens, max_chunk=chunk)
+    packed, owned = None, False
+    if B >= PACK_MIN_BATCH:
+        packed, owned = _pack_buffer.acquire(_core.gen_packed_size(cfg))
+    try:
+        nr = _core.gen_pack(cfg, model.flat_params, packed) if packed is not None else 0
+        cache = KVCache(model, B, longest + max_new_tokens, max_chunk=chunk, packed=packed, packed_nr=nr)
+        return _run(cache, prompts, outputs, lens, longest, chunk, max_new_tokens, temperature, top_k, top_p,
+                    repetition_penalty, eos, stops, decode, stream, rng)
+    finally:
+        _pack_buffer.release(owned)
+
+
+def _run(cache, prompts, outputs, lens, longest, chunk, max_new_tokens, temperature, top_k, top_p,
+         repetition_penalty, eos, stops, decode, stream, rng):
+    B = len(prompts)
 
     # Prefill in chunks; a sequence whose prompt is done gets n_new 0 and keeps its logits row.
     tokens = np.zeros((B, chunk), dtype=np.int32)

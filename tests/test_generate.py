@@ -161,6 +161,76 @@ def test_results_do_not_depend_on_thread_count(model):
     assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
 
 
+def _packed(model):
+    buf = np.empty(_core.gen_packed_size(model.config), np.float32)
+    return buf, _core.gen_pack(model.config, model.flat_params, buf)
+
+
+def _ragged_steps(cache, seqs):
+    """Feeds seqs through cache in ragged chunks; returns the logits after every step."""
+    done, out = [0] * len(seqs), []
+    for n in ([3, 2, 4], [1, 1, 0], [4, 0, 1], [1, 1, 1]):
+        tok = np.zeros((len(seqs), 4), dtype=np.int32)
+        for b in range(len(seqs)):
+            tok[b, :n[b]] = seqs[b][done[b]:done[b] + n[b]]
+            done[b] += n[b]
+        out.append(cache.step(tok, np.array(n)).copy())
+    return out
+
+
+def test_packed_weights_match_unpacked_and_hf(model, simd):
+    """gen_forward with the weights from gen_pack (GEMM microkernel on every path, V not a multiple of
+    the panel width) against the unpacked path and transformers in float64."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    V = model.config.vocab_size
+    seqs = [rng.integers(0, V, 9).tolist(), rng.integers(0, V, 4).tolist(), rng.integers(0, V, 6).tolist()]
+    plain = _ragged_steps(KVCache(model, 3, 16, max_chunk=4), seqs)
+    buf, nr = _packed(model)
+    packed = _ragged_steps(KVCache(model, 3, 16, max_chunk=4, packed=buf, packed_nr=nr), seqs)
+    for a, b in zip(plain, packed):
+        assert rel_err(b, a) < 1e-5
+    hm = hf_model(model)
+    with torch.no_grad():
+        hf = hm(torch.tensor([seqs[0][:9]])).logits[0].numpy()
+    assert rel_err(packed[-1][0], hf[8]) < 1e-4
+
+
+def test_packed_results_do_not_depend_on_thread_count(model):
+    seqs = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [6, 7, 8, 9], [2, 4, 6, 8, 10, 12]]
+    before, outs = cst.get_num_threads(), []
+    try:
+        for n in (1, 2, 3):
+            cst.set_num_threads(n)
+            buf, nr = _packed(model)
+            outs.append(_ragged_steps(KVCache(model, 3, 16, max_chunk=4, packed=buf, packed_nr=nr), seqs))
+    finally:
+        cst.set_num_threads(before)
+    for o in outs[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(outs[0], o))
+
+
+def test_generate_packs_from_the_batch_threshold(model, monkeypatch):
+    """generate() packs for B >= PACK_MIN_BATCH; the tokens agree with the unpacked path, and two
+    threads generating at once (one gets the shared buffer, one its own) agree with both."""
+    import threading
+    prompts = [[3, 1], [10, 20, 30, 40, 50], [9, 9, 1], [7]]
+    monkeypatch.setattr(gen, "PACK_MIN_BATCH", 10**9)
+    plain = generate(model, prompts, max_new_tokens=10)
+    monkeypatch.setattr(gen, "PACK_MIN_BATCH", 1)
+    assert generate(model, prompts, max_new_tokens=10) == plain
+    results = [None, None]
+
+    def work(i):
+        results[i] = generate(model, prompts, max_new_tokens=10)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [plain, plain]
+
+
 def test_greedy_and_repetition_penalty_match_hf_generate(model):
     torch = pytest.importorskip("torch")
     hm = hf_model(model)
@@ -347,6 +417,35 @@ def test_core_rejects_bad_input(change, err, match):
     change(args)
     with pytest.raises(err, match=match):
         _core.gen_forward(**args)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: a.update(packed=a["packed"][:-1].copy()), "packed"),
+    (lambda a: a.update(packed_nr=a["packed_nr"] + 1), "panel width"),
+    (lambda a: a.update(packed=a["params"]), "packed"),
+])
+def test_core_rejects_bad_packed_weights(change, match):
+    args = _core_args(CFG_TIED)
+    args["packed"], args["packed_nr"] = np.zeros(_core.gen_packed_size(CFG_TIED), np.float32), 0
+    args["packed_nr"] = _core.gen_pack(CFG_TIED, args["params"], args["packed"])
+    _core.gen_forward(**args)
+    change(args)
+    with pytest.raises(ValueError, match=match):
+        _core.gen_forward(**args)
+
+
+def test_gen_pack_rejects_bad_input():
+    m = make_model(CFG_TIED)
+    n = _core.gen_packed_size(CFG_TIED)
+    with pytest.raises(ValueError, match="out"):
+        _core.gen_pack(CFG_TIED, m.flat_params, np.zeros(n - 1, np.float32))
+    with pytest.raises(ValueError, match="params"):
+        _core.gen_pack(CFG_TIED, m.flat_params[:-1], np.zeros(n, np.float32))
+    with pytest.raises(TypeError, match="out"):
+        _core.gen_pack(CFG_TIED, m.flat_params, np.zeros(n, np.float64))
+    big = np.zeros(m.flat_params.size + n, np.float32)
+    with pytest.raises(ValueError, match="share memory"):
+        _core.gen_pack(CFG_TIED, big[:m.flat_params.size], big[m.flat_params.size - 1:-1])
 
 
 def test_core_read_only_outputs_and_padding():
