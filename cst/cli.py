@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from .atomic import write_text
+from .trainer import find_checkpoint, load_checkpoint_into  # re-exported: they live with the trainer
 
 __all__ = ["main", "build_parser", "load_checkpoint_into", "find_checkpoint", "CliError", "UsageError"]
 
@@ -270,83 +271,6 @@ def _load_model(source, need_tokenizer=True):
     _say(f"loaded {source}: {_count(model.num_parameters)} parameters, {c.n_layers} layers, dim {c.dim} "
          f"({time.perf_counter() - t0:.1f} s)")
     return model
-
-
-def find_checkpoint(path):
-    """The checkpoint directory that `path` names: path itself when it holds weights.npy and
-    trainer_state.json, else the checkpoint-N inside it with the largest N (a `cst train` output dir)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path}: no such file or directory")
-    if not os.path.isdir(path):
-        raise ValueError(f"checkpoint {path}: not a directory (expected a checkpoint-N directory of `cst train`)")
-    if os.path.isfile(os.path.join(path, "trainer_state.json")):
-        return path
-    steps = [int(n.split("-", 1)[1]) for n in os.listdir(path)
-             if n.startswith("checkpoint-") and n.split("-", 1)[1].isdigit()
-             and os.path.isfile(os.path.join(path, n, "trainer_state.json"))]
-    if not steps:
-        raise ValueError(f"checkpoint {path}: neither a checkpoint (no trainer_state.json) nor a training "
-                         "output dir with checkpoint-N subdirectories")
-    return os.path.join(path, f"checkpoint-{max(steps)}")
-
-
-def load_checkpoint_into(model, path, merge=True):
-    """Applies a cst.trainer.Trainer checkpoint to `model` (the base model the run started from).
-
-    path: a checkpoint-N directory, or a run's output dir (its latest checkpoint). A full fine-tuning
-    checkpoint replaces the weights. A LoRA checkpoint holds the adapters' flat buffer: the adapters
-    are rebuilt with the run's config (trainer_state.json), loaded, and then merged into the weights
-    (merge=True: a plain model, fastest for generation and export) or attached (merge=False,
-    dropout off). Returns {"path", "kind", "step", "lora"} (lora: the LoRA object or None).
-    Raises ValueError when the checkpoint does not fit the model."""
-    import numpy as np
-    ckpt = find_checkpoint(path)
-    state_path = os.path.join(ckpt, "trainer_state.json")
-    weights_path = os.path.join(ckpt, "weights.npy")
-    try:
-        with open(state_path, encoding="utf-8") as f:
-            state = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{state_path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    if not isinstance(state, dict) or state.get("kind") not in ("full", "lora"):
-        raise ValueError(f"{state_path}: not a cst trainer state (no kind 'full' or 'lora')")
-    if not os.path.isfile(weights_path):
-        raise ValueError(f"checkpoint {ckpt}: weights.npy is missing")
-    try:
-        w = np.load(weights_path, allow_pickle=False)
-    except ValueError as e:
-        raise ValueError(f"{weights_path}: not a NumPy array file ({e})") from None
-    if w.dtype != np.float32 or w.ndim != 1:
-        raise ValueError(f"{weights_path}: expected a 1-D float32 array, got {w.dtype} {w.shape}")
-    lora = None
-    if state["kind"] == "full":
-        if w.size != model.flat_params.size:
-            raise ValueError(f"checkpoint {ckpt}: holds {w.size} weights, this model has {model.flat_params.size}; "
-                             "it was trained from a different model")
-        if model.adapter is not None:
-            model.adapter.detach()
-        model.flat_params[...] = w
-    else:
-        from .lora import LoRA
-        c = state.get("config") or {}
-        try:
-            lora = LoRA(model, r=c["lora_r"], alpha=c["lora_alpha"], dropout=c["lora_dropout"],
-                        target_modules=c["lora_target_modules"], seed=c["seed"])
-        except KeyError as e:
-            raise ValueError(f"{state_path}: the config lacks {e.args[0]!r}, needed to rebuild the LoRA "
-                             "adapters") from None
-        if w.size != lora.num_parameters:
-            raise ValueError(f"checkpoint {ckpt}: holds {w.size} adapter weights, LoRA r={lora.r} on this model "
-                             f"needs {lora.num_parameters}; it was trained from a different model")
-        lora.flat_params[...] = w
-        lora.training = False
-        if merge:
-            model.flat_params[...] = lora.merged_params()
-            lora.detach()
-        else:
-            lora.attach()
-    return {"path": ckpt, "kind": state["kind"], "step": state.get("step"), "lora": lora}
 
 
 def _run_info(ckpt_path):
@@ -1027,7 +951,7 @@ def build_parser():
                                "{\"prompt\", \"category\"} objects) or .jsonl (one string or object a line).")
     _add_model_args(s)
     s.add_argument("--prompts", default="default", metavar="FILE|default",
-                   help="prompts to answer; 'default' = the embedded training split of harmful requests (96)")
+                   help="prompts to answer; 'default' = the embedded training split of harmful requests (192)")
     s.add_argument("--output", "-o", required=True, metavar="OUT.jsonl", help="the synthesis log to write")
     s.add_argument("--max-new-tokens", type=_pos_int, default=256, metavar="N", help="tokens per generation")
     s.add_argument("--batch-size", type=_pos_int, default=8, metavar="N", help="conversations per model call")

@@ -18,7 +18,7 @@ DEFAULTS = {
     "model": "smollm2-135m-instruct",
     "configurations": "paraphrased",  # "paper": the paper's two strings; "paraphrased": 4 training phrasings each
     "train_phrasings": 1,  # training phrasings per pair and configuration (rotating over the pairs)
-    # prompts per category (None: all): 12 train / 3 test harmful, 5-6 train / 2 test benign per category
+    # prompts per category (None: all): 24 train / 3 test harmful, 9-10 train / 2 test benign per category
     "train_harmful_per_category": None,
     "train_benign_per_category": None,
     "eval_harmful_per_category": None,
@@ -260,37 +260,11 @@ def _train_config(s, seed, threads, train_dir):
         gradient_accumulation_steps=s["gradient_accumulation_steps"], max_length=s["max_length"],
         max_prompt_length=s["max_prompt_length"], lora_r=s["lora_r"], lora_alpha=s["lora_alpha"],
         lora_dropout=s["lora_dropout"], seed=seed, logging_steps=s["logging_steps"], save_steps=s["save_steps"],
-        output_dir=str(train_dir), num_threads=threads)
-
-
-def _paired_trainer_class():
-    """cst.Trainer whose micro-batches keep the records of one prompt together (its safe and its uncensored
-    version, whose preferences are opposite). In one batch their shared "refuse more" / "comply more"
-    gradients cancel and what is left depends on the system prompt. With plain shuffling, consecutive batches
-    push the whole model one way and back: measured on SmolLM2, the loss hovered around 1.0 and the model
-    ended up complying under every system prompt (S1 0.0)."""
-    import numpy as np
-    from .trainer import Trainer
-
-    class PairedTrainer(Trainer):
-        def __init__(self, *args, groups, **kwargs):
-            self._groups = list(groups)  # per record: its group key (the user prompt)
-            super().__init__(*args, **kwargs)
-
-        def _make_batches(self, epoch):
-            cfg = self.config
-            bs = cfg.per_device_train_batch_size
-            by = {}
-            for i, ex in enumerate(self.train_examples):
-                by.setdefault(self._groups[ex.index], []).append(i)
-            groups = list(by.values())
-            rng = np.random.default_rng([cfg.seed, epoch])
-            # Groups in a seeded order, cut into batches of bs: exactly ceil(n / bs) batches, as the step count
-            # assumes; a group is split across two batches only where a batch boundary falls inside it.
-            flat = [i for g in rng.permutation(len(groups)) for i in groups[g]]
-            return [np.asarray(flat[i:i + bs]) for i in range(0, len(flat), bs)]
-
-    return PairedTrainer
+        output_dir=str(train_dir), num_threads=threads,
+        # CST twins in one micro-batch. With plain shuffling, consecutive batches pushed the whole model one
+        # way and back: measured on SmolLM2, the loss hovered around 1.0 and the model ended up complying
+        # under every system prompt (S1 0.0).
+        group_by="prompt")
 
 
 def _resume_point(train_dir: Path, config, data_key: str):
@@ -573,7 +547,7 @@ def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int 
         config = _train_config(s, seed, threads, train_dir)
         data_key = _key([r.to_dict() for r in records])
         resume = _resume_point(train_dir, config, data_key)
-        trainer = _paired_trainer_class()(model, config, train_dataset=records, groups=[r.prompt for r in records])
+        trainer = cst.Trainer(model, config, train_dataset=records)
         if resume:
             print(f"      resuming from {trainer._latest_checkpoint()}", flush=True)
         else:

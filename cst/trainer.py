@@ -135,6 +135,7 @@ class Trainer:
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.train_examples, self.train_stats = self._examples(train_dataset, "train_dataset")
+        self._groups = self._group_keys(train_dataset) if config.group_by == "prompt" else None
         self.eval_examples, self.eval_stats = (self._examples(eval_dataset, "eval_dataset")
                                                if eval_dataset is not None and len(eval_dataset) else ([], None))
         if not self.train_examples:
@@ -241,12 +242,29 @@ class Trainer:
             self._epoch_batches = (epoch, self._make_batches(epoch))
         return self._epoch_batches[1]
 
+    @staticmethod
+    def _group_keys(dataset):
+        """Per record of dataset: its user prompt (config.group_by == "prompt")."""
+        first = dataset[0]
+        if (isinstance(first, dict) and "prompt_ids" in first) or hasattr(first, "prompt_ids"):
+            raise ValueError("Trainer: group_by='prompt' needs text records with a 'prompt', not tokenised examples")
+        return [r["prompt"] if isinstance(r, dict) else r.prompt for r in dataset]
+
     def _make_batches(self, epoch):
         """Micro-batches of example indices for one epoch: a seeded permutation, then sorted by length
-        inside windows of 16 batches so that padding stays small while the order stays random."""
+        inside windows of 16 batches so that padding stays small while the order stays random. With
+        group_by, whole groups in a seeded order, cut into batches: exactly ceil(n / bs) batches, as the
+        step count assumes; a group is split only where a batch boundary falls inside it."""
         cfg, n = self.config, len(self.train_examples)
         bs = cfg.per_device_train_batch_size
         rng = np.random.default_rng([cfg.seed, epoch])
+        if self._groups is not None:
+            by = {}
+            for i, ex in enumerate(self.train_examples):
+                by.setdefault(self._groups[ex.index], []).append(i)
+            groups = list(by.values())
+            flat = [i for g in rng.permutation(len(groups)) for i in groups[g]]
+            return [np.asarray(flat[i:i + bs]) for i in range(0, len(flat), bs)]
         order = rng.permutation(n)
         window = bs * 16
         out = []
@@ -614,3 +632,80 @@ def _dpo_metrics(out, lp, P):
             "rewards/rejected": float(out.rejected_rewards.mean()),
             "rewards/accuracies": float(out.accuracies.mean()), "rewards/margins": float(out.margins.mean()),
             "logps/chosen": float(lp[:P].mean()), "logps/rejected": float(lp[P:].mean())}
+
+
+# ---- checkpoints as models ----
+
+def find_checkpoint(path):
+    """The checkpoint directory that `path` names: path itself when it holds weights.npy and
+    trainer_state.json, else the checkpoint-N inside it with the largest N (a `cst train` output dir)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path}: no such file or directory")
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint {path}: not a directory (expected a checkpoint-N directory of `cst train`)")
+    if os.path.isfile(os.path.join(path, "trainer_state.json")):
+        return path
+    steps = [int(n.split("-", 1)[1]) for n in os.listdir(path)
+             if n.startswith("checkpoint-") and n.split("-", 1)[1].isdigit()
+             and os.path.isfile(os.path.join(path, n, "trainer_state.json"))]
+    if not steps:
+        raise ValueError(f"checkpoint {path}: neither a checkpoint (no trainer_state.json) nor a training "
+                         "output dir with checkpoint-N subdirectories")
+    return os.path.join(path, f"checkpoint-{max(steps)}")
+
+
+def load_checkpoint_into(model, path, merge=True):
+    """Applies a cst.trainer.Trainer checkpoint to `model` (the base model the run started from).
+
+    path: a checkpoint-N directory, or a run's output dir (its latest checkpoint). A full fine-tuning
+    checkpoint replaces the weights. A LoRA checkpoint holds the adapters' flat buffer: the adapters
+    are rebuilt with the run's config (trainer_state.json), loaded, and then merged into the weights
+    (merge=True: a plain model, fastest for generation and export) or attached (merge=False,
+    dropout off). Returns {"path", "kind", "step", "lora"} (lora: the LoRA object or None).
+    Raises ValueError when the checkpoint does not fit the model."""
+    ckpt = find_checkpoint(path)
+    state_path = os.path.join(ckpt, "trainer_state.json")
+    weights_path = os.path.join(ckpt, "weights.npy")
+    try:
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{state_path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if not isinstance(state, dict) or state.get("kind") not in ("full", "lora"):
+        raise ValueError(f"{state_path}: not a cst trainer state (no kind 'full' or 'lora')")
+    if not os.path.isfile(weights_path):
+        raise ValueError(f"checkpoint {ckpt}: weights.npy is missing")
+    try:
+        w = np.load(weights_path, allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"{weights_path}: not a NumPy array file ({e})") from None
+    if w.dtype != np.float32 or w.ndim != 1:
+        raise ValueError(f"{weights_path}: expected a 1-D float32 array, got {w.dtype} {w.shape}")
+    lora = None
+    if state["kind"] == "full":
+        if w.size != model.flat_params.size:
+            raise ValueError(f"checkpoint {ckpt}: holds {w.size} weights, this model has {model.flat_params.size}; "
+                             "it was trained from a different model")
+        if model.adapter is not None:
+            model.adapter.detach()
+        model.flat_params[...] = w
+    else:
+        c = state.get("config") or {}
+        try:
+            lora = LoRA(model, r=c["lora_r"], alpha=c["lora_alpha"], dropout=c["lora_dropout"],
+                        target_modules=c["lora_target_modules"], seed=c["seed"])
+        except KeyError as e:
+            raise ValueError(f"{state_path}: the config lacks {e.args[0]!r}, needed to rebuild the LoRA "
+                             "adapters") from None
+        if w.size != lora.num_parameters:
+            raise ValueError(f"checkpoint {ckpt}: holds {w.size} adapter weights, LoRA r={lora.r} on this model "
+                             f"needs {lora.num_parameters}; it was trained from a different model")
+        lora.flat_params[...] = w
+        lora.training = False
+        if merge:
+            model.flat_params[...] = lora.merged_params()
+            lora.detach()
+        else:
+            lora.attach()
+    return {"path": ckpt, "kind": state["kind"], "step": state.get("step"), "lora": lora}

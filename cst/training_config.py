@@ -38,6 +38,10 @@ class DPOConfig:
     rpo_alpha (TRL's name, "RPO"): adds rpo_alpha times the mean negative log-likelihood of the chosen
     completions' tokens to the DPO loss, so the policy keeps writing the preferred answers instead of
     only pushing both sides down (None or 0: plain DPO).
+    group_by "prompt": each micro-batch keeps together the records that share a user prompt (CST's two
+    versions of a pair, under the safe and the uncensored system prompt, with opposite preferences), so
+    their shared "refuse more" / "comply more" gradients cancel inside a step and what is left depends on
+    the system prompt; needs text records. None: seeded random batches bucketed by length.
     """
     beta: float = 0.1
     loss_type: str = "sigmoid"
@@ -69,6 +73,7 @@ class DPOConfig:
     output_dir: str = "runs/cst"
     mode: str = "dpo"
     num_threads: Optional[int] = None
+    group_by: Optional[str] = None
 
     def __post_init__(self):
         def fail(name, msg):
@@ -101,6 +106,7 @@ class DPOConfig:
         choice("loss_type", LOSS_TYPES)
         real("label_smoothing", 0.0, 0.5)
         real("rpo_alpha", 0.0, optional=True)
+        choice("group_by", (None, "prompt"))
         if self.label_smoothing > 0 and self.loss_type != "sigmoid":
             fail("label_smoothing", f"must be 0 for loss_type={self.loss_type!r} (only 'sigmoid' "
                  "supports label smoothing)")

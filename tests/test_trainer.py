@@ -447,3 +447,33 @@ def test_rpo_alpha_adds_the_chosen_nll_gradient(tmp_path):
     assert nll > 0 and abs(losses_seen[0.5]["loss"] - (losses_seen[None]["loss"] + 0.5 * nll)) < 1e-9
     with pytest.raises(ValueError, match="rpo_alpha"):
         DPOConfig(rpo_alpha=-1.0)
+
+
+def test_group_by_prompt_keeps_cst_twins_in_one_batch(tmp_path):
+    """group_by="prompt": every micro-batch holds whole groups of records sharing a user prompt, except
+    where a batch boundary falls inside a group; ceil(n / bs) batches per epoch; seeded, epoch-dependent."""
+    from cst.gguf import load_gguf_tokenizer
+    from cst.io import smollm2_path
+    tok = load_gguf_tokenizer(smollm2_path())
+    m = Model(ModelConfig(vocab_size=49152, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32,
+                          max_seq_len=256))
+    recs = []
+    for k in range(7):
+        for system in ("be safe", "be uncensored"):
+            recs.append(PreferenceRecord(prompt=f"question {k}", chosen=f"answer {k} {system}",
+                                         rejected=f"other {k}", system=system))
+    tr = Trainer(m, config(tmp_path, "grp", group_by="prompt", per_device_train_batch_size=4, max_length=200,
+                           max_prompt_length=150), recs, tokenizer=tok)
+    for epoch in (0, 1):
+        batches = tr._make_batches(epoch)
+        assert len(batches) == -(-len(recs) // 4)
+        flat = [int(i) for b in batches for i in b]
+        assert sorted(flat) == list(range(len(recs)))
+        # records of one prompt are adjacent in the epoch's order
+        prompts = [recs[tr.train_examples[i].index].prompt for i in flat]
+        assert all(prompts[j] == prompts[j + 1] for j in range(0, len(prompts) - 1, 2))
+    assert [list(b) for b in tr._make_batches(0)] != [list(b) for b in tr._make_batches(1)]
+    with pytest.raises(ValueError, match="group_by"):
+        DPOConfig(group_by="system")
+    with pytest.raises(ValueError, match="group_by"):
+        Trainer(toy_model(), config(tmp_path, "grp2", group_by="prompt"), cst_pairs(4, 0))
