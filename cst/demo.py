@@ -11,6 +11,8 @@ import shutil
 import time
 from pathlib import Path
 
+from .atomic import write_json, write_text
+
 __all__ = ["DEFAULTS", "QUICK", "settings_for", "run"]
 
 # The full recipe. Every key can be overridden through run(**overrides); docs/demo.md explains each choice.
@@ -98,11 +100,7 @@ def _key(obj) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    write_json(path, obj, indent=1, ensure_ascii=False)
 
 
 def _read_cache(path: Path, key: str):
@@ -613,8 +611,7 @@ def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int 
         report["files"]["eval_tuned"] = str(out / "eval_tuned.json")
     _write_json(out / "report.json", report)
     if rows:
-        (out / ".report.md.tmp").write_text(_markdown(report, rows), encoding="utf-8")
-        os.replace(out / ".report.md.tmp", out / "report.md")
+        write_text(out / "report.md", _markdown(report, rows))
     print(f"Total {timings['total']:.1f} s (CPU {cpu['total']:.1f} s); report: {out / 'report.md'}", flush=True)
     return report
 

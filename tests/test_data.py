@@ -420,17 +420,19 @@ def test_vanilla_dpo():
 def test_default_prompt_set():
     allp = P.default_prompts()
     harmful, benign = P.default_prompts(kind="harmful"), P.default_prompts(kind="benign")
-    assert len(harmful) == 120 and 55 <= len(benign) <= 65 and len(allp) == len(harmful) + len(benign)
+    assert len(harmful) == 216 and len(benign) == 92 and len(allp) == len(harmful) + len(benign)
     assert all(set(r) == {"prompt", "category", "kind", "split"} for r in allp)
-    assert Counter(r["category"] for r in harmful) == {c: 15 for c in P.CATEGORIES}
+    assert Counter(r["category"] for r in harmful) == {c: 27 for c in P.CATEGORIES}
+    assert Counter(r["category"] for r in P.default_prompts("train", "harmful")) == {c: 24 for c in P.CATEGORIES}
+    assert len(P.default_prompts("train", "benign")) == 76
     assert set(r["category"] for r in benign) == set(P.CATEGORIES)
     assert len({r["prompt"] for r in allp}) == len(allp)  # no duplicates anywhere
     train, test = P.default_prompts("train"), P.default_prompts("test")
     assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
     assert len(train) + len(test) == len(allp)
-    for kind, n in (("harmful", 120), ("benign", len(benign))):
+    for kind, n in (("harmful", 216), ("benign", len(benign))):
         t = P.default_prompts("test", kind)
-        assert 0.15 <= len(t) / n <= 0.35
+        assert 0.1 <= len(t) / n <= 0.35
         assert set(r["category"] for r in t) == set(P.CATEGORIES)  # every category is evaluated
     assert P.default_prompts() == allp  # fixed order and split on every call
     assert [r["prompt"] for r in P.default_prompts("test", "harmful")][:2] == [
