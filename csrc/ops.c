@@ -8,6 +8,11 @@
 #include <math.h>
 #include <string.h>
 
+/* Below this many elements a row-parallel kernel runs on the calling thread: waking the team (a futex
+ * wake per region once the spin has lapsed) costs more than the work, e.g. the 16 rows of a decoding
+ * step, ~150 such calls per token. Rows are owned by one thread either way, so results do not change. */
+#define CST_PAR_MIN_ELEMS 65536
+
 
 /* ---- embedding ---- */
 
@@ -57,7 +62,7 @@ static double sumsq_f32(const float *x, int64_t n) {
 
 void cst_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight, int64_t N,
                          int64_t C, float eps) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * C >= CST_PAR_MIN_ELEMS)
     for (int64_t n = 0; n < N; n++) {
         const float *x = inp + n * C;
         float *y = out + n * C;
@@ -113,7 +118,7 @@ void cst_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const 
 static void rope_apply(float *x, const float *cos_t, const float *sin_t, int64_t B, int64_t T,
                        int64_t H, int64_t HS, int64_t pos0, float sign) {
     const int64_t half = HS / 2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (B * T * H * HS >= CST_PAR_MIN_ELEMS)
     for (int64_t bt = 0; bt < B * T; bt++) {
         const int64_t pos = pos0 + bt % T;
         const float *cs = cos_t + pos * half, *sn = sin_t + pos * half;
@@ -184,7 +189,7 @@ void cst_swiglu_forward(float *out, const float *gu, int64_t N, int64_t F) {
     const cst_simd_path p = cst_simd_current();
     void (*row)(float *, const float *, const float *, int64_t) =
         p == CST_SIMD_AVX512 ? swiglu_fwd_avx512 : p == CST_SIMD_AVX2 ? swiglu_fwd_avx2 : swiglu_fwd_scalar;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * F >= CST_PAR_MIN_ELEMS)
     for (int64_t n = 0; n < N; n++) row(out + n * F, gu + n * 2 * F, gu + n * 2 * F + F, F);
 }
 
