@@ -608,6 +608,22 @@ void cst_gemm_pack_nt(float *dst, const float *w, int64_t OC, int64_t C) {
         pack_b(dst + p * g.nr * C, w, 1, C, 0, C, p * g.nr, min64(g.nr, OC - p * g.nr), g.nr, g.simd_pack);
 }
 
+/* No memory for packing A: unblocked, straight from the packed weights (slow, still correct). */
+static void packed_naive(float *c, const float *a, const float *wp, int64_t M, int64_t C, int64_t OC, int NR,
+                         int accumulate) {
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < M; i++)
+        for (int64_t o = 0; o < OC; o++) {
+            const float *col = wp + (o / NR) * NR * C + o % NR;
+            float s = 0.0f;
+            for (int64_t k = 0; k < C; k++) s += a[i * C + k] * col[k * NR];
+            c[i * OC + o] = accumulate ? c[i * OC + o] + s : s;
+        }
+}
+
+/* Up to this many rows, A is packed whole and each weight panel streams through once (see below). */
+#define FEW_ROWS 64
+
 void cst_gemm_packed_nt(float *c, const float *a, const float *wp, int64_t M, int64_t C, int64_t OC,
                         int accumulate) {
     if (M <= 0 || OC <= 0) return;
@@ -624,18 +640,36 @@ void cst_gemm_packed_nt(float *c, const float *a, const float *wp, int64_t M, in
     int nt = max_threads();
     if ((double)M * OC * C < 1e6) nt = 1;
     if (nt > (split_rows ? pm : pn)) nt = (int)(split_rows ? pm : pn);
-    const size_t abuf_len = (size_t)g.mcp * MR * KC;
+    /* Few rows (a decoding step): A packed whole (every k block) once per thread, then each panel of
+     * this thread's contiguous range walks all of k, so the packed weights stream from memory in one
+     * sequential run per thread. Same k blocks, same order, same sums as the general loop below. */
+    const int few = !split_rows && M <= FEW_ROWS;
+    const int64_t mpad = pm * MR, nkb = (C + KC - 1) / KC;
+    const size_t abuf_len = few ? (size_t)(mpad * nkb * KC) : (size_t)g.mcp * MR * KC;
     int cached;
     float *scratch = scratch_get(abuf_len * (size_t)nt, &cached);
-    if (!scratch) { /* no memory for an A block: the unpacked weights are not at hand, so go unblocked */
-#pragma omp parallel for schedule(static)
-        for (int64_t i = 0; i < M; i++)
-            for (int64_t o = 0; o < OC; o++) {
-                const float *col = wp + (o / NR) * NR * C + o % NR;
-                float s = 0.0f;
-                for (int64_t k = 0; k < C; k++) s += a[i * C + k] * col[k * NR];
-                c[i * OC + o] = accumulate ? c[i * OC + o] + s : s;
+    if (!scratch) return packed_naive(c, a, wp, M, C, OC, NR, accumulate);
+    if (few) {
+#pragma omp parallel for schedule(static) num_threads(nt)
+        for (int t = 0; t < nt; t++) {
+            float *abuf = scratch + (size_t)t * abuf_len;
+            const int64_t j0 = pn * t / nt, j1 = pn * (t + 1) / nt;
+            for (int64_t pb = 0; pb < nkb; pb++) {
+                const int64_t pc = pb * KC, kc = min64(KC, C - pc);
+                pack_a(abuf + pb * mpad * KC, a, C, 1, 0, M, pc, kc, MR, g.simd_pack);
             }
+            for (int64_t jp = j0; jp < j1; jp++) {
+                const int nr = (int)min64(NR, OC - jp * NR);
+                for (int64_t pb = 0; pb < nkb; pb++) {
+                    const int64_t pc = pb * KC, kc = min64(KC, C - pc);
+                    const float *bp = wp + jp * NR * C + pc * NR, *ab = abuf + pb * mpad * KC;
+                    for (int64_t ip = 0; ip < M; ip += MR)
+                        g.ukr(kc, ab + ip * kc, bp, NR, c + ip * OC + jp * NR, OC, (int)min64(MR, M - ip), nr,
+                              accumulate || pc > 0);
+                }
+            }
+        }
+        scratch_put(scratch, cached);
         return;
     }
 #pragma omp parallel for schedule(static) num_threads(nt)

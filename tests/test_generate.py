@@ -196,6 +196,18 @@ def test_packed_weights_match_unpacked_and_hf(model, simd):
     assert rel_err(packed[-1][0], hf[8]) < 1e-4
 
 
+def test_packed_weights_long_prefill(model):
+    """More than 64 rows in one call takes the general packed loop (few rows pack A whole instead)."""
+    rng = np.random.default_rng(12)
+    V = model.config.vocab_size
+    tok = rng.integers(0, V, (3, 30)).astype(np.int32)
+    n = np.array([30, 25, 28], np.int32)
+    plain = KVCache(model, 3, 40, max_chunk=30).step(tok, n).copy()
+    buf, nr = _packed(model)
+    packed = KVCache(model, 3, 40, max_chunk=30, packed=buf, packed_nr=nr).step(tok, n)
+    assert rel_err(packed, plain) < 1e-5
+
+
 def test_packed_results_do_not_depend_on_thread_count(model):
     seqs = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [6, 7, 8, 9], [2, 4, 6, 8, 10, 12]]
     before, outs = cst.get_num_threads(), []
