@@ -325,7 +325,13 @@ def cmd_demo(args):
     for name in ("output_dir", "seed", "threads"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
-    result = demo.run(**kwargs)
+    overrides = _parse_set(args.set)
+    if overrides:
+        try:
+            demo.settings_for(args.quick, **overrides)
+        except ValueError as e:
+            raise UsageError(f"--set: {e}") from None
+    result = demo.run(**kwargs, **overrides)
     if isinstance(result, (str, os.PathLike)):
         print(f"demo output: {os.fspath(result)}")
     return 0
@@ -921,10 +927,15 @@ def build_parser():
     d = sub.add_parser("demo", parents=[common], help="run the CST pipeline end to end",
                        description="Runs the whole CST pipeline on SmolLM2-135M-Instruct: synthesize pairs, build "
                                    "CST records, train LoRA adapters, evaluate before/after, write a report.",
-                       epilog="examples:\n  cst demo --quick\n  cst demo --output-dir runs/demo --seed 1 --threads 4")
+                       epilog="examples:\n  cst demo --quick\n  cst demo --output-dir runs/demo --seed 1 --threads 4\n"
+                              "  cst demo --set learning_rate=0.001 --set num_train_epochs=4")
     d.add_argument("--quick", action="store_true", help="a small, fast run (fewer prompts and steps)")
     d.add_argument("--output-dir", metavar="DIR", help="where the demo writes its files (default: the demo's own)")
     d.add_argument("--seed", type=_nonneg_int, metavar="N", help="random seed (default: the demo's own)")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a setting of cst.demo.DEFAULTS (VALUE read as JSON when it parses), e.g. "
+                        "--set train_harmful_per_category=null (all 24 train prompts per category) --set "
+                        "num_train_epochs=2; repeatable")
     _add_threads(d)
     d.set_defaults(func=cmd_demo)
 

@@ -91,7 +91,7 @@ def assert_one_line_error(rc, err, expected_rc, *fragments):
 
 HELP = {
     (): ["demo", "data", "train", "eval", "chat", "export", "info", "examples:"],
-    ("demo",): ["--quick", "--output-dir", "--seed", "--threads"],
+    ("demo",): ["--quick", "--output-dir", "--seed", "--set", "--threads"],
     ("data",): ["synth", "build"],
     ("data", "synth"): ["--model", "--prompts", "--output", "--max-new-tokens", "--batch-size", "--seed", "--limit"],
     ("data", "build"): ["--pairs", "--output", "--configurations", "--phrasings", "--vanilla-dpo"],
@@ -391,6 +391,7 @@ def test_demo_missing_module(capsys, monkeypatch):
 
 
 def test_demo_arguments(capsys, monkeypatch, tmp_path):
+    from cst.demo import settings_for
     calls = []
     fake = types.ModuleType("cst.demo")
     fake.run = lambda **kw: calls.append(kw)
@@ -400,6 +401,13 @@ def test_demo_arguments(capsys, monkeypatch, tmp_path):
     assert calls == [{"quick": True, "output_dir": str(tmp_path), "seed": 3, "threads": 1}, {"quick": False}]
     rc, _, err = run_cli(capsys, ["demo", "--seed", "x"])
     assert_one_line_error(rc, err, 2, "--seed")
+    fake.settings_for = settings_for
+    assert main(["demo", "--set", "num_train_epochs=2", "--set", "train_harmful_per_category=null"]) == 0
+    assert calls[-1] == {"quick": False, "num_train_epochs": 2, "train_harmful_per_category": None}
+    for bad, what in ((["--set", "epochs=2"], "unknown setting"), (["--set", "configurations=x"], "configurations"),
+                      (["--set", "novalue"], "KEY=VALUE")):
+        rc, _, err = run_cli(capsys, ["demo"] + bad)
+        assert_one_line_error(rc, err, 2, what)
 
 
 def test_demo_quick_end_to_end(tmp_path):
