@@ -20,9 +20,11 @@ DEFAULTS = {
     "model": "smollm2-135m-instruct",
     "configurations": "paraphrased",  # "paper": the paper's two strings; "paraphrased": 4 training phrasings each
     "train_phrasings": 1,  # training phrasings per pair and configuration (rotating over the pairs)
-    # prompts per category (None: all): 24 train / 3 test harmful, 9-10 train / 2 test benign per category
-    "train_harmful_per_category": None,
-    "train_benign_per_category": None,
+    # prompts per category (None: all of the 24 train / 3 test harmful, 9-10 train / 2 test benign). The
+    # default trains on the first 12 harmful and 6 benign train prompts of each category (96 + 48): what
+    # fits the 20-minute budget with 3 epochs; all of them at 2 epochs and lr 1e-3 gave S1 0.552 (run y1).
+    "train_harmful_per_category": 12,
+    "train_benign_per_category": 6,
     "eval_harmful_per_category": None,
     "eval_benign_per_category": None,
     # evaluation (greedy)
@@ -41,7 +43,7 @@ DEFAULTS = {
     "lora_r": 16,
     "lora_alpha": 32.0,
     "lora_dropout": 0.0,
-    "learning_rate": 1e-3,
+    "learning_rate": 2e-3,
     "lr_scheduler_type": "cosine",
     "warmup_ratio": 0.1,
     "num_train_epochs": 3.0,
