@@ -621,7 +621,8 @@ static void packed_naive(float *c, const float *a, const float *wp, int64_t M, i
         }
 }
 
-/* Up to this many rows, A is packed whole and each weight panel streams through once (see below). */
+/* Rows per packed product: A (up to 64 x C) is packed whole and each weight panel streams through once;
+ * more rows are done in blocks of this many. */
 #define FEW_ROWS 64
 
 void cst_gemm_packed_nt(float *c, const float *a, const float *wp, int64_t M, int64_t C, int64_t OC,
@@ -634,63 +635,39 @@ void cst_gemm_packed_nt(float *c, const float *a, const float *wp, int64_t M, in
             for (int64_t i = 0; i < M; i++) memset(c + i * OC, 0, (size_t)OC * sizeof(float));
         return;
     }
-    const int64_t MC = (int64_t)g.mcp * MR;
+    if (M > FEW_ROWS) { /* blocks of rows, each its own product (rows are independent) */
+        for (int64_t m0 = 0; m0 < M; m0 += FEW_ROWS)
+            cst_gemm_packed_nt(c + m0 * OC, a + m0 * C, wp, min64(FEW_ROWS, M - m0), C, OC, accumulate);
+        return;
+    }
+    /* A packed whole (every k block) once per thread; then each panel of the thread's contiguous range
+     * walks all of k, so the packed weights stream from memory in one sequential run per thread. The k
+     * blocks and their order are cst_gemm's, hence the same sums. Threads split the column panels. */
     const int64_t pm = (M + MR - 1) / MR, pn = (OC + NR - 1) / NR;
-    const int split_rows = pm > pn;
     int nt = max_threads();
     if ((double)M * OC * C < 1e6) nt = 1;
-    if (nt > (split_rows ? pm : pn)) nt = (int)(split_rows ? pm : pn);
-    /* Few rows (a decoding step): A packed whole (every k block) once per thread, then each panel of
-     * this thread's contiguous range walks all of k, so the packed weights stream from memory in one
-     * sequential run per thread. Same k blocks, same order, same sums as the general loop below. */
-    const int few = !split_rows && M <= FEW_ROWS;
+    if (nt > pn) nt = (int)pn;
     const int64_t mpad = pm * MR, nkb = (C + KC - 1) / KC;
-    const size_t abuf_len = few ? (size_t)(mpad * nkb * KC) : (size_t)g.mcp * MR * KC;
+    const size_t abuf_len = (size_t)(mpad * nkb * KC);
     int cached;
     float *scratch = scratch_get(abuf_len * (size_t)nt, &cached);
     if (!scratch) return packed_naive(c, a, wp, M, C, OC, NR, accumulate);
-    if (few) {
-#pragma omp parallel for schedule(static) num_threads(nt)
-        for (int t = 0; t < nt; t++) {
-            float *abuf = scratch + (size_t)t * abuf_len;
-            const int64_t j0 = pn * t / nt, j1 = pn * (t + 1) / nt;
-            for (int64_t pb = 0; pb < nkb; pb++) {
-                const int64_t pc = pb * KC, kc = min64(KC, C - pc);
-                pack_a(abuf + pb * mpad * KC, a, C, 1, 0, M, pc, kc, MR, g.simd_pack);
-            }
-            for (int64_t jp = j0; jp < j1; jp++) {
-                const int nr = (int)min64(NR, OC - jp * NR);
-                for (int64_t pb = 0; pb < nkb; pb++) {
-                    const int64_t pc = pb * KC, kc = min64(KC, C - pc);
-                    const float *bp = wp + jp * NR * C + pc * NR, *ab = abuf + pb * mpad * KC;
-                    for (int64_t ip = 0; ip < M; ip += MR)
-                        g.ukr(kc, ab + ip * kc, bp, NR, c + ip * OC + jp * NR, OC, (int)min64(MR, M - ip), nr,
-                              accumulate || pc > 0);
-                }
-            }
-        }
-        scratch_put(scratch, cached);
-        return;
-    }
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int t = 0; t < nt; t++) {
         float *abuf = scratch + (size_t)t * abuf_len;
-        const int64_t P = split_rows ? pm : pn, q0 = P * t / nt, q1 = P * (t + 1) / nt;
-        const int64_t m0 = split_rows ? q0 * MR : 0, m1 = split_rows ? min64(q1 * MR, M) : M;
-        const int64_t j0 = split_rows ? 0 : q0, j1 = split_rows ? pn : q1; /* panels */
-        for (int64_t ic = m0; ic < m1; ic += MC) {
-            const int64_t mc = min64(MC, m1 - ic);
-            for (int64_t pc = 0; pc < C; pc += KC) {
-                const int64_t kc = min64(KC, C - pc);
-                const int beta = accumulate || pc > 0;
-                pack_a(abuf, a, C, 1, ic, mc, pc, kc, MR, g.simd_pack);
-                for (int64_t jp = j0; jp < j1; jp++) {
-                    const int nr = (int)min64(NR, OC - jp * NR);
-                    const float *bp = wp + jp * NR * C + pc * NR;
-                    for (int64_t ip = 0; ip < mc; ip += MR)
-                        g.ukr(kc, abuf + ip * kc, bp, NR, c + (ic + ip) * OC + jp * NR, OC,
-                              (int)min64(MR, mc - ip), nr, beta);
-                }
+        const int64_t j0 = pn * t / nt, j1 = pn * (t + 1) / nt;
+        for (int64_t pb = 0; pb < nkb; pb++) {
+            const int64_t pc = pb * KC, kc = min64(KC, C - pc);
+            pack_a(abuf + pb * mpad * KC, a, C, 1, 0, M, pc, kc, MR, g.simd_pack);
+        }
+        for (int64_t jp = j0; jp < j1; jp++) {
+            const int nr = (int)min64(NR, OC - jp * NR);
+            for (int64_t pb = 0; pb < nkb; pb++) {
+                const int64_t pc = pb * KC, kc = min64(KC, C - pc);
+                const float *bp = wp + jp * NR * C + pc * NR, *ab = abuf + pb * mpad * KC;
+                for (int64_t ip = 0; ip < M; ip += MR)
+                    g.ukr(kc, ab + ip * kc, bp, NR, c + ip * OC + jp * NR, OC, (int)min64(MR, M - ip), nr,
+                          accumulate || pc > 0);
             }
         }
     }

@@ -20,8 +20,8 @@ void cst_gemv_nt(float *out, const float *x, const float *w, int64_t N, int64_t 
  * cst_gemm_panel_width: the column-panel width NR of the current SIMD path (the packed layout depends
  * on it alone). cst_gemm_packed_size: floats of w (OC, C) packed with width nr. cst_gemm_pack_nt: packs
  * w for the current path: panel p = rows p*NR.. of w, dst[p*NR*C + k*NR + j], zero-padded.
- * cst_gemm_packed_nt: out (M, OC) (+)= a (M, C) @ w^T from that packing; the same microkernel, k blocks
- * and summation order as cst_gemm, so the result is bitwise that of cst_gemm on the unpacked w. */
+ * cst_gemm_packed_nt: out (M, OC) (+)= a (M, C) @ w^T from that packing, each element summed over the
+ * same k blocks in the same order as cst_gemm; rows in blocks of 64. */
 int cst_gemm_panel_width(void);
 int64_t cst_gemm_packed_size(int64_t OC, int64_t C, int nr);
 void cst_gemm_pack_nt(float *dst, const float *w, int64_t OC, int64_t C);

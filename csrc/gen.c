@@ -130,15 +130,17 @@ void cst_gen_pack(float *dst, const float *params, const cst_gen_config *cfg) {
     cst_gemm_pack_nt(dst, cfg->tie_embeddings ? params : p + C, cfg->V, C);
 }
 
-/* y = x W^T from the packed copy when there is one, else from the weight itself. */
+/* Up to this many rows a product reads the packed weights (16-row microkernel, no packing of B); more
+ * rows (a long prefill) amortise packing B and run faster through cst_gemm's 8 x 48 kernel. */
+#define GEN_PACKED_MAX_ROWS 64
+
+/* y = x W^T from the packed copy when there is one and N is small, else from the weight itself; *wp
+ * always moves past this matrix's packed copy. */
 static void linear(float *out, const float *x, const float *w, const float **wp, int64_t N, int64_t C,
                    int64_t OC, int accumulate, int nr) {
-    if (*wp) {
-        cst_gemm_packed_nt(out, x, *wp, N, C, OC, accumulate);
-        *wp += cst_gemm_packed_size(OC, C, nr);
-    } else {
-        cst_matmul_forward(out, x, w, N, C, OC, accumulate);
-    }
+    if (*wp && N <= GEN_PACKED_MAX_ROWS) cst_gemm_packed_nt(out, x, *wp, N, C, OC, accumulate);
+    else cst_matmul_forward(out, x, w, N, C, OC, accumulate);
+    if (*wp) *wp += cst_gemm_packed_size(OC, C, nr);
 }
 
 void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch, const float *params,
@@ -199,7 +201,7 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
         const attend_fn attend = attend_for(cst_simd_current());
 
         cst_rmsnorm_forward(xn, rstd, x, w_in, N, C, cfg->norm_eps);
-        if (wp) { /* one product against the packed q|k|v, then its columns split into q, k and v */
+        if (wp && N <= GEN_PACKED_MAX_ROWS) { /* one product against the packed q|k|v, then split */
             cst_gemm_packed_nt(qkv, xn, wp, N, C, QD + 2 * KVD, 0);
             wp += cst_gemm_packed_size(QD + 2 * KVD, C, nr);
             for (int64_t r = 0; r < N; r++) {
@@ -212,6 +214,7 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
             cst_matmul_forward(q, xn, w_q, N, C, QD, 0);
             cst_matmul_forward(k, xn, w_k, N, C, KVD, 0);
             cst_matmul_forward(v, xn, w_v, N, C, KVD, 0);
+            if (wp) wp += cst_gemm_packed_size(QD + 2 * KVD, C, nr);
         }
         cst_rope_forward(q, rc, rs, 1, N, NH, HS, 0);
         cst_rope_forward(k, rc, rs, 1, N, NKV, HS, 0);

@@ -197,7 +197,8 @@ def test_packed_weights_match_unpacked_and_hf(model, simd):
 
 
 def test_packed_weights_long_prefill(model):
-    """More than 64 rows in one call takes the general packed loop (few rows pack A whole instead)."""
+    """More than 64 rows in one call (a long prefill) use the ordinary GEMM even with packed weights; the
+    packed pointer must still step over every matrix (the head is read packed)."""
     rng = np.random.default_rng(12)
     V = model.config.vocab_size
     tok = rng.integers(0, V, (3, 30)).astype(np.int32)
