@@ -365,11 +365,16 @@ def test_ctrl_c_subprocess(tmp_path, tiny):
     try:
         while "chat ready" not in (line := p.stderr.readline()):
             assert line, "cst chat exited before it was ready"
+        # stdin stays open: closing it (as communicate() would) races the signal with an EOF, which
+        # ends the chat normally (exit 0) when it wins.
         p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=30)
+        p.wait(timeout=30)
+        err = p.stderr.read()
     finally:
         if p.poll() is None:
             p.kill()
+        for f in (p.stdin, p.stdout, p.stderr):
+            f.close()
     assert p.returncode == 130
     assert err == "cst: interrupted\n"
 
