@@ -18,13 +18,14 @@ PREFILL_CHUNK = 256
 
 # From this many sequences on, generate() packs the weights once for the GEMM microkernel (gen_pack):
 # every product then runs at GEMM speed instead of the dot-product path. One or two rows are bound by
-# reading the weights either way, and packing (~0.1 s for SmolLM2) would not pay off.
+# reading the weights either way, and packing (~0.05 s for SmolLM2) would not pay off.
 PACK_MIN_BATCH = 3
 
 
 class _PackBuffer:
-    """One reusable buffer for packed weights: a fresh 0.5 GB array costs ~0.2 s of page faults per call.
-    A second concurrent generation gets its own array (freed after use)."""
+    """One reusable buffer for packed weights (as large as the model's weights: 538 MB for SmolLM2): a
+    fresh array costs ~1 s of page faults per call for SmolLM2. A second concurrent generation gets its
+    own array (freed after use). free_pack_buffer() gives the memory back."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -51,6 +52,12 @@ class _PackBuffer:
 
 
 _pack_buffer = _PackBuffer()
+
+
+def free_pack_buffer() -> None:
+    """Frees the packed-weight buffer that generate() keeps between calls (unless a generation is using
+    it); the next batched generate() allocates it again."""
+    _pack_buffer.clear()
 
 
 class KVCache:

@@ -242,6 +242,10 @@ def test_generate_packs_from_the_batch_threshold(model, monkeypatch):
     for t in threads:
         t.join()
     assert results == [plain, plain]
+    assert gen._pack_buffer._buf is not None
+    gen.free_pack_buffer()
+    assert gen._pack_buffer._buf is None
+    assert generate(model, prompts, max_new_tokens=10) == plain
 
 
 def test_greedy_and_repetition_penalty_match_hf_generate(model):
