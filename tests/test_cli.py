@@ -360,8 +360,11 @@ def test_chat_stream_matches_one_shot(capsys, tiny):
 
 def test_ctrl_c_subprocess(tmp_path, tiny):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # A runner started in the background (`cmd &` in a script) ignores SIGINT, and children inherit that;
+    # Python installs its KeyboardInterrupt handler only where SIGINT is not ignored, so reset it.
     p = subprocess.Popen([sys.executable, "-m", "cst", "chat", "--model", tiny], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         while "chat ready" not in (line := p.stderr.readline()):
             assert line, "cst chat exited before it was ready"
