@@ -581,31 +581,30 @@ void cst_gemv_nt(float *out, const float *x, const float *w, int64_t N, int64_t 
  * generate (not once per product) lets those rows run through the GEMM microkernel at full speed
  * instead of the dot-product path, and a long prompt's prefill skips packing B altogether. */
 
-/* The packed path's tiles: panel width 16 on every path (so a packing serves all of them); on AVX-512
- * the 16 x 16 kernel instead of 8 x 48. Every kernel sums each element over k in the same order, so
- * the tile shape does not change results. */
+/* The packed path's tiles: panels of CST_PACK_NR columns on every path (the scalar 4x16 and AVX2 6x16
+ * kernels already use 16; AVX-512 gets a 16 x 16 kernel instead of 8 x 48), so one packing serves all of
+ * them. Every kernel sums each element over k in the same order, so the tile shape does not change
+ * results. */
 static gemm_cfg packed_cfg_for(cst_simd_path p) {
     gemm_cfg g = cfg_for(p);
 #if defined(__x86_64__)
-    if (p == CST_SIMD_AVX512) g = (gemm_cfg){16, 16, 64, 0, ukr512_16x16, 1};
+    if (p == CST_SIMD_AVX512) g = (gemm_cfg){16, CST_PACK_NR, 64, 0, ukr512_16x16, 1};
 #endif
     return g;
 }
 
-int cst_gemm_panel_width(void) { return packed_cfg_for(cst_simd_current()).nr; }
-
-int64_t cst_gemm_packed_size(int64_t OC, int64_t C, int nr) { return (OC + nr - 1) / nr * nr * C; }
+int64_t cst_gemm_packed_size(int64_t OC, int64_t C) { return (OC + CST_PACK_NR - 1) / CST_PACK_NR * CST_PACK_NR * C; }
 
 void cst_gemm_pack_nt(float *dst, const float *w, int64_t OC, int64_t C) {
     const gemm_cfg g = packed_cfg_for(cst_simd_current());
-    const int64_t np = (OC + g.nr - 1) / g.nr;
+    const int NR = CST_PACK_NR;
+    const int64_t np = (OC + NR - 1) / NR;
     int nt = max_threads();
     if ((double)OC * C < 1e6) nt = 1;
     (void)nt;
-    /* Panel p holds weight rows p*NR .. p*NR+NR-1 for every k: dst[p*NR*C + k*NR + j], zero-padded. */
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t p = 0; p < np; p++)
-        pack_b(dst + p * g.nr * C, w, 1, C, 0, C, p * g.nr, min64(g.nr, OC - p * g.nr), g.nr, g.simd_pack);
+        pack_b(dst + p * NR * C, w, 1, C, 0, C, p * NR, min64(NR, OC - p * NR), NR, g.simd_pack);
 }
 
 /* No memory for packing A: unblocked, straight from the packed weights (slow, still correct). */
@@ -629,7 +628,7 @@ void cst_gemm_packed_nt(float *c, const float *a, const float *wp, int64_t M, in
                         int accumulate) {
     if (M <= 0 || OC <= 0) return;
     const gemm_cfg g = packed_cfg_for(cst_simd_current());
-    const int MR = g.mr, NR = g.nr;
+    const int MR = g.mr, NR = CST_PACK_NR;
     if (C <= 0) {
         if (!accumulate)
             for (int64_t i = 0; i < M; i++) memset(c + i * OC, 0, (size_t)OC * sizeof(float));

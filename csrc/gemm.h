@@ -16,14 +16,13 @@ void cst_gemm(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, c
 void cst_gemv_nt(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
                  int accumulate);
 
-/* Prepacked weights (generation packs each weight once and multiplies it many times).
- * cst_gemm_panel_width: the column-panel width NR of the current SIMD path (the packed layout depends
- * on it alone). cst_gemm_packed_size: floats of w (OC, C) packed with width nr. cst_gemm_pack_nt: packs
- * w for the current path: panel p = rows p*NR.. of w, dst[p*NR*C + k*NR + j], zero-padded.
+/* Prepacked weights (generation packs each weight once and multiplies it many times). The layout is the
+ * same on every SIMD path: panels of CST_PACK_NR rows of w, k-major, zero-padded —
+ * dst[p*NR*C + k*NR + j] = w[(p*NR + j)*C + k]. cst_gemm_packed_size: floats of w (OC, C) packed.
  * cst_gemm_packed_nt: out (M, OC) (+)= a (M, C) @ w^T from that packing, each element summed over the
  * same k blocks in the same order as cst_gemm; rows in blocks of 64. */
-int cst_gemm_panel_width(void);
-int64_t cst_gemm_packed_size(int64_t OC, int64_t C, int nr);
+#define CST_PACK_NR 16
+int64_t cst_gemm_packed_size(int64_t OC, int64_t C);
 void cst_gemm_pack_nt(float *dst, const float *w, int64_t OC, int64_t C);
 void cst_gemm_packed_nt(float *out, const float *a, const float *wp, int64_t M, int64_t C, int64_t OC,
                         int accumulate);

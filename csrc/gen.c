@@ -12,7 +12,7 @@
 #include <string.h>
 
 static inline __attribute__((always_inline)) float dot_hs(const float *a, const float *b, int64_t n) {
-    /* Same fixed 8-way partial sums as matmul.c: vectorisable without reassociation. */
+    /* Fixed 8-way partial sums (as gemm.c's scalar dot products): vectorisable without reassociation. */
     float acc[8] = {0};
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
@@ -105,16 +105,16 @@ static void layer_shapes(const cst_gen_config *cfg, int64_t rows[GEN_NW], int64_
     for (int i = 0; i < GEN_NW; i++) rows[i] = r[i], cols[i] = c[i];
 }
 
-int64_t cst_gen_packed_size(const cst_gen_config *cfg, int nr) {
+int64_t cst_gen_packed_size(const cst_gen_config *cfg) {
     int64_t rows[GEN_NW], cols[GEN_NW], layer = 0;
     layer_shapes(cfg, rows, cols);
-    for (int i = 0; i < GEN_NW; i++) layer += cst_gemm_packed_size(rows[i], cols[i], nr);
-    return cfg->L * layer + cst_gemm_packed_size(cfg->V, cfg->C, nr);
+    for (int i = 0; i < GEN_NW; i++) layer += cst_gemm_packed_size(rows[i], cols[i]);
+    return cfg->L * layer + cst_gemm_packed_size(cfg->V, cfg->C);
 }
 
 /* Packs q|k|v, o, gate|up and down of every layer, then the LM head, in that order. */
 void cst_gen_pack(float *dst, const float *params, const cst_gen_config *cfg) {
-    const int64_t C = cfg->C, nr = cst_gemm_panel_width();
+    const int64_t C = cfg->C;
     int64_t rows[GEN_NW], cols[GEN_NW];
     layer_shapes(cfg, rows, cols);
     const float *p = params + cfg->V * C;
@@ -122,7 +122,7 @@ void cst_gen_pack(float *dst, const float *params, const cst_gen_config *cfg) {
         p += C; /* attention norm */
         for (int i = 0; i < GEN_NW; i++) {
             cst_gemm_pack_nt(dst, p, rows[i], cols[i]);
-            dst += cst_gemm_packed_size(rows[i], cols[i], (int)nr);
+            dst += cst_gemm_packed_size(rows[i], cols[i]);
             p += rows[i] * cols[i];
             if (i == 1) p += C; /* the MLP norm sits between o and gate|up */
         }
@@ -137,18 +137,18 @@ void cst_gen_pack(float *dst, const float *params, const cst_gen_config *cfg) {
 /* y = x W^T from the packed copy when there is one and N is small, else from the weight itself; *wp
  * always moves past this matrix's packed copy. */
 static void linear(float *out, const float *x, const float *w, const float **wp, int64_t N, int64_t C,
-                   int64_t OC, int accumulate, int nr) {
+                   int64_t OC, int accumulate) {
     if (*wp && N <= GEN_PACKED_MAX_ROWS) cst_gemm_packed_nt(out, x, *wp, N, C, OC, accumulate);
     else cst_matmul_forward(out, x, w, N, C, OC, accumulate);
-    if (*wp) *wp += cst_gemm_packed_size(OC, C, nr);
+    if (*wp) *wp += cst_gemm_packed_size(OC, C);
 }
 
 void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch, const float *params,
                      const float *packed, const int32_t *tokens, const int32_t *start_pos,
                      const int32_t *n_new, const float *rope_cos, const float *rope_sin,
                      const cst_gen_config *cfg, int64_t B, int64_t S, int64_t maxT) {
-    const int nr = cst_gemm_panel_width();
     const float *wp = packed;
+    const attend_fn attend = attend_for(cst_simd_current());
     const int64_t V = cfg->V, C = cfg->C, L = cfg->L, NH = cfg->NH, NKV = cfg->NKV, F = cfg->F;
     const int64_t HS = C / NH, half = HS / 2, QD = NH * HS, KVD = NKV * HS, group = NH / NKV;
 
@@ -174,7 +174,7 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
     float *rs = rc + R * half;           /* (N,HS/2) sin */
     float *rstd = rs + R * half;         /* (N) rmsnorm's by-product, unused here */
     float *scores = rstd + R;            /* (N,NH,maxT) attention probabilities */
-    float *qkv = scores + R * NH * maxT; /* (N,NH*HS+2*NKV*HS) fused q|k|v (packed weights only) */
+    float *qkv = scores + R * NH * maxT; /* (N,NH*HS+2*NKV*HS) fused q|k|v */
     float *lastx = qkv + R * (QD + 2 * KVD); /* (nact,C) last new token of each active sequence */
     float *lastlog = lastx + B * C;      /* (nact,V) their logits */
 
@@ -193,28 +193,20 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
     const float scale = (float)(1.0 / sqrt((double)HS));
     const float *p = params + V * C;
     for (int64_t l = 0; l < L; l++) {
-        const float *w_in = p, *w_q = w_in + C, *w_k = w_q + QD * C, *w_v = w_k + KVD * C;
-        const float *w_o = w_v + KVD * C, *w_post = w_o + C * QD, *w_gu = w_post + C;
+        const float *w_in = p, *w_qkv = w_in + C; /* q, k and v rows, adjacent */
+        const float *w_o = w_qkv + (QD + 2 * KVD) * C, *w_post = w_o + C * QD, *w_gu = w_post + C;
         const float *w_down = w_gu + 2 * F * C;
         p = w_down + C * F;
         float *kl = kcache + l * B * maxT * KVD, *vl = vcache + l * B * maxT * KVD;
-        const attend_fn attend = attend_for(cst_simd_current());
 
         cst_rmsnorm_forward(xn, rstd, x, w_in, N, C, cfg->norm_eps);
-        if (wp && N <= GEN_PACKED_MAX_ROWS) { /* one product against the packed q|k|v, then split */
-            cst_gemm_packed_nt(qkv, xn, wp, N, C, QD + 2 * KVD, 0);
-            wp += cst_gemm_packed_size(QD + 2 * KVD, C, nr);
-            for (int64_t r = 0; r < N; r++) {
-                const float *row = qkv + r * (QD + 2 * KVD);
-                memcpy(q + r * QD, row, (size_t)QD * sizeof(float));
-                memcpy(k + r * KVD, row + QD, (size_t)KVD * sizeof(float));
-                memcpy(v + r * KVD, row + QD + KVD, (size_t)KVD * sizeof(float));
-            }
-        } else { /* three products, as RoPE and the cache copy want q, k and v contiguous */
-            cst_matmul_forward(q, xn, w_q, N, C, QD, 0);
-            cst_matmul_forward(k, xn, w_k, N, C, KVD, 0);
-            cst_matmul_forward(v, xn, w_v, N, C, KVD, 0);
-            if (wp) wp += cst_gemm_packed_size(QD + 2 * KVD, C, nr);
+        /* q|k|v as one product, then split: RoPE and the cache copy want q, k and v contiguous. */
+        linear(qkv, xn, w_qkv, &wp, N, C, QD + 2 * KVD, 0);
+        for (int64_t r = 0; r < N; r++) {
+            const float *row = qkv + r * (QD + 2 * KVD);
+            memcpy(q + r * QD, row, (size_t)QD * sizeof(float));
+            memcpy(k + r * KVD, row + QD, (size_t)KVD * sizeof(float));
+            memcpy(v + r * KVD, row + QD + KVD, (size_t)KVD * sizeof(float));
         }
         cst_rope_forward(q, rc, rs, 1, N, NH, HS, 0);
         cst_rope_forward(k, rc, rs, 1, N, NKV, HS, 0);
@@ -239,11 +231,11 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
                    start_pos[b], n_new[b], group, HS, QD, NH * maxT, KVD, maxT, scale);
         }
 
-        linear(x, att, w_o, &wp, N, QD, C, 1, nr); /* residual add */
+        linear(x, att, w_o, &wp, N, QD, C, 1); /* residual add */
         cst_rmsnorm_forward(xn, rstd, x, w_post, N, C, cfg->norm_eps);
-        linear(gu, xn, w_gu, &wp, N, C, 2 * F, 0, nr);
+        linear(gu, xn, w_gu, &wp, N, C, 2 * F, 0);
         cst_swiglu_forward(hb, gu, N, F);
-        linear(x, hb, w_down, &wp, N, F, C, 1, nr); /* residual add */
+        linear(x, hb, w_down, &wp, N, F, C, 1); /* residual add */
     }
 
     /* LM head on the last new token of each active sequence only. */
@@ -251,7 +243,7 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
     for (int64_t b = 0, off = 0, j = 0; b < B; off += n_new[b], b++)
         if (n_new[b] > 0) memcpy(lastx + (j++) * C, x + (off + n_new[b] - 1) * C, (size_t)C * sizeof(float));
     cst_rmsnorm_forward(xn, rstd, lastx, w_norm, nact, C, cfg->norm_eps);
-    linear(lastlog, xn, w_head, &wp, nact, C, V, 0, nr);
+    linear(lastlog, xn, w_head, &wp, nact, C, V, 0);
     for (int64_t b = 0, j = 0; b < B; b++)
         if (n_new[b] > 0) memcpy(logits + b * V, lastlog + (j++) * V, (size_t)V * sizeof(float));
 }
@@ -370,13 +362,11 @@ static int overlaps(PyObject *a, PyObject *b) {
 static PyObject *py_gen_forward(PyObject *self, PyObject *args, PyObject *kw) {
     static const char *fn = "gen_forward";
     static char *kwlist[] = {"config", "params", "tokens", "start_pos", "n_new", "rope_cos", "rope_sin",
-                             "kcache", "vcache", "scratch", "logits", "packed", "packed_nr", NULL};
+                             "kcache", "vcache", "scratch", "logits", "packed", NULL};
     PyObject *o_cfg, *o_params, *o_tok, *o_sp, *o_nn, *o_cos, *o_sin, *o_kc, *o_vc, *o_scr, *o_log;
     PyObject *o_packed = Py_None;
-    int packed_nr = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOOOO|Oi:gen_forward", kwlist, &o_cfg, &o_params, &o_tok,
-                                     &o_sp, &o_nn, &o_cos, &o_sin, &o_kc, &o_vc, &o_scr, &o_log, &o_packed,
-                                     &packed_nr))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOOOO|O:gen_forward", kwlist, &o_cfg, &o_params, &o_tok,
+                                     &o_sp, &o_nn, &o_cos, &o_sin, &o_kc, &o_vc, &o_scr, &o_log, &o_packed))
         return NULL;
     cst_gen_config cfg;
     if (read_config(fn, o_cfg, &cfg) < 0) return NULL;
@@ -401,14 +391,7 @@ static PyObject *py_gen_forward(PyObject *self, PyObject *args, PyObject *kw) {
         return NULL;
     void *packed = NULL;
     if (o_packed != Py_None) {
-        const int nr = cst_gemm_panel_width();
-        if (packed_nr != nr) {
-            PyErr_Format(PyExc_ValueError,
-                         "%s: 'packed' was packed for panel width %d, the current SIMD path uses %d "
-                         "(pack again with gen_pack)", fn, packed_nr, nr);
-            return NULL;
-        }
-        cst_dims_set(&d, 'W', (npy_intp)cst_gen_packed_size(&cfg, nr), "gen_packed_size(config)");
+        cst_dims_set(&d, 'W', (npy_intp)cst_gen_packed_size(&cfg), "gen_packed_size(config)");
         if (cst_arg(fn, "packed", o_packed, NPY_FLOAT32, "W", &d, 0, &packed) < 0) return NULL;
     }
     if (cst_dim(&d, 'R') < cst_dim(&d, 'M')) {
@@ -471,7 +454,7 @@ static PyObject *py_gen_packed_size(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "O:gen_packed_size", &o_cfg)) return NULL;
     cst_gen_config cfg;
     if (read_config("gen_packed_size", o_cfg, &cfg) < 0) return NULL;
-    return PyLong_FromLongLong((long long)cst_gen_packed_size(&cfg, cst_gemm_panel_width()));
+    return PyLong_FromLongLong((long long)cst_gen_packed_size(&cfg));
 }
 
 static PyObject *py_gen_pack(PyObject *self, PyObject *args, PyObject *kw) {
@@ -481,11 +464,10 @@ static PyObject *py_gen_pack(PyObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO:gen_pack", kwlist, &o_cfg, &o_params, &o_out)) return NULL;
     cst_gen_config cfg;
     if (read_config(fn, o_cfg, &cfg) < 0) return NULL;
-    const int nr = cst_gemm_panel_width();
     cst_dims d;
     cst_dims_init(&d);
     cst_dims_set(&d, 'P', (npy_intp)cst_gen_num_params(&cfg), "the config's parameter count");
-    cst_dims_set(&d, 'W', (npy_intp)cst_gen_packed_size(&cfg, nr), "gen_packed_size(config)");
+    cst_dims_set(&d, 'W', (npy_intp)cst_gen_packed_size(&cfg), "gen_packed_size(config)");
     void *params, *out;
     if (cst_arg(fn, "params", o_params, NPY_FLOAT32, "P", &d, 0, &params) < 0 ||
         cst_arg(fn, "out", o_out, NPY_FLOAT32, "W", &d, CST_WRITE, &out) < 0)
@@ -497,17 +479,16 @@ static PyObject *py_gen_pack(PyObject *self, PyObject *args, PyObject *kw) {
     Py_BEGIN_ALLOW_THREADS
     cst_gen_pack(out, params, &cfg);
     Py_END_ALLOW_THREADS
-    return PyLong_FromLong(nr);
+    Py_RETURN_NONE;
 }
 
 PyMethodDef cst_gen_methods[] = {
     {"gen_packed_size", py_gen_packed_size, METH_VARARGS,
-     "gen_packed_size(config) -> int: float32 elements gen_pack writes on the current SIMD path."},
+     "gen_packed_size(config) -> int: float32 elements gen_pack writes."},
     {"gen_pack", (PyCFunction)(void (*)(void))py_gen_pack, METH_VARARGS | METH_KEYWORDS,
-     "gen_pack(config, params, out) -> int: packs every weight matrix of params into out "
-     "(gen_packed_size(config) floats) for the GEMM microkernel of the current SIMD path and returns the "
-     "panel width it used; pass both to gen_forward(packed=, packed_nr=). Pack again after the weights "
-     "or the SIMD path change."},
+     "gen_pack(config, params, out): packs every weight matrix of params into out "
+     "(gen_packed_size(config) floats, the same layout on every SIMD path) for gen_forward(packed=out). "
+     "Pack again after the weights change."},
     {"gen_num_params", py_gen_num_params, METH_VARARGS,
      "gen_num_params(config) -> int: floats in the flat parameter buffer of this config."},
     {"gen_scratch_size", (PyCFunction)(void (*)(void))py_gen_scratch_size, METH_VARARGS | METH_KEYWORDS,
@@ -517,7 +498,7 @@ PyMethodDef cst_gen_methods[] = {
      "logits): appends tokens (B,S) int32 [b, :n_new[b]] at positions start_pos[b].. of each sequence's "
      "KV cache, rotary tables (>=maxT, HS/2) from cst.ops.rope_tables, "
      "(L,B,maxT,NKV*HS) and writes the logits of each active sequence's last new token into logits "
-     "(B,V); rows with n_new 0 are untouched. packed/packed_nr (from gen_pack, optional): the weights "
+     "(B,V); rows with n_new 0 are untouched. packed (from gen_pack, optional): the weights "
      "packed once, so that products of few rows run through the GEMM microkernel."},
     {NULL, NULL, 0, NULL},
 };

@@ -28,17 +28,16 @@ int64_t cst_gen_scratch_size(const cst_gen_config *cfg, int64_t B, int64_t S, in
  * tokens (B,S) in [0,V) where used; start_pos (B) >= 0; n_new (B) in [0,S]; start_pos+n_new <= maxT.
  * rope_cos, rope_sin (>= maxT, HS/2): rotary tables by position (cst.ops.rope_tables).
  * Positions below start_pos[b] must already hold sequence b's keys and values.
- * packed: NULL, or cst_gen_pack's output for these params on the current SIMD path. */
+ * packed: NULL, or cst_gen_pack's output for these params. */
 void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch, const float *params,
                      const float *packed, const int32_t *tokens, const int32_t *start_pos,
                      const int32_t *n_new, const float *rope_cos, const float *rope_sin,
                      const cst_gen_config *cfg, int64_t B, int64_t S, int64_t maxT);
 
-/* The weight matrices packed once for the GEMM microkernel of the current SIMD path (panel width nr,
- * cst_gemm_panel_width()): q, k, v, o, gate|up, down of each layer, then the LM head. cst_gen_forward
- * with packed != NULL reads the matrices from there (same results bitwise as cst_gemm on params;
- * norms and embeddings still come from params); packed must come from the current path. */
-int64_t cst_gen_packed_size(const cst_gen_config *cfg, int nr);
+/* The weight matrices packed once (cst_gemm_pack_nt's layout, the same on every SIMD path): q|k|v, o,
+ * gate|up and down of each layer, then the LM head. cst_gen_forward with packed != NULL reads products of
+ * up to 64 rows from there (norms and embeddings still come from params). */
+int64_t cst_gen_packed_size(const cst_gen_config *cfg);
 void cst_gen_pack(float *dst, const float *params, const cst_gen_config *cfg);
 
 #endif

