@@ -313,7 +313,8 @@ class Model:
     def forward_logprobs(self, tokens, targets, lengths=None):
         """Memory-lean forward for training on log-probabilities: tokens, targets (B, T) int32
         (targets in [-1, V), -1 = ignore) -> logp (B, T) float32, log p(targets[b,t] | tokens[b,:t+1]).
-        The LM head runs in row chunks: only the final hidden states and row log-sum-exps are saved.
+        The LM head runs in row chunks over the positions whose target is not ignored: only the final
+        hidden states and row log-sum-exps are saved.
         Padded and ignored positions give 0. The result is a view valid until the next call."""
         self._state = None
         tokens = self._check_inputs("forward_logprobs", tokens, lengths)
@@ -342,29 +343,32 @@ class Model:
         a = self._trunk(tokens)
         if self._pad is not None:
             a.lnf[self._pad] = 0.0
-        logp = self._buf("logp", (N,))
-        lse = self._buf("lp_lse", (N,), np.float64)
+        # The LM head runs only on the rows whose target is scored (a DPO batch's prompt rows are about
+        # half of it): their final hidden states are gathered into one block, and the rest give 0.
+        rows = np.flatnonzero(tg >= 0)
+        self._head_rows = rows
+        R = len(rows)
+        x = self._buf("head_in", (R, self.config.dim))
+        np.take(a.lnf, rows, axis=0, out=x)
+        tsel = tg[rows]
+        lp, ls = self._buf("head_logp", (R,)), self._buf("head_lse", (R,), np.float64)
         W = self._lm_head[0]
-        for r0, r1, chunk in self._chunks(N, tg):
-            if chunk is None:
-                logp[r0:r1] = 0.0
-                lse[r0:r1] = 0.0
-                continue
-            _core.matmul_forward(chunk, a.lnf[r0:r1], W)
-            _core.logprobs_forward(logp[r0:r1], lse[r0:r1], chunk, tg[r0:r1])
+        for r0, r1, chunk in self._chunks(R):
+            _core.matmul_forward(chunk, x[r0:r1], W)
+            _core.logprobs_forward(lp[r0:r1], ls[r0:r1], chunk, tsel[r0:r1])
+        logp = self._buf("logp", (N,))
+        logp.fill(0.0)
+        logp[rows] = lp
         self._acts_saved = a
         self._state = "logprobs"
         return logp.reshape(B, T)
 
-    def _chunks(self, N, tg):
-        """(r0, r1, logits scratch or None when every target in the chunk is ignored)."""
-        R = min(N, self.logits_chunk_rows)
-        for r0 in range(0, N, R):
-            r1 = min(N, r0 + R)
-            if not (tg[r0:r1] >= 0).any():
-                yield r0, r1, None
-            else:
-                yield r0, r1, self._buf("logits_chunk", (r1 - r0, self.config.vocab_size))
+    def _chunks(self, R):
+        """(r0, r1, logits scratch) over R gathered head rows, at most logits_chunk_rows at a time."""
+        C = max(1, min(R, self.logits_chunk_rows))
+        for r0 in range(0, R, C):
+            r1 = min(R, r0 + C)
+            yield r0, r1, self._buf("logits_chunk", (r1 - r0, self.config.vocab_size))
 
     def token_logprobs(self, tokens, lengths=None):
         """tokens (B, T) int32 -> (B, T-1) float32 log p(tokens[b, t+1] | tokens[b, :t+1]); positions
@@ -417,16 +421,19 @@ class Model:
         self._grad_acts(a, B, T)
         W, dW = self._lm_head
         dW = None if self.frozen_base else dW
-        tg, lse = self._buf("targets", (N,), np.int32), self._buf("lp_lse", (N,), np.float64)
-        dflat = dlogp.reshape(N)
+        rows = self._head_rows
+        R = len(rows)
+        x, dx = self._buf("head_in", (R, self.config.dim)), self._buf("head_dx", (R, self.config.dim))
+        tsel, ls = self._buf("targets", (N,), np.int32)[rows], self._buf("head_lse", (R,), np.float64)
+        dsel = np.ascontiguousarray(dlogp.reshape(N)[rows])
+        dx.fill(0.0)
+        for r0, r1, chunk in self._chunks(R):
+            _core.matmul_forward(chunk, x[r0:r1], W)
+            _core.logprobs_backward_inplace(chunk, dsel[r0:r1], tsel[r0:r1], ls[r0:r1])
+            _core.matmul_backward(dx[r0:r1], dW, chunk, x[r0:r1], W)
         dlnf = a.dln
         dlnf.fill(0.0)
-        for r0, r1, chunk in self._chunks(N, tg):
-            if chunk is None:
-                continue
-            _core.matmul_forward(chunk, a.lnf[r0:r1], W)
-            _core.logprobs_backward_inplace(chunk, dflat[r0:r1], tg[r0:r1], lse[r0:r1])
-            _core.matmul_backward(dlnf[r0:r1], dW, chunk, a.lnf[r0:r1], W)
+        dlnf[rows] = dx
         self._backward_trunk(a, B, T)
 
     def _backward_trunk(self, a, B, T):

@@ -124,6 +124,13 @@ def test_logprob_paths_agree_with_full_forward():
     m.backward(dlogits)
     assert rel_err(g_chunked, m.flat_grads) < 1e-5
 
+    # Every target ignored: nothing reaches the LM head, log-probs and gradients are exactly zero.
+    none = np.full((B, T), -1, np.int32)
+    assert not m.forward_logprobs(tokens, none, lengths).any()
+    m.zero_grad()
+    m.backward_logprobs(dlogp)
+    assert not m.flat_grads.any()
+
 
 def test_bitwise_identical_across_thread_counts():
     cfg = tiny_config(True)
