@@ -221,7 +221,9 @@ def _benign_pairs(model, s, seed, judge, out: Path, progress):
     from .prompts import default_prompts, pick_refusal
     from .synth import _derive_seed
     prompts = _per_category(default_prompts("train", "benign"), s["train_benign_per_category"])
-    key = _key({"model": s["model"], "seed": seed, "n": s["benign_max_new_tokens"], "t": s["temperature"],
+    # Greedy answers (temperature 0) do not depend on the seed: the cache then serves every seed.
+    key = _key({"model": s["model"], "seed": seed if s["temperature"] > 0 else None,
+                "n": s["benign_max_new_tokens"], "t": s["temperature"],
                 "prompts": [p["prompt"] for p in prompts]})
     path = out / "benign_answers.json"
     cached = _read_cache(path, key)

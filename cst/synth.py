@@ -278,7 +278,9 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
     n = n_per_prompt
     units = [(k // n, k % n, items[k // n][0]) for k in range(len(items) * n)]
     header = {"version": _FORMAT_VERSION, "n_prompts": len(items), "n_per_prompt": n,
-              "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed,
+              # Greedy generations do not depend on the seed, so a greedy log resumes under any seed.
+              "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+              "seed": seed if temperature > 0 else None,
               "temperature": temperature, "top_p": top_p, "permissive_system": permissive_system,
               "critique_template": critique_template, "revision_template": revision_template,
               "critic_system": critic_system, "judge": None if judge is None else type(judge).__name__,

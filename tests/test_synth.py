@@ -170,6 +170,13 @@ def test_resume_refuses_other_settings_or_prompts(tmp_path):
     changed[1]["prompt"] = "Something different."
     with pytest.raises(ValueError, match="prompt list changed"):
         run(tmp_path, changed, name="a.jsonl", batch_size=3)
+    # A greedy log resumes under another seed (greedy output does not depend on it); a sampled one does not.
+    model = FakeChatModel()
+    assert run(tmp_path, name="a.jsonl", batch_size=3, seed=7, model=model).stats["resumed"] == len(PROMPTS)
+    assert model.calls == 0
+    run(tmp_path, name="t.jsonl", batch_size=3, temperature=0.7)
+    with pytest.raises(ValueError, match="different settings.*seed"):
+        run(tmp_path, name="t.jsonl", batch_size=3, temperature=0.7, seed=7)
     # resume=False starts afresh and overwrites.
     res = run(tmp_path, changed, name="a.jsonl", batch_size=3, resume=False)
     assert res.stats["resumed"] == 0 and res.pairs[1].prompt == "Something different."
