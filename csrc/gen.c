@@ -10,6 +10,9 @@
 #include "vexp.h"
 #include <math.h>
 #include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 static inline __attribute__((always_inline)) float dot_hs(const float *a, const float *b, int64_t n) {
     /* Fixed 8-way partial sums (as gemm.c's scalar dot products): vectorisable without reassociation. */
@@ -70,16 +73,136 @@ typedef void (*attend_fn)(float *, float *, const float *, const float *, const 
 ATTEND_VARIANT(attend_scalar, )
 #if defined(__x86_64__)
 ATTEND_VARIANT(attend_avx2, CST_TARGET_AVX2)
-ATTEND_VARIANT(attend_avx512, CST_TARGET_AVX512)
+ATTEND_VARIANT(attend_generic_avx512, CST_TARGET_AVX512)
+
+/* ---- AVX-512 attention for head sizes 64 and 128 ----
+ * Scores come 16 positions at a time: each position's q.k is a 16-lane vector of partial products
+ * (HS/16 FMAs), and one transpose-and-add tree turns the 16 vectors into the 16 scores, instead of a
+ * horizontal sum per dot product. The softmax is not normalised in place: the output is scaled by
+ * 1/sum at the end. FMA contraction makes its sums differ from the other paths in the last bits. */
+
+/* Lane j of the result is the sum of the 16 lanes of v[4 * (j % 4) + j / 4] (store position j's
+ * partial products at that index to get the scores in position order). */
+static inline __attribute__((always_inline)) CST_TARGET_AVX512 __m512 hsum16_avx512(const __m512 *v) {
+    __m512 w[8], x[4], y[2];
+    for (int m = 0; m < 8; m++) /* 16 -> 8: 256-bit halves folded, two vectors per result */
+        w[m] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * m], v[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(v[2 * m], v[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int m = 0; m < 4; m++) /* 8 -> 4: 128-bit blocks folded; block b holds vector 4m + b */
+        x[m] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * m], w[2 * m + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(w[2 * m], w[2 * m + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int m = 0; m < 2; m++) /* 4 -> 2: within each block, pairs of lanes */
+        y[m] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * m], x[2 * m + 1]), _mm512_unpackhi_ps(x[2 * m], x[2 * m + 1]));
+    const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(y[0]), _mm512_castps_pd(y[1]));
+    const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(y[0]), _mm512_castps_pd(y[1]));
+    return _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+}
+
+/* exp_f32's polynomial on 16 lanes, with FMAs (so about 1 ulp, not bitwise exp_f32). NaN stays NaN. */
+static inline __attribute__((always_inline)) CST_TARGET_AVX512 __m512 exp_avx512(__m512 x) {
+    const __m512 lo = _mm512_set1_ps(-87.3365478515625f), hi = _mm512_set1_ps(88.3762626647949f);
+    const __m512 magic = _mm512_set1_ps(12582912.0f);
+    const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, lo), hi);
+    const __m512 t = _mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), magic);
+    const __m512 n = _mm512_sub_ps(t, magic);
+    const __m512i ni = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_castps_si512(magic));
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    const __m512 z = _mm512_mul_ps(r, r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(p, z, r), _mm512_set1_ps(1.0f));
+    const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(ni, _mm512_set1_epi32(127)), 23));
+    __m512 y = _mm512_mul_ps(p, s);
+    y = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ), y);                 /* underflow: 0 */
+    y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ), _mm512_set1_ps(INFINITY));
+    return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
+}
+
+static inline __attribute__((always_inline)) CST_TARGET_AVX512 __mmask16 tail_mask(int64_t left) {
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+}
+
+/* One query row of one head over positions 0..T-1: o = softmax(scale q.K^T) V, CH = HS / 16. p: T floats
+ * of scratch (the unnormalised probabilities are left there). */
+static inline __attribute__((always_inline)) CST_TARGET_AVX512 void attend_row_avx512(
+    float *o, float *p, const float *q, const float *k, const float *v, int64_t T, int64_t kvs, float scale,
+    const int CH) {
+    __m512 qv[8];
+    for (int c = 0; c < CH; c++) qv[c] = _mm512_loadu_ps(q + 16 * c);
+    const __m512 vscale = _mm512_set1_ps(scale);
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int64_t s0 = 0; s0 < T; s0 += 16) {
+        __m512 part[16];
+        for (int j = 0; j < 16; j++) {
+            const int64_t s = s0 + j < T ? s0 + j : T - 1; /* past the end: a repeat, its lane unused */
+            const float *kr = k + s * kvs;
+            __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
+            for (int c = 1; c < CH; c++) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kr + 16 * c), acc);
+            part[4 * (j % 4) + j / 4] = acc;
+        }
+        const __mmask16 m = tail_mask(T - s0);
+        const __m512 sc = _mm512_mul_ps(hsum16_avx512(part), vscale);
+        _mm512_mask_storeu_ps(p + s0, m, sc);
+        vmax = _mm512_mask_max_ps(vmax, m, vmax, sc);
+    }
+    const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512d sum0 = _mm512_setzero_pd(), sum1 = _mm512_setzero_pd(); /* denominator in double */
+    for (int64_t s0 = 0; s0 < T; s0 += 16) {
+        const __mmask16 m = tail_mask(T - s0);
+        const __m512 e = _mm512_maskz_mov_ps(m, exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + s0), mx)));
+        _mm512_mask_storeu_ps(p + s0, m, e);
+        sum0 = _mm512_add_pd(sum0, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+        sum1 = _mm512_add_pd(sum1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
+    }
+    const __m512 inv = _mm512_set1_ps((float)(1.0 / _mm512_reduce_add_pd(_mm512_add_pd(sum0, sum1))));
+    /* Two accumulator sets (even and odd positions) keep 2 * CH FMAs in flight. */
+    __m512 a0[8], a1[8];
+    for (int c = 0; c < CH; c++) a0[c] = a1[c] = _mm512_setzero_ps();
+    int64_t s = 0;
+    for (; s + 2 <= T; s += 2) {
+        const __m512 p0 = _mm512_set1_ps(p[s]), p1 = _mm512_set1_ps(p[s + 1]);
+        const float *v0 = v + s * kvs, *v1 = v0 + kvs;
+        for (int c = 0; c < CH; c++) {
+            a0[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * c), a0[c]);
+            a1[c] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1 + 16 * c), a1[c]);
+        }
+    }
+    if (s < T) {
+        const __m512 p0 = _mm512_set1_ps(p[s]);
+        for (int c = 0; c < CH; c++) a0[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v + s * kvs + 16 * c), a0[c]);
+    }
+    for (int c = 0; c < CH; c++) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(_mm512_add_ps(a0[c], a1[c]), inv));
+}
+
+/* attend_body's contract, for HS = 64 or 128 (the caller checks). Heads are taken one at a time: the
+ * block of cached rows they share stays in L1/L2 between them. */
+CST_TARGET_AVX512 static void attend_avx512(float *att, float *sc, const float *q, const float *k, const float *v,
+                                            int64_t t0, int64_t n, int64_t group, int64_t HS, int64_t qs,
+                                            int64_t ss, int64_t kvs, int64_t maxT, float scale) {
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t g = 0; g < group; g++) {
+            float *o = att + i * qs + g * HS, *p = sc + i * ss + g * maxT;
+            const float *qg = q + i * qs + g * HS;
+            if (HS == 64) attend_row_avx512(o, p, qg, k, v, t0 + i + 1, kvs, scale, 4);
+            else attend_row_avx512(o, p, qg, k, v, t0 + i + 1, kvs, scale, 8);
+        }
+}
 #endif
 
-/* The same arithmetic on every path (no FMA contraction under -std=c11; exp_f32 is exact-portable). */
-static attend_fn attend_for(cst_simd_path p) {
+/* attend_body is the same arithmetic on the scalar and AVX2 paths (no FMA contraction under -std=c11;
+ * exp_f32 is exact-portable); AVX-512 has its own kernel for head sizes 64 and 128. */
+static attend_fn attend_for(cst_simd_path p, int64_t HS) {
 #if defined(__x86_64__)
-    if (p == CST_SIMD_AVX512) return attend_avx512;
+    if (p == CST_SIMD_AVX512) return (HS == 64 || HS == 128) ? attend_avx512 : attend_generic_avx512;
     if (p == CST_SIMD_AVX2) return attend_avx2;
 #endif
     (void)p;
+    (void)HS;
     return attend_scalar;
 }
 
@@ -148,9 +271,9 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
                      const int32_t *n_new, const float *rope_cos, const float *rope_sin,
                      const cst_gen_config *cfg, int64_t B, int64_t S, int64_t maxT) {
     const float *wp = packed;
-    const attend_fn attend = attend_for(cst_simd_current());
     const int64_t V = cfg->V, C = cfg->C, L = cfg->L, NH = cfg->NH, NKV = cfg->NKV, F = cfg->F;
     const int64_t HS = C / NH, half = HS / 2, QD = NH * HS, KVD = NKV * HS, group = NH / NKV;
+    const attend_fn attend = attend_for(cst_simd_current(), HS);
 
     /* Active rows, packed: sequence b's new tokens are rows off .. off+n_new[b]-1. */
     int64_t N = 0, nact = 0;

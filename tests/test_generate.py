@@ -15,6 +15,9 @@ CFG_TIED = cst.ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_he
                            max_seq_len=96, rope_theta=500.0, tie_embeddings=True)
 CFG_UNTIED = cst.ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=1, ffn_dim=96,
                              max_seq_len=96, rope_theta=10000.0, norm_eps=1e-6, tie_embeddings=False)
+# SmolLM2's head size (64) and grouping (3 query heads per KV head): the AVX-512 attention kernel's case.
+CFG_HS64 = cst.ModelConfig(vocab_size=150, dim=192, n_layers=2, n_heads=3, n_kv_heads=1, ffn_dim=64,
+                           max_seq_len=96, rope_theta=10000.0, tie_embeddings=True)
 
 
 def make_model(cfg, seed=0):
@@ -29,9 +32,9 @@ def make_model(cfg, seed=0):
     return m
 
 
-@pytest.fixture(scope="module", params=["tied", "untied"])
+@pytest.fixture(scope="module", params=["tied", "untied", "hs64"])
 def model(request):
-    return make_model(CFG_TIED if request.param == "tied" else CFG_UNTIED, seed=3)
+    return make_model({"tied": CFG_TIED, "untied": CFG_UNTIED, "hs64": CFG_HS64}[request.param], seed=3)
 
 
 def ref_logits(model, ids):
@@ -143,6 +146,20 @@ def test_cached_logits_match_hf(model, simd):
     assert done == [11, 4]
     # The NumPy reference is HF's model (HF computes rotary angles in float32 even in float64 mode).
     assert rel_err(ref_logits(model, seqs[0]), hf[0]) < 1e-5
+
+
+def test_long_cache_matches_reference(simd):
+    """Cached positions well past one 16-position block and not a multiple of it (the AVX-512 kernel
+    scores 16 positions at a time), for a prefill then single-token steps, against float64 NumPy."""
+    m = make_model(CFG_HS64, seed=5)
+    seq = np.random.default_rng(11).integers(0, CFG_HS64.vocab_size, 71).tolist()
+    ref = ref_logits(m, seq)
+    cache = KVCache(m, 1, 80, max_chunk=37)
+    got = [cache.step(np.array([seq[:37]], np.int32), np.array([37]))[0].copy()]
+    for t in range(37, 71):
+        got.append(cache.step(np.array([[seq[t]]], np.int32), np.array([1]))[0].copy())
+    for j, t in enumerate(range(36, 71)):
+        assert rel_err(got[j], ref[t]) < 1e-4, t
 
 
 def test_results_do_not_depend_on_thread_count(model):
