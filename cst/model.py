@@ -93,6 +93,7 @@ class Model:
         self._arena = {}
         self._state = None  # "logits" after forward, "logprobs" after forward_logprobs
         self._acts_saved = None
+        self._head_rows = None  # positions the last forward_logprobs sent through the LM head
         self._rope = None
         self._fused = self._fused_views(self.flat_params)
         self._gfused = None
@@ -341,8 +342,6 @@ class Model:
         if self._pad is not None:
             tg[self._pad] = -1
         a = self._trunk(tokens)
-        if self._pad is not None:
-            a.lnf[self._pad] = 0.0
         # The LM head runs only on the rows whose target is scored (a DPO batch's prompt rows are about
         # half of it): their final hidden states are gathered into one block, and the rest give 0.
         rows = np.flatnonzero(tg >= 0)
