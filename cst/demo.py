@@ -21,9 +21,10 @@ DEFAULTS = {
     "configurations": "paraphrased",  # "paper": the paper's two strings; "paraphrased": 4 training phrasings each
     "train_phrasings": 1,  # training phrasings per pair and configuration (rotating over the pairs)
     # prompts per category (None: all of the 24 train / 3 test harmful, 9-10 train / 2 test benign). The
-    # default trains on the first 12 harmful and 6 benign train prompts of each category (96 + 48): what
-    # fits the 20-minute budget with 3 epochs; all of them at 2 epochs and lr 1e-3 gave S1 0.552 (run y1).
-    "train_harmful_per_category": 12,
+    # default trains on the first 18 harmful and 6 benign train prompts of each category (144 + 48): what
+    # fits the 20-minute budget with 3 epochs. 12 harmful per category gave S1 0.68 / 0.53 (seeds 0 / 1),
+    # 18 gave 0.92 / 0.92 / 0.83 (seeds 0 / 1 / 2; runs z1, s1, a0-a2 in docs/demo.md).
+    "train_harmful_per_category": 18,
     "train_benign_per_category": 6,
     "eval_harmful_per_category": None,
     "eval_benign_per_category": None,
