@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from . import data as D
-from .metrics import bootstrap_ci
+from .metrics import bootstrap_ci, mean_margin
+from .metrics import preference_accuracy as _pair_accuracy
 from .atomic import write_text
 
 __all__ = [
@@ -356,10 +357,9 @@ def preference_accuracy(policy_chosen_logps, policy_rejected_logps, reference_ch
         raise ValueError(f"{fn}: beta must be a number > 0, got {beta!r}")
     chosen = beta * (pc - rc)
     rejected = beta * (pr - rr)
-    margin = chosen - rejected
 
     def stats(m):
-        return {"accuracy": float(np.mean(margin[m] > 0)), "margin_mean": float(np.mean(margin[m])),
+        return {"accuracy": _pair_accuracy(chosen[m], rejected[m]), "margin_mean": mean_margin(chosen[m], rejected[m]),
                 "chosen_reward_mean": float(np.mean(chosen[m])),
                 "rejected_reward_mean": float(np.mean(rejected[m])), "n": int(np.sum(m))}
 
