@@ -4,6 +4,7 @@
 #include "glue.h"
 #include "attention.h"
 #include "simd.h"
+#include "avx512.h"
 #include <math.h>
 #include <string.h>
 
@@ -243,12 +244,184 @@ CST_INLINE void bwd_tile(float *dq, const float *dout, const float *out, const f
     }
 }
 
+#ifdef __x86_64__
+/* ---- AVX-512 kernels for head sizes 64 and 128 (CH = HS / 16 vectors per row) ----
+ * The same algorithms as the portable code above (online softmax over blocks of KB keys; backward
+ * from the saved lse), on 16-lane vectors with FMAs: each dot product is CH FMAs into one vector,
+ * and the rows' vectors are summed together by one shuffle tree (hsum4_avx512). NR rows (4, or 1 for
+ * the rows before the padding) go through one pass over the keys, and every row's arithmetic is the
+ * same whatever NR is, so a row's result does not depend on the length of its sequence. The sums
+ * differ from the portable path's in the last bits (FMAs, 16 lanes). */
+
+/* Dot products of NR rows (stride rs) with one vector b: lanes 0..NR-1. */
+CST_AVX512_INLINE __m128 dots_avx512(const float *a, int64_t rs, const float *b, const int NR, const int CH) {
+    __m512 acc[4];
+    for (int r = 0; r < 4; r++) acc[r] = _mm512_setzero_ps();
+    for (int r = 0; r < NR; r++) {
+        acc[r] = _mm512_mul_ps(_mm512_loadu_ps(a + r * rs), _mm512_loadu_ps(b));
+        for (int c = 1; c < CH; c++)
+            acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(a + r * rs + 16 * c), _mm512_loadu_ps(b + 16 * c), acc[r]);
+    }
+    return hsum4_avx512(acc[0], acc[1], acc[2], acc[3]);
+}
+
+CST_AVX512_INLINE float lane_f32(__m128 v, int r) {
+    float t[4];
+    _mm_storeu_ps(t, v);
+    return t[r];
+}
+
+/* Rows t0 .. t0+NR-1 of one head (all valid): row r attends keys 0..t0+r. o rows and q rows are os
+ * apart, lse entries 1 apart. */
+CST_AVX512_INLINE void fwd_rows_avx512(float *o, int64_t os, float *lse, const float *q, const float *k0,
+                                       const float *v0, int64_t ks, int64_t t0, float scale, const int NR,
+                                       const int CH) {
+    float sc[4][KB];
+    float m[4], l[4];
+    __m512 acc[4][8];
+    for (int r = 0; r < NR; r++) {
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+        for (int c = 0; c < CH; c++) acc[r][c] = _mm512_setzero_ps();
+    }
+    const int64_t n = t0 + NR;
+    for (int64_t j0 = 0; j0 < n; j0 += KB) {
+        const int64_t nb = n - j0 < KB ? n - j0 : KB;
+        for (int64_t jj = 0; jj < nb; jj++) {
+            const int64_t j = j0 + jj;
+            float s[4];
+            _mm_storeu_ps(s, _mm_mul_ps(dots_avx512(q, os, k0 + j * ks, NR, CH), _mm_set1_ps(scale)));
+            for (int r = 0; r < NR; r++) sc[r][jj] = j <= t0 + r ? s[r] : -INFINITY;
+        }
+        for (int r = 0; r < NR; r++) {
+            /* the block's maximum, then its exps (masked keys give 0) and their sum, 16 at a time */
+            __m512 vm = _mm512_set1_ps(-INFINITY);
+            for (int64_t jj = 0; jj < nb; jj += 16) {
+                const __mmask16 mk = tail_mask(nb - jj);
+                vm = _mm512_mask_max_ps(vm, mk, vm, _mm512_maskz_loadu_ps(mk, sc[r] + jj));
+            }
+            const float bm = _mm512_reduce_max_ps(vm);
+            if (bm > m[r]) {
+                const float c = expf(m[r] - bm); /* first block: exp(-inf) = 0 */
+                l[r] *= c;
+                for (int cc = 0; cc < CH; cc++) acc[r][cc] = _mm512_mul_ps(acc[r][cc], _mm512_set1_ps(c));
+                m[r] = bm;
+            }
+            const __m512 mx = _mm512_set1_ps(m[r]);
+            __m512 sum = _mm512_setzero_ps();
+            for (int64_t jj = 0; jj < nb; jj += 16) {
+                const __mmask16 mk = tail_mask(nb - jj);
+                const __m512 e = _mm512_maskz_mov_ps(mk, exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, sc[r] + jj), mx)));
+                _mm512_mask_storeu_ps(sc[r] + jj, mk, e);
+                sum = _mm512_add_ps(sum, e);
+            }
+            l[r] += _mm512_reduce_add_ps(sum);
+        }
+        /* o_r += p_rj v_j over the row's own keys, in key order */
+        for (int64_t jj = 0; jj < nb; jj++) {
+            const int64_t j = j0 + jj;
+            const float *vj = v0 + j * ks;
+            __m512 vv[8];
+            for (int c = 0; c < CH; c++) vv[c] = _mm512_loadu_ps(vj + 16 * c);
+            for (int r = 0; r < NR; r++)
+                if (j <= t0 + r) {
+                    const __m512 p = _mm512_set1_ps(sc[r][jj]);
+                    for (int c = 0; c < CH; c++) acc[r][c] = _mm512_fmadd_ps(p, vv[c], acc[r][c]);
+                }
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        const __m512 inv = _mm512_set1_ps(1.0f / l[r]);
+        for (int c = 0; c < CH; c++) _mm512_storeu_ps(o + r * os + 16 * c, _mm512_mul_ps(acc[r][c], inv));
+        lse[r] = m[r] + logf(l[r]);
+    }
+}
+
+/* Backward of rows t0 .. t0+NR-1 (all valid) with keys 0..t0+NR-1: adds into their dq rows and into
+ * dk, dv rows of those keys, row by row in time order for each dk/dv row (as NR one-row calls would). */
+CST_AVX512_INLINE void bwd_rows_avx512(float *dq, const float *dout, const float *out, const float *q,
+                                       int64_t qs, float *dkb, float *dvb, const float *kb, const float *vb,
+                                       const float *L, int64_t ks, int64_t t0, float scale, const int NR,
+                                       const int CH) {
+    float Dv[4] = {0, 0, 0, 0}, Lv[4] = {0, 0, 0, 0};
+    for (int r = 0; r < NR; r++) {
+        Dv[r] = lane_f32(dots_avx512(dout + r * qs, qs, out + r * qs, 1, CH), 0);
+        Lv[r] = L[r];
+    }
+    const __m512 D = _mm512_castps128_ps512(_mm_loadu_ps(Dv)), Lr = _mm512_castps128_ps512(_mm_loadu_ps(Lv));
+    const __m512 vscale = _mm512_set1_ps(scale);
+    __m512 g[4][8];
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < CH; c++) g[r][c] = _mm512_loadu_ps(dq + r * qs + 16 * c);
+    for (int64_t j = 0; j < t0 + NR; j++) {
+        const float *kj = kb + j * ks, *vj = vb + j * ks;
+        /* rows that see key j: r >= j - t0 */
+        const int first = j <= t0 ? 0 : (int)(j - t0);
+        const __mmask16 valid = (__mmask16)(((1u << NR) - 1u) & ~((1u << first) - 1u));
+        const __m512 s = _mm512_castps128_ps512(dots_avx512(q, qs, kj, NR, CH));
+        const __m512 dp = _mm512_castps128_ps512(dots_avx512(dout, qs, vj, NR, CH));
+        const __m512 p = _mm512_maskz_mov_ps(valid, exp_avx512(_mm512_fmsub_ps(s, vscale, Lr)));
+        const __m512 ds = _mm512_maskz_mov_ps(valid, _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(dp, D)), vscale));
+        float pv[16], dsv[16];
+        _mm512_storeu_ps(pv, p);
+        _mm512_storeu_ps(dsv, ds);
+        __m512 kv[8], dk[8], dv[8];
+        for (int c = 0; c < CH; c++) {
+            kv[c] = _mm512_loadu_ps(kj + 16 * c);
+            dk[c] = _mm512_loadu_ps(dkb + j * ks + 16 * c);
+            dv[c] = _mm512_loadu_ps(dvb + j * ks + 16 * c);
+        }
+        for (int r = first; r < NR; r++) {
+            const __m512 a = _mm512_set1_ps(dsv[r]), b = _mm512_set1_ps(pv[r]);
+            for (int c = 0; c < CH; c++) {
+                g[r][c] = _mm512_fmadd_ps(a, kv[c], g[r][c]);
+                dk[c] = _mm512_fmadd_ps(a, _mm512_loadu_ps(q + r * qs + 16 * c), dk[c]);
+                dv[c] = _mm512_fmadd_ps(b, _mm512_loadu_ps(dout + r * qs + 16 * c), dv[c]);
+            }
+        }
+        for (int c = 0; c < CH; c++) {
+            _mm512_storeu_ps(dkb + j * ks + 16 * c, dk[c]);
+            _mm512_storeu_ps(dvb + j * ks + 16 * c, dv[c]);
+        }
+    }
+    for (int r = 0; r < NR; r++)
+        for (int c = 0; c < CH; c++) _mm512_storeu_ps(dq + r * qs + 16 * c, g[r][c]);
+}
+
+/* Out-of-line entry points (called from the per-path bodies only when the AVX-512 path is on). */
+static CST_TARGET_AVX512 void fwd_rows_x512(float *o, int64_t os, float *lse, const float *q, const float *k0,
+                                            const float *v0, int64_t ks, int64_t t0, int64_t HS, float scale,
+                                            int NR) {
+    if (HS == 64) {
+        if (NR == 4) fwd_rows_avx512(o, os, lse, q, k0, v0, ks, t0, scale, 4, 4);
+        else fwd_rows_avx512(o, os, lse, q, k0, v0, ks, t0, scale, 1, 4);
+    } else {
+        if (NR == 4) fwd_rows_avx512(o, os, lse, q, k0, v0, ks, t0, scale, 4, 8);
+        else fwd_rows_avx512(o, os, lse, q, k0, v0, ks, t0, scale, 1, 8);
+    }
+}
+
+static CST_TARGET_AVX512 void bwd_rows_x512(float *dq, const float *dout, const float *out, const float *q,
+                                            int64_t qs, float *dkb, float *dvb, const float *kb, const float *vb,
+                                            const float *L, int64_t ks, int64_t t0, int64_t HS, float scale,
+                                            int NR) {
+    if (HS == 64) {
+        if (NR == 4) bwd_rows_avx512(dq, dout, out, q, qs, dkb, dvb, kb, vb, L, ks, t0, scale, 4, 4);
+        else bwd_rows_avx512(dq, dout, out, q, qs, dkb, dvb, kb, vb, L, ks, t0, scale, 1, 4);
+    } else {
+        if (NR == 4) bwd_rows_avx512(dq, dout, out, q, qs, dkb, dvb, kb, vb, L, ks, t0, scale, 4, 8);
+        else bwd_rows_avx512(dq, dout, out, q, qs, dkb, dvb, kb, vb, L, ks, t0, scale, 1, 8);
+    }
+}
+#define X512_HEAD(HS) ((HS) == 64 || (HS) == 128)
+#endif
+
 /* Every q head of kv group (b, g): their dq rows and the group's dk, dv rows belong to this call
  * alone, so groups run in parallel without atomics, and the loop order below fixes every sum. */
 CST_INLINE void bwd_group_body(float *dq, float *dk, float *dv, const float *dout, const float *out,
                                const float *lse, const float *q, const float *k, const float *v,
                                int64_t b, int64_t g, int64_t len, int64_t T, int64_t NH,
-                               int64_t NKV, int64_t HS, float scale) {
+                               int64_t NKV, int64_t HS, float scale, const int x512) {
     const int64_t rep = NH / NKV;
     const int64_t qs = NH * HS, ks = NKV * HS; /* strides between time steps */
     const float *kb = k + (size_t)b * T * ks + g * HS, *vb = v + (size_t)b * T * ks + g * HS;
@@ -256,6 +429,18 @@ CST_INLINE void bwd_group_body(float *dq, float *dk, float *dv, const float *dou
     for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
         const float *L = lse + ((size_t)b * NH + h) * T;
         int64_t t = 0;
+#ifdef __x86_64__
+        if (x512 && X512_HEAD(HS)) {
+            for (; t < len; t += (t + QT <= len ? QT : 1)) {
+                const size_t row = ((size_t)b * T + t) * qs + h * HS;
+                bwd_rows_x512(dq + row, dout + row, out + row, q + row, qs, dkb, dvb, kb, vb, L + t, ks, t, HS,
+                              scale, t + QT <= len ? QT : 1);
+            }
+            continue;
+        }
+#else
+        (void)x512;
+#endif
         for (; t + QT <= len; t += QT) {
             const size_t row = ((size_t)b * T + t) * qs + h * HS;
             bwd_tile(dq + row, dout + row, out + row, q + row, qs, dkb, dvb, kb, vb, L + t, ks, t,
@@ -280,7 +465,7 @@ typedef void (*bwd_group_fn)(float *, float *, float *, const float *, const flo
  * the tiled kernel; the tail before the padding goes row by row; padded rows are zeroed. */
 CST_INLINE void fwd_item_body(float *out, float *lse, const float *q, const float *k, const float *v,
                               const int32_t *lengths, int64_t i, int64_t B, int64_t T, int64_t NH,
-                              int64_t NKV, int64_t HS, float scale) {
+                              int64_t NKV, int64_t HS, float scale, const int x512) {
     const int64_t ntile = (T + QT - 1) / QT;
     const int64_t b = i / (NH * ntile), h = (i / ntile) % NH, t0 = (i % ntile) * QT;
     const int64_t len = lengths ? lengths[b] : T;
@@ -288,7 +473,19 @@ CST_INLINE void fwd_item_body(float *out, float *lse, const float *q, const floa
     const size_t kv0 = (size_t)b * T * ks + (h / rep) * HS;
     float *L = lse + ((size_t)b * NH + h) * T;
     const size_t row0 = ((size_t)b * T + t0) * qs + h * HS;
+#ifdef __x86_64__
+    const int fast = x512 && X512_HEAD(HS);
+#else
+    const int fast = 0;
+    (void)x512;
+#endif
     if (t0 + QT <= len) {
+#ifdef __x86_64__
+        if (fast) {
+            fwd_rows_x512(out + row0, qs, L + t0, q + row0, k + kv0, v + kv0, ks, t0, HS, scale, QT);
+            return;
+        }
+#endif
         fwd_tile_body(out + row0, qs, L + t0, q + row0, k + kv0, v + kv0, ks, t0, HS, scale);
         return;
     }
@@ -298,6 +495,12 @@ CST_INLINE void fwd_item_body(float *out, float *lse, const float *q, const floa
             for (int64_t c = 0; c < HS; c++) o[c] = 0.0f;
             L[t] = 0.0f;
         } else {
+#ifdef __x86_64__
+            if (fast) {
+                fwd_rows_x512(o, qs, L + t, q + row0 + (t - t0) * qs, k + kv0, v + kv0, ks, t, HS, scale, 1);
+                continue;
+            }
+#endif
             L[t] = fwd_row_body(o, q + row0 + (t - t0) * qs, k + kv0, v + kv0, ks, t + 1, HS, scale);
         }
     }
@@ -305,26 +508,26 @@ CST_INLINE void fwd_item_body(float *out, float *lse, const float *q, const floa
 
 /* One copy of the row and group kernels per SIMD path: the bodies are inlined into functions
  * compiled for that target, so wider vectors are used without hand-written intrinsics. */
-#define CST_ATTN_PATH(suffix, attr)                                                              \
+#define CST_ATTN_PATH(suffix, attr, x512)                                                        \
     static attr void fwd_item_##suffix(float *out, float *lse, const float *q, const float *k,   \
                                        const float *v, const int32_t *lengths, int64_t i,        \
                                        int64_t B, int64_t T, int64_t NH, int64_t NKV, int64_t HS, \
                                        float scale) {                                            \
-        fwd_item_body(out, lse, q, k, v, lengths, i, B, T, NH, NKV, HS, scale);                  \
+        fwd_item_body(out, lse, q, k, v, lengths, i, B, T, NH, NKV, HS, scale, x512);            \
     }                                                                                            \
     static attr void bwd_group_##suffix(float *dq, float *dk, float *dv, const float *dout,      \
                                         const float *out, const float *lse, const float *q,      \
                                         const float *k, const float *v, int64_t b, int64_t g,    \
                                         int64_t len, int64_t T, int64_t NH, int64_t NKV,         \
                                         int64_t HS, float scale) {                               \
-        bwd_group_body(dq, dk, dv, dout, out, lse, q, k, v, b, g, len, T, NH, NKV, HS, scale);   \
+        bwd_group_body(dq, dk, dv, dout, out, lse, q, k, v, b, g, len, T, NH, NKV, HS, scale, x512); \
     }
 
-CST_ATTN_PATH(scalar, )
+CST_ATTN_PATH(scalar, , 0)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define CST_ATTN_X86 1
-CST_ATTN_PATH(avx2, __attribute__((target("avx2,fma"))))
-CST_ATTN_PATH(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))))
+CST_ATTN_PATH(avx2, __attribute__((target("avx2,fma"))), 0)
+CST_ATTN_PATH(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))), 1)
 #endif
 
 static void pick_path(fwd_tile_fn *f, bwd_group_fn *g) {
