@@ -353,35 +353,50 @@ CST_AVX512_INLINE void bwd_rows_avx512(float *dq, const float *dout, const float
     __m512 g[4][8];
     for (int r = 0; r < NR; r++)
         for (int c = 0; c < CH; c++) g[r][c] = _mm512_loadu_ps(dq + r * qs + 16 * c);
-    for (int64_t j = 0; j < t0 + NR; j++) {
-        const float *kj = kb + j * ks, *vj = vb + j * ks;
-        /* rows that see key j: r >= j - t0 */
-        const int first = j <= t0 ? 0 : (int)(j - t0);
-        const __mmask16 valid = (__mmask16)(((1u << NR) - 1u) & ~((1u << first) - 1u));
-        const __m512 s = _mm512_castps128_ps512(dots_avx512(q, qs, kj, NR, CH));
-        const __m512 dp = _mm512_castps128_ps512(dots_avx512(dout, qs, vj, NR, CH));
-        const __m512 p = _mm512_maskz_mov_ps(valid, exp_avx512(_mm512_fmsub_ps(s, vscale, Lr)));
-        const __m512 ds = _mm512_maskz_mov_ps(valid, _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(dp, D)), vscale));
+    /* Keys in blocks of 4: first every (key, row) pair's p and ds (16 lanes: key-major, 4 rows each),
+     * then the accumulations, so the exp is off each key's critical path. */
+    const __m512 Lr4 = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3), Lr);
+    const __m512 D4 = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3), D);
+    const int64_t n = t0 + NR;
+    for (int64_t j0 = 0; j0 < n; j0 += 4) {
+        const int nk = n - j0 < 4 ? (int)(n - j0) : 4;
+        float sv[16] = {0}, dpv[16] = {0};
+        __mmask16 valid = 0;
+        for (int jj = 0; jj < nk; jj++) {
+            const int64_t j = j0 + jj;
+            _mm_storeu_ps(sv + 4 * jj, dots_avx512(q, qs, kb + j * ks, NR, CH));
+            _mm_storeu_ps(dpv + 4 * jj, dots_avx512(dout, qs, vb + j * ks, NR, CH));
+            const int first = j <= t0 ? 0 : (int)(j - t0); /* rows that see key j: r >= j - t0 */
+            valid |= (__mmask16)((((1u << NR) - 1u) & ~((1u << first) - 1u)) << (4 * jj));
+        }
+        const __m512 p = _mm512_maskz_mov_ps(valid, exp_avx512(_mm512_fmsub_ps(_mm512_loadu_ps(sv), vscale, Lr4)));
+        const __m512 ds = _mm512_maskz_mov_ps(
+            valid, _mm512_mul_ps(_mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dpv), D4)), vscale));
         float pv[16], dsv[16];
         _mm512_storeu_ps(pv, p);
         _mm512_storeu_ps(dsv, ds);
-        __m512 kv[8], dk[8], dv[8];
-        for (int c = 0; c < CH; c++) {
-            kv[c] = _mm512_loadu_ps(kj + 16 * c);
-            dk[c] = _mm512_loadu_ps(dkb + j * ks + 16 * c);
-            dv[c] = _mm512_loadu_ps(dvb + j * ks + 16 * c);
-        }
-        for (int r = first; r < NR; r++) {
-            const __m512 a = _mm512_set1_ps(dsv[r]), b = _mm512_set1_ps(pv[r]);
+        for (int jj = 0; jj < nk; jj++) {
+            const int64_t j = j0 + jj;
+            const float *kj = kb + j * ks;
+            const int first = j <= t0 ? 0 : (int)(j - t0);
+            __m512 kv[8], dk[8], dv[8];
             for (int c = 0; c < CH; c++) {
-                g[r][c] = _mm512_fmadd_ps(a, kv[c], g[r][c]);
-                dk[c] = _mm512_fmadd_ps(a, _mm512_loadu_ps(q + r * qs + 16 * c), dk[c]);
-                dv[c] = _mm512_fmadd_ps(b, _mm512_loadu_ps(dout + r * qs + 16 * c), dv[c]);
+                kv[c] = _mm512_loadu_ps(kj + 16 * c);
+                dk[c] = _mm512_loadu_ps(dkb + j * ks + 16 * c);
+                dv[c] = _mm512_loadu_ps(dvb + j * ks + 16 * c);
             }
-        }
-        for (int c = 0; c < CH; c++) {
-            _mm512_storeu_ps(dkb + j * ks + 16 * c, dk[c]);
-            _mm512_storeu_ps(dvb + j * ks + 16 * c, dv[c]);
+            for (int r = first; r < NR; r++) {
+                const __m512 a = _mm512_set1_ps(dsv[4 * jj + r]), b = _mm512_set1_ps(pv[4 * jj + r]);
+                for (int c = 0; c < CH; c++) {
+                    g[r][c] = _mm512_fmadd_ps(a, kv[c], g[r][c]);
+                    dk[c] = _mm512_fmadd_ps(a, _mm512_loadu_ps(q + r * qs + 16 * c), dk[c]);
+                    dv[c] = _mm512_fmadd_ps(b, _mm512_loadu_ps(dout + r * qs + 16 * c), dv[c]);
+                }
+            }
+            for (int c = 0; c < CH; c++) {
+                _mm512_storeu_ps(dkb + j * ks + 16 * c, dk[c]);
+                _mm512_storeu_ps(dvb + j * ks + 16 * c, dv[c]);
+            }
         }
     }
     for (int r = 0; r < NR; r++)
