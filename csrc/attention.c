@@ -16,7 +16,8 @@
 /* Dot products keep eight interleaved partial sums combined in a fixed tree. With GNU C vector
  * types (this file needs GCC or clang) the eight lanes are one vector on every path: two SSE
  * registers on baseline x86-64, one ymm register on AVX2/AVX-512. The compiler may not
- * reassociate them, so every SIMD path gives the same bits. */
+ * reassociate them, so every SIMD path gives the same bits (head sizes 64 and 128 on AVX-512 take
+ * the hand-written kernels further down instead). */
 typedef float f8 __attribute__((vector_size(32)));
 /* The same vector read through an unaligned, aliasing-safe type: rows need only float alignment. */
 typedef float f8u __attribute__((vector_size(32), aligned(4), may_alias));
