@@ -429,7 +429,6 @@ static CST_TARGET_AVX512 void bwd_rows_x512(float *dq, const float *dout, const 
         else bwd_rows_avx512(dq, dout, out, q, qs, dkb, dvb, kb, vb, L, ks, t0, scale, 1, 8);
     }
 }
-#define X512_HEAD(HS) ((HS) == 64 || (HS) == 128)
 #endif
 
 /* Every q head of kv group (b, g): their dq rows and the group's dk, dv rows belong to this call
@@ -446,7 +445,7 @@ CST_INLINE void bwd_group_body(float *dq, float *dk, float *dv, const float *dou
         const float *L = lse + ((size_t)b * NH + h) * T;
         int64_t t = 0;
 #ifdef __x86_64__
-        if (x512 && X512_HEAD(HS)) {
+        if (x512 && CST_AVX512_HEAD(HS)) {
             for (; t < len; t += (t + QT <= len ? QT : 1)) {
                 const size_t row = ((size_t)b * T + t) * qs + h * HS;
                 bwd_rows_x512(dq + row, dout + row, out + row, q + row, qs, dkb, dvb, kb, vb, L + t, ks, t, HS,
@@ -490,7 +489,7 @@ CST_INLINE void fwd_item_body(float *out, float *lse, const float *q, const floa
     float *L = lse + ((size_t)b * NH + h) * T;
     const size_t row0 = ((size_t)b * T + t0) * qs + h * HS;
 #ifdef __x86_64__
-    const int fast = x512 && X512_HEAD(HS);
+    const int fast = x512 && CST_AVX512_HEAD(HS);
 #else
     const int fast = 0;
     (void)x512;

@@ -12,6 +12,9 @@
 
 #define CST_AVX512_INLINE static inline __attribute__((always_inline)) CST_TARGET_AVX512
 
+/* Head sizes the hand-written attention kernels (gen.c, attention.c) take: whole 16-lane vectors, at most 8. */
+#define CST_AVX512_HEAD(HS) ((HS) == 64 || (HS) == 128)
+
 /* Lane j of the result is the sum of the 16 lanes of v[4 * (j % 4) + j / 4] (store position j's
  * partial products at that index to get the scores in position order). */
 CST_AVX512_INLINE __m512 hsum16_avx512(const __m512 *v) {

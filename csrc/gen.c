@@ -150,7 +150,7 @@ CST_TARGET_AVX512 static void attend_avx512(float *att, float *sc, const float *
  * exp_f32 is exact-portable); AVX-512 has its own kernel for head sizes 64 and 128. */
 static attend_fn attend_for(cst_simd_path p, int64_t HS) {
 #if defined(__x86_64__)
-    if (p == CST_SIMD_AVX512) return (HS == 64 || HS == 128) ? attend_avx512 : attend_generic_avx512;
+    if (p == CST_SIMD_AVX512) return CST_AVX512_HEAD(HS) ? attend_avx512 : attend_generic_avx512;
     if (p == CST_SIMD_AVX2) return attend_avx2;
 #endif
     (void)p;
