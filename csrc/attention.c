@@ -439,30 +439,37 @@ CST_INLINE void bwd_group_body(float *dq, float *dk, float *dv, const float *dou
                                int64_t NKV, int64_t HS, float scale, const int x512) {
     const int64_t rep = NH / NKV;
     const int64_t qs = NH * HS, ks = NKV * HS; /* strides between time steps */
+#ifdef __x86_64__
+    const int fast = x512 && CST_AVX512_HEAD(HS);
+#else
+    (void)x512;
+#endif
     const float *kb = k + (size_t)b * T * ks + g * HS, *vb = v + (size_t)b * T * ks + g * HS;
     float *dkb = dk + (size_t)b * T * ks + g * HS, *dvb = dv + (size_t)b * T * ks + g * HS;
     for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
         const float *L = lse + ((size_t)b * NH + h) * T;
         int64_t t = 0;
-#ifdef __x86_64__
-        if (x512 && CST_AVX512_HEAD(HS)) {
-            for (; t < len; t += (t + QT <= len ? QT : 1)) {
-                const size_t row = ((size_t)b * T + t) * qs + h * HS;
-                bwd_rows_x512(dq + row, dout + row, out + row, q + row, qs, dkb, dvb, kb, vb, L + t, ks, t, HS,
-                              scale, t + QT <= len ? QT : 1);
-            }
-            continue;
-        }
-#else
-        (void)x512;
-#endif
         for (; t + QT <= len; t += QT) {
             const size_t row = ((size_t)b * T + t) * qs + h * HS;
+#ifdef __x86_64__
+            if (fast) {
+                bwd_rows_x512(dq + row, dout + row, out + row, q + row, qs, dkb, dvb, kb, vb, L + t, ks, t, HS,
+                              scale, QT);
+                continue;
+            }
+#endif
             bwd_tile(dq + row, dout + row, out + row, q + row, qs, dkb, dvb, kb, vb, L + t, ks, t,
                      HS, scale);
         }
         for (; t < len; t++) {
             const size_t row = ((size_t)b * T + t) * qs + h * HS;
+#ifdef __x86_64__
+            if (fast) {
+                bwd_rows_x512(dq + row, dout + row, out + row, q + row, qs, dkb, dvb, kb, vb, L + t, ks, t, HS,
+                              scale, 1);
+                continue;
+            }
+#endif
             bwd_row(dq + row, dkb, dvb, dout + row, out + row, q + row, kb, vb, L[t], ks, t, HS,
                     scale);
         }

@@ -220,10 +220,9 @@ def _benign_pairs(model, s, seed, judge, out: Path, progress):
     Cached in benign_answers.json under identical settings."""
     from . import data as D
     from .prompts import default_prompts, pick_refusal
-    from .synth import _derive_seed
+    from .synth import _derive_seed, _cache_seed
     prompts = _per_category(default_prompts("train", "benign"), s["train_benign_per_category"])
-    # Greedy answers (temperature 0) do not depend on the seed: the cache then serves every seed.
-    key = _key({"model": s["model"], "seed": seed if s["temperature"] > 0 else None,
+    key = _key({"model": s["model"], "seed": _cache_seed(seed, s["temperature"]),
                 "n": s["benign_max_new_tokens"], "t": s["temperature"],
                 "prompts": [p["prompt"] for p in prompts]})
     path = out / "benign_answers.json"

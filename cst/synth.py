@@ -85,6 +85,12 @@ def _derive_seed(seed: int, stage: str, index: int) -> int:
     return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
+def _cache_seed(seed: int, temperature: float):
+    """The seed a cache of generations is keyed on: None for greedy decoding (temperature 0), whose output
+    does not depend on the seed, so one cache serves every seed."""
+    return seed if temperature > 0 else None
+
+
 def _prompt_items(fn: str, prompts) -> list:
     """-> [(prompt, category)] from strings or dicts with "prompt" (and optional "category")."""
     if isinstance(prompts, (str, bytes)) or prompts is None:
@@ -278,9 +284,7 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
     n = n_per_prompt
     units = [(k // n, k % n, items[k // n][0]) for k in range(len(items) * n)]
     header = {"version": _FORMAT_VERSION, "n_prompts": len(items), "n_per_prompt": n,
-              # Greedy generations do not depend on the seed, so a greedy log resumes under any seed.
-              "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-              "seed": seed if temperature > 0 else None,
+              "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": _cache_seed(seed, temperature),
               "temperature": temperature, "top_p": top_p, "permissive_system": permissive_system,
               "critique_template": critique_template, "revision_template": revision_template,
               "critic_system": critic_system, "judge": None if judge is None else type(judge).__name__,

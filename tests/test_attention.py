@@ -161,8 +161,8 @@ def test_attention_rows_do_not_depend_on_length_bitwise(simd, rng, HS):
 
 
 def test_attention_thread_count_bitwise_every_path(simd, rng):
-    """Head size 64 (the AVX-512 kernels on that path; the others must agree only to rounding): the
-    same bits for 1 and 2 threads, forward and backward, with key blocks and padded rows."""
+    """Head size 64 (the AVX-512 kernels on that path, the portable ones elsewhere): the same bits for 1
+    and 2 threads, forward and backward, with key blocks and padded rows."""
     q, k, v = make(rng, 2, 70, 6, 2, 64)
     lens = np.array([70, 45], np.int32)
     dout = rng.standard_normal(q.shape).astype(np.float32)
