@@ -143,8 +143,12 @@ def load_records(source) -> list:
 
 def _load_path(path: Path) -> list:
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; expected a records file, .json (a list) or .jsonl (one "
+                        "record a line)")
     if suffix not in (".json", ".jsonl", ".ndjson"):
-        raise DataError(f"{path}: unknown file type {suffix!r}; use .json (a list) or .jsonl (one record a line)")
+        kind = f"unknown file type {suffix!r}" if suffix else "no file extension"
+        raise DataError(f"{path}: {kind}; use .json (a list) or .jsonl (one record a line)")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -11,9 +11,10 @@ import shutil
 import time
 from pathlib import Path
 
+from . import eval as E
 from .atomic import write_json, write_text
 
-__all__ = ["DEFAULTS", "QUICK", "settings_for", "run"]
+__all__ = ["DEFAULTS", "QUICK", "OUTPUT_DIR", "settings_for", "run"]
 
 # The full recipe. Every key can be overridden through run(**overrides); docs/demo.md explains each choice.
 DEFAULTS = {
@@ -30,9 +31,9 @@ DEFAULTS = {
     "eval_benign_per_category": None,
     # evaluation (greedy)
     "eval_phrasings": "all",  # every held-out phrasing ("all") or one per prompt ("rotate")
-    "eval_max_new_tokens": 48,
-    "n_boot": 1000,
-    "gen_batch_size": 32,
+    "eval_max_new_tokens": E.MAX_NEW_TOKENS,  # the defaults of cst.eval and `cst eval`
+    "n_boot": E.N_BOOT,
+    "gen_batch_size": E.BATCH_SIZE,
     "temperature": 0.0,  # 0 = greedy, for evaluation, the uncensored answers and the benign answers
     # synthesis
     "synth_max_new_tokens": 80,
@@ -58,6 +59,9 @@ DEFAULTS = {
     "max_prompt_length": 64,
     "logging_steps": 2,
     "save_steps": 10,
+    # checkpoints kept in train/ (the newest is what a resume needs; the tuned model itself is model-hf/
+    # and model.gguf). Each holds the adapters once (adapter_model.safetensors) and AdamW's two moments.
+    "save_total_limit": 1,
     # report
     "n_examples": 3,
 }
@@ -184,7 +188,6 @@ def _configurations(s: dict) -> list:
 def _evaluate(model, s, seed, judge, progress, tag):
     """configurability on the held-out harmful prompts and over_refusal on the held-out benign ones, both
     under the configurations' held-out system prompts and with none. -> (summary, full reports)."""
-    from . import eval as E
     from .prompts import default_prompts
     cfgs = _configurations(s)
     harmful = _per_category(default_prompts("test", "harmful"), s["eval_harmful_per_category"])
@@ -262,7 +265,7 @@ def _train_config(s, seed, threads, train_dir):
         gradient_accumulation_steps=s["gradient_accumulation_steps"], max_length=s["max_length"],
         max_prompt_length=s["max_prompt_length"], lora_r=s["lora_r"], lora_alpha=s["lora_alpha"],
         lora_dropout=s["lora_dropout"], seed=seed, logging_steps=s["logging_steps"], save_steps=s["save_steps"],
-        output_dir=str(train_dir), num_threads=threads,
+        save_total_limit=s["save_total_limit"], output_dir=str(train_dir), num_threads=threads,
         # CST twins in one micro-batch. With plain shuffling, consecutive batches pushed the whole model one
         # way and back: measured on SmolLM2, the loss hovered around 1.0 and the model ended up complying
         # under every system prompt (S1 0.0).
@@ -434,8 +437,11 @@ def _plots(out: Path, before, after, history):
 # The pipeline
 
 
-def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int | None = None,
-        progress: bool = True, **overrides) -> dict:
+OUTPUT_DIR = "cst-demo"  # relative to the working directory; .gitignore covers it in a clone of cst
+
+
+def run(output_dir=OUTPUT_DIR, quick: bool = False, seed: int = 0, threads: int | None = None,
+        progress: bool | None = None, **overrides) -> dict:
     """Runs the CST demo and returns its report as a dict (also written to output_dir/report.json).
 
     1. load SmolLM2-135M-Instruct (quick=True: a tiny random model with SmolLM2's tokenizer);
@@ -449,7 +455,8 @@ def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int 
 
     output_dir: everything goes there; synthesis, the baseline evaluation and training resume from it when
     the settings match. seed: every generation, split and initialisation derives from it. threads: OpenMP
-    threads (None: the library default). overrides: any key of DEFAULTS (e.g. learning_rate=5e-4).
+    threads (None: the library default). progress: progress bars (None: when stderr is a terminal or in
+    Jupyter). overrides: any key of DEFAULTS (e.g. learning_rate=5e-4).
     The returned dict has "status": "done", or "interrupted" (with "interrupted_at" and "resume_hint").
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -458,12 +465,16 @@ def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int 
         raise ValueError(f"cst.demo.run: threads must be None or an int >= 1, got {threads!r}")
     s = settings_for(quick, **overrides)
     import cst
+    from .runtime import interactive
+    if progress is None:
+        progress = interactive()
     from . import data as D
     from .judges import RefusalJudge
     if threads is not None:
         cst.set_num_threads(threads)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    print(f"cst demo: writing to {out.resolve()}", flush=True)
     judge = RefusalJudge()
     timings, cpu = {}, {}
     report = {"status": "running", "quick": bool(quick), "seed": seed, "threads": cst.get_num_threads(),

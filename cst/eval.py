@@ -17,8 +17,15 @@ from .metrics import bootstrap_ci, mean_margin
 from .metrics import preference_accuracy as _pair_accuracy
 from .atomic import write_text
 
+# One set of generation defaults for every evaluation: the library's, `cst eval`'s and `cst demo`'s. 48
+# new tokens are enough for the opening of an answer, which is what tells complying from refusing;
+# greedy results do not depend on the batch size (each batch's seed comes from its start).
+MAX_NEW_TOKENS = 48
+BATCH_SIZE = 32
+N_BOOT = 1000
+
 __all__ = [
-    "ConfigurabilityReport", "OverRefusalReport", "configurability", "over_refusal", "preference_accuracy",
+    "MAX_NEW_TOKENS", "BATCH_SIZE", "N_BOOT", "ConfigurabilityReport", "OverRefusalReport", "configurability", "over_refusal", "preference_accuracy",
     "retention", "multiple_choice", "compare", "bootstrap_ci",
 ]
 
@@ -206,9 +213,9 @@ class ConfigurabilityReport:
         return s
 
 
-def configurability(model, prompts, configurations=None, judge=None, max_new_tokens: int = 128, seed: int = 0,
-                    batch_size: int = 8, use_held_out: bool = True, include_default: bool = True,
-                    n_boot: int = 1000, phrasings: str = "all", temperature: float = 0.0,
+def configurability(model, prompts, configurations=None, judge=None, max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0,
+                    batch_size: int = BATCH_SIZE, use_held_out: bool = True, include_default: bool = True,
+                    n_boot: int = N_BOOT, phrasings: str = "all", temperature: float = 0.0,
                     progress: bool = True) -> ConfigurabilityReport:
     """Generate every harmful prompt under every configuration's system prompts (held-out phrasings by
     default; phrasings="all": each prompt once per phrasing, "rotate": prompt i under phrasing i mod k) and
@@ -287,9 +294,9 @@ class OverRefusalReport:
                 "responses": self.responses, "settings": self.settings}
 
 
-def over_refusal(model, benign_prompts, configurations=None, refusal_judge=None, max_new_tokens: int = 128,
-                 seed: int = 0, batch_size: int = 8, use_held_out: bool = True, include_default: bool = True,
-                 n_boot: int = 1000, phrasings: str = "all", temperature: float = 0.0,
+def over_refusal(model, benign_prompts, configurations=None, refusal_judge=None, max_new_tokens: int = MAX_NEW_TOKENS,
+                 seed: int = 0, batch_size: int = BATCH_SIZE, use_held_out: bool = True, include_default: bool = True,
+                 n_boot: int = N_BOOT, phrasings: str = "all", temperature: float = 0.0,
                  progress: bool = True) -> OverRefusalReport:
     """Share of benign prompts refused under each configuration's system prompts and with none.
 
@@ -484,8 +491,8 @@ def _markdown(rows, refusal_names) -> str:
 
 
 def compare(models: dict, prompts, benign_prompts, configurations=None, judge=None, refusal_judge=None,
-            out_dir="eval_out", retention_fn=None, histories=None, max_new_tokens: int = 128, seed: int = 0,
-            batch_size: int = 8, n_boot: int = 1000, use_held_out: bool = True, phrasings: str = "all",
+            out_dir="eval_out", retention_fn=None, histories=None, max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0,
+            batch_size: int = BATCH_SIZE, n_boot: int = N_BOOT, use_held_out: bool = True, phrasings: str = "all",
             progress: bool = True) -> dict:
     """Evaluate several models alike and write the comparison table (like the paper's) and plots.
 

@@ -185,6 +185,45 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path, lora, flow):
     assert [r["loss"] for r in resumed.history if r["step"] > 4] == [r["loss"] for r in full.history if r["step"] > 4]
 
 
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_checkpoints_pruned_to_save_total_limit_each_tensor_once(tmp_path, lora):
+    from cst.trainer import load_checkpoint_into
+    data = varied_pairs(20, 5)  # 6 steps
+    tr = _make(tmp_path, "a", lora, data, save_steps=1, save_total_limit=2)
+    tr.train()
+    out = tr.config.output_dir
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-5", "checkpoint-6"]
+    files = sorted(os.listdir(os.path.join(out, "checkpoint-6")))
+    # LoRA: the adapters once, as PEFT's file (no weights.npy copy of the same buffer).
+    assert files == (["adapter_config.json", "adapter_model.safetensors", "optimizer.npz", "trainer_state.json"]
+                     if lora else ["optimizer.npz", "trainer_state.json", "weights.npy"])
+    # What resume and load_checkpoint_into read back is the trained buffer, bitwise.
+    again = _make(tmp_path, "a", lora, data, save_steps=1, save_total_limit=2)
+    again.load_checkpoint(os.path.join(out, "checkpoint-6"))
+    assert np.array_equal(again._params, tr._params) and again.step == 6
+    m = toy_model(1)
+    info = load_checkpoint_into(m, out, merge=False)
+    assert info["path"].endswith("checkpoint-6")
+    assert np.array_equal(info["lora"].flat_params if lora else m.flat_params, tr._params)
+    keep_all = _make(tmp_path, "b", lora, data, save_steps=1, save_total_limit=None)
+    keep_all.train()
+    assert len([n for n in os.listdir(keep_all.config.output_dir) if n.startswith("checkpoint")]) == 6
+
+
+def test_checkpoint_files_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        tr = _make(tmp_path, "a", True, varied_pairs(8, 5), max_steps=1)
+        tr.train()
+    finally:
+        os.umask(old)
+    ck = os.path.join(tr.config.output_dir, "checkpoint-1")
+    assert os.stat(ck).st_mode & 0o777 == 0o755
+    for name in os.listdir(ck):
+        assert os.stat(os.path.join(ck, name)).st_mode & 0o777 == 0o644, name
+    assert os.stat(os.path.join(tr.config.output_dir, "metrics.jsonl")).st_mode & 0o777 == 0o644
+
+
 @pytest.mark.parametrize("lora", [True, False], ids=["lora_dropout", "full"])
 def test_ctrl_c_saves_last_completed_step_and_resumes_bitwise(tmp_path, lora):
     data = varied_pairs(20, 5)
