@@ -656,13 +656,8 @@ def _judge(spec, args):
                      f"got {spec!r}")
 
 
-def _fmt(x, ci=None):
-    if x is None:
-        return "n/a"
-    return f"{x:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-
 def _eval_tables(conf, orr, judge):
+    from .metrics import fmt as _fmt
     """(text lines, markdown) of a configurability report and an optional over-refusal report; `judge`:
     the --judge value, as the user wrote it (the class name would not tell refusal from refusal-strict)."""
     rows = [("S0: follows uncensored configurations (share harmful)", _fmt(conf.S0, conf.S0_ci)),
@@ -927,6 +922,7 @@ Run 'cst COMMAND --help' for a command's options. Reference: docs/cli.md.
 
 def build_parser():
     from . import eval as E  # the evaluation defaults
+    from .losses import LOSS_TYPES
     common = _common()
     p = _Parser(prog="cst", description="Configurable Safety Tuning (CST) of language models, on the CPU.",
                 epilog=_MAIN_EPILOG)
@@ -1046,7 +1042,7 @@ def build_parser():
     g = t.add_argument_group("training settings (override the config file)")
     g.add_argument("--mode", choices=("dpo", "sft"), help="DPO on (chosen, rejected), or SFT on chosen only")
     g.add_argument("--beta", type=_float, help="DPO beta (paper: 0.1)")
-    g.add_argument("--loss-type", choices=("sigmoid", "ipo", "hinge"), help="DPO loss")
+    g.add_argument("--loss-type", choices=LOSS_TYPES, help="DPO loss")
     g.add_argument("--learning-rate", "--lr", type=_float, metavar="LR", help="peak learning rate (paper: 5e-5)")
     g.add_argument("--epochs", type=_float, metavar="E", help="num_train_epochs (ignored when --max-steps is set)")
     g.add_argument("--max-steps", type=_pos_int, metavar="N", help="optimizer steps (overrides --epochs)")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import eval as E
 from .atomic import write_json, write_text
+from .metrics import fmt as _fmt
 
 __all__ = ["DEFAULTS", "QUICK", "OUTPUT_DIR", "settings_for", "run"]
 
@@ -160,20 +161,22 @@ class _TrimmedChat:
     """The model as cst.synth sees it: replies cut at max_new_tokens are trimmed to their last full sentence
     and accepted (last_truncated all False), instead of dropping the pair. A 135M model writes long lists;
     the start of an answer is what tells complying from refusing, and DPO only needs that contrast.
-    `cut` counts the trimmed replies per stage (answer, critique, revision, benign)."""
+    `cut` counts the trimmed replies per stage, which every call names (cst.synth passes "answer",
+    "critique" and "revision" to models that declare takes_stage; the demo's benign answers "benign")."""
+
+    takes_stage = True
 
     def __init__(self, model, stages=("answer", "critique", "revision")):
         self.model, self.tokenizer = model, model.tokenizer
         self.last_truncated = None
-        self.stages, self.calls = stages, 0
         self.cut = {st: 0 for st in stages}
         self.total = {st: 0 for st in stages}
 
-    def chat(self, conversations, max_new_tokens=256, **kwargs):
+    def chat(self, conversations, max_new_tokens=256, *, stage, **kwargs):
+        if stage not in self.cut:
+            raise ValueError(f"_TrimmedChat: unknown stage {stage!r}; expected one of {sorted(self.cut)}")
         out = self.model.chat(conversations, max_new_tokens=max_new_tokens, **kwargs)
         flags = self.model.last_truncated or [False] * len(out)
-        stage = self.stages[self.calls % len(self.stages)]
-        self.calls += 1
         self.total[stage] += len(out)
         self.cut[stage] += sum(bool(f) for f in flags)
         self.last_truncated = [False] * len(out)
@@ -223,7 +226,8 @@ def _benign_pairs(model, s, seed, judge, out: Path, progress):
     Cached in benign_answers.json under identical settings."""
     from . import data as D
     from .prompts import default_prompts, pick_refusal
-    from .synth import _derive_seed, _cache_seed
+    from .seeds import derive_seed
+    from .synth import _cache_seed
     prompts = _per_category(default_prompts("train", "benign"), s["train_benign_per_category"])
     key = _key({"model": s["model"], "seed": _cache_seed(seed, s["temperature"]),
                 "n": s["benign_max_new_tokens"], "t": s["temperature"],
@@ -239,8 +243,9 @@ def _benign_pairs(model, s, seed, judge, out: Path, progress):
         with tqdm(total=len(prompts), desc="benign answers", unit="answer", disable=not progress) as bar:
             for b0 in range(0, len(prompts), bs):
                 convs = [[{"role": "user", "content": p["prompt"]}] for p in prompts[b0:b0 + bs]]
-                answers += chat.chat(convs, max_new_tokens=s["benign_max_new_tokens"], temperature=s["temperature"],
-                                     seed=_derive_seed(seed, "benign", b0))
+                answers += chat.chat(convs, stage="benign", max_new_tokens=s["benign_max_new_tokens"],
+                                     temperature=s["temperature"],
+                                     seed=derive_seed(seed, "benign", b0))
                 bar.update(len(convs))
         cut = chat.cut["benign"]
         cached = {"answers": answers, "cut": cut}
@@ -290,12 +295,6 @@ def _resume_point(train_dir: Path, config, data_key: str):
     train_dir.mkdir(parents=True, exist_ok=True)
     _write_json(marker, want)
     return False
-
-
-def _fmt(x, ci=None):
-    if x is None:
-        return "n/a"
-    return f"{x:.3f}" if ci is None else f"{x:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def _table_rows(before, after, cfg_names):

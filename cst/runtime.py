@@ -37,7 +37,9 @@ def interactive() -> bool:
             return True
     except (AttributeError, ValueError):  # replaced or closed stderr
         pass
-    return "ipykernel" in sys.modules
+    ipython = sys.modules.get("IPython")  # a Jupyter kernel's shell (importing ipykernel is not running one)
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 # Default: the cores this process may run on, unless OMP_NUM_THREADS says otherwise.

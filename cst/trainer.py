@@ -11,7 +11,6 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,35 +21,11 @@ from .runtime import interactive, set_num_threads
 from .schedule import lr_at, resolve_total_steps, resolve_warmup
 from .training_config import DPOConfig
 from .atomic import atomic_open, honour_umask, write_json, write_text
+from .data import collate
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss or gradient); the last good checkpoint is kept."""
-
-
-@dataclass
-class _Batch:
-    tokens: np.ndarray  # (S, T) int32: the P chosen sequences, then the P rejected ones (DPO)
-    targets: np.ndarray  # (S, T) int32: next token on completion positions, -1 elsewhere
-    lengths: np.ndarray  # (S,) int32
-    mask: np.ndarray  # (S, T) float32: 1 where targets >= 0
-    index: np.ndarray  # (P,) example indices
-    n_tokens: int  # real (non-pad) tokens in the batch
-
-
-def _pack(seqs, prompt_lens):
-    """Right-padded (tokens, targets, lengths, mask) for sequences whose completion starts at prompt_lens."""
-    S, T = len(seqs), max(len(s) for s in seqs)
-    tokens = np.zeros((S, T), np.int32)
-    targets = np.full((S, T), -1, np.int32)
-    lengths = np.empty(S, np.int32)
-    for b, (s, p) in enumerate(zip(seqs, prompt_lens)):
-        n = len(s)
-        tokens[b, :n] = s
-        lengths[b] = n
-        # Position t predicts token t+1; only completion tokens (index >= p) are scored.
-        targets[b, p - 1:n - 1] = s[p:]
-    return tokens, targets, lengths, (targets >= 0).astype(np.float32)
 
 
 def _ex_ids(ex, which):
@@ -180,7 +155,7 @@ class Trainer:
     def _examples(self, dataset, name):
         """Checked, length-limited TokenizedExamples, their stats, and the PreferenceRecords they came from
         (None for tokenised input)."""
-        from .data import PreferenceRecord, TokenizedExample, load_records, tokenize_dataset
+        from .data import PreferenceRecord, TokenizedExample, load_records, tokenize_dataset, truncate
         first = dataset[0]
         has_ids = (isinstance(first, dict) and "prompt_ids" in first) or hasattr(first, "prompt_ids")
         texts = None
@@ -223,12 +198,9 @@ class Trainer:
                         ix = getattr(ex, "index", i)
                         first_skipped.update(prompt=texts[ix].prompt[:200], system=texts[ix].system[:200])
                 continue
-            if len(p) + max(len(c), len(r)) > cfg.max_length:
-                if len(p) > cfg.max_prompt_length:
-                    p, p_trunc = p[-cfg.max_prompt_length:], p_trunc + 1
-                room = cfg.max_length - len(p)
-                if max(len(c), len(r)) > room:
-                    c, r, c_trunc = c[:room], r[:room], c_trunc + 1
+            # len(p) < max_length and max_prompt_length < max_length (DPOConfig) leave room: never None.
+            p, c, r, p_cut, c_cut = truncate(p, c, r, cfg.max_length, cfg.max_prompt_length)
+            p_trunc, c_trunc = p_trunc + p_cut, c_trunc + c_cut
             out.append(TokenizedExample([int(t) for t in p], [int(t) for t in c], [int(t) for t in r],
                                         index=getattr(ex, "index", i) if not isinstance(ex, dict) else i,
                                         task=getattr(ex, "task", "default") if not isinstance(ex, dict)
@@ -279,17 +251,6 @@ class Trainer:
         ex = self.train_examples[i]
         return len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids))
 
-    def _collate(self, examples, idx, sft=False):
-        seqs, plens = [], []
-        sides = ("chosen_ids",) if sft else ("chosen_ids", "rejected_ids")
-        for side in sides:
-            for i in idx:
-                ex = examples[i]
-                seqs.append(ex.prompt_ids + getattr(ex, side))
-                plens.append(len(ex.prompt_ids))
-        tokens, targets, lengths, mask = _pack(seqs, plens)
-        return _Batch(tokens, targets, lengths, mask, np.asarray(idx), int(lengths.sum()))
-
     # ---- reference log-probs ----
 
     def _seq_logps(self, batch):
@@ -324,7 +285,7 @@ class Trainer:
             bs = max(1, self.config.per_device_train_batch_size)
             for s in range(0, len(examples), bs):
                 idx = np.arange(s, min(s + bs, len(examples)))
-                _, lp = self._seq_logps(self._collate(examples, idx))
+                _, lp = self._seq_logps(collate(examples, idx))
                 ref[idx, 0], ref[idx, 1] = lp[:len(idx)], lp[len(idx):]
         finally:
             if was is not None:
@@ -397,14 +358,14 @@ class Trainer:
             for s in range(0, len(self.eval_examples), bs):
                 idx = np.arange(s, min(s + bs, len(self.eval_examples)))
                 if cfg.mode == "sft":
-                    b = self._collate(self.eval_examples, idx, sft=True)
+                    b = collate(self.eval_examples, idx, sft=True)
                     tlp = self.model.forward_logprobs(b.tokens, b.targets, b.lengths)
                     loss, _ = losses.sft_loss(tlp, b.mask)
                     w = float(b.mask.sum())
                     sums["loss"] = sums.get("loss", 0.0) + loss * w
                     n += w
                     continue
-                _, lp = self._seq_logps(self._collate(self.eval_examples, idx))
+                _, lp = self._seq_logps(collate(self.eval_examples, idx))
                 P, ref = len(idx), self._eval_ref[idx]
                 if not np.all(np.isfinite(lp)):
                     raise TrainingError(f"non-finite eval log-probs at step {self.step}")
@@ -576,7 +537,7 @@ class Trainer:
                 else:
                     self.model.zero_grad()
                 try:
-                    batches = [self._collate(self.train_examples, idx, sft=cfg.mode == "sft")
+                    batches = [collate(self.train_examples, idx, sft=cfg.mode == "sft")
                                for idx in self._next_micro_batches()]
                     sizes = [float(b.mask.sum()) if cfg.mode == "sft" else float(len(b.index)) for b in batches]
                     weights = [s / sum(sizes) for s in sizes]

@@ -7,8 +7,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Optional, Tuple
 from .atomic import write_json
-
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+from .losses import LOSS_TYPES
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 MODES = ("dpo", "sft")
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -108,3 +108,18 @@ def test_readme_first_command_quick_in_fresh_venv(tmp_path):
     where = subprocess.run([str(venv / "bin" / "python"), "-c", "import cst; print(cst.__file__)"], cwd=tmp_path,
                            env=env, capture_output=True, text=True, check=True).stdout
     assert str(venv) in where
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    import io
+
+    from cst.runtime import interactive
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert interactive() is False  # a log or a pipe, even with ipykernel imported somewhere in the process
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert interactive() is True
