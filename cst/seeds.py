@@ -1,7 +1,7 @@
 """The one way cst derives seeds: np.random.SeedSequence over (run seed, *key). The trainer's data order
-(default_rng([seed, epoch])), LoRA dropout (default_rng([seed, calls, site])) and the generation seeds of
-evaluation and synthesis below all come from it, so a run's randomness is a function of its seed alone,
-the same on every machine and Python version (no salted hash())."""
+(default_rng([seed, epoch]), which is SeedSequence([seed, epoch])), LoRA dropout (default_rng([seed,
+calls, site])) and the generation seeds of evaluation and synthesis (derive_seed below) all use it, so a
+run's randomness is a function of its seed alone, the same on every machine and Python version."""
 import numpy as np
 
 __all__ = ["derive_seed"]
