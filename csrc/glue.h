@@ -1,6 +1,7 @@
-/* glue.h: the CPython/NumPy boundary shared by every csrc/ file. Arguments are validated here once
- * (dtype, rank, named dimensions, contiguity, alignment, writeability); kernels never see a PyObject.
- * Not a kernel header: kernels live in their own files and take plain pointers and sizes. */
+/* glue.h: the CPython/NumPy boundary. Each kernel entry point is one descriptor (cst_entry: its name,
+ * its arguments with dtype, named dimensions and flags) read by one parser, cst_entry_call, which
+ * validates everything once, releases the GIL and calls the entry's run function. Not a kernel header:
+ * kernels take plain pointers and sizes and never see a PyObject. */
 #ifndef CST_GLUE_H
 #define CST_GLUE_H
 
@@ -19,6 +20,7 @@
 typedef struct {
     npy_intp v[26];
     const char *bound_by[26];
+    char why[26][48]; /* text of a derived binding ("2 * out's F"), pointed to by bound_by */
 } cst_dims;
 
 void cst_dims_init(cst_dims *d);
@@ -27,10 +29,9 @@ void cst_dims_set(cst_dims *d, char letter, npy_intp value, const char *why);
 npy_intp cst_dim(const cst_dims *d, char letter);
 
 /* Validates obj as an ndarray of typenum, C-contiguous and aligned, whose shape matches spec
- * (one letter per axis, e.g. "BTC"). writeable != 0 requires a writeable array. On success stores
- * the data pointer in *data and returns 0; on failure sets TypeError/ValueError naming fn and name
- * and returns -1. CST_OPTIONAL in flags accepts None (then *data = NULL). */
-enum { CST_WRITE = 1, CST_OPTIONAL = 2 };
+ * (one letter per axis, e.g. "BTC"; "*" takes any shape). writeable != 0 requires a writeable array.
+ * On success stores the data pointer in *data and returns 0; on failure sets TypeError/ValueError
+ * naming fn and name and returns -1. CST_NONE in flags accepts None (then *data = NULL). */
 int cst_arg(const char *fn, const char *name, PyObject *obj, int typenum, const char *spec,
             cst_dims *d, int flags, void **data);
 
@@ -38,7 +39,86 @@ int cst_arg(const char *fn, const char *name, PyObject *obj, int typenum, const 
 int cst_check_range_i32(const char *fn, const char *name, const int32_t *ids, npy_intp n,
                         int64_t lo, int64_t hi);
 
-/* Method tables contributed by each csrc/ file (NULL-name terminated), joined by module.c. */
+/* ---- entry descriptors ---- */
+
+/* Argument kinds. Arrays: one dtype, or several or-ed together (the call records which one came).
+ * Scalars: converted from Python like PyArg_ParseTuple's d, L, i, p, s and O. */
+enum {
+    CST_F32 = 1, CST_F64 = 2, CST_I32 = 4, CST_U8 = 8, CST_BOOL = 16, /* arrays */
+    CST_DOUBLE = 256, CST_INT64, CST_INT, CST_FLAG, CST_STR, CST_OBJECT /* scalars */
+};
+/* Argument flags.
+ * CST_WRITE: the kernel writes the array (must be writeable).
+ * CST_NONE: None is accepted (the run function gets NULL).
+ * CST_FIRST: checked before the other arrays, so its shape is the one the others must match
+ *   (arrays are checked: CST_FIRST ones, then read-only ones, then written ones, each in table order).
+ * CST_FINITE: every element must be finite (float arrays).
+ * CST_EXCLUSIVE: shares no memory with any other array argument (the kernel reads what it writes). */
+enum { CST_WRITE = 1, CST_NONE = 2, CST_FIRST = 4, CST_FINITE = 8, CST_EXCLUSIVE = 16 };
+#define CST_OPTIONAL CST_NONE /* the name hand-written wrappers used */
+
+#define CST_MAX_ARGS 16
+
+typedef struct {
+    const char *name; /* the keyword, also used in every message */
+    int kind;         /* CST_F32 ... CST_OBJECT */
+    const char *dims; /* arrays: one letter per axis ("BTC"), or "*" for any shape */
+    int flags;        /* CST_WRITE | CST_NONE | ... */
+    const char *def;  /* NULL: required; else the value when omitted ("None", "False", "0", "1.0", "sigmoid") */
+    const char *lo, *hi; /* int32 arrays: every value in [lo, hi); a number, or a letter with an optional
+                          * "+k" ("V", "T+1") */
+} cst_param;
+
+typedef union {
+    void *p; /* array data (NULL for None), or the PyObject of a CST_OBJECT */
+    double f;
+    long long i; /* CST_INT64, CST_INT, CST_FLAG */
+    const char *s;
+} cst_value;
+
+/* One call being parsed: what the run function and the hooks see. */
+typedef struct {
+    const char *fn;
+    cst_dims d;
+    cst_value v[CST_MAX_ARGS];   /* by table position */
+    PyObject *obj[CST_MAX_ARGS]; /* the objects passed (NULL when omitted) */
+    npy_intp size[CST_MAX_ARGS]; /* arrays: element count */
+    int dtype[CST_MAX_ARGS];     /* arrays: the CST_F32 ... bit of the array passed (0 for None) */
+    union { double f; long long i; } ret;
+    _Alignas(16) unsigned char state[256]; /* per-call state of the hooks (a parsed config, an enum) */
+} cst_call;
+
+enum { CST_RET_NONE = 0, CST_RET_FLOAT, CST_RET_INT };
+
+/* One kernel entry point. The parser converts the arguments, checks arrays (dtype TypeError; ndim,
+ * named dimensions, contiguity, alignment, writeability ValueError), applies the derived dimensions,
+ * runs prepare (before the arrays) and check (after them, before the value checks), then the
+ * aliasing, finiteness and index-range checks, releases the GIL and calls run. */
+typedef struct {
+    const char *name;
+    void (*run)(cst_call *c); /* calls the kernel; runs without the GIL, must not touch Python */
+    cst_param args[CST_MAX_ARGS];
+    const char *derive;         /* derived dimensions, bound when their source is: "G=2F", "E=D/2" */
+    int (*prepare)(cst_call *c); /* optional, with the GIL: reads scalars, pre-binds dimensions */
+    int (*check)(cst_call *c);   /* optional, with the GIL: checks no table row can say */
+    int ret;                    /* CST_RET_NONE, or run stores c->ret.f / c->ret.i */
+    const char *doc;
+} cst_entry;
+
+/* Shorthand for the dimension a letter is bound to in a call. */
+static inline int64_t cst_n(const cst_call *c, char letter) { return (int64_t)c->d.v[letter - 'A']; }
+
+/* Entry tables contributed by each boundary file (terminated by a row with name NULL), joined by
+ * module.c into the module's functions. */
+extern const cst_entry cst_matmul_entries[];
+extern const cst_entry cst_ops_entries[];
+extern const cst_entry cst_optim_entries[];
+extern const cst_entry cst_quant_entries[];
+extern const cst_entry cst_dpo_entries[];
+extern const cst_entry cst_gen_entries[];
+extern const cst_entry cst_attention_entries[];
+
+/* Plain functions that are not kernel entry points (NULL-name terminated PyMethodDef tables). */
 extern PyMethodDef cst_matmul_methods[];
 extern PyMethodDef cst_ops_methods[];
 extern PyMethodDef cst_optim_methods[];
@@ -46,5 +126,10 @@ extern PyMethodDef cst_quant_methods[];
 extern PyMethodDef cst_dpo_methods[];
 extern PyMethodDef cst_gen_methods[];
 extern PyMethodDef cst_attention_methods[];
+
+/* Calls entry e with Python arguments: the one parser every entry point goes through. */
+PyObject *cst_entry_call(const cst_entry *e, PyObject *args, PyObject *kw);
+/* Adds one function per row of table to module (each calls cst_entry_call with its row). */
+int cst_add_entries(PyObject *module, const cst_entry *table);
 
 #endif

@@ -1,5 +1,5 @@
-/* module.c: the cst._core extension module: joins the method tables of every csrc/ file and owns the
- * process-wide settings (threads, SIMD path). No kernels here. */
+/* module.c: the cst._core extension module: one function per row of every entry table (glue.h) plus
+ * the process-wide settings (threads, SIMD path). No kernels here. */
 #define CST_MODULE_MAIN
 #include "glue.h"
 #include "simd.h"
@@ -84,9 +84,11 @@ static PyMethodDef module_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyMethodDef *tables[] = {module_methods,    cst_matmul_methods, cst_ops_methods,
+static PyMethodDef *tables[] = {module_methods,    cst_ops_methods,
                                 cst_optim_methods, cst_quant_methods,  cst_dpo_methods,
                                 cst_gen_methods,   cst_attention_methods};
+
+static const cst_entry *entry_tables[] = {cst_matmul_entries};
 
 static PyMethodDef *all_methods = NULL;
 
@@ -120,5 +122,8 @@ PyMODINIT_FUNC PyInit__core(void) {
             return NULL;
         }
     }
-    return PyModule_Create(&core_module);
+    PyObject *m = PyModule_Create(&core_module);
+    for (size_t t = 0; m && t < sizeof entry_tables / sizeof entry_tables[0]; t++)
+        if (cst_add_entries(m, entry_tables[t]) < 0) Py_CLEAR(m);
+    return m;
 }
