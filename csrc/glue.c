@@ -155,9 +155,10 @@ static int apply_derived(cst_call *c, const char *rules) {
         if (c->d.v[t] >= 0 || c->d.v[s] < 0) continue;
         const char *by = c->d.bound_by[s] ? c->d.bound_by[s] : "the arguments";
         if (c->d.v[s] % div) {
-            PyErr_Format(PyExc_ValueError, "%s: '%s' has %c = %ld, which must be %s%ld", c->fn,
-                         by, src, (long)c->d.v[s],
-                         div == 2 ? "even" : "a multiple of ", div == 2 ? 0L : div);
+            char must[32] = "even";
+            if (div != 2) PyOS_snprintf(must, sizeof must, "a multiple of %ld", div);
+            PyErr_Format(PyExc_ValueError, "%s: '%s' has %c = %ld, which must be %s", c->fn, by, src,
+                         (long)c->d.v[s], must);
             return -1;
         }
         if (div == 2) /* "even" already says the divisor */
@@ -199,7 +200,8 @@ static int parse_scalar(cst_call *c, const cst_param *a, int i) {
         switch (a->kind) {
         case CST_DOUBLE: v->f = strtod(a->def, NULL); break;
         case CST_FLAG: v->i = !strcmp(a->def, "True"); break;
-        case CST_STR: v->s = a->def; break;
+        case CST_STR:
+        case CST_CHOICE: v->s = a->def; break;
         case CST_OBJECT: v->p = Py_None; break;
         default: v->i = strtoll(a->def, NULL, 10); break;
         }
@@ -229,7 +231,8 @@ static int parse_scalar(cst_call *c, const cst_param *a, int i) {
         v->i = t;
         return t < 0 ? -1 : 0;
     }
-    case CST_STR: {
+    case CST_STR:
+    case CST_CHOICE: {
         if (!PyUnicode_Check(o)) return type_error(c, a, "a str", o);
         Py_ssize_t n;
         v->s = PyUnicode_AsUTF8AndSize(o, &n);
@@ -244,17 +247,97 @@ static int parse_scalar(cst_call *c, const cst_param *a, int i) {
     }
 }
 
-/* A range bound: a number, or a letter with an optional "+k". */
-static int64_t bound_value(const cst_call *c, const char *s) {
-    if (*s >= 'A' && *s <= 'Z') return cst_n(c, *s) + (s[1] == '+' ? strtoll(s + 2, NULL, 10) : 0);
-    return strtoll(s, NULL, 10);
+/* A range ("[0, V)", "(0, 0.5]", "> 0", ">= 1"): its bounds, each a number or a letter with "+k". */
+typedef struct {
+    double lo, hi;
+    int lo_in, hi_in;
+} range;
+
+static double bound_value(const cst_call *c, const char *s, const char **end) {
+    while (*s == ' ') s++;
+    if (*s >= 'A' && *s <= 'Z') {
+        double x = (double)cst_n(c, *s++);
+        if (*s == '+') x += strtod(s + 1, (char **)&s);
+        *end = s;
+        return x;
+    }
+    return strtod(s, (char **)end);
 }
 
+static range parse_range(const cst_call *c, const char *s) {
+    range r = {-INFINITY, INFINITY, 0, 0};
+    const char *p;
+    if (s[0] == '>') {
+        r.lo_in = s[1] == '=';
+        r.lo = bound_value(c, s + 1 + r.lo_in, &p);
+        return r;
+    }
+    r.lo_in = s[0] == '[';
+    r.lo = bound_value(c, s + 1, &p);
+    r.hi = bound_value(c, p + 1, &p);
+    r.hi_in = *p == ']';
+    return r;
+}
+
+static int in_range(range r, double x) {
+    return (r.lo_in ? x >= r.lo : x > r.lo) && (r.hi_in ? x <= r.hi : x < r.hi);
+}
+
+/* Scalar constraints: finiteness, a range, a choice among words. */
+static int check_scalar(cst_call *c, const cst_param *a, int i) {
+    cst_value *v = &c->v[i];
+    if (a->kind == CST_CHOICE) {
+        const char *w = a->range;
+        for (int k = 0; *w; k++) {
+            const size_t n = strcspn(w, "|");
+            if (strlen(v->s) == n && !strncmp(v->s, w, n)) {
+                v->i = k;
+                return 0;
+            }
+            w += n + (w[n] == '|');
+        }
+        char words[128] = "";
+        int left = 1;
+        for (const char *q = a->range; *q; q++) left += *q == '|';
+        for (const char *q = a->range; *q;) {
+            const size_t n = strcspn(q, "|");
+            left--;
+            PyOS_snprintf(words + strlen(words), sizeof words - strlen(words), "'%.*s'%s", (int)n, q,
+                          left > 1 ? ", " : left == 1 ? " or " : "");
+            q += n + (q[n] == '|');
+        }
+        PyErr_Format(PyExc_ValueError, "%s: '%s' must be %s, got '%s'", c->fn, a->name, words, v->s);
+        return -1;
+    }
+    if (a->kind == CST_DOUBLE && ((a->flags & CST_FINITE) || a->range) &&
+        !(isfinite(v->f) && (!a->range || in_range(parse_range(c, a->range), v->f)))) {
+        PyObject *x = PyFloat_FromDouble(v->f);
+        if (x && a->range)
+            PyErr_Format(PyExc_ValueError, "%s: '%s' must be a finite number %s%s, got %R", c->fn, a->name,
+                         a->range[0] == '>' ? "" : "in ", a->range, x);
+        else if (x)
+            PyErr_Format(PyExc_ValueError, "%s: '%s' must be finite, got %R", c->fn, a->name, x);
+        Py_XDECREF(x);
+        return -1;
+    }
+    if ((a->kind == CST_INT64 || a->kind == CST_INT) && a->range &&
+        !in_range(parse_range(c, a->range), (double)v->i)) {
+        PyErr_Format(PyExc_ValueError, "%s: '%s' must be %s%s, got %lld", c->fn, a->name,
+                     a->range[0] == '>' ? "" : "in ", a->range, v->i);
+        return -1;
+    }
+    return 0;
+}
+
+/* Array values: an int32 range, finiteness. */
 static int check_values(const cst_call *c, const cst_param *a, int i) {
     if (!c->v[i].p) return 0;
-    if (a->lo && cst_check_range_i32(c->fn, a->name, c->v[i].p, c->size[i], bound_value(c, a->lo),
-                                     bound_value(c, a->hi)) < 0)
-        return -1;
+    if (a->range) {
+        const range r = parse_range(c, a->range);
+        const int64_t lo = (int64_t)r.lo + !r.lo_in;
+        const int64_t hi = isfinite(r.hi) ? (int64_t)r.hi + r.hi_in : INT64_MAX;
+        if (cst_check_range_i32(c->fn, a->name, c->v[i].p, c->size[i], lo, hi) < 0) return -1;
+    }
     if (!(a->flags & CST_FINITE)) return 0;
     for (npy_intp k = 0; k < c->size[i]; k++) {
         const double x = c->dtype[i] == CST_F64 ? ((const double *)c->v[i].p)[k]
@@ -320,7 +403,8 @@ PyObject *cst_entry_call(const cst_entry *e, PyObject *args, PyObject *kw) {
                                      &o[7], &o[8], &o[9], &o[10], &o[11], &o[12], &o[13], &o[14], &o[15]))
         return NULL;
     for (int i = 0; i < n; i++)
-        if (!is_array(e->args[i].kind) && parse_scalar(&c, &e->args[i], i) < 0) return NULL;
+        if (!is_array(e->args[i].kind) && (parse_scalar(&c, &e->args[i], i) < 0 || check_scalar(&c, &e->args[i], i) < 0))
+            return NULL;
     if (e->prepare && e->prepare(&c) < 0) return NULL;
     for (int rank = 0; rank < 3; rank++)
         for (int i = 0; i < n; i++)

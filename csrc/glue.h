@@ -42,17 +42,18 @@ int cst_check_range_i32(const char *fn, const char *name, const int32_t *ids, np
 /* ---- entry descriptors ---- */
 
 /* Argument kinds. Arrays: one dtype, or several or-ed together (the call records which one came).
- * Scalars: converted from Python like PyArg_ParseTuple's d, L, i, p, s and O. */
+ * Scalars: converted from Python like PyArg_ParseTuple's d, L, i, p, s and O; a CST_CHOICE is a str
+ * that must be one of the words of its range, stored as the word's index (v.i). */
 enum {
     CST_F32 = 1, CST_F64 = 2, CST_I32 = 4, CST_U8 = 8, CST_BOOL = 16, /* arrays */
-    CST_DOUBLE = 256, CST_INT64, CST_INT, CST_FLAG, CST_STR, CST_OBJECT /* scalars */
+    CST_DOUBLE = 256, CST_INT64, CST_INT, CST_FLAG, CST_STR, CST_CHOICE, CST_OBJECT /* scalars */
 };
 /* Argument flags.
  * CST_WRITE: the kernel writes the array (must be writeable).
  * CST_NONE: None is accepted (the run function gets NULL).
  * CST_FIRST: checked before the other arrays, so its shape is the one the others must match
  *   (arrays are checked: CST_FIRST ones, then read-only ones, then written ones, each in table order).
- * CST_FINITE: every element must be finite (float arrays).
+ * CST_FINITE: every element must be finite (float arrays), or the number must be (CST_DOUBLE).
  * CST_EXCLUSIVE: shares no memory with any other array argument (the kernel reads what it writes). */
 enum { CST_WRITE = 1, CST_NONE = 2, CST_FIRST = 4, CST_FINITE = 8, CST_EXCLUSIVE = 16 };
 #define CST_OPTIONAL CST_NONE /* the name hand-written wrappers used */
@@ -65,14 +66,15 @@ typedef struct {
     const char *dims; /* arrays: one letter per axis ("BTC"), or "*" for any shape */
     int flags;        /* CST_WRITE | CST_NONE | ... */
     const char *def;  /* NULL: required; else the value when omitted ("None", "False", "0", "1.0", "sigmoid") */
-    const char *lo, *hi; /* int32 arrays: every value in [lo, hi); a number, or a letter with an optional
-                          * "+k" ("V", "T+1") */
+    const char *range; /* numbers and int32 arrays: the allowed values, "[0, V)", "[1, T]", "> 0", ">= 1"
+                        * (a bound is a number or a dimension letter); a CST_DOUBLE with a range must also
+                        * be finite. CST_CHOICE: the allowed words, "sigmoid|ipo|hinge" */
 } cst_param;
 
 typedef union {
     void *p; /* array data (NULL for None), or the PyObject of a CST_OBJECT */
     double f;
-    long long i; /* CST_INT64, CST_INT, CST_FLAG */
+    long long i; /* CST_INT64, CST_INT, CST_FLAG, CST_CHOICE */
     const char *s;
 } cst_value;
 
