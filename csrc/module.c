@@ -84,11 +84,11 @@ static PyMethodDef module_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyMethodDef *tables[] = {module_methods,
-                                cst_optim_methods, cst_quant_methods,  cst_dpo_methods,
-                                cst_gen_methods,   cst_attention_methods};
+static PyMethodDef *tables[] = {module_methods, cst_quant_methods};
 
-static const cst_entry *entry_tables[] = {cst_matmul_entries, cst_ops_entries};
+static const cst_entry *entry_tables[] = {cst_matmul_entries, cst_ops_entries,  cst_attention_entries,
+                                          cst_dpo_entries,    cst_optim_entries, cst_gen_entries,
+                                          cst_quant_entries};
 
 static PyMethodDef *all_methods = NULL;
 
