@@ -424,6 +424,33 @@ PyObject *cst_entry_call(const cst_entry *e, PyObject *args, PyObject *kw) {
     Py_RETURN_NONE;
 }
 
+/* "name(out, inp, accumulate=False)\n--\n\n" (Python's text signature for builtins), the row's text, then
+ * one line per argument with its dtype, dimensions and flags: the docstring says what the table says. */
+static char *entry_doc(const cst_entry *e) {
+    const size_t cap = 4096;
+    char *d = PyMem_RawMalloc(cap);
+    if (!d) return NULL;
+    size_t n = (size_t)PyOS_snprintf(d, cap, "%s(", e->name);
+    for (int i = 0; i < CST_MAX_ARGS && e->args[i].name && n < cap; i++) {
+        const cst_param *a = &e->args[i];
+        const int quote = a->def && (a->kind == CST_STR || a->kind == CST_CHOICE);
+        n += (size_t)PyOS_snprintf(d + n, cap - n, "%s%s%s%s%s%s", i ? ", " : "", a->name, a->def ? "=" : "",
+                                   quote ? "'" : "", a->def ? a->def : "", quote ? "'" : "");
+    }
+    if (n < cap) n += (size_t)PyOS_snprintf(d + n, cap - n, ")\n--\n\n%s\n", e->doc ? e->doc : "");
+    for (int i = 0; i < CST_MAX_ARGS && e->args[i].name && n < cap; i++) {
+        const cst_param *a = &e->args[i];
+        if (!is_array(a->kind)) continue;
+        char types[48] = "";
+        for (int k = 0; k < N_DTYPES; k++)
+            if (a->kind & dtypes[k].bit) PyOS_snprintf(types + strlen(types), sizeof types - strlen(types), "%s%s", *types ? "|" : "", dtypes[k].name);
+        n += (size_t)PyOS_snprintf(d + n, cap - n, "\n  %s: %s (%s)%s%s%s%s", a->name, types, a->dims,
+                                   (a->flags & CST_WRITE) ? ", written" : "", (a->flags & CST_NONE) ? ", or None" : "",
+                                   a->range ? ", values in " : "", a->range ? a->range : "");
+    }
+    return d;
+}
+
 static PyObject *entry_trampoline(PyObject *capsule, PyObject *args, PyObject *kw) {
     const cst_entry *e = PyCapsule_GetPointer(capsule, "cst.entry");
     return e ? cst_entry_call(e, args, kw) : NULL;
@@ -442,9 +469,10 @@ int cst_add_entries(PyObject *module, const cst_entry *table) {
     if (!modname) return -1;
     int rc = 0;
     for (size_t i = 0; i < n && rc == 0; i++) {
+        char *doc = entry_doc(&table[i]);
         defs[i] = (PyMethodDef){table[i].name, (PyCFunction)(void (*)(void))entry_trampoline,
-                                METH_VARARGS | METH_KEYWORDS, table[i].doc};
-        PyObject *cap = PyCapsule_New((void *)&table[i], "cst.entry", NULL);
+                                METH_VARARGS | METH_KEYWORDS, doc};
+        PyObject *cap = doc ? PyCapsule_New((void *)&table[i], "cst.entry", NULL) : PyErr_NoMemory();
         PyObject *fn = cap ? PyCFunction_NewEx(&defs[i], cap, modname) : NULL;
         Py_XDECREF(cap);
         rc = fn ? PyModule_AddObject(module, table[i].name, fn) : -1;

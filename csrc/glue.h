@@ -120,14 +120,8 @@ extern const cst_entry cst_dpo_entries[];
 extern const cst_entry cst_gen_entries[];
 extern const cst_entry cst_attention_entries[];
 
-/* Plain functions that are not kernel entry points (NULL-name terminated PyMethodDef tables). */
-extern PyMethodDef cst_matmul_methods[];
-extern PyMethodDef cst_ops_methods[];
-extern PyMethodDef cst_optim_methods[];
+/* Plain functions that are not kernel entry points (a NULL-name terminated PyMethodDef table). */
 extern PyMethodDef cst_quant_methods[];
-extern PyMethodDef cst_dpo_methods[];
-extern PyMethodDef cst_gen_methods[];
-extern PyMethodDef cst_attention_methods[];
 
 /* Calls entry e with Python arguments: the one parser every entry point goes through. */
 PyObject *cst_entry_call(const cst_entry *e, PyObject *args, PyObject *kw);

@@ -84,30 +84,16 @@ static PyMethodDef module_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyMethodDef *tables[] = {module_methods, cst_quant_methods};
-
 static const cst_entry *entry_tables[] = {cst_matmul_entries, cst_ops_entries,  cst_attention_entries,
                                           cst_dpo_entries,    cst_optim_entries, cst_gen_entries,
                                           cst_quant_entries};
 
-static PyMethodDef *all_methods = NULL;
-
 static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "_core",
-                                         "cst native core: kernels for Llama-family models.", -1, NULL};
+                                         "cst native core: kernels for Llama-family models.", -1,
+                                         module_methods};
 
 PyMODINIT_FUNC PyInit__core(void) {
     import_array();
-    size_t n = 0;
-    for (size_t t = 0; t < sizeof tables / sizeof tables[0]; t++)
-        for (PyMethodDef *m = tables[t]; m->ml_name; m++) n++;
-    /* Lives as long as the process: a module's method table must outlive the module. */
-    all_methods = PyMem_RawCalloc(n + 1, sizeof(PyMethodDef));
-    if (!all_methods) return PyErr_NoMemory();
-    size_t i = 0;
-    for (size_t t = 0; t < sizeof tables / sizeof tables[0]; t++)
-        for (PyMethodDef *m = tables[t]; m->ml_name; m++) all_methods[i++] = *m;
-    core_module.m_methods = all_methods;
-
     cst_simd_set(cst_simd_detect());
     const char *env = getenv("CST_SIMD");
     if (env && *env) {
@@ -123,6 +109,7 @@ PyMODINIT_FUNC PyInit__core(void) {
         }
     }
     PyObject *m = PyModule_Create(&core_module);
+    if (m && PyModule_AddFunctions(m, cst_quant_methods) < 0) Py_CLEAR(m);
     for (size_t t = 0; m && t < sizeof entry_tables / sizeof entry_tables[0]; t++)
         if (cst_add_entries(m, entry_tables[t]) < 0) Py_CLEAR(m);
     return m;

@@ -41,9 +41,8 @@ const cst_entry cst_attention_entries[] = {
       {"v", CST_F32, "BTKS"},
       LENGTHS},
      .check = check_heads,
-     .doc = "attention_forward(out, lse, q, k, v, lengths=None): causal GQA attention. q (B,T,NH,HS), "
-            "k v (B,T,NKV,HS), lengths (B,) int32 in [1,T] or None; writes out (B,T,NH,HS) and the "
-            "row log-sum-exp lse (B,NH,T) that backward needs. Padded query rows give 0."},
+     .doc = "causal GQA attention over the first lengths[b] positions (all T when None); writes out and the row "
+            "log-sum-exp lse that backward needs. Padded query rows give 0."},
     {"attention_backward", run_attention_backward,
      {{"dq", CST_F32, "BTHS", CST_WRITE | CST_EXCLUSIVE},
       {"dk", CST_F32, "BTKS", CST_WRITE | CST_EXCLUSIVE},
@@ -56,7 +55,6 @@ const cst_entry cst_attention_entries[] = {
       {"v", CST_F32, "BTKS"},
       LENGTHS},
      .check = check_heads,
-     .doc = "attention_backward(dq, dk, dv, dout, out, lse, q, k, v, lengths=None): adds the gradients "
-            "into dq (B,T,NH,HS), dk and dv (B,T,NKV,HS)."},
+     .doc = "adds the gradients into dq, dk and dv."},
     {NULL},
 };

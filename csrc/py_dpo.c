@@ -78,33 +78,27 @@ const cst_entry cst_dpo_entries[] = {
       {"mask", CST_F32 | CST_U8 | CST_BOOL, "BT"},
       {"average", CST_FLAG, .def = "False"}},
      .check = check_seq_logps,
-     .doc = "seq_logps_forward(out, token_logp, mask, average=False): out (B,) float64 = sum over t of "
-            "mask*token_logp (B,T) float32 (mask float32 >= 0, uint8 or bool); average divides by the "
-            "row's mask sum (rows with no tokens are rejected)."},
+     .doc = "out = sum over t of mask * token_logp, in double per row (a float32 mask must be >= 0); "
+            "average divides by the row's mask sum (rows with no tokens are rejected)."},
     {"seq_logps_backward", run_seq_logps_backward,
      {{"dtoken_logp", CST_F32, "BT", CST_WRITE | CST_FIRST},
       {"dout", CST_F64, "B"},
       {"mask", CST_F32 | CST_U8 | CST_BOOL, "BT"},
       {"average", CST_FLAG, .def = "False"}},
      .check = check_seq_logps,
-     .doc = "seq_logps_backward(dtoken_logp, dout, mask, average=False): dtoken_logp (B,T) float32 += "
-            "dout (B,) float64 * mask (/ row mask sum when average)."},
+     .doc = "dtoken_logp += dout * mask (/ the row's mask sum when average)."},
     {"dpo_loss_forward", run_dpo_loss_forward,
      {{"losses", CST_F64, "P", CST_WRITE | CST_NONE},
       {"chosen_rewards", CST_F64, "P", CST_WRITE | CST_NONE},
       {"rejected_rewards", CST_F64, "P", CST_WRITE | CST_NONE},
       PAIR_ARGS},
-     .doc = "dpo_loss_forward(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected, "
-            "ref_chosen, ref_rejected, beta, loss_type='sigmoid', label_smoothing=0.0): per-pair losses "
-            "and rewards, all (P,) float64; outputs may be None."},
+     .doc = "per-pair losses and rewards; outputs may be None."},
     {"dpo_loss_backward", run_dpo_loss_backward,
      {{"dpolicy_chosen", CST_F64, "P", CST_WRITE | CST_NONE},
       {"dpolicy_rejected", CST_F64, "P", CST_WRITE | CST_NONE},
       {"dlosses", CST_F64, "P", CST_NONE | CST_FINITE},
       PAIR_ARGS},
-     .doc = "dpo_loss_backward(dpolicy_chosen, dpolicy_rejected, dlosses, policy_chosen, policy_rejected, "
-            "ref_chosen, ref_rejected, beta, loss_type='sigmoid', label_smoothing=0.0): adds "
-            "dlosses * d loss / d policy_{chosen,rejected} (dlosses None = ones; grads may be None)."},
+     .doc = "adds dlosses * d loss / d policy_{chosen,rejected} (dlosses None = ones; grads may be None)."},
     {"dpo_loss", run_dpo_loss,
      {{"losses", CST_F64, "P", CST_WRITE},
       {"chosen_rewards", CST_F64, "P", CST_WRITE},
@@ -112,8 +106,6 @@ const cst_entry cst_dpo_entries[] = {
       {"grad_chosen", CST_F64, "P", CST_WRITE},
       {"grad_rejected", CST_F64, "P", CST_WRITE},
       PAIR_ARGS},
-     .doc = "dpo_loss(losses, chosen_rewards, rejected_rewards, grad_chosen, grad_rejected, policy_chosen, "
-            "policy_rejected, ref_chosen, ref_rejected, beta, loss_type='sigmoid', label_smoothing=0.0): "
-            "writes per-pair losses, rewards and d loss_i / d policy_{chosen,rejected}_i in one call."},
+     .doc = "writes per-pair losses, rewards and d loss_i / d policy_{chosen,rejected}_i in one call."},
     {NULL},
 };

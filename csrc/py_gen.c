@@ -3,52 +3,58 @@
 #include "glue.h"
 #include "gen.h"
 #include <math.h>
+#include <stddef.h>
 
-static int get_i64(const char *fn, PyObject *cfg, const char *name, int64_t *out) {
-    PyObject *v = PyObject_GetAttrString(cfg, name);
-    if (!v) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: 'config' has no attribute '%s' (expected a cst.ModelConfig)",
-                     fn, name);
-        return -1;
-    }
-    long long x = PyLong_Check(v) && !PyBool_Check(v) ? PyLong_AsLongLong(v) : -1;
-    Py_DECREF(v);
-    if (x == -1 && PyErr_Occurred()) PyErr_Clear();
-    if (x < 1 || x > ((int64_t)1 << 40)) {
-        PyErr_Format(PyExc_ValueError, "%s: config.%s must be a positive int", fn, name);
-        return -1;
-    }
-    *out = (int64_t)x;
-    return 0;
-}
-
-static int get_f32(const char *fn, PyObject *cfg, const char *name, float *out) {
-    PyObject *v = PyObject_GetAttrString(cfg, name);
-    if (!v) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: 'config' has no attribute '%s' (expected a cst.ModelConfig)",
-                     fn, name);
-        return -1;
-    }
-    double x = PyFloat_AsDouble(v);
-    Py_DECREF(v);
-    if (x == -1.0 && PyErr_Occurred()) PyErr_Clear();
-    if (!(x > 0.0) || !isfinite(x) || !isfinite((float)x) || (float)x <= 0.0f) {
-        PyErr_Format(PyExc_ValueError, "%s: config.%s must be a positive finite number", fn, name);
-        return -1;
-    }
-    *out = (float)x;
-    return 0;
-}
+/* The attributes of a cst.ModelConfig gen.c reads, in order: positive ints, positive finite floats,
+ * one flag. A new config field is one row here and one member of cst_gen_config. */
+static const struct {
+    const char *name;
+    char kind; /* 'i' int64, 'f' float, 'b' flag (int) */
+    size_t offset;
+} config_fields[] = {
+    {"vocab_size", 'i', offsetof(cst_gen_config, V)},     {"dim", 'i', offsetof(cst_gen_config, C)},
+    {"n_layers", 'i', offsetof(cst_gen_config, L)},       {"n_heads", 'i', offsetof(cst_gen_config, NH)},
+    {"n_kv_heads", 'i', offsetof(cst_gen_config, NKV)},   {"ffn_dim", 'i', offsetof(cst_gen_config, F)},
+    {"rope_theta", 'f', offsetof(cst_gen_config, rope_theta)},
+    {"norm_eps", 'f', offsetof(cst_gen_config, norm_eps)},
+    {"tie_embeddings", 'b', offsetof(cst_gen_config, tie_embeddings)},
+};
 
 /* Reads and checks a cst.ModelConfig (or anything with its attributes). */
 static int read_config(const char *fn, PyObject *o, cst_gen_config *c) {
-    if (get_i64(fn, o, "vocab_size", &c->V) < 0 || get_i64(fn, o, "dim", &c->C) < 0 ||
-        get_i64(fn, o, "n_layers", &c->L) < 0 || get_i64(fn, o, "n_heads", &c->NH) < 0 ||
-        get_i64(fn, o, "n_kv_heads", &c->NKV) < 0 || get_i64(fn, o, "ffn_dim", &c->F) < 0 ||
-        get_f32(fn, o, "rope_theta", &c->rope_theta) < 0 || get_f32(fn, o, "norm_eps", &c->norm_eps) < 0)
-        return -1;
+    for (size_t k = 0; k < sizeof config_fields / sizeof config_fields[0]; k++) {
+        const char *name = config_fields[k].name, kind = config_fields[k].kind;
+        char *at = (char *)c + config_fields[k].offset;
+        PyObject *v = PyObject_GetAttrString(o, name);
+        if (!v) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: 'config' has no attribute '%s' (expected a cst.ModelConfig)",
+                         fn, name);
+            return -1;
+        }
+        int ok;
+        if (kind == 'b') {
+            ok = PyObject_IsTrue(v);
+            *(int *)at = ok;
+            ok = ok >= 0;
+        } else if (kind == 'i') {
+            const long long x = PyLong_Check(v) && !PyBool_Check(v) ? PyLong_AsLongLong(v) : -1;
+            ok = x >= 1 && x <= ((int64_t)1 << 40);
+            *(int64_t *)at = (int64_t)x;
+        } else {
+            const double x = PyFloat_AsDouble(v);
+            ok = x > 0.0 && isfinite(x) && isfinite((float)x) && (float)x > 0.0f;
+            *(float *)at = (float)x;
+        }
+        Py_DECREF(v);
+        if (!ok && kind == 'b') return -1;
+        if (!ok) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "%s: config.%s must be a positive %s", fn, name,
+                         kind == 'i' ? "int" : "finite number");
+            return -1;
+        }
+    }
     if (c->C % c->NH || c->NH % c->NKV || (c->C / c->NH) % 2) {
         PyErr_Format(PyExc_ValueError,
                      "%s: config needs dim %% n_heads == 0, n_heads %% n_kv_heads == 0 and an even head "
@@ -56,16 +62,6 @@ static int read_config(const char *fn, PyObject *o, cst_gen_config *c) {
                      fn, (long long)c->C, (long long)c->NH, (long long)c->NKV);
         return -1;
     }
-    PyObject *t = PyObject_GetAttrString(o, "tie_embeddings");
-    if (!t) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: 'config' has no attribute 'tie_embeddings'", fn);
-        return -1;
-    }
-    int tie = PyObject_IsTrue(t);
-    Py_DECREF(t);
-    if (tie < 0) return -1;
-    c->tie_embeddings = tie;
     return 0;
 }
 
@@ -164,22 +160,22 @@ static void run_gen_forward(cst_call *c) {
 
 const cst_entry cst_gen_entries[] = {
     {"gen_packed_size", run_gen_packed_size, {CONFIG}, .prepare = prepare_config, .ret = CST_RET_INT,
-     .doc = "gen_packed_size(config) -> int: float32 elements gen_pack writes."},
+     .doc = "Returns int: float32 elements gen_pack writes."},
     {"gen_pack", run_gen_pack,
      {CONFIG, {"params", CST_F32, "P"}, OUT("out", "W")},
      .prepare = prepare_config,
-     .doc = "gen_pack(config, params, out): packs every weight matrix of params into out "
+     .doc = "packs every weight matrix of params into out "
             "(gen_packed_size(config) floats, the same layout on every SIMD path) for gen_forward(packed=out). "
             "Pack again after the weights change."},
     {"gen_num_params", run_gen_num_params, {CONFIG}, .prepare = prepare_config, .ret = CST_RET_INT,
-     .doc = "gen_num_params(config) -> int: floats in the flat parameter buffer of this config."},
+     .doc = "Returns int: floats in the flat parameter buffer of this config."},
     {"gen_scratch_size", run_gen_scratch_size,
      {CONFIG,
       {"B", CST_INT64, .range = "[0, 16777216]"},
       {"S", CST_INT64, .range = "[0, 16777216]"},
       {"maxT", CST_INT64, .range = "[0, 16777216]"}},
      .prepare = prepare_config, .check = check_gen_scratch_size, .ret = CST_RET_INT,
-     .doc = "gen_scratch_size(config, B, S, maxT) -> int: float32 scratch elements gen_forward needs."},
+     .doc = "Returns int: float32 scratch elements gen_forward needs."},
     {"gen_forward", run_gen_forward,
      {CONFIG,
       {"params", CST_F32, "P"},
@@ -194,8 +190,7 @@ const cst_entry cst_gen_entries[] = {
       OUT("logits", "BV"),
       {"packed", CST_F32, "W", CST_NONE, .def = "None"}},
      .prepare = prepare_config, .check = check_gen_forward,
-     .doc = "gen_forward(config, params, tokens, start_pos, n_new, rope_cos, rope_sin, kcache, vcache, scratch, "
-            "logits): appends tokens (B,S) int32 [b, :n_new[b]] at positions start_pos[b].. of each sequence's "
+     .doc = "appends tokens (B,S) int32 [b, :n_new[b]] at positions start_pos[b].. of each sequence's "
             "KV cache, rotary tables (>=maxT, HS/2) from cst.ops.rope_tables, "
             "(L,B,maxT,NKV*HS) and writes the logits of each active sequence's last new token into logits "
             "(B,V); rows with n_new 0 are untouched. packed (from gen_pack, optional): the weights "

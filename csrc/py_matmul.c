@@ -18,14 +18,14 @@ const cst_entry cst_matmul_entries[] = {
       {"inp", CST_F32, "NC", CST_FIRST},
       {"weight", CST_F32, "OC"},
       {"accumulate", CST_FLAG, .def = "False"}},
-     .doc = "matmul_forward(out, inp, weight, accumulate=False): out (N,OC) = inp (N,C) @ weight (OC,C)^T."},
+     .doc = "out (N,OC) = inp (N,C) @ weight (OC,C)^T."},
     {"matmul_backward", run_matmul_backward,
      {{"dinp", CST_F32, "NC", CST_WRITE | CST_NONE},
       {"dweight", CST_F32, "OC", CST_WRITE | CST_NONE},
       {"dout", CST_F32, "NO"},
       {"inp", CST_F32, "NC", CST_FIRST},
       {"weight", CST_F32, "OC", CST_FIRST}},
-     .doc = "matmul_backward(dinp, dweight, dout, inp, weight): dinp += dout @ weight; dweight += dout^T @ inp "
+     .doc = "dinp += dout @ weight; dweight += dout^T @ inp "
             "(either output may be None)."},
     {NULL},
 };

@@ -86,14 +86,14 @@ const cst_entry cst_ops_entries[] = {
      {{"out", CST_F32, "BTC", CST_WRITE},
       {"tokens", CST_I32, "BT", .range = "[0, V)"},
       {"wte", CST_F32, "VC", CST_FIRST}},
-     .doc = "embedding_forward(out, tokens, wte): out (B,T,C) = wte (V,C)[tokens (B,T) int32]."},
+     .doc = "out (B,T,C) = wte (V,C)[tokens (B,T) int32]."},
     /* Padded positions are skipped, but their ids are still checked: a bad id is a bug upstream. */
     {"embedding_backward", run_embedding_backward,
      {{"dwte", CST_F32, "VC", CST_WRITE | CST_FIRST},
       {"dout", CST_F32, "BTC"},
       {"tokens", CST_I32, "BT", CST_FIRST, .range = "[0, V)"},
       {"lengths", CST_I32, "B", CST_NONE, .def = "None", .range = "[0, T]"}},
-     .doc = "embedding_backward(dwte, dout, tokens, lengths=None): dwte (V,C) += scatter of dout (B,T,C) by "
+     .doc = "dwte (V,C) += scatter of dout (B,T,C) by "
             "tokens; positions t >= lengths[b] (int32 (B)) contribute nothing. Deterministic."},
     {"rmsnorm_forward", run_rmsnorm_forward,
      {{"out", CST_F32, "NC", CST_WRITE},
@@ -101,7 +101,7 @@ const cst_entry cst_ops_entries[] = {
       {"inp", CST_F32, "NC"},
       {"weight", CST_F32, "C"},
       {"eps", CST_DOUBLE, .range = "> 0"}},
-     .doc = "rmsnorm_forward(out, rstd, inp, weight, eps): out (N,C) = inp * rstd * weight (C); "
+     .doc = "out (N,C) = inp * rstd * weight (C); "
             "rstd (N) = 1/sqrt(mean(inp^2) + eps)."},
     {"rmsnorm_backward", run_rmsnorm_backward,
      {{"dinp", CST_F32, "NC", CST_WRITE | CST_NONE},
@@ -110,32 +110,32 @@ const cst_entry cst_ops_entries[] = {
       {"inp", CST_F32, "NC", CST_FIRST},
       {"weight", CST_F32, "C", CST_FIRST},
       {"rstd", CST_F32, "N"}},
-     .doc = "rmsnorm_backward(dinp, dweight, dout, inp, weight, rstd): dinp (N,C) += ..., dweight (C) += ... "
+     .doc = "dinp (N,C) += ..., dweight (C) += ... "
             "(either may be None). Needs no scratch."},
     {"rope_forward", run_rope_forward, ROPE_ARGS("x"),
-     .doc = "rope_forward(x, cos, sin, pos0=0): in place on x (B,T,H,HS), HF rotate_half rotary embedding at "
+     .doc = "in place on x (B,T,H,HS), HF rotate_half rotary embedding at "
             "positions pos0+t; cos/sin (Tmax, HS/2) from cst.ops.rope_tables."},
     {"rope_backward", run_rope_backward, ROPE_ARGS("dx"),
-     .doc = "rope_backward(dx, cos, sin, pos0=0): in place on the gradient dx (B,T,H,HS): rotation by -angle "
+     .doc = "in place on the gradient dx (B,T,H,HS): rotation by -angle "
             "(overwrites, does not add)."},
     {"swiglu_forward", run_swiglu_forward,
      {{"out", CST_F32, "NF", CST_WRITE | CST_FIRST},
       {"gu", CST_F32, "NG"}},
      .derive = "G=2F",
-     .doc = "swiglu_forward(out, gu): out (N,F) = silu(gu[:, :F]) * gu[:, F:], gu (N,2F) = [gate | up]."},
+     .doc = "out (N,F) = silu(gu[:, :F]) * gu[:, F:], gu (N,2F) = [gate | up]."},
     {"swiglu_backward", run_swiglu_backward,
      {{"dgu", CST_F32, "NG", CST_WRITE},
       {"dout", CST_F32, "NF"},
       {"gu", CST_F32, "NG"}},
      .derive = "G=2F",
-     .doc = "swiglu_backward(dgu, dout, gu): dgu (N,2F) += gradient of swiglu_forward."},
+     .doc = "dgu (N,2F) += gradient of swiglu_forward."},
     {"logprobs_forward", run_logprobs_forward,
      {{"logp", CST_F32, "N", CST_WRITE},
       {"lse", CST_F64, "N", CST_WRITE},
       {"logits", CST_F32, "NV"},
       {"targets", CST_I32, "N", .range = "[-1, V)"}},
      .check = check_logits_columns,
-     .doc = "logprobs_forward(logp, lse, logits, targets): logp (N) float32 = log_softmax(logits (N,V))[targets "
+     .doc = "logp (N) float32 = log_softmax(logits (N,V))[targets "
             "(N) int32]; lse (N) float64 = row log-sum-exp. Target -1 ignores the row (logp 0, lse 0)."},
     {"logprobs_backward", run_logprobs_backward,
      {{"dlogits", CST_F32, "NV", CST_WRITE | CST_EXCLUSIVE},
@@ -143,7 +143,7 @@ const cst_entry cst_ops_entries[] = {
       {"logits", CST_F32, "NV", CST_FIRST},
       {"targets", CST_I32, "N", .range = "[-1, V)"},
       {"lse", CST_F64, "N"}},
-     .doc = "logprobs_backward(dlogits, dlogp, logits, targets, lse): dlogits (N,V) += dlogp * (onehot - "
+     .doc = "dlogits (N,V) += dlogp * (onehot - "
             "softmax(logits)); ignored rows untouched. dlogits must not be logits (logprobs_backward_inplace "
             "overwrites logits with the gradient)."},
     {"logprobs_backward_inplace", run_logprobs_backward_inplace,
@@ -151,7 +151,7 @@ const cst_entry cst_ops_entries[] = {
       {"dlogp", CST_F32, "N"},
       {"targets", CST_I32, "N", .range = "[-1, V)"},
       {"lse", CST_F64, "N"}},
-     .doc = "logprobs_backward_inplace(logits, dlogp, targets, lse): overwrites logits (N,V) with "
+     .doc = "overwrites logits (N,V) with "
             "dlogp * (onehot - softmax(logits)) (no extra (N,V) buffer); ignored rows become 0."},
     {NULL},
 };

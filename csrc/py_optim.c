@@ -22,12 +22,11 @@ const cst_entry cst_optim_entries[] = {
       {"weight_decay", CST_DOUBLE, .range = ">= 0"},
       {"step", CST_INT64, .range = ">= 1"}, /* the count including this step */
       {"grad_scale", CST_DOUBLE, .flags = CST_FINITE, .def = "1.0"}},
-     .doc = "adamw_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0): one "
-            "torch.optim.AdamW step in place on flat float32 arrays; step counts from 1; grad is multiplied "
+     .doc = "one torch.optim.AdamW step in place on flat float32 arrays; step counts from 1; grad is multiplied "
             "by grad_scale first (clipping) and is not modified."},
     {"sum_squares", run_sum_squares,
      {{"x", CST_F32, "N"}},
      .ret = CST_RET_FLOAT,
-     .doc = "sum_squares(x) -> float: sum of x**2 over a flat float32 array, in double, deterministic."},
+     .doc = "Returns float: sum of x**2 over a flat float32 array, in double, deterministic."},
     {NULL},
 };

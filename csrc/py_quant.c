@@ -46,7 +46,7 @@ const cst_entry cst_quant_entries[] = {
       {"raw", CST_U8, "*"},
       {"type_id", CST_INT}},
      .check = check_dequantize,
-     .doc = "dequantize(out, raw, type_id): decode ggml blocks in raw (uint8, any shape) into out (float32, "
+     .doc = "decode ggml blocks in raw (uint8, any shape) into out (float32, "
             "n_blocks * block_elems values). Raises ValueError for an unknown type or mismatched sizes."},
     {NULL},
 };
