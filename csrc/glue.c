@@ -110,28 +110,35 @@ static const struct {
 
 static int is_array(int kind) { return kind < CST_DOUBLE; }
 
+/* Appends "'a', 'b' or 'c'" (quote "'") or "a, b or c" to out, for the words of the '|'-separated list. */
+static void or_list(char *out, size_t cap, const char *words, const char *quote) {
+    int left = 1;
+    for (const char *q = words; *q; q++) left += *q == '|';
+    for (const char *w = words; left > 0; left--) {
+        const size_t n = strcspn(w, "|"), used = strlen(out);
+        PyOS_snprintf(out + used, cap - used, "%s%.*s%s%s", quote, (int)n, w, quote,
+                      left > 2 ? ", " : left == 2 ? " or " : "");
+        w += n + (w[n] == '|');
+    }
+}
+
 /* The numpy type to check obj against: the array's own when kind allows several and it is one of them. */
 static int pick_dtype(const cst_call *c, const cst_param *a, PyObject *obj, int *bit) {
     int first = -1;
+    char names[64] = "";
     for (int k = 0; k < N_DTYPES; k++) {
         if (!(a->kind & dtypes[k].bit)) continue;
         if (first < 0) first = k;
+        PyOS_snprintf(names + strlen(names), sizeof names - strlen(names), "%s%s", *names ? "|" : "", dtypes[k].name);
         if (PyArray_Check(obj) && PyArray_TYPE((PyArrayObject *)obj) == dtypes[k].npy) {
             *bit = dtypes[k].bit;
             return dtypes[k].npy;
         }
     }
     if (a->kind != dtypes[first].bit && PyArray_Check(obj)) { /* several allowed, none matches */
-        char names[64] = "";
-        int left = 0;
-        for (int k = 0; k < N_DTYPES; k++) left += (a->kind & dtypes[k].bit) != 0;
-        for (int k = 0; k < N_DTYPES; k++)
-            if (a->kind & dtypes[k].bit) {
-                left--;
-                strcat(names, dtypes[k].name);
-                strcat(names, left > 1 ? ", " : left == 1 ? " or " : "");
-            }
-        PyErr_Format(PyExc_TypeError, "%s: '%s' must have dtype %s, got %S", c->fn, a->name, names,
+        char list[96] = "";
+        or_list(list, sizeof list, names, "");
+        PyErr_Format(PyExc_TypeError, "%s: '%s' must have dtype %s, got %S", c->fn, a->name, list,
                      (PyObject *)PyArray_DESCR((PyArrayObject *)obj));
         return -1;
     }
@@ -161,9 +168,7 @@ static int apply_derived(cst_call *c, const char *rules) {
                          (long)c->d.v[s], must);
             return -1;
         }
-        if (div == 2) /* "even" already says the divisor */
-            PyOS_snprintf(c->d.why[t], sizeof c->d.why[t], "%s's %c / 2", by, src);
-        else if (mul != 1)
+        if (mul != 1)
             PyOS_snprintf(c->d.why[t], sizeof c->d.why[t], "%ld * %s's %c", mul, by, src);
         else
             PyOS_snprintf(c->d.why[t], sizeof c->d.why[t], "%s's %c / %ld", by, src, div);
@@ -297,15 +302,7 @@ static int check_scalar(cst_call *c, const cst_param *a, int i) {
             w += n + (w[n] == '|');
         }
         char words[128] = "";
-        int left = 1;
-        for (const char *q = a->range; *q; q++) left += *q == '|';
-        for (const char *q = a->range; *q;) {
-            const size_t n = strcspn(q, "|");
-            left--;
-            PyOS_snprintf(words + strlen(words), sizeof words - strlen(words), "'%.*s'%s", (int)n, q,
-                          left > 1 ? ", " : left == 1 ? " or " : "");
-            q += n + (q[n] == '|');
-        }
+        or_list(words, sizeof words, a->range, "'");
         PyErr_Format(PyExc_ValueError, "%s: '%s' must be %s, got '%s'", c->fn, a->name, words, v->s);
         return -1;
     }
