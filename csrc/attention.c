@@ -546,21 +546,13 @@ CST_INLINE void fwd_item_body(float *out, float *lse, const float *q, const floa
 
 CST_ATTN_PATH(scalar, , 0)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define CST_ATTN_X86 1
 CST_ATTN_PATH(avx2, __attribute__((target("avx2,fma"))), 0)
 CST_ATTN_PATH(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))), 1)
 #endif
 
 static void pick_path(fwd_tile_fn *f, bwd_group_fn *g) {
-    *f = fwd_item_scalar;
-    *g = bwd_group_scalar;
-#ifdef CST_ATTN_X86
-    switch (cst_simd_current()) {
-    case CST_SIMD_AVX512: *f = fwd_item_avx512; *g = bwd_group_avx512; break;
-    case CST_SIMD_AVX2: *f = fwd_item_avx2; *g = bwd_group_avx2; break;
-    default: break;
-    }
-#endif
+    *f = CST_SIMD_PICK(fwd_item);
+    *g = CST_SIMD_PICK(bwd_group);
 }
 
 void cst_attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,

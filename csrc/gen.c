@@ -130,11 +130,17 @@ static inline __attribute__((always_inline)) CST_TARGET_AVX512 void attend_row_a
     for (int c = 0; c < CH; c++) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(_mm512_add_ps(a0[c], a1[c]), inv));
 }
 
-/* attend_body's contract, for HS = 64 or 128 (the caller checks). Heads are taken one at a time: the
- * block of cached rows they share stays in L1/L2 between them. */
+/* attend_body's contract. attend_body is the same arithmetic on the scalar and AVX2 paths (no FMA
+ * contraction under -std=c11; exp_f32 is exact-portable); AVX-512 has its own kernel for head sizes 64
+ * and 128, other sizes take attend_body. Heads are taken one at a time: the block of cached rows they
+ * share stays in L1/L2 between them. */
 CST_TARGET_AVX512 static void attend_avx512(float *att, float *sc, const float *q, const float *k, const float *v,
                                             int64_t t0, int64_t n, int64_t group, int64_t HS, int64_t qs,
                                             int64_t ss, int64_t kvs, int64_t maxT, float scale) {
+    if (!CST_AVX512_HEAD(HS)) {
+        attend_generic_avx512(att, sc, q, k, v, t0, n, group, HS, qs, ss, kvs, maxT, scale);
+        return;
+    }
     for (int64_t i = 0; i < n; i++)
         for (int64_t g = 0; g < group; g++) {
             float *o = att + i * qs + g * HS, *p = sc + i * ss + g * maxT;
@@ -144,18 +150,6 @@ CST_TARGET_AVX512 static void attend_avx512(float *att, float *sc, const float *
         }
 }
 #endif
-
-/* attend_body is the same arithmetic on the scalar and AVX2 paths (no FMA contraction under -std=c11;
- * exp_f32 is exact-portable); AVX-512 has its own kernel for head sizes 64 and 128. */
-static attend_fn attend_for(cst_simd_path p, int64_t HS) {
-#if defined(__x86_64__)
-    if (p == CST_SIMD_AVX512) return CST_AVX512_HEAD(HS) ? attend_avx512 : attend_generic_avx512;
-    if (p == CST_SIMD_AVX2) return attend_avx2;
-#endif
-    (void)p;
-    (void)HS;
-    return attend_scalar;
-}
 
 int64_t cst_gen_num_params(const cst_gen_config *cfg) {
     const int64_t C = cfg->C, F = cfg->F, HS = cfg->C / cfg->NH;
@@ -224,7 +218,7 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
     const float *wp = packed;
     const int64_t V = cfg->V, C = cfg->C, L = cfg->L, NH = cfg->NH, NKV = cfg->NKV, F = cfg->F;
     const int64_t HS = C / NH, half = HS / 2, QD = NH * HS, KVD = NKV * HS, group = NH / NKV;
-    const attend_fn attend = attend_for(cst_simd_current(), HS);
+    const attend_fn attend = CST_SIMD_PICK(attend);
 
     /* Active rows, packed: sequence b's new tokens are rows off .. off+n_new[b]-1. */
     int64_t N = 0, nact = 0;

@@ -185,17 +185,15 @@ CST_TARGET_AVX512 static void swiglu_bwd_avx512(float *dg, float *du, const floa
 }
 
 void cst_swiglu_forward(float *out, const float *gu, int64_t N, int64_t F) {
-    const cst_simd_path p = cst_simd_current();
     void (*row)(float *, const float *, const float *, int64_t) =
-        p == CST_SIMD_AVX512 ? swiglu_fwd_avx512 : p == CST_SIMD_AVX2 ? swiglu_fwd_avx2 : swiglu_fwd_scalar;
+        CST_SIMD_PICK(swiglu_fwd);
 #pragma omp parallel for schedule(static) if (N * F >= CST_PAR_MIN_ELEMS)
     for (int64_t n = 0; n < N; n++) row(out + n * F, gu + n * 2 * F, gu + n * 2 * F + F, F);
 }
 
 void cst_swiglu_backward(float *dgu, const float *dout, const float *gu, int64_t N, int64_t F) {
-    const cst_simd_path p = cst_simd_current();
     void (*row)(float *, float *, const float *, const float *, const float *, int64_t) =
-        p == CST_SIMD_AVX512 ? swiglu_bwd_avx512 : p == CST_SIMD_AVX2 ? swiglu_bwd_avx2 : swiglu_bwd_scalar;
+        CST_SIMD_PICK(swiglu_bwd);
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++)
         row(dgu + n * 2 * F, dgu + n * 2 * F + F, dout + n * F, gu + n * 2 * F, gu + n * 2 * F + F, F);
@@ -263,9 +261,8 @@ CST_TARGET_AVX512 static void row_grad_avx512(float *dx, const float *x, int64_t
 
 void cst_logprobs_forward(float *logp, double *lse, const float *logits, const int32_t *targets,
                           int64_t N, int64_t V) {
-    const cst_simd_path p = cst_simd_current();
     double (*sumexp)(const float *, int64_t, float *) =
-        p == CST_SIMD_AVX512 ? row_sumexp_avx512 : p == CST_SIMD_AVX2 ? row_sumexp_avx2 : row_sumexp_scalar;
+        CST_SIMD_PICK(row_sumexp);
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         if (targets[n] < 0) {
@@ -285,9 +282,8 @@ void cst_logprobs_forward(float *logp, double *lse, const float *logits, const i
 void cst_logprobs_backward(float *dlogits, const float *dlogp, const float *logits,
                            const int32_t *targets, const double *lse, int64_t N, int64_t V,
                            int accumulate) {
-    const cst_simd_path p = cst_simd_current();
     void (*grad)(float *, const float *, int64_t, float, float, float, int) =
-        p == CST_SIMD_AVX512 ? row_grad_avx512 : p == CST_SIMD_AVX2 ? row_grad_avx2 : row_grad_scalar;
+        CST_SIMD_PICK(row_grad);
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         float *dx = dlogits + n * V;
