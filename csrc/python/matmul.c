@@ -1,4 +1,4 @@
-/* py_matmul.c: the entry rows of the linear-layer products (matmul.h). Boundary only: no arithmetic. */
+/* python/matmul.c: the entry rows of the linear-layer products (matmul.h). Boundary only: no arithmetic. */
 #include "glue.h"
 #include "matmul.h"
 

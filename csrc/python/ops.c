@@ -1,4 +1,4 @@
-/* py_ops.c: the entry rows of the per-token ops (ops.h): embedding, RMSNorm, rotary embedding, SwiGLU,
+/* python/ops.c: the entry rows of the per-token ops (ops.h): embedding, RMSNorm, rotary embedding, SwiGLU,
  * token log-probs. Boundary only: no arithmetic. */
 #include "glue.h"
 #include "ops.h"

@@ -1,4 +1,4 @@
-/* py_attention.c: the entry rows of causal grouped-query attention (attention.h). Boundary only. */
+/* python/attention.c: the entry rows of causal grouped-query attention (attention.h). Boundary only. */
 #include "glue.h"
 #include "attention.h"
 

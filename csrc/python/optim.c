@@ -1,4 +1,4 @@
-/* py_optim.c: the entry rows of AdamW and the sum of squares used for clipping (optim.h). Boundary only. */
+/* python/optim.c: the entry rows of AdamW and the sum of squares used for clipping (optim.h). Boundary only. */
 #include "glue.h"
 #include "optim.h"
 

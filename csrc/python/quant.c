@@ -1,4 +1,4 @@
-/* py_quant.c: the entry row of GGUF block decoding (quant.h), and quant_block_info. Boundary only. */
+/* python/quant.c: the entry row of GGUF block decoding (quant.h), and quant_block_info. Boundary only. */
 #include "glue.h"
 #include "quant.h"
 

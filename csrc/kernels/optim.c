@@ -1,5 +1,5 @@
 /* optim.c: AdamW and the sum of squares for gradient clipping (see optim.h); their boundary is
- * py_optim.c. Element-wise over flat arrays; the reduction uses a fixed chunking, not the thread count. */
+ * python/optim.c. Element-wise over flat arrays; the reduction uses a fixed chunking, not the thread count. */
 #include "optim.h"
 #include <math.h>
 

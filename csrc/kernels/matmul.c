@@ -1,5 +1,5 @@
 /* matmul.c: linear-layer products (see matmul.h) mapped onto the packed GEMM / GEMV kernels of
- * gemm.c. No arithmetic of its own; the Python boundary is in py_matmul.c. */
+ * gemm.c. No arithmetic of its own; the Python boundary is in python/matmul.c. */
 #include "gemm.h"
 #include "matmul.h"
 

@@ -1,4 +1,4 @@
-/* ops.c: per-position kernels of a Llama-family decoder (see ops.h); their boundary is py_ops.c.
+/* ops.c: per-position kernels of a Llama-family decoder (see ops.h); their boundary is python/ops.c.
  * Every kernel is parallel over rows or column blocks that own disjoint outputs, with a fixed
  * reduction order, so results are bitwise identical for any thread count. Not attention, not matmul. */
 #include "ops.h"

@@ -1,4 +1,4 @@
-/* py_dpo.c: the entry rows of the masked sequence log-probs and the DPO pair losses (dpo.h). Boundary only. */
+/* python/dpo.c: the entry rows of the masked sequence log-probs and the DPO pair losses (dpo.h). Boundary only. */
 #include "glue.h"
 #include "dpo.h"
 #include <math.h>

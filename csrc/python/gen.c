@@ -1,4 +1,4 @@
-/* py_gen.c: the entry rows of the cached generation forward (gen.h): the config reader and the
+/* python/gen.c: the entry rows of the cached generation forward (gen.h): the config reader and the
  * checks of caches, scratch and positions. Boundary only: no arithmetic. */
 #include "glue.h"
 #include "gen.h"
