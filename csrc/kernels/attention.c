@@ -550,17 +550,10 @@ CST_ATTN_PATH(avx2, __attribute__((target("avx2,fma"))), 0)
 CST_ATTN_PATH(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))), 1)
 #endif
 
-static void pick_path(fwd_tile_fn *f, bwd_group_fn *g) {
-    *f = CST_SIMD_PICK(fwd_item);
-    *g = CST_SIMD_PICK(bwd_group);
-}
-
 void cst_attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
                            const int32_t *lengths, int64_t B, int64_t T, int64_t NH, int64_t NKV,
                            int64_t HS) {
-    fwd_tile_fn item;
-    bwd_group_fn unused;
-    pick_path(&item, &unused);
+    const fwd_tile_fn item = CST_SIMD_PICK(fwd_item);
     const float scale = 1.0f / sqrtf((float)HS);
     const int64_t n = B * NH * ((T + QT - 1) / QT);
     /* Tiles are independent; dynamic chunks even out the causal triangle's uneven tile costs. */
@@ -572,9 +565,7 @@ void cst_attention_backward(float *dq, float *dk, float *dv, const float *dout, 
                             const float *lse, const float *q, const float *k, const float *v,
                             const int32_t *lengths, int64_t B, int64_t T, int64_t NH, int64_t NKV,
                             int64_t HS) {
-    fwd_tile_fn unused;
-    bwd_group_fn group;
-    pick_path(&unused, &group);
+    const bwd_group_fn group = CST_SIMD_PICK(bwd_group);
     const float scale = 1.0f / sqrtf((float)HS);
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t i = 0; i < B * NKV; i++) {
