@@ -1,5 +1,6 @@
-"""Builds cst._core from csrc/*.c: C11, -O3, OpenMP where the compiler has it, baseline x86-64 code
-with per-function SIMD targets chosen at run time (never -march=native, never -ffast-math)."""
+"""Builds cst._core from csrc/kernels/*.c (plain C) and csrc/python/*.c (the boundary): C11, -O3,
+OpenMP where the compiler has it, baseline x86-64 code with per-function SIMD targets chosen at run
+time (never -march=native, never -ffast-math)."""
 import glob
 import os
 import shutil
@@ -42,9 +43,9 @@ class BuildExt(build_ext):
 
 core = Extension(
     "cst._core",
-    sources=sorted(glob.glob("csrc/*.c")),
-    include_dirs=[np.get_include(), "csrc"],
-    depends=sorted(glob.glob("csrc/*.h")),
+    sources=sorted(glob.glob("csrc/kernels/*.c") + glob.glob("csrc/python/*.c")),
+    include_dirs=[np.get_include(), "csrc/kernels", "csrc/python"],
+    depends=sorted(glob.glob("csrc/kernels/*.h") + glob.glob("csrc/python/*.h")),
     extra_compile_args=["-std=c11", "-O3", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function", "-Wno-psabi", "-fno-math-errno",
                         "-fvisibility=hidden"],
     extra_link_args=[],

@@ -1,5 +1,5 @@
 """Training losses on top of per-token log-probs: DPO (sigmoid/cDPO, IPO, hinge as in TRL's DPOTrainer)
-and SFT negative log-likelihood, with their gradients. The arithmetic runs in cst._core (csrc/dpo.c);
+and SFT negative log-likelihood, with their gradients. The arithmetic runs in cst._core (csrc/kernels/dpo.c);
 this module validates arguments, allocates outputs and averages. It does not run any model.
 
 Sequence log-probs: TRL sums the completion tokens' log-probs for "sigmoid" and "hinge", but for

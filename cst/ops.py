@@ -1,4 +1,4 @@
-"""Python helpers for the per-position kernels in cst._core (csrc/ops.c): the rotary-embedding tables.
+"""Python helpers for the per-position kernels in cst._core (csrc/kernels/ops.c): the rotary-embedding tables.
 
 The kernels themselves are called directly as cst._core.<op>_forward / <op>_backward. There is no
 residual-add kernel: NumPy's np.add(a, b, out=a) is already in place, vectorised and exact.

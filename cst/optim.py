@@ -1,5 +1,5 @@
 """AdamW with global-norm gradient clipping over flat float32 parameter arrays (the update runs in
-cst._core, csrc/optim.c). Semantics follow torch.optim.AdamW and torch.nn.utils.clip_grad_norm_.
+cst._core, csrc/kernels/optim.c). Semantics follow torch.optim.AdamW and torch.nn.utils.clip_grad_norm_.
 Not a learning-rate scheduler: pass lr= to step() to change it per step.
 """
 import math

@@ -1,4 +1,4 @@
-"""Causal grouped-query attention kernel (csrc/attention.c) against float64 PyTorch, finite
+"""Causal grouped-query attention kernel (csrc/kernels/attention.c) against float64 PyTorch, finite
 differences, thread-count determinism and bad input."""
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""KV-cache generation (csrc/gen.c, cst/generate.py) against a float64 NumPy full-recompute forward and
+"""KV-cache generation (csrc/kernels/gen.c, cst/generate.py) against a float64 NumPy full-recompute forward and
 Hugging Face transformers (LlamaForCausalLM, logits processors, greedy generate) on tiny random models."""
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Tests of the per-position kernels (csrc/ops.c): each forward against a float64 NumPy/PyTorch
+"""Tests of the per-position kernels (csrc/kernels/ops.c): each forward against a float64 NumPy/PyTorch
 reference, each backward against torch.autograd in float64 and against finite differences of the
 float32 kernel itself, accumulate semantics, thread-count determinism and input validation."""
 import numpy as np

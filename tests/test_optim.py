@@ -1,4 +1,4 @@
-"""Tests of the optimiser (csrc/optim.c, cst/optim.py): AdamW and clipping against torch.optim.AdamW
+"""Tests of the optimiser (csrc/kernels/optim.c, cst/optim.py): AdamW and clipping against torch.optim.AdamW
 and torch.nn.utils.clip_grad_norm_, the deterministic sum of squares, state round trips, bad input."""
 import math
 

@@ -564,7 +564,8 @@ T256 static void gemv_avx2(float *out, const float *x, const float *w, int64_t N
 void cst_gemv_nt(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
                  int accumulate) {
     if (N <= 0 || OC <= 0) return;
-    const cst_simd_path p = cst_simd_current();
+    void (*gemv)(float *, const float *, const float *, int64_t, int64_t, int64_t, int64_t, int64_t, int) =
+        CST_SIMD_PICK(gemv);
     /* Chunks of 64 weight rows: whole tiles for every tile width, and enough chunks to balance. */
     const int64_t nchunk = (OC + 63) / 64;
     int nt = max_threads();
@@ -573,14 +574,8 @@ void cst_gemv_nt(float *out, const float *x, const float *w, int64_t N, int64_t 
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t ch = 0; ch < nchunk; ch++) {
         const int64_t o0 = ch * 64, o1 = min64(o0 + 64, OC);
-#if defined(__x86_64__)
-        if (p == CST_SIMD_AVX512) gemv_avx512(out, x, w, N, C, OC, o0, o1, accumulate);
-        else if (p == CST_SIMD_AVX2) gemv_avx2(out, x, w, N, C, OC, o0, o1, accumulate);
-        else
-#endif
-            gemv_scalar(out, x, w, N, C, OC, o0, o1, accumulate);
+        gemv(out, x, w, N, C, OC, o0, o1, accumulate);
     }
-    (void)p;
 }
 
 /* ---- prepacked weights: y = x W^T against W packed once into the B panels of the current path ----

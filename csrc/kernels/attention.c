@@ -1,7 +1,6 @@
 /* attention.c: causal grouped-query self-attention, forward and backward (see attention.h).
  * Saves the per-row log-sum-exp instead of the (B,NH,T,T) probabilities and recomputes them in
  * backward, so memory is O(B*NH*T) per layer. Not a flash kernel for GPUs, and no KV cache. */
-#include "glue.h"
 #include "attention.h"
 #include "simd.h"
 #include "avx512.h"
@@ -547,29 +546,14 @@ CST_INLINE void fwd_item_body(float *out, float *lse, const float *q, const floa
 
 CST_ATTN_PATH(scalar, , 0)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define CST_ATTN_X86 1
 CST_ATTN_PATH(avx2, __attribute__((target("avx2,fma"))), 0)
 CST_ATTN_PATH(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))), 1)
 #endif
 
-static void pick_path(fwd_tile_fn *f, bwd_group_fn *g) {
-    *f = fwd_item_scalar;
-    *g = bwd_group_scalar;
-#ifdef CST_ATTN_X86
-    switch (cst_simd_current()) {
-    case CST_SIMD_AVX512: *f = fwd_item_avx512; *g = bwd_group_avx512; break;
-    case CST_SIMD_AVX2: *f = fwd_item_avx2; *g = bwd_group_avx2; break;
-    default: break;
-    }
-#endif
-}
-
 void cst_attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
                            const int32_t *lengths, int64_t B, int64_t T, int64_t NH, int64_t NKV,
                            int64_t HS) {
-    fwd_tile_fn item;
-    bwd_group_fn unused;
-    pick_path(&item, &unused);
+    const fwd_tile_fn item = CST_SIMD_PICK(fwd_item);
     const float scale = 1.0f / sqrtf((float)HS);
     const int64_t n = B * NH * ((T + QT - 1) / QT);
     /* Tiles are independent; dynamic chunks even out the causal triangle's uneven tile costs. */
@@ -581,9 +565,7 @@ void cst_attention_backward(float *dq, float *dk, float *dv, const float *dout, 
                             const float *lse, const float *q, const float *k, const float *v,
                             const int32_t *lengths, int64_t B, int64_t T, int64_t NH, int64_t NKV,
                             int64_t HS) {
-    fwd_tile_fn unused;
-    bwd_group_fn group;
-    pick_path(&unused, &group);
+    const bwd_group_fn group = CST_SIMD_PICK(bwd_group);
     const float scale = 1.0f / sqrtf((float)HS);
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t i = 0; i < B * NKV; i++) {
@@ -592,99 +574,3 @@ void cst_attention_backward(float *dq, float *dk, float *dv, const float *dout, 
         group(dq, dk, dv, dout, out, lse, q, k, v, b, g, len, T, NH, NKV, HS, scale);
     }
 }
-
-/* ---- Python boundary ---- */
-
-/* Shared checks: head grouping and lengths in [1, T]. */
-static int check_heads_lengths(const char *fn, const cst_dims *d, const int32_t *lengths) {
-    int64_t NH = cst_dim(d, 'H'), NKV = cst_dim(d, 'K');
-    if (NKV < 1 || NH % NKV) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s: the number of q heads (%ld, axis 2 of 'q') must be a multiple of the "
-                     "number of kv heads (%ld, axis 2 of 'k')",
-                     fn, (long)NH, (long)NKV);
-        return -1;
-    }
-    if (cst_dim(d, 'S') < 1) {
-        PyErr_Format(PyExc_ValueError, "%s: head size (axis 3 of 'q') must be >= 1", fn);
-        return -1;
-    }
-    if (lengths && cst_check_range_i32(fn, "lengths", lengths, cst_dim(d, 'B'), 1,
-                                       (int64_t)cst_dim(d, 'T') + 1) < 0)
-        return -1;
-    return 0;
-}
-
-static PyObject *py_attention_forward(PyObject *self, PyObject *args, PyObject *kw) {
-    static const char *fn = "attention_forward";
-    static char *kwlist[] = {"out", "lse", "q", "k", "v", "lengths", NULL};
-    PyObject *o_out, *o_lse, *o_q, *o_k, *o_v, *o_len = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOO|O:attention_forward", kwlist, &o_out, &o_lse,
-                                     &o_q, &o_k, &o_v, &o_len))
-        return NULL;
-    cst_dims d;
-    cst_dims_init(&d);
-    void *out, *lse, *q, *k, *v, *len;
-    if (cst_arg(fn, "q", o_q, NPY_FLOAT32, "BTHS", &d, 0, &q) < 0 ||
-        cst_arg(fn, "k", o_k, NPY_FLOAT32, "BTKS", &d, 0, &k) < 0 ||
-        cst_arg(fn, "v", o_v, NPY_FLOAT32, "BTKS", &d, 0, &v) < 0 ||
-        cst_arg(fn, "out", o_out, NPY_FLOAT32, "BTHS", &d, CST_WRITE, &out) < 0 ||
-        cst_arg(fn, "lse", o_lse, NPY_FLOAT32, "BHT", &d, CST_WRITE, &lse) < 0 ||
-        cst_arg(fn, "lengths", o_len, NPY_INT32, "B", &d, CST_OPTIONAL, &len) < 0 ||
-        check_heads_lengths(fn, &d, len) < 0)
-        return NULL;
-    int64_t B = cst_dim(&d, 'B'), T = cst_dim(&d, 'T'), NH = cst_dim(&d, 'H'),
-            NKV = cst_dim(&d, 'K'), HS = cst_dim(&d, 'S');
-    Py_BEGIN_ALLOW_THREADS
-    cst_attention_forward(out, lse, q, k, v, len, B, T, NH, NKV, HS);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_attention_backward(PyObject *self, PyObject *args, PyObject *kw) {
-    static const char *fn = "attention_backward";
-    static char *kwlist[] = {"dq", "dk", "dv", "dout", "out", "lse", "q", "k", "v", "lengths", NULL};
-    PyObject *o_dq, *o_dk, *o_dv, *o_dout, *o_out, *o_lse, *o_q, *o_k, *o_v, *o_len = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOO|O:attention_backward", kwlist, &o_dq,
-                                     &o_dk, &o_dv, &o_dout, &o_out, &o_lse, &o_q, &o_k, &o_v,
-                                     &o_len))
-        return NULL;
-    cst_dims d;
-    cst_dims_init(&d);
-    void *dq, *dk, *dv, *dout, *out, *lse, *q, *k, *v, *len;
-    if (cst_arg(fn, "q", o_q, NPY_FLOAT32, "BTHS", &d, 0, &q) < 0 ||
-        cst_arg(fn, "k", o_k, NPY_FLOAT32, "BTKS", &d, 0, &k) < 0 ||
-        cst_arg(fn, "v", o_v, NPY_FLOAT32, "BTKS", &d, 0, &v) < 0 ||
-        cst_arg(fn, "out", o_out, NPY_FLOAT32, "BTHS", &d, 0, &out) < 0 ||
-        cst_arg(fn, "lse", o_lse, NPY_FLOAT32, "BHT", &d, 0, &lse) < 0 ||
-        cst_arg(fn, "dout", o_dout, NPY_FLOAT32, "BTHS", &d, 0, &dout) < 0 ||
-        cst_arg(fn, "dq", o_dq, NPY_FLOAT32, "BTHS", &d, CST_WRITE, &dq) < 0 ||
-        cst_arg(fn, "dk", o_dk, NPY_FLOAT32, "BTKS", &d, CST_WRITE, &dk) < 0 ||
-        cst_arg(fn, "dv", o_dv, NPY_FLOAT32, "BTKS", &d, CST_WRITE, &dv) < 0 ||
-        cst_arg(fn, "lengths", o_len, NPY_INT32, "B", &d, CST_OPTIONAL, &len) < 0 ||
-        check_heads_lengths(fn, &d, len) < 0)
-        return NULL;
-    if (dq == dk || dq == dv || dk == dv) {
-        PyErr_Format(PyExc_ValueError, "%s: 'dq', 'dk' and 'dv' must be distinct arrays", fn);
-        return NULL;
-    }
-    int64_t B = cst_dim(&d, 'B'), T = cst_dim(&d, 'T'), NH = cst_dim(&d, 'H'),
-            NKV = cst_dim(&d, 'K'), HS = cst_dim(&d, 'S');
-    Py_BEGIN_ALLOW_THREADS
-    cst_attention_backward(dq, dk, dv, dout, out, lse, q, k, v, len, B, T, NH, NKV, HS);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-PyMethodDef cst_attention_methods[] = {
-    {"attention_forward", (PyCFunction)(void (*)(void))py_attention_forward,
-     METH_VARARGS | METH_KEYWORDS,
-     "attention_forward(out, lse, q, k, v, lengths=None): causal GQA attention. q (B,T,NH,HS), "
-     "k v (B,T,NKV,HS), lengths (B,) int32 in [1,T] or None; writes out (B,T,NH,HS) and the "
-     "row log-sum-exp lse (B,NH,T) that backward needs. Padded query rows give 0."},
-    {"attention_backward", (PyCFunction)(void (*)(void))py_attention_backward,
-     METH_VARARGS | METH_KEYWORDS,
-     "attention_backward(dq, dk, dv, dout, out, lse, q, k, v, lengths=None): adds the gradients "
-     "into dq (B,T,NH,HS), dk and dv (B,T,NKV,HS)."},
-    {NULL, NULL, 0, NULL},
-};

@@ -1,7 +1,6 @@
 /* gen.c: the cached forward for generation (see gen.h): new tokens of B sequences are packed into
  * one row block so each weight matrix is streamed once per step for the whole batch, whatever mix of
  * prefill and decode the step holds. Not a sampler; no backward. */
-#include "glue.h"
 #include "gemm.h"
 #include "gen.h"
 #include "matmul.h"
@@ -131,11 +130,17 @@ static inline __attribute__((always_inline)) CST_TARGET_AVX512 void attend_row_a
     for (int c = 0; c < CH; c++) _mm512_storeu_ps(o + 16 * c, _mm512_mul_ps(_mm512_add_ps(a0[c], a1[c]), inv));
 }
 
-/* attend_body's contract, for HS = 64 or 128 (the caller checks). Heads are taken one at a time: the
- * block of cached rows they share stays in L1/L2 between them. */
+/* attend_body's contract. attend_body is the same arithmetic on the scalar and AVX2 paths (no FMA
+ * contraction under -std=c11; exp_f32 is exact-portable); AVX-512 has its own kernel for head sizes 64
+ * and 128, other sizes take attend_body. Heads are taken one at a time: the block of cached rows they
+ * share stays in L1/L2 between them. */
 CST_TARGET_AVX512 static void attend_avx512(float *att, float *sc, const float *q, const float *k, const float *v,
                                             int64_t t0, int64_t n, int64_t group, int64_t HS, int64_t qs,
                                             int64_t ss, int64_t kvs, int64_t maxT, float scale) {
+    if (!CST_AVX512_HEAD(HS)) {
+        attend_generic_avx512(att, sc, q, k, v, t0, n, group, HS, qs, ss, kvs, maxT, scale);
+        return;
+    }
     for (int64_t i = 0; i < n; i++)
         for (int64_t g = 0; g < group; g++) {
             float *o = att + i * qs + g * HS, *p = sc + i * ss + g * maxT;
@@ -145,18 +150,6 @@ CST_TARGET_AVX512 static void attend_avx512(float *att, float *sc, const float *
         }
 }
 #endif
-
-/* attend_body is the same arithmetic on the scalar and AVX2 paths (no FMA contraction under -std=c11;
- * exp_f32 is exact-portable); AVX-512 has its own kernel for head sizes 64 and 128. */
-static attend_fn attend_for(cst_simd_path p, int64_t HS) {
-#if defined(__x86_64__)
-    if (p == CST_SIMD_AVX512) return CST_AVX512_HEAD(HS) ? attend_avx512 : attend_generic_avx512;
-    if (p == CST_SIMD_AVX2) return attend_avx2;
-#endif
-    (void)p;
-    (void)HS;
-    return attend_scalar;
-}
 
 int64_t cst_gen_num_params(const cst_gen_config *cfg) {
     const int64_t C = cfg->C, F = cfg->F, HS = cfg->C / cfg->NH;
@@ -225,7 +218,7 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
     const float *wp = packed;
     const int64_t V = cfg->V, C = cfg->C, L = cfg->L, NH = cfg->NH, NKV = cfg->NKV, F = cfg->F;
     const int64_t HS = C / NH, half = HS / 2, QD = NH * HS, KVD = NKV * HS, group = NH / NKV;
-    const attend_fn attend = attend_for(cst_simd_current(), HS);
+    const attend_fn attend = CST_SIMD_PICK(attend);
 
     /* Active rows, packed: sequence b's new tokens are rows off .. off+n_new[b]-1. */
     int64_t N = 0, nact = 0;
@@ -322,258 +315,3 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
     for (int64_t b = 0, j = 0; b < B; b++)
         if (n_new[b] > 0) memcpy(logits + b * V, lastlog + (j++) * V, (size_t)V * sizeof(float));
 }
-
-/* ---- Python boundary ---- */
-
-static int get_i64(const char *fn, PyObject *cfg, const char *name, int64_t *out) {
-    PyObject *v = PyObject_GetAttrString(cfg, name);
-    if (!v) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: 'config' has no attribute '%s' (expected a cst.ModelConfig)",
-                     fn, name);
-        return -1;
-    }
-    long long x = PyLong_Check(v) && !PyBool_Check(v) ? PyLong_AsLongLong(v) : -1;
-    Py_DECREF(v);
-    if (x == -1 && PyErr_Occurred()) PyErr_Clear();
-    if (x < 1 || x > ((int64_t)1 << 40)) {
-        PyErr_Format(PyExc_ValueError, "%s: config.%s must be a positive int", fn, name);
-        return -1;
-    }
-    *out = (int64_t)x;
-    return 0;
-}
-
-static int get_f32(const char *fn, PyObject *cfg, const char *name, float *out) {
-    PyObject *v = PyObject_GetAttrString(cfg, name);
-    if (!v) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: 'config' has no attribute '%s' (expected a cst.ModelConfig)",
-                     fn, name);
-        return -1;
-    }
-    double x = PyFloat_AsDouble(v);
-    Py_DECREF(v);
-    if (x == -1.0 && PyErr_Occurred()) PyErr_Clear();
-    if (!(x > 0.0) || !isfinite(x) || !isfinite((float)x) || (float)x <= 0.0f) {
-        PyErr_Format(PyExc_ValueError, "%s: config.%s must be a positive finite number", fn, name);
-        return -1;
-    }
-    *out = (float)x;
-    return 0;
-}
-
-/* Reads and checks a cst.ModelConfig (or anything with its attributes). */
-static int read_config(const char *fn, PyObject *o, cst_gen_config *c) {
-    if (get_i64(fn, o, "vocab_size", &c->V) < 0 || get_i64(fn, o, "dim", &c->C) < 0 ||
-        get_i64(fn, o, "n_layers", &c->L) < 0 || get_i64(fn, o, "n_heads", &c->NH) < 0 ||
-        get_i64(fn, o, "n_kv_heads", &c->NKV) < 0 || get_i64(fn, o, "ffn_dim", &c->F) < 0 ||
-        get_f32(fn, o, "rope_theta", &c->rope_theta) < 0 || get_f32(fn, o, "norm_eps", &c->norm_eps) < 0)
-        return -1;
-    if (c->C % c->NH || c->NH % c->NKV || (c->C / c->NH) % 2) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s: config needs dim %% n_heads == 0, n_heads %% n_kv_heads == 0 and an even head "
-                     "size (dim=%lld, n_heads=%lld, n_kv_heads=%lld)",
-                     fn, (long long)c->C, (long long)c->NH, (long long)c->NKV);
-        return -1;
-    }
-    PyObject *t = PyObject_GetAttrString(o, "tie_embeddings");
-    if (!t) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: 'config' has no attribute 'tie_embeddings'", fn);
-        return -1;
-    }
-    int tie = PyObject_IsTrue(t);
-    Py_DECREF(t);
-    if (tie < 0) return -1;
-    c->tie_embeddings = tie;
-    return 0;
-}
-
-/* The scratch size in double precision: rejects sizes whose int64 arithmetic would overflow. */
-static int scratch_size_fits(const cst_gen_config *c, double B, double S, double maxT) {
-    const double HS = (double)(c->C / c->NH);
-    const double n = B * S * (2.0 * c->C + 2.0 * (c->NH + 2.0 * c->NKV) * HS + c->NH * HS + 3.0 * c->F + HS +
-                              1.0 + c->NH * maxT) + B * ((double)c->C + c->V);
-    return n < 4.0e18;
-}
-
-static PyObject *py_gen_num_params(PyObject *self, PyObject *args) {
-    PyObject *o_cfg;
-    if (!PyArg_ParseTuple(args, "O:gen_num_params", &o_cfg)) return NULL;
-    cst_gen_config cfg;
-    if (read_config("gen_num_params", o_cfg, &cfg) < 0) return NULL;
-    return PyLong_FromLongLong((long long)cst_gen_num_params(&cfg));
-}
-
-static PyObject *py_gen_scratch_size(PyObject *self, PyObject *args, PyObject *kw) {
-    static const char *fn = "gen_scratch_size";
-    static char *kwlist[] = {"config", "B", "S", "maxT", NULL};
-    PyObject *o_cfg;
-    long long B, S, maxT;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OLLL:gen_scratch_size", kwlist, &o_cfg, &B, &S, &maxT))
-        return NULL;
-    cst_gen_config cfg;
-    if (read_config(fn, o_cfg, &cfg) < 0) return NULL;
-    const long long lim = (long long)1 << 24;
-    if (B < 0 || S < 0 || maxT < 0 || B > lim || S > lim || maxT > lim) {
-        PyErr_Format(PyExc_ValueError, "%s: 'B', 'S' and 'maxT' must lie in [0, 2^24], got %lld, %lld, %lld",
-                     fn, B, S, maxT);
-        return NULL;
-    }
-    if (!scratch_size_fits(&cfg, (double)B, (double)S, (double)maxT)) {
-        PyErr_Format(PyExc_ValueError, "%s: scratch for B=%lld, S=%lld, maxT=%lld is too large", fn, B, S, maxT);
-        return NULL;
-    }
-    return PyLong_FromLongLong((long long)cst_gen_scratch_size(&cfg, B, S, maxT));
-}
-
-static int overlaps(PyObject *a, PyObject *b) {
-    const char *pa = PyArray_DATA((PyArrayObject *)a), *pb = PyArray_DATA((PyArrayObject *)b);
-    const npy_intp na = PyArray_NBYTES((PyArrayObject *)a), nb = PyArray_NBYTES((PyArrayObject *)b);
-    return na > 0 && nb > 0 && pa < pb + nb && pb < pa + na;
-}
-
-static PyObject *py_gen_forward(PyObject *self, PyObject *args, PyObject *kw) {
-    static const char *fn = "gen_forward";
-    static char *kwlist[] = {"config", "params", "tokens", "start_pos", "n_new", "rope_cos", "rope_sin",
-                             "kcache", "vcache", "scratch", "logits", "packed", NULL};
-    PyObject *o_cfg, *o_params, *o_tok, *o_sp, *o_nn, *o_cos, *o_sin, *o_kc, *o_vc, *o_scr, *o_log;
-    PyObject *o_packed = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOOOO|O:gen_forward", kwlist, &o_cfg, &o_params, &o_tok,
-                                     &o_sp, &o_nn, &o_cos, &o_sin, &o_kc, &o_vc, &o_scr, &o_log, &o_packed))
-        return NULL;
-    cst_gen_config cfg;
-    if (read_config(fn, o_cfg, &cfg) < 0) return NULL;
-    cst_dims d;
-    cst_dims_init(&d);
-    cst_dims_set(&d, 'P', (npy_intp)cst_gen_num_params(&cfg), "the config's parameter count");
-    cst_dims_set(&d, 'L', (npy_intp)cfg.L, "config.n_layers");
-    cst_dims_set(&d, 'K', (npy_intp)(cfg.NKV * (cfg.C / cfg.NH)), "config n_kv_heads * head size");
-    cst_dims_set(&d, 'V', (npy_intp)cfg.V, "config.vocab_size");
-    cst_dims_set(&d, 'H', (npy_intp)(cfg.C / cfg.NH / 2), "half the config's head size");
-    void *params, *tok, *sp, *nn, *cs, *sn, *kc, *vc, *scr, *logits;
-    if (cst_arg(fn, "params", o_params, NPY_FLOAT32, "P", &d, 0, &params) < 0 ||
-        cst_arg(fn, "tokens", o_tok, NPY_INT32, "BS", &d, 0, &tok) < 0 ||
-        cst_arg(fn, "start_pos", o_sp, NPY_INT32, "B", &d, 0, &sp) < 0 ||
-        cst_arg(fn, "n_new", o_nn, NPY_INT32, "B", &d, 0, &nn) < 0 ||
-        cst_arg(fn, "kcache", o_kc, NPY_FLOAT32, "LBMK", &d, CST_WRITE, &kc) < 0 ||
-        cst_arg(fn, "vcache", o_vc, NPY_FLOAT32, "LBMK", &d, CST_WRITE, &vc) < 0 ||
-        cst_arg(fn, "scratch", o_scr, NPY_FLOAT32, "Z", &d, CST_WRITE, &scr) < 0 ||
-        cst_arg(fn, "logits", o_log, NPY_FLOAT32, "BV", &d, CST_WRITE, &logits) < 0 ||
-        cst_arg(fn, "rope_cos", o_cos, NPY_FLOAT32, "RH", &d, 0, &cs) < 0 ||
-        cst_arg(fn, "rope_sin", o_sin, NPY_FLOAT32, "RH", &d, 0, &sn) < 0)
-        return NULL;
-    void *packed = NULL;
-    if (o_packed != Py_None) {
-        cst_dims_set(&d, 'W', (npy_intp)cst_gen_packed_size(&cfg), "gen_packed_size(config)");
-        if (cst_arg(fn, "packed", o_packed, NPY_FLOAT32, "W", &d, 0, &packed) < 0) return NULL;
-    }
-    if (cst_dim(&d, 'R') < cst_dim(&d, 'M')) {
-        PyErr_Format(PyExc_ValueError, "%s: 'rope_cos' and 'rope_sin' have %lld positions, the caches %lld",
-                     fn, (long long)cst_dim(&d, 'R'), (long long)cst_dim(&d, 'M'));
-        return NULL;
-    }
-    const int64_t B = cst_dim(&d, 'B'), S = cst_dim(&d, 'S'), maxT = cst_dim(&d, 'M');
-    if (!scratch_size_fits(&cfg, (double)B, (double)S, (double)maxT)) {
-        PyErr_Format(PyExc_ValueError, "%s: 'tokens' (B=%lld, S=%lld) and caches (maxT=%lld) need too much scratch",
-                     fn, (long long)B, (long long)S, (long long)maxT);
-        return NULL;
-    }
-    const int64_t need = cst_gen_scratch_size(&cfg, B, S, maxT);
-    if (cst_dim(&d, 'Z') < need) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s: 'scratch' has %lld floats, needs gen_scratch_size(config, B=%lld, S=%lld, "
-                     "maxT=%lld) = %lld",
-                     fn, (long long)cst_dim(&d, 'Z'), (long long)B, (long long)S, (long long)maxT,
-                     (long long)need);
-        return NULL;
-    }
-    const int32_t *start = sp, *nnew = nn, *tokens = tok;
-    for (int64_t b = 0; b < B; b++) {
-        if (nnew[b] < 0 || nnew[b] > S) {
-            PyErr_Format(PyExc_ValueError, "%s: 'n_new'[%lld] = %d must lie in [0, S=%lld]", fn,
-                         (long long)b, (int)nnew[b], (long long)S);
-            return NULL;
-        }
-        if (start[b] < 0 || (int64_t)start[b] + nnew[b] > maxT) {
-            PyErr_Format(PyExc_ValueError,
-                         "%s: 'start_pos'[%lld] = %d with n_new %d does not fit the cache (maxT=%lld)", fn,
-                         (long long)b, (int)start[b], (int)nnew[b], (long long)maxT);
-            return NULL;
-        }
-        if (cst_check_range_i32(fn, "tokens", tokens + b * S, nnew[b], 0, cfg.V) < 0) return NULL;
-    }
-    /* Written buffers must not overlap each other or any input: the kernel would read what it wrote. */
-    PyObject *outs[4] = {o_kc, o_vc, o_scr, o_log};
-    const char *out_names[4] = {"kcache", "vcache", "scratch", "logits"};
-    PyObject *all[11] = {o_kc, o_vc, o_scr, o_log, o_params, o_tok, o_sp, o_nn, o_cos, o_sin, o_packed};
-    const char *all_names[11] = {"kcache",    "vcache",    "scratch", "logits",   "params", "tokens",
-                                 "start_pos", "n_new",     "rope_cos", "rope_sin", "packed"};
-    const int n_all = packed ? 11 : 10;
-    for (int i = 0; i < 4; i++)
-        for (int j = i + 1; j < n_all; j++)
-            if (overlaps(outs[i], all[j])) {
-                PyErr_Format(PyExc_ValueError, "%s: '%s' and '%s' share memory", fn, out_names[i],
-                             all_names[j]);
-                return NULL;
-            }
-    Py_BEGIN_ALLOW_THREADS
-    cst_gen_forward(logits, kc, vc, scr, params, packed, tokens, start, nnew, cs, sn, &cfg, B, S, maxT);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_gen_packed_size(PyObject *self, PyObject *args) {
-    PyObject *o_cfg;
-    if (!PyArg_ParseTuple(args, "O:gen_packed_size", &o_cfg)) return NULL;
-    cst_gen_config cfg;
-    if (read_config("gen_packed_size", o_cfg, &cfg) < 0) return NULL;
-    return PyLong_FromLongLong((long long)cst_gen_packed_size(&cfg));
-}
-
-static PyObject *py_gen_pack(PyObject *self, PyObject *args, PyObject *kw) {
-    static const char *fn = "gen_pack";
-    static char *kwlist[] = {"config", "params", "out", NULL};
-    PyObject *o_cfg, *o_params, *o_out;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO:gen_pack", kwlist, &o_cfg, &o_params, &o_out)) return NULL;
-    cst_gen_config cfg;
-    if (read_config(fn, o_cfg, &cfg) < 0) return NULL;
-    cst_dims d;
-    cst_dims_init(&d);
-    cst_dims_set(&d, 'P', (npy_intp)cst_gen_num_params(&cfg), "the config's parameter count");
-    cst_dims_set(&d, 'W', (npy_intp)cst_gen_packed_size(&cfg), "gen_packed_size(config)");
-    void *params, *out;
-    if (cst_arg(fn, "params", o_params, NPY_FLOAT32, "P", &d, 0, &params) < 0 ||
-        cst_arg(fn, "out", o_out, NPY_FLOAT32, "W", &d, CST_WRITE, &out) < 0)
-        return NULL;
-    if (overlaps(o_params, o_out)) {
-        PyErr_Format(PyExc_ValueError, "%s: 'params' and 'out' share memory", fn);
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    cst_gen_pack(out, params, &cfg);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-PyMethodDef cst_gen_methods[] = {
-    {"gen_packed_size", py_gen_packed_size, METH_VARARGS,
-     "gen_packed_size(config) -> int: float32 elements gen_pack writes."},
-    {"gen_pack", (PyCFunction)(void (*)(void))py_gen_pack, METH_VARARGS | METH_KEYWORDS,
-     "gen_pack(config, params, out): packs every weight matrix of params into out "
-     "(gen_packed_size(config) floats, the same layout on every SIMD path) for gen_forward(packed=out). "
-     "Pack again after the weights change."},
-    {"gen_num_params", py_gen_num_params, METH_VARARGS,
-     "gen_num_params(config) -> int: floats in the flat parameter buffer of this config."},
-    {"gen_scratch_size", (PyCFunction)(void (*)(void))py_gen_scratch_size, METH_VARARGS | METH_KEYWORDS,
-     "gen_scratch_size(config, B, S, maxT) -> int: float32 scratch elements gen_forward needs."},
-    {"gen_forward", (PyCFunction)(void (*)(void))py_gen_forward, METH_VARARGS | METH_KEYWORDS,
-     "gen_forward(config, params, tokens, start_pos, n_new, rope_cos, rope_sin, kcache, vcache, scratch, "
-     "logits): appends tokens (B,S) int32 [b, :n_new[b]] at positions start_pos[b].. of each sequence's "
-     "KV cache, rotary tables (>=maxT, HS/2) from cst.ops.rope_tables, "
-     "(L,B,maxT,NKV*HS) and writes the logits of each active sequence's last new token into logits "
-     "(B,V); rows with n_new 0 are untouched. packed (from gen_pack, optional): the weights "
-     "packed once, so that products of few rows run through the GEMM microkernel."},
-    {NULL, NULL, 0, NULL},
-};

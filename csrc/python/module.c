@@ -1,5 +1,5 @@
-/* module.c: the cst._core extension module: joins the method tables of every csrc/ file and owns the
- * process-wide settings (threads, SIMD path). No kernels here. */
+/* module.c: the cst._core extension module: one function per row of every entry table (glue.h) plus
+ * the process-wide settings (threads, SIMD path). No kernels here. */
 #define CST_MODULE_MAIN
 #include "glue.h"
 #include "simd.h"
@@ -84,28 +84,16 @@ static PyMethodDef module_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyMethodDef *tables[] = {module_methods,    cst_matmul_methods, cst_ops_methods,
-                                cst_optim_methods, cst_quant_methods,  cst_dpo_methods,
-                                cst_gen_methods,   cst_attention_methods};
-
-static PyMethodDef *all_methods = NULL;
+static const cst_entry *entry_tables[] = {cst_matmul_entries, cst_ops_entries,  cst_attention_entries,
+                                          cst_dpo_entries,    cst_optim_entries, cst_gen_entries,
+                                          cst_quant_entries};
 
 static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "_core",
-                                         "cst native core: kernels for Llama-family models.", -1, NULL};
+                                         "cst native core: kernels for Llama-family models.", -1,
+                                         module_methods};
 
 PyMODINIT_FUNC PyInit__core(void) {
     import_array();
-    size_t n = 0;
-    for (size_t t = 0; t < sizeof tables / sizeof tables[0]; t++)
-        for (PyMethodDef *m = tables[t]; m->ml_name; m++) n++;
-    /* Lives as long as the process: a module's method table must outlive the module. */
-    all_methods = PyMem_RawCalloc(n + 1, sizeof(PyMethodDef));
-    if (!all_methods) return PyErr_NoMemory();
-    size_t i = 0;
-    for (size_t t = 0; t < sizeof tables / sizeof tables[0]; t++)
-        for (PyMethodDef *m = tables[t]; m->ml_name; m++) all_methods[i++] = *m;
-    core_module.m_methods = all_methods;
-
     cst_simd_set(cst_simd_detect());
     const char *env = getenv("CST_SIMD");
     if (env && *env) {
@@ -120,5 +108,9 @@ PyMODINIT_FUNC PyInit__core(void) {
             return NULL;
         }
     }
-    return PyModule_Create(&core_module);
+    PyObject *m = PyModule_Create(&core_module);
+    if (m && PyModule_AddFunctions(m, cst_quant_methods) < 0) Py_CLEAR(m);
+    for (size_t t = 0; m && t < sizeof entry_tables / sizeof entry_tables[0]; t++)
+        if (cst_add_entries(m, entry_tables[t]) < 0) Py_CLEAR(m);
+    return m;
 }

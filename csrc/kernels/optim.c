@@ -1,6 +1,5 @@
-/* optim.c: AdamW and the sum of squares for gradient clipping (see optim.h), with their NumPy
- * boundary. Element-wise over flat arrays; the reduction uses a fixed chunking, not the thread count. */
-#include "glue.h"
+/* optim.c: AdamW and the sum of squares for gradient clipping (see optim.h); their boundary is
+ * python/optim.c. Element-wise over flat arrays; the reduction uses a fixed chunking, not the thread count. */
 #include "optim.h"
 #include <math.h>
 
@@ -89,87 +88,3 @@ double cst_sum_squares(const float *x, int64_t n) {
     for (int c = 0; c < CST_SUMSQ_CHUNKS; c++) s += part[c];
     return s;
 }
-
-/* ---- Python boundary ---- */
-
-static int check_finite(const char *fn, const char *name, double x) {
-    if (!isfinite(x)) {
-        PyObject *o = PyFloat_FromDouble(x);
-        if (o) PyErr_Format(PyExc_ValueError, "%s: '%s' must be finite, got %R", fn, name, o);
-        Py_XDECREF(o);
-        return -1;
-    }
-    return 0;
-}
-
-static PyObject *py_adamw_step(PyObject *self, PyObject *args, PyObject *kw) {
-    static const char *fn = "adamw_step";
-    static char *kwlist[] = {"param", "grad", "m", "v", "lr", "beta1", "beta2", "eps",
-                             "weight_decay", "step", "grad_scale", NULL};
-    PyObject *o_p, *o_g, *o_m, *o_v;
-    double lr, beta1, beta2, eps, wd, gs = 1.0;
-    long long step;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOdddddL|d:adamw_step", kwlist, &o_p, &o_g, &o_m,
-                                     &o_v, &lr, &beta1, &beta2, &eps, &wd, &step, &gs))
-        return NULL;
-    if (check_finite(fn, "lr", lr) < 0 || check_finite(fn, "eps", eps) < 0 ||
-        check_finite(fn, "weight_decay", wd) < 0 || check_finite(fn, "grad_scale", gs) < 0)
-        return NULL;
-    if (!(beta1 >= 0.0 && beta1 < 1.0) || !(beta2 >= 0.0 && beta2 < 1.0)) {
-        PyErr_Format(PyExc_ValueError, "%s: 'beta1' and 'beta2' must lie in [0, 1)", fn);
-        return NULL;
-    }
-    if (lr < 0.0 || eps < 0.0 || wd < 0.0) {
-        PyErr_Format(PyExc_ValueError, "%s: 'lr', 'eps' and 'weight_decay' must be >= 0", fn);
-        return NULL;
-    }
-    if (step < 1) {
-        PyErr_Format(PyExc_ValueError, "%s: 'step' must be >= 1 (the count including this step), got %lld",
-                     fn, step);
-        return NULL;
-    }
-    cst_dims d;
-    cst_dims_init(&d);
-    void *p, *g, *m, *v;
-    if (cst_arg(fn, "param", o_p, NPY_FLOAT32, "N", &d, CST_WRITE, &p) < 0 ||
-        cst_arg(fn, "grad", o_g, NPY_FLOAT32, "N", &d, 0, &g) < 0 ||
-        cst_arg(fn, "m", o_m, NPY_FLOAT32, "N", &d, CST_WRITE, &m) < 0 ||
-        cst_arg(fn, "v", o_v, NPY_FLOAT32, "N", &d, CST_WRITE, &v) < 0)
-        return NULL;
-    if (p == m || p == v || m == v || g == m || g == v || g == p) {
-        PyErr_Format(PyExc_ValueError, "%s: 'param', 'grad', 'm' and 'v' must be distinct arrays", fn);
-        return NULL;
-    }
-    int64_t n = cst_dim(&d, 'N');
-    Py_BEGIN_ALLOW_THREADS
-    cst_adamw_step(p, m, v, g, n, lr, beta1, beta2, eps, wd, step, (float)gs);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_sum_squares(PyObject *self, PyObject *args, PyObject *kw) {
-    static const char *fn = "sum_squares";
-    static char *kwlist[] = {"x", NULL};
-    PyObject *o_x;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O:sum_squares", kwlist, &o_x)) return NULL;
-    cst_dims d;
-    cst_dims_init(&d);
-    void *x;
-    if (cst_arg(fn, "x", o_x, NPY_FLOAT32, "N", &d, 0, &x) < 0) return NULL;
-    int64_t n = cst_dim(&d, 'N');
-    double s;
-    Py_BEGIN_ALLOW_THREADS
-    s = cst_sum_squares(x, n);
-    Py_END_ALLOW_THREADS
-    return PyFloat_FromDouble(s);
-}
-
-PyMethodDef cst_optim_methods[] = {
-    {"adamw_step", (PyCFunction)(void (*)(void))py_adamw_step, METH_VARARGS | METH_KEYWORDS,
-     "adamw_step(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0): one "
-     "torch.optim.AdamW step in place on flat float32 arrays; step counts from 1; grad is multiplied "
-     "by grad_scale first (clipping) and is not modified."},
-    {"sum_squares", (PyCFunction)(void (*)(void))py_sum_squares, METH_VARARGS | METH_KEYWORDS,
-     "sum_squares(x) -> float: sum of x**2 over a flat float32 array, in double, deterministic."},
-    {NULL, NULL, 0, NULL},
-};

@@ -2,7 +2,6 @@
  * Q6_K) to float32, one OpenMP iteration per block. No quantisation and no matmul on packed data:
  * cst dequantises once at load time. Arithmetic mirrors gguf-py's reference (same products, same
  * order, no fused multiply-add) so results are bit-identical to gguf.quants.dequantize. */
-#include "glue.h"
 #include "quant.h"
 #include <string.h>
 
@@ -217,87 +216,3 @@ void cst_dequantize(float *out, const uint8_t *raw, int64_t n_blocks, int type) 
         }
     }
 }
-
-/* ---- Python boundary ---- */
-
-static PyObject *py_dequantize(PyObject *self, PyObject *args, PyObject *kw) {
-    static const char *fn = "dequantize";
-    static char *kwlist[] = {"out", "raw", "type_id", NULL};
-    PyObject *o_out, *o_raw;
-    int type;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOi:dequantize", kwlist, &o_out, &o_raw, &type))
-        return NULL;
-    int64_t be, bb;
-    if (!cst_quant_block_info(type, &be, &bb)) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s: unknown or unsupported ggml type_id %d (supported: F32 0, F16 1, Q4_0 2, "
-                     "Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14, BF16 30)",
-                     fn, type);
-        return NULL;
-    }
-    const char *tname = cst_quant_type_name(type);
-    /* Any shape: both arrays are treated as flat buffers, so only dtype, contiguity and sizes matter. */
-    if (!PyArray_Check(o_out) || PyArray_TYPE((PyArrayObject *)o_out) != NPY_FLOAT32) {
-        PyErr_Format(PyExc_TypeError, "%s: 'out' must be a float32 numpy.ndarray, got %s", fn,
-                     PyArray_Check(o_out) ? "another dtype" : Py_TYPE(o_out)->tp_name);
-        return NULL;
-    }
-    if (!PyArray_Check(o_raw) || PyArray_TYPE((PyArrayObject *)o_raw) != NPY_UINT8) {
-        PyErr_Format(PyExc_TypeError, "%s: 'raw' must be a uint8 numpy.ndarray, got %s", fn,
-                     PyArray_Check(o_raw) ? "another dtype" : Py_TYPE(o_raw)->tp_name);
-        return NULL;
-    }
-    PyArrayObject *out = (PyArrayObject *)o_out, *raw = (PyArrayObject *)o_raw;
-    if (!PyArray_IS_C_CONTIGUOUS(out) || !PyArray_ISALIGNED(out)) {
-        PyErr_Format(PyExc_ValueError, "%s: 'out' must be C-contiguous and aligned", fn);
-        return NULL;
-    }
-    if (!PyArray_ISWRITEABLE(out)) {
-        PyErr_Format(PyExc_ValueError, "%s: 'out' must be writeable", fn);
-        return NULL;
-    }
-    if (!PyArray_IS_C_CONTIGUOUS(raw)) {
-        PyErr_Format(PyExc_ValueError, "%s: 'raw' must be C-contiguous", fn);
-        return NULL;
-    }
-    int64_t nbytes = (int64_t)PyArray_SIZE(raw), nout = (int64_t)PyArray_SIZE(out);
-    if (nbytes % bb) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s: 'raw' has %lld bytes, not a whole number of %s blocks (%lld bytes each)", fn,
-                     (long long)nbytes, tname, (long long)bb);
-        return NULL;
-    }
-    int64_t n_blocks = nbytes / bb;
-    if (n_blocks * be != nout) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s: 'raw' holds %lld %s blocks = %lld values, but 'out' has %lld elements", fn,
-                     (long long)n_blocks, tname, (long long)(n_blocks * be), (long long)nout);
-        return NULL;
-    }
-    float *y = PyArray_DATA(out);
-    const uint8_t *b = PyArray_DATA(raw);
-    Py_BEGIN_ALLOW_THREADS
-    cst_dequantize(y, b, n_blocks, type);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_quant_block_info(PyObject *self, PyObject *args) {
-    int type;
-    if (!PyArg_ParseTuple(args, "i:quant_block_info", &type)) return NULL;
-    int64_t be, bb;
-    if (!cst_quant_block_info(type, &be, &bb)) {
-        PyErr_Format(PyExc_ValueError, "quant_block_info: unknown or unsupported ggml type_id %d", type);
-        return NULL;
-    }
-    return Py_BuildValue("(sLL)", cst_quant_type_name(type), (long long)be, (long long)bb);
-}
-
-PyMethodDef cst_quant_methods[] = {
-    {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_VARARGS | METH_KEYWORDS,
-     "dequantize(out, raw, type_id): decode ggml blocks in raw (uint8, any shape) into out (float32, "
-     "n_blocks * block_elems values). Raises ValueError for an unknown type or mismatched sizes."},
-    {"quant_block_info", py_quant_block_info, METH_VARARGS,
-     "quant_block_info(type_id) -> (name, block_elems, block_bytes) for a type dequantize decodes."},
-    {NULL, NULL, 0, NULL},
-};

@@ -15,6 +15,16 @@ cst_simd_path cst_simd_current(void);
  * the baseline ISA, and callers dispatch on cst_simd_current()). */
 #define CST_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define CST_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+/* The one way a kernel dispatches: NAME_avx512, NAME_avx2 or NAME_scalar for the current path (the AVX
+ * variants exist on x86-64 only; elsewhere NAME_scalar). Picked once per call, before the loop. */
+#if defined(__x86_64__)
+#define CST_SIMD_PICK(name)                                                                          \
+    (cst_simd_current() == CST_SIMD_AVX512 ? name##_avx512                                           \
+     : cst_simd_current() == CST_SIMD_AVX2 ? name##_avx2                                            \
+                                           : name##_scalar)
+#else
+#define CST_SIMD_PICK(name) (name##_scalar)
+#endif
 /* Sets the path; returns -1 if the CPU lacks it. */
 int cst_simd_set(cst_simd_path p);
 const char *cst_simd_name(cst_simd_path p);

@@ -1,0 +1,25 @@
+/* matmul.c: linear-layer products (see matmul.h) mapped onto the packed GEMM / GEMV kernels of
+ * gemm.c. No arithmetic of its own; the Python boundary is in python/matmul.c. */
+#include "gemm.h"
+#include "matmul.h"
+
+/* Tiny batches (token-by-token generation) stream the weight once with dot products instead of
+ * packing it: packing a 49152 x 576 weight for one row would cost more than the product. Measured on
+ * Zen 4, the dot-product path wins up to N ~ 32-64 for OC = 49152 and ties the GEMM at N = 64. */
+#define GEMV_MAX_ROWS 32
+
+void cst_matmul_forward(float *out, const float *inp, const float *weight, int64_t N, int64_t C,
+                        int64_t OC, int accumulate) {
+    if (N <= GEMV_MAX_ROWS)
+        cst_gemv_nt(out, inp, weight, N, C, OC, accumulate);
+    else /* out = inp @ B with B(k, j) = weight[j*C + k] */
+        cst_gemm(out, OC, inp, C, 1, weight, 1, C, N, OC, C, accumulate);
+}
+
+void cst_matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
+                         const float *weight, int64_t N, int64_t C, int64_t OC) {
+    /* dinp (N, C) += dout (N, OC) @ weight (OC, C): both operands row-major. */
+    if (dinp) cst_gemm(dinp, C, dout, OC, 1, weight, C, 1, N, C, OC, 1);
+    /* dweight (OC, C) += dout^T @ inp: A(o, n) = dout[n*OC + o] is read transposed while packing. */
+    if (dweight) cst_gemm(dweight, C, dout, 1, OC, inp, C, 1, OC, C, N, 1);
+}

@@ -1,0 +1,199 @@
+/* python/gen.c: the entry rows of the cached generation forward (gen.h): the config reader and the
+ * checks of caches, scratch and positions. Boundary only: no arithmetic. */
+#include "glue.h"
+#include "gen.h"
+#include <math.h>
+#include <stddef.h>
+
+/* The attributes of a cst.ModelConfig gen.c reads, in order: positive ints, positive finite floats,
+ * one flag. A new config field is one row here and one member of cst_gen_config. */
+static const struct {
+    const char *name;
+    char kind; /* 'i' int64, 'f' float, 'b' flag (int) */
+    size_t offset;
+} config_fields[] = {
+    {"vocab_size", 'i', offsetof(cst_gen_config, V)},     {"dim", 'i', offsetof(cst_gen_config, C)},
+    {"n_layers", 'i', offsetof(cst_gen_config, L)},       {"n_heads", 'i', offsetof(cst_gen_config, NH)},
+    {"n_kv_heads", 'i', offsetof(cst_gen_config, NKV)},   {"ffn_dim", 'i', offsetof(cst_gen_config, F)},
+    {"rope_theta", 'f', offsetof(cst_gen_config, rope_theta)},
+    {"norm_eps", 'f', offsetof(cst_gen_config, norm_eps)},
+    {"tie_embeddings", 'b', offsetof(cst_gen_config, tie_embeddings)},
+};
+
+/* Reads and checks a cst.ModelConfig (or anything with its attributes). */
+static int read_config(const char *fn, PyObject *o, cst_gen_config *c) {
+    for (size_t k = 0; k < sizeof config_fields / sizeof config_fields[0]; k++) {
+        const char *name = config_fields[k].name, kind = config_fields[k].kind;
+        char *at = (char *)c + config_fields[k].offset;
+        PyObject *v = PyObject_GetAttrString(o, name);
+        if (!v) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s: 'config' has no attribute '%s' (expected a cst.ModelConfig)",
+                         fn, name);
+            return -1;
+        }
+        int ok;
+        if (kind == 'b') {
+            ok = PyObject_IsTrue(v);
+            *(int *)at = ok;
+            ok = ok >= 0;
+        } else if (kind == 'i') {
+            const long long x = PyLong_Check(v) && !PyBool_Check(v) ? PyLong_AsLongLong(v) : -1;
+            ok = x >= 1 && x <= ((int64_t)1 << 40);
+            *(int64_t *)at = (int64_t)x;
+        } else {
+            const double x = PyFloat_AsDouble(v);
+            ok = x > 0.0 && isfinite(x) && isfinite((float)x) && (float)x > 0.0f;
+            *(float *)at = (float)x;
+        }
+        Py_DECREF(v);
+        if (!ok && kind == 'b') return -1;
+        if (!ok) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "%s: config.%s must be a positive %s", fn, name,
+                         kind == 'i' ? "int" : "finite number");
+            return -1;
+        }
+    }
+    if (c->C % c->NH || c->NH % c->NKV || (c->C / c->NH) % 2) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: config needs dim %% n_heads == 0, n_heads %% n_kv_heads == 0 and an even head "
+                     "size (dim=%lld, n_heads=%lld, n_kv_heads=%lld)",
+                     fn, (long long)c->C, (long long)c->NH, (long long)c->NKV);
+        return -1;
+    }
+    return 0;
+}
+
+/* The scratch size in double precision: rejects sizes whose int64 arithmetic would overflow. */
+static int scratch_size_fits(const cst_gen_config *c, double B, double S, double maxT) {
+    const double HS = (double)(c->C / c->NH);
+    const double n = B * S * (2.0 * c->C + 2.0 * (c->NH + 2.0 * c->NKV) * HS + c->NH * HS + 3.0 * c->F + HS +
+                              1.0 + c->NH * maxT) + B * ((double)c->C + c->V);
+    return n < 4.0e18;
+}
+
+/* Every gen entry point starts from the config: it is read once, and the sizes it fixes are bound
+ * before the arrays are checked. */
+static int prepare_config(cst_call *c) {
+    cst_gen_config *cfg = (cst_gen_config *)c->state;
+    if (read_config(c->fn, c->v[0].p, cfg) < 0) return -1;
+    cst_dims_set(&c->d, 'P', (npy_intp)cst_gen_num_params(cfg), "the config's parameter count");
+    cst_dims_set(&c->d, 'L', (npy_intp)cfg->L, "config.n_layers");
+    cst_dims_set(&c->d, 'K', (npy_intp)(cfg->NKV * (cfg->C / cfg->NH)), "config n_kv_heads * head size");
+    cst_dims_set(&c->d, 'V', (npy_intp)cfg->V, "config.vocab_size");
+    cst_dims_set(&c->d, 'H', (npy_intp)(cfg->C / cfg->NH / 2), "half the config's head size");
+    cst_dims_set(&c->d, 'W', (npy_intp)cst_gen_packed_size(cfg), "gen_packed_size(config)");
+    return 0;
+}
+
+static void run_gen_num_params(cst_call *c) { c->ret.i = cst_gen_num_params((cst_gen_config *)c->state); }
+
+static void run_gen_packed_size(cst_call *c) { c->ret.i = cst_gen_packed_size((cst_gen_config *)c->state); }
+
+static int check_gen_scratch_size(cst_call *c) {
+    const long long B = c->v[1].i, S = c->v[2].i, maxT = c->v[3].i;
+    if (!scratch_size_fits((cst_gen_config *)c->state, (double)B, (double)S, (double)maxT)) {
+        PyErr_Format(PyExc_ValueError, "%s: scratch for B=%lld, S=%lld, maxT=%lld is too large", c->fn, B, S, maxT);
+        return -1;
+    }
+    return 0;
+}
+
+static void run_gen_scratch_size(cst_call *c) {
+    c->ret.i = cst_gen_scratch_size((cst_gen_config *)c->state, c->v[1].i, c->v[2].i, c->v[3].i);
+}
+
+static void run_gen_pack(cst_call *c) { cst_gen_pack(c->v[2].p, c->v[1].p, (cst_gen_config *)c->state); }
+
+/* What the table cannot say: the tables cover the cache, the scratch is large enough, and each
+ * sequence's new tokens fit its cache and the vocabulary. */
+static int check_gen_forward(cst_call *c) {
+    const cst_gen_config *cfg = (const cst_gen_config *)c->state;
+    if (cst_n(c, 'R') < cst_n(c, 'M')) {
+        PyErr_Format(PyExc_ValueError, "%s: 'rope_cos' and 'rope_sin' have %lld positions, the caches %lld",
+                     c->fn, (long long)cst_n(c, 'R'), (long long)cst_n(c, 'M'));
+        return -1;
+    }
+    const int64_t B = cst_n(c, 'B'), S = cst_n(c, 'S'), maxT = cst_n(c, 'M');
+    if (!scratch_size_fits(cfg, (double)B, (double)S, (double)maxT)) {
+        PyErr_Format(PyExc_ValueError, "%s: 'tokens' (B=%lld, S=%lld) and caches (maxT=%lld) need too much scratch",
+                     c->fn, (long long)B, (long long)S, (long long)maxT);
+        return -1;
+    }
+    const int64_t need = cst_gen_scratch_size(cfg, B, S, maxT);
+    if (cst_n(c, 'Z') < need) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s: 'scratch' has %lld floats, needs gen_scratch_size(config, B=%lld, S=%lld, "
+                     "maxT=%lld) = %lld",
+                     c->fn, (long long)cst_n(c, 'Z'), (long long)B, (long long)S, (long long)maxT,
+                     (long long)need);
+        return -1;
+    }
+    const int32_t *tokens = c->v[2].p, *start = c->v[3].p, *nnew = c->v[4].p;
+    for (int64_t b = 0; b < B; b++) {
+        if (nnew[b] < 0 || nnew[b] > S) {
+            PyErr_Format(PyExc_ValueError, "%s: 'n_new'[%lld] = %d must lie in [0, S=%lld]", c->fn,
+                         (long long)b, (int)nnew[b], (long long)S);
+            return -1;
+        }
+        if (start[b] < 0 || (int64_t)start[b] + nnew[b] > maxT) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s: 'start_pos'[%lld] = %d with n_new %d does not fit the cache (maxT=%lld)", c->fn,
+                         (long long)b, (int)start[b], (int)nnew[b], (long long)maxT);
+            return -1;
+        }
+        if (cst_check_range_i32(c->fn, "tokens", tokens + b * S, nnew[b], 0, cfg->V) < 0) return -1;
+    }
+    return 0;
+}
+
+static void run_gen_forward(cst_call *c) {
+    cst_gen_forward(c->v[10].p, c->v[7].p, c->v[8].p, c->v[9].p, c->v[1].p, c->v[11].p, c->v[2].p, c->v[3].p,
+                    c->v[4].p, c->v[5].p, c->v[6].p, (const cst_gen_config *)c->state, cst_n(c, 'B'),
+                    cst_n(c, 'S'), cst_n(c, 'M'));
+}
+
+#define CONFIG {"config", CST_OBJECT}
+/* The kernel reads what it writes: no written buffer may overlap another argument. */
+#define OUT(name, dims) {name, CST_F32, dims, CST_WRITE | CST_EXCLUSIVE}
+
+const cst_entry cst_gen_entries[] = {
+    {"gen_packed_size", run_gen_packed_size, {CONFIG}, .prepare = prepare_config, .ret = CST_RET_INT,
+     .doc = "Returns int: float32 elements gen_pack writes."},
+    {"gen_pack", run_gen_pack,
+     {CONFIG, {"params", CST_F32, "P"}, OUT("out", "W")},
+     .prepare = prepare_config,
+     .doc = "packs every weight matrix of params into out "
+            "(gen_packed_size(config) floats, the same layout on every SIMD path) for gen_forward(packed=out). "
+            "Pack again after the weights change."},
+    {"gen_num_params", run_gen_num_params, {CONFIG}, .prepare = prepare_config, .ret = CST_RET_INT,
+     .doc = "Returns int: floats in the flat parameter buffer of this config."},
+    {"gen_scratch_size", run_gen_scratch_size,
+     {CONFIG,
+      {"B", CST_INT64, .range = "[0, 16777216]"},
+      {"S", CST_INT64, .range = "[0, 16777216]"},
+      {"maxT", CST_INT64, .range = "[0, 16777216]"}},
+     .prepare = prepare_config, .check = check_gen_scratch_size, .ret = CST_RET_INT,
+     .doc = "Returns int: float32 scratch elements gen_forward needs."},
+    {"gen_forward", run_gen_forward,
+     {CONFIG,
+      {"params", CST_F32, "P"},
+      {"tokens", CST_I32, "BS"},
+      {"start_pos", CST_I32, "B"},
+      {"n_new", CST_I32, "B"},
+      {"rope_cos", CST_F32, "RH"},
+      {"rope_sin", CST_F32, "RH"},
+      OUT("kcache", "LBMK"),
+      OUT("vcache", "LBMK"),
+      OUT("scratch", "Z"),
+      OUT("logits", "BV"),
+      {"packed", CST_F32, "W", CST_NONE, .def = "None"}},
+     .prepare = prepare_config, .check = check_gen_forward,
+     .doc = "appends tokens (B,S) int32 [b, :n_new[b]] at positions start_pos[b].. of each sequence's "
+            "KV cache, rotary tables (>=maxT, HS/2) from cst.ops.rope_tables, "
+            "(L,B,maxT,NKV*HS) and writes the logits of each active sequence's last new token into logits "
+            "(B,V); rows with n_new 0 are untouched. packed (from gen_pack, optional): the weights "
+            "packed once, so that products of few rows run through the GEMM microkernel."},
+    {NULL},
+};
