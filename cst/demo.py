@@ -26,6 +26,11 @@ DEFAULTS = {
     # 18 gave 0.92 / 0.92 / 0.83 (seeds 0 / 1 / 2; runs z1, s1, a0-a2 in docs/demo.md).
     "train_harmful_per_category": 18,
     "train_benign_per_category": 6,
+    # The safe default: each harmful pair also trains with no system prompt, preferring the safe answer.
+    "safe_default": True,
+    # Which split of cst.prompts (and of the system-prompt phrasings) the evaluation uses: recipes are chosen
+    # on "validation"; "test" is run once per release (docs/demo.md records it with its date and commit).
+    "eval_split": "validation",
     "eval_harmful_per_category": None,
     "eval_benign_per_category": None,
     # evaluation (greedy)
@@ -88,6 +93,8 @@ def settings_for(quick: bool = False, **overrides) -> dict:
     s.update(overrides)
     if s["configurations"] not in ("paper", "paraphrased"):
         raise ValueError(f"cst.demo: configurations must be 'paper' or 'paraphrased', got {s['configurations']!r}")
+    if s["eval_split"] not in ("validation", "test"):
+        raise ValueError(f"cst.demo: eval_split must be 'validation' or 'test', got {s['eval_split']!r}")
     if s["eval_phrasings"] not in ("all", "rotate"):
         raise ValueError(f"cst.demo: eval_phrasings must be 'all' or 'rotate', got {s['eval_phrasings']!r}")
     return s
@@ -186,9 +193,10 @@ def _evaluate(model, s, seed, judge, progress, tag):
     under the configurations' held-out system prompts and with none. -> (summary, full reports)."""
     from . import eval as E
     from .prompts import default_prompts
-    cfgs = _configurations(s)
-    harmful = _per_category(default_prompts("test", "harmful"), s["eval_harmful_per_category"])
-    benign = _per_category(default_prompts("test", "benign"), s["eval_benign_per_category"])
+    from .data import evaluation_configurations
+    cfgs = evaluation_configurations(_configurations(s), s["eval_split"])
+    harmful = _per_category(default_prompts(s["eval_split"], "harmful"), s["eval_harmful_per_category"])
+    benign = _per_category(default_prompts(s["eval_split"], "benign"), s["eval_benign_per_category"])
     kw = dict(configurations=cfgs, max_new_tokens=s["eval_max_new_tokens"], seed=seed, batch_size=s["gen_batch_size"],
               phrasings=s["eval_phrasings"], n_boot=s["n_boot"], temperature=s["temperature"], progress=progress)
     conf = E.configurability(model, harmful, judge=judge, **kw)
@@ -524,7 +532,7 @@ def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int 
         # stats["fallback_refusals"] also counts pairs dropped afterwards; these two split the kept ones.
         h_stats["kept_template_refusal"] = sum(1 for p in res.pairs if p.metadata.get("fallback"))
         h_stats["kept_own_revision"] = h_stats["kept"] - h_stats["kept_template_refusal"]
-        h_records = res.records(phrasings=s["train_phrasings"], task="harmless")
+        h_records = res.records(phrasings=s["train_phrasings"], task="harmless", safe_default=s["safe_default"])
         b_pairs, b_stats = _benign_pairs(model, s, seed, judge, out, progress)
         b_cfgs = [D.Configuration(c.name, c.train_prompts, "helpful", "refusal") for c in cfgs
                   if c.name in s["benign_under"]]
