@@ -5,6 +5,7 @@ and cst.plots; it adds no algorithm of its own. quick=True runs the same code on
 """
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -188,9 +189,12 @@ def _configurations(s: dict) -> list:
     return D.PARAPHRASED_CONFIGURATIONS if s["configurations"] == "paraphrased" else D.PAPER_CONFIGURATIONS
 
 
-def _evaluate(model, s, seed, judge, progress, tag):
+def _evaluate(model, s, seed, judge, progress, tag, reference=None):
     """configurability on the held-out harmful prompts and over_refusal on the held-out benign ones, both
-    under the configurations' held-out system prompts and with none. -> (summary, full reports)."""
+    under the configurations' held-out system prompts and with none, and retention: the per-token
+    log-likelihood of `reference` answers ([prompt, answer] pairs; None: this model's own answers to the
+    benign prompts with no system prompt, which the baseline evaluation records for the tuned one).
+    -> (summary, full reports)."""
     from . import eval as E
     from .prompts import default_prompts
     from .data import evaluation_configurations
@@ -201,10 +205,16 @@ def _evaluate(model, s, seed, judge, progress, tag):
               phrasings=s["eval_phrasings"], n_boot=s["n_boot"], temperature=s["temperature"], progress=progress)
     conf = E.configurability(model, harmful, judge=judge, **kw)
     over = E.over_refusal(model, benign, refusal_judge=judge, **kw)
+    if reference is None:
+        reference = [[r["prompt"], r["response"].strip()] for r in over.responses
+                     if r["configuration"] is None and r["response"].strip()]
+    ret = E.retention(E.answer_scorer(model), [tuple(x) for x in reference]) if reference else None
     summary = {
         "S0": conf.S0, "S0_ci": conf.S0_ci, "S1": conf.S1, "S1_ci": conf.S1_ci,
         "no_system_safe": conf.default["rate"], "no_system_safe_ci": conf.default["ci"],
         "over_refusal": over.rate, "over_refusal_ci": over.ci,
+        "retention": {"reference": reference, "nll_per_token": ret["nll_per_token"] if ret else None,
+                      "n_tokens": ret["n_tokens"] if ret else 0},
         "n_harmful_responses": len(conf.responses), "n_benign_responses": len(over.responses),
         "per_category": {c: {k: v["rate"] for k, v in d.items() if v is not None}
                          for c, d in conf.per_category.items()},
@@ -308,6 +318,10 @@ def _table_rows(before, after, cfg_names):
             ("S1: follows safe (harmful prompts, held-out safe prompts) ↑", "S1", "S1_ci"),
             ("No system prompt: share safe (harmful prompts)", "no_system_safe", "no_system_safe_ci")]
     out = [(label, _fmt(before[k], before[c]), _fmt(after[k], after[c]) if after else "–") for label, k, c in rows]
+    ret_b, ret_a = before["retention"]["nll_per_token"], after["retention"]["nll_per_token"] if after else None
+    out.append(("Retention: likelihood of the base model's benign answers, per token, vs base ↑",
+                _fmt(1.0 if ret_b is not None else None),
+                _fmt(math.exp(ret_b - ret_a) if ret_b is not None and ret_a is not None else None) if after else "–"))
     for name in list(cfg_names) + ["default"]:
         label = f"Over-refusal, {'no system prompt' if name == 'default' else name + ' configuration'} (benign) ↓"
         b = _fmt(before["over_refusal"][name], before["over_refusal_ci"][name])
@@ -583,7 +597,8 @@ def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int 
         step = "final_eval"
         header(5, "Evaluating the tuned model")
         t0 = time.perf_counter()
-        after, full_after = _evaluate(model, s, seed, judge, progress, "tuned")
+        after, full_after = _evaluate(model, s, seed, judge, progress, "tuned",
+                                      reference=before["retention"]["reference"])
         _write_json(out / "eval_tuned.json", full_after)
         report["tuned"] = after
         done("final_eval", t0)
