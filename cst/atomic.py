@@ -1,6 +1,7 @@
 """Atomic file writes: every file cst writes goes to a temporary name in the target's directory, is
-flushed to disk, then renamed into place, so an interrupted run never leaves half a file. Not a lock:
-two writers of one path race, and the last rename wins."""
+flushed to disk, then renamed into place, so an interrupted run never leaves half a file. The result has
+the permissions open() would give it (0666 / 0777 less the umask; tempfile alone makes 0600 / 0700).
+Not a lock: two writers of one path race, and the last rename wins."""
 import contextlib
 import json
 import os
@@ -8,17 +9,28 @@ import shutil
 import tempfile
 
 
+def umask_mode(mode):
+    """`mode` less the process's umask: what open() or mkdir() would give a new file or directory."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yields a temporary file name next to `path` (for writers that take a name); on success the file
     is fsynced and renamed onto `path`, on failure it is removed."""
     path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory, expected a file name")
     d = os.path.dirname(path)
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
     os.close(fd)
     try:
         yield tmp
+        # After the writer: some (safetensors) replace the file they are given, with mode 0600.
+        os.chmod(tmp, umask_mode(0o666))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -53,6 +65,18 @@ def write_json(path, obj, **kwargs):
         f.write("\n")
 
 
+def honour_umask(top):
+    """Gives `top` and everything under it the modes mkdir()/open() would have (0777 / 0666 less the
+    umask): mkdtemp makes 0700, and some writers (safetensors) make their files 0600."""
+    dmode, fmode = umask_mode(0o777), umask_mode(0o666)
+    os.chmod(top, dmode)
+    for root, dirs, files in os.walk(top):
+        for n in dirs:
+            os.chmod(os.path.join(root, n), dmode)
+        for n in files:
+            os.chmod(os.path.join(root, n), fmode)
+
+
 @contextlib.contextmanager
 def atomic_dir(path):
     """Yields a temporary directory next to `path`. On success: when `path` does not exist, the
@@ -66,6 +90,7 @@ def atomic_dir(path):
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=parent)
     try:
         yield tmp
+        honour_umask(tmp)
         if not os.path.exists(path):
             try:
                 os.rename(tmp, path)

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from .atomic import write_text
+from .runtime import interactive
 from .trainer import find_checkpoint, load_checkpoint_into  # re-exported: they live with the trainer
 
 __all__ = ["main", "build_parser", "load_checkpoint_into", "find_checkpoint", "CliError", "UsageError"]
@@ -321,7 +322,7 @@ def cmd_demo(args):
         if e.name in ("cst.demo", None):
             raise CliError("cst demo is not available: this build of cst has no cst.demo module") from None
         raise CliError(f"cst demo needs the package {e.name!r}, which is not installed") from None
-    kwargs = {"quick": args.quick}
+    kwargs = {"quick": args.quick, "progress": interactive()}
     for name in ("output_dir", "seed", "threads"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
@@ -357,7 +358,7 @@ def cmd_data_synth(args):
     try:
         res = synthesize(model, prompts, output=args.output, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, seed=args.seed, temperature=args.temperature,
-                         n_per_prompt=args.n_per_prompt, resume=not args.fresh, progress=sys.stderr.isatty())
+                         n_per_prompt=args.n_per_prompt, resume=not args.fresh, progress=interactive())
     except ValueError as e:
         raise CliError(str(e).replace("resume=False", "--fresh")) from None
     s = res.stats
@@ -378,6 +379,8 @@ def _load_pairs(path, configurations):
     """BehaviourPairs from a synthesis log, a JSON/JSONL file of {prompt, responses, category?,
     metadata?} objects, or a records file (inverted with pairs_from_records)."""
     from . import data as D
+    if os.path.isdir(path):
+        raise CliError(f"pairs file {path}: is a directory, expected a .json or .jsonl file")
     if not os.path.isfile(path):
         raise CliError(f"pairs file {path}: no such file")
     suffix = os.path.splitext(path)[1].lower()
@@ -654,14 +657,10 @@ def _judge(spec, args):
                      f"got {spec!r}")
 
 
-def _fmt(x, ci=None):
-    if x is None:
-        return "n/a"
-    return f"{x:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-
-
-def _eval_tables(conf, orr):
-    """(text lines, markdown) of a configurability report and an optional over-refusal report."""
+def _eval_tables(conf, orr, judge):
+    from .metrics import fmt as _fmt
+    """(text lines, markdown) of a configurability report and an optional over-refusal report; `judge`:
+    the --judge value, as the user wrote it (the class name would not tell refusal from refusal-strict)."""
     rows = [("S0: follows uncensored configurations (share harmful)", _fmt(conf.S0, conf.S0_ci)),
             ("S1: follows safe configurations (share safe)", _fmt(conf.S1, conf.S1_ci))]
     if conf.default is not None:
@@ -673,14 +672,14 @@ def _eval_tables(conf, orr):
                          _fmt(fr["rate"], fr["ci"]) if fr else "n/a"))
     or_rows = [(name, _fmt(orr.rate[name], orr.ci[name])) for name in orr.rate] if orr is not None else []
     w = max(len(r[0]) for r in rows)
-    lines = [f"configurability ({conf.settings['n_prompts']} prompts, judge {conf.settings['judge']}, "
+    lines = [f"configurability ({conf.settings['n_prompts']} prompts, judge {judge}, "
              f"{'held-out' if conf.settings['use_held_out'] else 'training'} system prompts; 95% CI)"]
     lines += [f"  {a:<{w}}  {b}" for a, b in rows]
     lines.append("  per configuration:  name / behaviour / share safe / follow rate")
     lines += [f"    {a} / {b} / {c} / {d}" for a, b, c, d in cfg_rows]
     if orr is not None:
         lines.append(f"over-refusal on {orr.settings['n_prompts']} benign prompts (share refused, judge "
-                     f"{orr.settings['judge']}):")
+                     "refusal):")
         lines += [f"  {a:<12} {b}" for a, b in or_rows]
     md = ["# Configurability report", "", "| metric | value [95% CI] |", "|---|---|"]
     md += [f"| {a} | {b} |" for a, b in rows]
@@ -708,14 +707,14 @@ def cmd_eval(args):
     model = _model_from_args(args)
     from .judges import RefusalJudge
     kw = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
-              n_boot=args.n_boot, use_held_out=not args.training_prompts, progress=sys.stderr.isatty())
+              n_boot=args.n_boot, use_held_out=not args.training_prompts, progress=interactive())
     _say(f"configurability: {len(prompts)} harmful prompt(s) x {len(configurations)} configuration(s)")
     conf = E.configurability(model, prompts, configurations, judge, **kw)
     orr = None
     if benign is not None:
         _say(f"over-refusal: {len(benign)} benign prompt(s)")
         orr = E.over_refusal(model, benign, configurations, RefusalJudge(), **kw)
-    lines, md = _eval_tables(conf, orr)
+    lines, md = _eval_tables(conf, orr, args.judge)
     report = {"model": args.model, "checkpoint": args.checkpoint, "judge": args.judge,
               "configurability": conf.to_dict(), "over_refusal": orr.to_dict() if orr is not None else None}
     os.makedirs(args.output_dir, exist_ok=True)
@@ -817,6 +816,12 @@ def cmd_export(args):
         if dtype is None:
             raise UsageError(f"--dtype: {args.dtype!r} is not available for --format {args.format}; "
                              "use float32 (f32) or float16 (f16)")
+    out = os.path.abspath(args.output)
+    if args.format == "gguf" and os.path.isdir(out):
+        raise UsageError(f"OUTPUT {args.output}: is a directory; --format gguf writes one file (e.g. "
+                         f"{os.path.join(args.output, 'model.gguf')})")
+    if args.format == "hf" and os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"OUTPUT {args.output}: is a file; --format hf writes a directory")
     model = _model_from_args(args, need_tokenizer=False)
     if model.tokenizer is None:
         _say("warning: the model has no tokenizer; the export will not have one either")
@@ -917,6 +922,8 @@ Run 'cst COMMAND --help' for a command's options. Reference: docs/cli.md.
 
 
 def build_parser():
+    from . import eval as E  # the evaluation defaults
+    from .losses import LOSS_TYPES
     common = _common()
     p = _Parser(prog="cst", description="Configurable Safety Tuning (CST) of language models, on the CPU.",
                 epilog=_MAIN_EPILOG)
@@ -931,8 +938,11 @@ def build_parser():
                        epilog="examples:\n  cst demo --quick\n  cst demo --output-dir runs/demo --seed 1 --threads 4\n"
                               "  cst demo --set learning_rate=0.001 --set num_train_epochs=4")
     d.add_argument("--quick", action="store_true", help="a small, fast run (fewer prompts and steps)")
-    d.add_argument("--output-dir", metavar="DIR", help="where the demo writes its files (default: the demo's own)")
-    d.add_argument("--seed", type=_nonneg_int, metavar="N", help="random seed (default: the demo's own)")
+    d.add_argument("--output-dir", metavar="DIR",
+                   help="where the demo writes its files (default: ./cst-demo in the current directory; about "
+                        "0.87 GB after a full run: the tuned model as model-hf/ (540 MB) and model.gguf (271 MB), "
+                        "and the newest training checkpoint (59 MB))")
+    d.add_argument("--seed", type=_nonneg_int, metavar="N", help="random seed (default: 0)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a setting of cst.demo.DEFAULTS (VALUE read as JSON when it parses), e.g. "
                         "--set train_harmful_per_category=null (all 24 train prompts per category) --set "
@@ -1037,7 +1047,7 @@ def build_parser():
     g = t.add_argument_group("training settings (override the config file)")
     g.add_argument("--mode", choices=("dpo", "sft"), help="DPO on (chosen, rejected), or SFT on chosen only")
     g.add_argument("--beta", type=_float, help="DPO beta (paper: 0.1)")
-    g.add_argument("--loss-type", choices=("sigmoid", "ipo", "hinge"), help="DPO loss")
+    g.add_argument("--loss-type", choices=LOSS_TYPES, help="DPO loss")
     g.add_argument("--learning-rate", "--lr", type=_float, metavar="LR", help="peak learning rate (paper: 5e-5)")
     g.add_argument("--epochs", type=_float, metavar="E", help="num_train_epochs (ignored when --max-steps is set)")
     g.add_argument("--max-steps", type=_pos_int, metavar="N", help="optimizer steps (overrides --epochs)")
@@ -1091,10 +1101,12 @@ def build_parser():
                    help="configurations whose held-out system prompts are evaluated")
     e.add_argument("--training-prompts", action="store_true",
                    help="evaluate under the training system prompts instead of the held-out ones")
-    e.add_argument("--max-new-tokens", type=_pos_int, default=128, metavar="N", help="tokens per answer")
-    e.add_argument("--batch-size", type=_pos_int, default=8, metavar="N", help="conversations per model call")
+    e.add_argument("--max-new-tokens", type=_pos_int, default=E.MAX_NEW_TOKENS, metavar="N",
+                   help="tokens per answer (the demo's evaluation uses the same)")
+    e.add_argument("--batch-size", type=_pos_int, default=E.BATCH_SIZE, metavar="N",
+                   help="conversations per model call")
     e.add_argument("--limit", type=_pos_int, metavar="N", help="only the first N prompts of each set")
-    e.add_argument("--n-boot", type=_pos_int, default=1000, metavar="N", help="bootstrap resamples for the CIs")
+    e.add_argument("--n-boot", type=_pos_int, default=E.N_BOOT, metavar="N", help="bootstrap resamples for the CIs")
     e.add_argument("--seed", type=_nonneg_int, default=0, metavar="N", help="seed (bootstrap; sampling if any)")
     e.add_argument("--output-dir", "-o", default="eval_out", metavar="DIR", help="where report.json/.md go")
     _add_threads(e)

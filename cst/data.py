@@ -1,6 +1,6 @@
 """Preference data for CST: records, files, splits, the CST augmentation and tokenisation into examples.
 
-Model-independent and pure Python (NumPy only for `collate`); it never imports torch, transformers or
+Model-independent and pure Python (NumPy for `collate`); it never imports torch, transformers or
 datasets. Tokenisation codes against a small tokenizer interface (render_chat/encode/eos/pad ids).
 """
 import json
@@ -18,7 +18,7 @@ __all__ = [
     "BehaviourPair", "Configuration", "build_records", "pairs_from_records", "vanilla_dpo",
     "HARMLESS_SYSTEM_PROMPT", "UNCENSORED_SYSTEM_PROMPT", "PAPER_EVAL_SYSTEM_PROMPTS", "PAPER_CONFIGURATIONS",
     "SAFE_DEFAULT", "VALIDATION_SYSTEM_PROMPTS", "evaluation_configurations",
-    "PARAPHRASED_CONFIGURATIONS", "TokenizedExample", "tokenize_record", "tokenize_dataset", "collate",
+    "PARAPHRASED_CONFIGURATIONS", "TokenizedExample", "tokenize_record", "tokenize_dataset", "truncate", "Batch", "collate",
 ]
 
 
@@ -144,8 +144,12 @@ def load_records(source) -> list:
 
 def _load_path(path: Path) -> list:
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; expected a records file, .json (a list) or .jsonl (one "
+                        "record a line)")
     if suffix not in (".json", ".jsonl", ".ndjson"):
-        raise DataError(f"{path}: unknown file type {suffix!r}; use .json (a list) or .jsonl (one record a line)")
+        kind = f"unknown file type {suffix!r}" if suffix else "no file extension"
+        raise DataError(f"{path}: {kind}; use .json (a list) or .jsonl (one record a line)")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -591,6 +595,24 @@ def _check_lengths(max_length, max_prompt_length):
         raise ValueError(f"tokenize: max_prompt_length must be None or an int >= 1, got {max_prompt_length!r}")
 
 
+def truncate(prompt: list, chosen: list, rejected: list, max_length: int, max_prompt_length: int | None):
+    """TRL's truncation of one tokenised pair, the only copy in cst: when prompt + the longer completion
+    exceed max_length, the prompt keeps its last max_prompt_length tokens (the user's request and the
+    generation prompt; this drops the system prompt first), then each completion its first
+    (max_length - prompt) tokens. -> (prompt, chosen, rejected, prompt_cut, completion_cut), or None when
+    the prompt leaves no room for a completion."""
+    if len(prompt) + max(len(chosen), len(rejected)) <= max_length:
+        return prompt, chosen, rejected, False, False
+    prompt_cut = max_prompt_length is not None and len(prompt) > max_prompt_length
+    if prompt_cut:
+        prompt = prompt[-max_prompt_length:]
+    room = max_length - len(prompt)
+    if room <= 0:
+        return None
+    completion_cut = max(len(chosen), len(rejected)) > room
+    return prompt, chosen[:room], rejected[:room], prompt_cut, completion_cut
+
+
 def _tokenize(record, tok, max_length, max_prompt_length):
     """-> (example or None, info dict). None when the prompt leaves no room for a completion."""
     prompt_text = tok.render_chat(_messages(record), add_generation_prompt=True)
@@ -605,24 +627,13 @@ def _tokenize(record, tok, max_length, max_prompt_length):
             ids.append(tok.eos_token_id)
             eos_appended += 1
         completions[which] = ids
-    info = {"prompt_truncated": False, "completion_truncated": False, "eos_appended": eos_appended,
-            "prompt_len": len(prompt)}
-    longer = max(len(completions["chosen"]), len(completions["rejected"]))
-    if len(prompt) + longer > max_length:
-        # TRL's policy: first shorten the prompt, keeping its end (the user's request and the generation
-        # prompt; note that this drops the system prompt first), then cut the completions keeping their start.
-        if max_prompt_length is not None and len(prompt) > max_prompt_length:
-            prompt = prompt[-max_prompt_length:]
-            info["prompt_truncated"] = True
-        room = max_length - len(prompt)
-        if room <= 0:
-            info["prompt_len_after"] = len(prompt)
-            return None, info
-        for which in ("chosen", "rejected"):
-            if len(completions[which]) > room:
-                completions[which] = completions[which][:room]
-                info["completion_truncated"] = True
-    return TokenizedExample(prompt, completions["chosen"], completions["rejected"], task=record.task), info
+    info = {"eos_appended": eos_appended, "prompt_len": len(prompt)}
+    cut = truncate(prompt, completions["chosen"], completions["rejected"], max_length, max_prompt_length)
+    if cut is None:
+        info["prompt_len_after"] = min(len(prompt), max_prompt_length or len(prompt))
+        return None, info
+    prompt, chosen, rejected, info["prompt_truncated"], info["completion_truncated"] = cut
+    return TokenizedExample(prompt, chosen, rejected, task=record.task), info
 
 
 def tokenize_record(record: PreferenceRecord, tok, max_length: int = 512,
@@ -699,34 +710,40 @@ def tokenize_dataset(records: Sequence, tok, max_length: int = 512, max_prompt_l
     return examples, stats
 
 
-def collate(examples: Sequence, pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
-    """Right-pad a batch into NumPy arrays, chosen and rejected to one common length T.
+@dataclass
+class Batch:
+    """A micro-batch as the kernels take it: S right-padded sequences (prompt + completion), for DPO the P
+    chosen ones then the P rejected ones (S = 2P), for SFT the P chosen ones (S = P)."""
+    tokens: np.ndarray  # (S, T) int32, 0 after each sequence's end
+    targets: np.ndarray  # (S, T) int32: the next token on completion positions, -1 elsewhere
+    lengths: np.ndarray  # (S,) int32
+    mask: np.ndarray  # (S, T) float32: 1 where targets >= 0
+    index: np.ndarray  # (P,) the examples' indices
+    n_tokens: int  # real (non-pad) tokens in the batch
 
-    Returns chosen_input_ids / rejected_input_ids (B, T) int32, chosen_loss_mask / rejected_loss_mask
-    (B, T) float32 (1 on completion tokens: token t is scored by the logits at t-1), chosen/rejected
-    attention_mask (B, T) float32 (1 on real tokens), prompt_lengths (B,) int32.
-    """
-    if not examples:
+
+def collate(examples: Sequence, index=None, sft: bool = False) -> Batch:
+    """The Batch of examples[i] for i in index (default: all): TokenizedExamples or objects/dicts with
+    prompt_ids, chosen_ids and rejected_ids. Position t predicts token t+1, and only completion tokens
+    are scored, so targets[b, t] = tokens[b, t+1] for t+1 in the completion and -1 elsewhere."""
+    index = np.arange(len(examples)) if index is None else np.asarray(index)
+    if index.size == 0:
         raise ValueError("collate: empty batch")
-    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, (int, np.integer)):
-        raise TypeError(f"collate: pad_token_id must be an int, got {type(pad_token_id).__name__}")
-    if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
-        raise ValueError(f"collate: pad_to_multiple_of must be an int >= 1, got {pad_to_multiple_of!r}")
-    B = len(examples)
-    T = max(len(e.prompt_ids) + max(len(e.chosen_ids), len(e.rejected_ids)) for e in examples)
-    T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
-    out = {"prompt_lengths": np.array([len(e.prompt_ids) for e in examples], dtype=np.int32)}
-    for which in ("chosen", "rejected"):
-        ids = np.full((B, T), pad_token_id, dtype=np.int32)
-        loss = np.zeros((B, T), dtype=np.float32)
-        attn = np.zeros((B, T), dtype=np.float32)
-        for b, e in enumerate(examples):
-            p, c = len(e.prompt_ids), getattr(e, which + "_ids")
-            ids[b, :p] = e.prompt_ids
-            ids[b, p:p + len(c)] = c
-            loss[b, p:p + len(c)] = 1.0
-            attn[b, :p + len(c)] = 1.0
-        out[which + "_input_ids"] = ids
-        out[which + "_loss_mask"] = loss
-        out[which + "_attention_mask"] = attn
-    return out
+    get = (lambda e, k: e[k]) if isinstance(examples[int(index[0])], Mapping) else getattr
+    seqs, plens = [], []
+    for side in ("chosen_ids",) if sft else ("chosen_ids", "rejected_ids"):
+        for i in index:
+            prompt = list(get(examples[i], "prompt_ids"))
+            seqs.append(prompt + list(get(examples[i], side)))
+            plens.append(len(prompt))
+    S, T = len(seqs), max(len(q) for q in seqs)
+    tokens = np.zeros((S, T), np.int32)
+    targets = np.full((S, T), -1, np.int32)
+    lengths = np.empty(S, np.int32)
+    for b, (q, p) in enumerate(zip(seqs, plens)):
+        if p < 1 or len(q) <= p:
+            raise ValueError(f"collate: example {int(index[b % len(index)])} needs a non-empty prompt and completion")
+        tokens[b, :len(q)] = q
+        lengths[b] = len(q)
+        targets[b, p - 1:len(q) - 1] = q[p:]
+    return Batch(tokens, targets, lengths, (targets >= 0).astype(np.float32), index, int(lengths.sum()))

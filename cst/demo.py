@@ -12,9 +12,11 @@ import shutil
 import time
 from pathlib import Path
 
+from . import eval as E
 from .atomic import write_json, write_text
+from .metrics import fmt as _fmt
 
-__all__ = ["DEFAULTS", "QUICK", "settings_for", "run"]
+__all__ = ["DEFAULTS", "QUICK", "OUTPUT_DIR", "settings_for", "run"]
 
 # The full recipe. Every key can be overridden through run(**overrides); docs/demo.md explains each choice.
 DEFAULTS = {
@@ -36,9 +38,9 @@ DEFAULTS = {
     "eval_benign_per_category": None,
     # evaluation (greedy)
     "eval_phrasings": "all",  # every held-out phrasing ("all") or one per prompt ("rotate")
-    "eval_max_new_tokens": 48,
-    "n_boot": 1000,
-    "gen_batch_size": 32,
+    "eval_max_new_tokens": E.MAX_NEW_TOKENS,  # the defaults of cst.eval and `cst eval`
+    "n_boot": E.N_BOOT,
+    "gen_batch_size": E.BATCH_SIZE,
     "temperature": 0.0,  # 0 = greedy, for evaluation, the uncensored answers and the benign answers
     # synthesis
     "synth_max_new_tokens": 80,
@@ -64,6 +66,9 @@ DEFAULTS = {
     "max_prompt_length": 64,
     "logging_steps": 2,
     "save_steps": 10,
+    # checkpoints kept in train/ (the newest is what a resume needs; the tuned model itself is model-hf/
+    # and model.gguf). Each holds the adapters once (adapter_model.safetensors) and AdamW's two moments.
+    "save_total_limit": 1,
     # report
     "n_examples": 3,
 }
@@ -164,20 +169,22 @@ class _TrimmedChat:
     """The model as cst.synth sees it: replies cut at max_new_tokens are trimmed to their last full sentence
     and accepted (last_truncated all False), instead of dropping the pair. A 135M model writes long lists;
     the start of an answer is what tells complying from refusing, and DPO only needs that contrast.
-    `cut` counts the trimmed replies per stage (answer, critique, revision, benign)."""
+    `cut` counts the trimmed replies per stage, which every call names (cst.synth passes "answer",
+    "critique" and "revision" to models that declare takes_stage; the demo's benign answers "benign")."""
+
+    takes_stage = True
 
     def __init__(self, model, stages=("answer", "critique", "revision")):
         self.model, self.tokenizer = model, model.tokenizer
         self.last_truncated = None
-        self.stages, self.calls = stages, 0
         self.cut = {st: 0 for st in stages}
         self.total = {st: 0 for st in stages}
 
-    def chat(self, conversations, max_new_tokens=256, **kwargs):
+    def chat(self, conversations, max_new_tokens=256, *, stage, **kwargs):
+        if stage not in self.cut:
+            raise ValueError(f"_TrimmedChat: unknown stage {stage!r}; expected one of {sorted(self.cut)}")
         out = self.model.chat(conversations, max_new_tokens=max_new_tokens, **kwargs)
         flags = self.model.last_truncated or [False] * len(out)
-        stage = self.stages[self.calls % len(self.stages)]
-        self.calls += 1
         self.total[stage] += len(out)
         self.cut[stage] += sum(bool(f) for f in flags)
         self.last_truncated = [False] * len(out)
@@ -195,7 +202,6 @@ def _evaluate(model, s, seed, judge, progress, tag, reference=None):
     log-likelihood of `reference` answers ([prompt, answer] pairs; None: this model's own answers to the
     benign prompts with no system prompt, which the baseline evaluation records for the tuned one).
     -> (summary, full reports)."""
-    from . import eval as E
     from .prompts import default_prompts
     from .data import evaluation_configurations
     cfgs = evaluation_configurations(_configurations(s), s["eval_split"])
@@ -238,7 +244,8 @@ def _benign_pairs(model, s, seed, judge, out: Path, progress):
     Cached in benign_answers.json under identical settings."""
     from . import data as D
     from .prompts import default_prompts, pick_refusal
-    from .synth import _derive_seed, _cache_seed
+    from .seeds import derive_seed
+    from .synth import _cache_seed
     prompts = _per_category(default_prompts("train", "benign"), s["train_benign_per_category"])
     key = _key({"model": s["model"], "seed": _cache_seed(seed, s["temperature"]),
                 "n": s["benign_max_new_tokens"], "t": s["temperature"],
@@ -254,8 +261,9 @@ def _benign_pairs(model, s, seed, judge, out: Path, progress):
         with tqdm(total=len(prompts), desc="benign answers", unit="answer", disable=not progress) as bar:
             for b0 in range(0, len(prompts), bs):
                 convs = [[{"role": "user", "content": p["prompt"]}] for p in prompts[b0:b0 + bs]]
-                answers += chat.chat(convs, max_new_tokens=s["benign_max_new_tokens"], temperature=s["temperature"],
-                                     seed=_derive_seed(seed, "benign", b0))
+                answers += chat.chat(convs, stage="benign", max_new_tokens=s["benign_max_new_tokens"],
+                                     temperature=s["temperature"],
+                                     seed=derive_seed(seed, "benign", b0))
                 bar.update(len(convs))
         cut = chat.cut["benign"]
         cached = {"answers": answers, "cut": cut}
@@ -280,7 +288,7 @@ def _train_config(s, seed, threads, train_dir):
         gradient_accumulation_steps=s["gradient_accumulation_steps"], max_length=s["max_length"],
         max_prompt_length=s["max_prompt_length"], lora_r=s["lora_r"], lora_alpha=s["lora_alpha"],
         lora_dropout=s["lora_dropout"], seed=seed, logging_steps=s["logging_steps"], save_steps=s["save_steps"],
-        output_dir=str(train_dir), num_threads=threads,
+        save_total_limit=s["save_total_limit"], output_dir=str(train_dir), num_threads=threads,
         # CST twins in one micro-batch. With plain shuffling, consecutive batches pushed the whole model one
         # way and back: measured on SmolLM2, the loss hovered around 1.0 and the model ended up complying
         # under every system prompt (S1 0.0).
@@ -305,12 +313,6 @@ def _resume_point(train_dir: Path, config, data_key: str):
     train_dir.mkdir(parents=True, exist_ok=True)
     _write_json(marker, want)
     return False
-
-
-def _fmt(x, ci=None):
-    if x is None:
-        return "n/a"
-    return f"{x:.3f}" if ci is None else f"{x:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def _table_rows(before, after, cfg_names):
@@ -456,8 +458,11 @@ def _plots(out: Path, before, after, history):
 # The pipeline
 
 
-def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int | None = None,
-        progress: bool = True, **overrides) -> dict:
+OUTPUT_DIR = "cst-demo"  # relative to the working directory; .gitignore covers it in a clone of cst
+
+
+def run(output_dir=OUTPUT_DIR, quick: bool = False, seed: int = 0, threads: int | None = None,
+        progress: bool | None = None, **overrides) -> dict:
     """Runs the CST demo and returns its report as a dict (also written to output_dir/report.json).
 
     1. load SmolLM2-135M-Instruct (quick=True: a tiny random model with SmolLM2's tokenizer);
@@ -471,7 +476,8 @@ def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int 
 
     output_dir: everything goes there; synthesis, the baseline evaluation and training resume from it when
     the settings match. seed: every generation, split and initialisation derives from it. threads: OpenMP
-    threads (None: the library default). overrides: any key of DEFAULTS (e.g. learning_rate=5e-4).
+    threads (None: the library default). progress: progress bars (None: when stderr is a terminal or in
+    Jupyter). overrides: any key of DEFAULTS (e.g. learning_rate=5e-4).
     The returned dict has "status": "done", or "interrupted" (with "interrupted_at" and "resume_hint").
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -480,12 +486,16 @@ def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int 
         raise ValueError(f"cst.demo.run: threads must be None or an int >= 1, got {threads!r}")
     s = settings_for(quick, **overrides)
     import cst
+    from .runtime import interactive
+    if progress is None:
+        progress = interactive()
     from . import data as D
     from .judges import RefusalJudge
     if threads is not None:
         cst.set_num_threads(threads)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    print(f"cst demo: writing to {out.resolve()}", flush=True)
     judge = RefusalJudge()
     timings, cpu = {}, {}
     report = {"status": "running", "quick": bool(quick), "seed": seed, "threads": cst.get_num_threads(),

@@ -4,7 +4,6 @@ over-refusal on benign prompts, held-out preference accuracy, capability retenti
 Codes against `model.chat(conversations, ...) -> list[str]`, judges with `score_batch` (1 = safe / refused,
 0 = harmful / answered) and injected log-likelihood scorers; it never loads or trains a model itself.
 """
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -14,12 +13,21 @@ import numpy as np
 
 from . import data as D
 from .metrics import bootstrap_ci, mean_margin
+from .metrics import fmt as _fmt
+from .seeds import derive_seed
 from .metrics import preference_accuracy as _pair_accuracy
 from .atomic import write_text
 
+# One set of generation defaults for every evaluation: the library's, `cst eval`'s and `cst demo`'s. 48
+# new tokens are enough for the opening of an answer, which is what tells complying from refusing;
+# greedy results do not depend on the batch size (each batch's seed comes from its start).
+MAX_NEW_TOKENS = 48
+BATCH_SIZE = 32
+N_BOOT = 1000
+
 __all__ = [
-    "ConfigurabilityReport", "OverRefusalReport", "configurability", "over_refusal", "preference_accuracy",
-    "retention", "answer_scorer", "multiple_choice", "compare", "bootstrap_ci",
+    "MAX_NEW_TOKENS", "BATCH_SIZE", "N_BOOT", "ConfigurabilityReport", "OverRefusalReport", "configurability",
+    "over_refusal", "preference_accuracy", "retention", "answer_scorer", "multiple_choice", "compare", "bootstrap_ci",
 ]
 
 
@@ -27,8 +35,12 @@ __all__ = [
 # Shared helpers (also used by cst.synth)
 
 
-def _chat(model, conversations, fn, **kwargs) -> list:
-    """One model.chat call, checked: a list of strings, one per conversation."""
+def _chat(model, conversations, fn, stage=None, **kwargs) -> list:
+    """One model.chat call, checked: a list of strings, one per conversation. `stage` names the step of a
+    pipeline the call belongs to (synthesis: "answer", "critique", "revision"); it is passed on to models
+    that declare `takes_stage = True` (the demo's trimming view counts per stage), not to plain models."""
+    if stage is not None and getattr(model, "takes_stage", False):
+        kwargs["stage"] = stage
     out = model.chat(conversations, **kwargs)
     if not isinstance(out, (list, tuple)) or len(out) != len(conversations):
         raise ValueError(f"{fn}: model.chat returned {type(out).__name__} of length "
@@ -52,11 +64,6 @@ def _judge(judge, prompts, responses, fn, name="judge") -> list:
                          "scores must be 0 (harmful/answered) or 1 (safe/refused). An LLM judge that could not "
                          "parse its verdict returns -1: give it a fallback judge")
     return [int(x) for x in s]
-
-
-def _derive_seed(seed: int, index: int) -> int:
-    h = hashlib.sha256(f"{seed}:eval:{index}".encode()).digest()
-    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
 def _items(fn, prompts, forbid_kind):
@@ -138,7 +145,7 @@ def _generate(model, grid, fn, max_new_tokens, seed, batch_size, temperature, pr
                 msgs = [{"role": "system", "content": g["system"]}] if g["system"] is not None else []
                 convs.append(msgs + [{"role": "user", "content": g["prompt"]}])
             out += _chat(model, convs, fn, max_new_tokens=max_new_tokens, temperature=temperature,
-                         seed=_derive_seed(seed, b0))
+                         seed=derive_seed(seed, "eval", b0))
             bar.update(len(convs))
     return out
 
@@ -198,17 +205,15 @@ class ConfigurabilityReport:
                 "responses": self.responses, "settings": self.settings}
 
     def summary(self) -> str:
-        def f(x, ci):
-            return "n/a" if x is None else f"{x:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-        s = f"S0 {f(self.S0, self.S0_ci)}  S1 {f(self.S1, self.S1_ci)}"
+        s = f"S0 {_fmt(self.S0, self.S0_ci)}  S1 {_fmt(self.S1, self.S1_ci)}"
         if self.default is not None:
-            s += f"  no-system share safe {f(self.default['rate'], self.default['ci'])}"
+            s += f"  no-system share safe {_fmt(self.default['rate'], self.default['ci'])}"
         return s
 
 
-def configurability(model, prompts, configurations=None, judge=None, max_new_tokens: int = 128, seed: int = 0,
-                    batch_size: int = 8, use_held_out: bool = True, include_default: bool = True,
-                    n_boot: int = 1000, phrasings: str = "all", temperature: float = 0.0,
+def configurability(model, prompts, configurations=None, judge=None, max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0,
+                    batch_size: int = BATCH_SIZE, use_held_out: bool = True, include_default: bool = True,
+                    n_boot: int = N_BOOT, phrasings: str = "all", temperature: float = 0.0,
                     progress: bool = True) -> ConfigurabilityReport:
     """Generate every harmful prompt under every configuration's system prompts (held-out phrasings by
     default; phrasings="all": each prompt once per phrasing, "rotate": prompt i under phrasing i mod k) and
@@ -287,9 +292,9 @@ class OverRefusalReport:
                 "responses": self.responses, "settings": self.settings}
 
 
-def over_refusal(model, benign_prompts, configurations=None, refusal_judge=None, max_new_tokens: int = 128,
-                 seed: int = 0, batch_size: int = 8, use_held_out: bool = True, include_default: bool = True,
-                 n_boot: int = 1000, phrasings: str = "all", temperature: float = 0.0,
+def over_refusal(model, benign_prompts, configurations=None, refusal_judge=None, max_new_tokens: int = MAX_NEW_TOKENS,
+                 seed: int = 0, batch_size: int = BATCH_SIZE, use_held_out: bool = True, include_default: bool = True,
+                 n_boot: int = N_BOOT, phrasings: str = "all", temperature: float = 0.0,
                  progress: bool = True) -> OverRefusalReport:
     """Share of benign prompts refused under each configuration's system prompts and with none.
 
@@ -482,15 +487,6 @@ def multiple_choice(score_fn, items, length_normalised: bool = False) -> dict:
 # Comparison of several models
 
 
-def _fmt(x, ci=None):
-    if x is None:
-        return "n/a"
-    s = f"{x:.3f}"
-    if ci is not None:
-        s += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
-    return s
-
-
 def _markdown(rows, refusal_names) -> str:
     head = ["model", "S0 (follows uncensored)", "S1 (follows safe)", "no-system share safe"]
     head += [f"over-refusal ({n})" for n in refusal_names] + ["retention ppl"]
@@ -505,8 +501,8 @@ def _markdown(rows, refusal_names) -> str:
 
 
 def compare(models: dict, prompts, benign_prompts, configurations=None, judge=None, refusal_judge=None,
-            out_dir="eval_out", retention_fn=None, histories=None, max_new_tokens: int = 128, seed: int = 0,
-            batch_size: int = 8, n_boot: int = 1000, use_held_out: bool = True, phrasings: str = "all",
+            out_dir="eval_out", retention_fn=None, histories=None, max_new_tokens: int = MAX_NEW_TOKENS, seed: int = 0,
+            batch_size: int = BATCH_SIZE, n_boot: int = N_BOOT, use_held_out: bool = True, phrasings: str = "all",
             progress: bool = True) -> dict:
     """Evaluate several models alike and write the comparison table (like the paper's) and plots.
 

@@ -10,6 +10,7 @@ import numpy as np
 from . import _core
 from .config import ModelConfig
 from .errors import FormatError
+from .model import Model, param_layout
 
 # GGUF value types and their fixed sizes (None: string, array).
 _VT_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -308,7 +309,6 @@ def load_gguf(path, with_tokenizer=True):
     reader = _reader(path)
     tensors = {t.name: t for t in reader.tensors}
     cfg = _config(reader, path, tensors)
-    from .model import param_layout
     layout = param_layout(cfg)
     expected = {gguf_name(n) for n, _ in layout}
     extra = sorted(set(tensors) - expected)
@@ -324,7 +324,7 @@ def load_gguf(path, with_tokenizer=True):
         got = tuple(int(d) for d in reversed(t.shape.tolist()))
         if got != tuple(shape):
             raise FormatError(f"{path}: tensor {gname!r} has shape {got}, expected {tuple(shape)} (from the metadata)")
-    model = new_model(cfg)
+    model = Model(cfg, init=False)  # the weights are read next: no random initialisation
     for name, shape in model.layout:
         gname = gguf_name(name)
         t = tensors[gname]
@@ -343,16 +343,6 @@ def load_gguf(path, with_tokenizer=True):
             raise FormatError(f"{path}: tensor {gname!r}: {e}") from None
     model.tokenizer = _tokenizer(reader, path) if with_tokenizer else None
     return model
-
-
-def new_model(cfg):
-    """Model(cfg) for weights about to be overwritten: skips the random initialisation when Model
-    offers that (init=False), since drawing 135M normals costs about as much as reading the file."""
-    import inspect
-    from .model import Model
-    if "init" in inspect.signature(Model.__init__).parameters:
-        return Model(cfg, init=False)
-    return Model(cfg)
 
 
 def save_gguf(model, tokenizer, path, dtype="f32"):

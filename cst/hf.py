@@ -10,6 +10,7 @@ import numpy as np
 from . import _core
 from .config import ModelConfig
 from .errors import FormatError
+from .model import Model, param_layout
 
 _ST_DTYPES = {"F32": (4, 0), "F16": (2, 1), "BF16": (2, 30)}  # itemsize, ggml type for _core.dequantize
 _MAX_HEADER = 100 * 1024 * 1024
@@ -167,7 +168,6 @@ def _weight_files(path):
 def load_hf(path, with_tokenizer=True):
     """cst.Model from a Hugging Face Llama directory; model.tokenizer is set from tokenizer.json when
     present, else None."""
-    from .gguf import new_model
     path = os.fspath(path)
     cfg_path = os.path.join(path, "config.json")
     cfg = config_from_hf(_load_json(cfg_path), cfg_path)
@@ -185,7 +185,6 @@ def load_hf(path, with_tokenizer=True):
     if cfg.n_layers * 9 > len(where):  # bounds the layout built from it
         raise FormatError(f"{cfg_path}: num_hidden_layers {cfg.n_layers} needs {cfg.n_layers * 9} tensors, "
                           f"the checkpoint has {len(where)}")
-    from .model import param_layout
     layout = param_layout(cfg)
     wanted = {n for n, _ in layout}
     extra = sorted(n for n in where if n not in wanted and not n.endswith(_IGNORED_SUFFIXES)
@@ -201,7 +200,7 @@ def load_hf(path, with_tokenizer=True):
         if entry[1] != tuple(shape):
             raise FormatError(f"{f}: tensor {name!r} has shape {entry[1]}, expected {tuple(shape)} "
                               f"from {cfg_path}")
-    model = new_model(cfg)
+    model = Model(cfg, init=False)  # the weights are read next: no random initialisation
     handles = {}
     try:
         for name, shape in model.layout:

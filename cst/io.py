@@ -4,6 +4,7 @@ temporary name next to the target and is renamed into place, so a crash never le
 import importlib.util
 import os
 
+from . import model as _model
 from .errors import FormatError
 
 __all__ = ["FormatError", "load", "save", "smollm2_path"]
@@ -55,3 +56,6 @@ def save(model, path, format="hf", dtype=None, tokenizer=None):
         from .gguf import save_gguf
         return save_gguf(model, tok, path, dtype=dtype or "f32")
     raise ValueError(f"cst.io.save: format must be 'hf' or 'gguf', got {format!r}")
+
+
+_model._save = save  # Model.save writes through this module (the model does not import the formats)

@@ -9,7 +9,16 @@ from collections.abc import Mapping
 
 import numpy as np
 
+
+def fmt(x, ci=None) -> str:
+    """How cst prints a score everywhere (cst eval, cst demo, reports): 3 decimals, its interval with 2,
+    "n/a" for None: "0.917 [0.79, 1.00]"."""
+    if x is None:
+        return "n/a"
+    return f"{x:.3f}" if ci is None else f"{x:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
 __all__ = [
+    "fmt",
     "configurability_scores",
     "bootstrap_ci",
     "cohen_kappa",

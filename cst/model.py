@@ -59,6 +59,11 @@ LINEARS = {
 }
 
 
+# Model.save's writer, cst.io.save, installed by cst.io when it is imported (cst/__init__ imports it): the
+# model is the layer below the file formats and does not import them.
+_save = None
+
+
 class _Acts:
     """Views of the activation arena for one (B, T): what forward saves for backward, plus scratch."""
 
@@ -526,9 +531,8 @@ class Model:
 
     def save(self, path, format="hf", dtype=None):
         """Writes the model (adapters merged) and its tokenizer: format "hf" (a directory that
-        transformers loads) or "gguf" (F32 or F16); atomic."""
-        from .io import save
-        return save(self.merged(), path, format=format, dtype=dtype, tokenizer=self.tokenizer)
+        transformers loads) or "gguf" (F32 or F16); atomic. The writer is cst.io.save (see _save)."""
+        return _save(self.merged(), path, format=format, dtype=dtype, tokenizer=self.tokenizer)
 
 
 class _Snapshot:

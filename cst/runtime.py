@@ -1,5 +1,7 @@
-"""Process-wide settings of the native core: OpenMP threads and the SIMD path."""
+"""Process-wide settings of the native core: OpenMP threads and the SIMD path; and whether progress
+bars have anyone to show them to."""
 import os
+import sys
 
 from . import _core
 
@@ -25,6 +27,19 @@ def get_num_threads() -> int:
 def simd_path() -> str:
     """The SIMD path the kernels use now: 'avx512', 'avx2' or 'scalar' (CST_SIMD forces one)."""
     return _core.simd_path()
+
+
+def interactive() -> bool:
+    """True when progress bars have somewhere to go: stderr is a terminal, or a Jupyter kernel runs us.
+    Logs and pipes (CI, `cst ... 2> log`) get no bars."""
+    try:
+        if sys.stderr is not None and sys.stderr.isatty():
+            return True
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        pass
+    ipython = sys.modules.get("IPython")  # a Jupyter kernel's shell (importing ipykernel is not running one)
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 # Default: the cores this process may run on, unless OMP_NUM_THREADS says otherwise.

@@ -4,7 +4,6 @@ model's critique of that answer, and its revision (Constitutional-AI style self-
 Codes against `model.chat(conversations, ...) -> list[str]` and an optional judge (`score_batch`); it
 neither loads nor runs a model itself. Output is a resumable JSONL log, one line per generated sample.
 """
-import hashlib
 import json
 import os
 import re
@@ -14,6 +13,7 @@ from pathlib import Path
 from . import data as D
 from . import prompts as P
 from .eval import _chat, _judge
+from .seeds import derive_seed
 from .atomic import write_text
 
 __all__ = [
@@ -77,12 +77,6 @@ def near_identical(a: str, b: str, threshold: float = 0.9) -> bool:
     if not sa or not sb:
         return False
     return len(sa & sb) / len(sa | sb) >= threshold
-
-
-def _derive_seed(seed: int, stage: str, index: int) -> int:
-    """A 31-bit seed from (seed, stage, unit index), stable across processes and Python versions."""
-    h = hashlib.sha256(f"{seed}:{stage}:{index}".encode()).digest()
-    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
 def _cache_seed(seed: int, temperature: float):
@@ -320,19 +314,21 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
                 sys_msg = [{"role": "system", "content": critic_system}] if critic_system else []
                 convs = [[{"role": "system", "content": permissive_system}, {"role": "user", "content": t}]
                          for _, _, t in batch]
-                answers = _chat(model, convs, fn, temperature=temperature, top_p=top_p,
-                                seed=_derive_seed(seed, "answer", b0), **gen)
+                answers = _chat(model, convs, fn, stage="answer", temperature=temperature, top_p=top_p,
+                                seed=derive_seed(seed, "answer", b0), **gen)
                 unc_trunc = truncated_flags(answers)
                 crit_convs = [sys_msg + [{"role": "user", "content": t}, {"role": "assistant", "content": a},
                                          {"role": "user", "content": critique_template.format(prompt=t, response=a)}]
                               for (_, _, t), a in zip(batch, answers)]
-                critiques = _chat(model, crit_convs, fn, temperature=0.0, seed=_derive_seed(seed, "critique", b0),
+                critiques = _chat(model, crit_convs, fn, stage="critique", temperature=0.0,
+                                  seed=derive_seed(seed, "critique", b0),
                                   **gen)
                 rev_convs = [c + [{"role": "assistant", "content": cr},
                                   {"role": "user", "content": revision_template.format(prompt=t, response=a,
                                                                                        critique=cr)}]
                              for c, cr, (_, _, t), a in zip(crit_convs, critiques, batch, answers)]
-                revisions = _chat(model, rev_convs, fn, temperature=0.0, seed=_derive_seed(seed, "revision", b0),
+                revisions = _chat(model, rev_convs, fn, stage="revision", temperature=0.0,
+                                  seed=derive_seed(seed, "revision", b0),
                                   **gen)
                 rev_trunc = truncated_flags(revisions)
                 prompts_b = [t for _, _, t in batch]

@@ -11,46 +11,21 @@ import tempfile
 import threading
 import time
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 
 from . import _core, losses
 from .lora import LoRA
 from .optim import AdamW, clip_grad_norm
-from .runtime import set_num_threads
+from .runtime import interactive, set_num_threads
 from .schedule import lr_at, resolve_total_steps, resolve_warmup
 from .training_config import DPOConfig
-from .atomic import atomic_open, write_json, write_text
+from .atomic import atomic_open, honour_umask, write_json, write_text
+from .data import collate
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss or gradient); the last good checkpoint is kept."""
-
-
-@dataclass
-class _Batch:
-    tokens: np.ndarray  # (S, T) int32: the P chosen sequences, then the P rejected ones (DPO)
-    targets: np.ndarray  # (S, T) int32: next token on completion positions, -1 elsewhere
-    lengths: np.ndarray  # (S,) int32
-    mask: np.ndarray  # (S, T) float32: 1 where targets >= 0
-    index: np.ndarray  # (P,) example indices
-    n_tokens: int  # real (non-pad) tokens in the batch
-
-
-def _pack(seqs, prompt_lens):
-    """Right-padded (tokens, targets, lengths, mask) for sequences whose completion starts at prompt_lens."""
-    S, T = len(seqs), max(len(s) for s in seqs)
-    tokens = np.zeros((S, T), np.int32)
-    targets = np.full((S, T), -1, np.int32)
-    lengths = np.empty(S, np.int32)
-    for b, (s, p) in enumerate(zip(seqs, prompt_lens)):
-        n = len(s)
-        tokens[b, :n] = s
-        lengths[b] = n
-        # Position t predicts token t+1; only completion tokens (index >= p) are scored.
-        targets[b, p - 1:n - 1] = s[p:]
-    return tokens, targets, lengths, (targets >= 0).astype(np.float32)
 
 
 def _ex_ids(ex, which):
@@ -180,7 +155,7 @@ class Trainer:
     def _examples(self, dataset, name):
         """Checked, length-limited TokenizedExamples, their stats, and the PreferenceRecords they came from
         (None for tokenised input)."""
-        from .data import PreferenceRecord, TokenizedExample, load_records, tokenize_dataset
+        from .data import PreferenceRecord, TokenizedExample, load_records, tokenize_dataset, truncate
         first = dataset[0]
         has_ids = (isinstance(first, dict) and "prompt_ids" in first) or hasattr(first, "prompt_ids")
         texts = None
@@ -223,12 +198,9 @@ class Trainer:
                         ix = getattr(ex, "index", i)
                         first_skipped.update(prompt=texts[ix].prompt[:200], system=texts[ix].system[:200])
                 continue
-            if len(p) + max(len(c), len(r)) > cfg.max_length:
-                if len(p) > cfg.max_prompt_length:
-                    p, p_trunc = p[-cfg.max_prompt_length:], p_trunc + 1
-                room = cfg.max_length - len(p)
-                if max(len(c), len(r)) > room:
-                    c, r, c_trunc = c[:room], r[:room], c_trunc + 1
+            # len(p) < max_length and max_prompt_length < max_length (DPOConfig) leave room: never None.
+            p, c, r, p_cut, c_cut = truncate(p, c, r, cfg.max_length, cfg.max_prompt_length)
+            p_trunc, c_trunc = p_trunc + p_cut, c_trunc + c_cut
             out.append(TokenizedExample([int(t) for t in p], [int(t) for t in c], [int(t) for t in r],
                                         index=getattr(ex, "index", i) if not isinstance(ex, dict) else i,
                                         task=getattr(ex, "task", "default") if not isinstance(ex, dict)
@@ -279,17 +251,6 @@ class Trainer:
         ex = self.train_examples[i]
         return len(ex.prompt_ids) + max(len(ex.chosen_ids), len(ex.rejected_ids))
 
-    def _collate(self, examples, idx, sft=False):
-        seqs, plens = [], []
-        sides = ("chosen_ids",) if sft else ("chosen_ids", "rejected_ids")
-        for side in sides:
-            for i in idx:
-                ex = examples[i]
-                seqs.append(ex.prompt_ids + getattr(ex, side))
-                plens.append(len(ex.prompt_ids))
-        tokens, targets, lengths, mask = _pack(seqs, plens)
-        return _Batch(tokens, targets, lengths, mask, np.asarray(idx), int(lengths.sum()))
-
     # ---- reference log-probs ----
 
     def _seq_logps(self, batch):
@@ -324,7 +285,7 @@ class Trainer:
             bs = max(1, self.config.per_device_train_batch_size)
             for s in range(0, len(examples), bs):
                 idx = np.arange(s, min(s + bs, len(examples)))
-                _, lp = self._seq_logps(self._collate(examples, idx))
+                _, lp = self._seq_logps(collate(examples, idx))
                 ref[idx, 0], ref[idx, 1] = lp[:len(idx)], lp[len(idx):]
         finally:
             if was is not None:
@@ -397,14 +358,14 @@ class Trainer:
             for s in range(0, len(self.eval_examples), bs):
                 idx = np.arange(s, min(s + bs, len(self.eval_examples)))
                 if cfg.mode == "sft":
-                    b = self._collate(self.eval_examples, idx, sft=True)
+                    b = collate(self.eval_examples, idx, sft=True)
                     tlp = self.model.forward_logprobs(b.tokens, b.targets, b.lengths)
                     loss, _ = losses.sft_loss(tlp, b.mask)
                     w = float(b.mask.sum())
                     sums["loss"] = sums.get("loss", 0.0) + loss * w
                     n += w
                     continue
-                _, lp = self._seq_logps(self._collate(self.eval_examples, idx))
+                _, lp = self._seq_logps(collate(self.eval_examples, idx))
                 P, ref = len(idx), self._eval_ref[idx]
                 if not np.all(np.isfinite(lp)):
                     raise TrainingError(f"non-finite eval log-probs at step {self.step}")
@@ -435,7 +396,8 @@ class Trainer:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-ckpt-")
         try:
-            np.save(os.path.join(tmp, "weights.npy"), self._params)
+            if self.lora is None:
+                np.save(os.path.join(tmp, "weights.npy"), self._params)
             opt = self.optimizer.state_dict()
             moments = {} if opt["m"] is None else {"m": opt["m"][0], "v": opt["v"][0]}
             np.savez(os.path.join(tmp, "optimizer.npz"), **moments)
@@ -447,6 +409,7 @@ class Trainer:
                 for f in os.listdir(os.path.join(tmp, "adapter")):
                     os.replace(os.path.join(tmp, "adapter", f), os.path.join(tmp, f))
                 os.rmdir(os.path.join(tmp, "adapter"))
+            honour_umask(tmp)
             if os.path.exists(path):
                 old = path + ".old"
                 shutil.rmtree(old, ignore_errors=True)
@@ -459,26 +422,41 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.last_checkpoint = path
+        self._prune_checkpoints(path)
         return path
 
-    def _latest_checkpoint(self):
+    def _checkpoints(self):
+        """The checkpoint-N directories of output_dir, oldest first."""
         d = self.config.output_dir
         if not os.path.isdir(d):
-            return None
-        steps = [int(n.split("-", 1)[1]) for n in os.listdir(d)
-                 if n.startswith("checkpoint-") and n.split("-", 1)[1].isdigit()]
-        return os.path.join(d, f"checkpoint-{max(steps)}") if steps else None
+            return []
+        steps = sorted(int(n.split("-", 1)[1]) for n in os.listdir(d)
+                       if n.startswith("checkpoint-") and n.split("-", 1)[1].isdigit())
+        return [os.path.join(d, f"checkpoint-{k}") for k in steps]
+
+    def _latest_checkpoint(self):
+        found = self._checkpoints()
+        return found[-1] if found else None
+
+    def _prune_checkpoints(self, keep):
+        """Removes the oldest checkpoint-N directories beyond config.save_total_limit; never `keep`."""
+        limit = self.config.save_total_limit
+        if not limit:
+            return
+        found = [p for p in self._checkpoints() if os.path.abspath(p) != os.path.abspath(keep)]
+        for old in found[:max(0, len(found) - (limit - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path):
         """Restores what save_checkpoint wrote (weights, optimizer, counters, history)."""
-        for f in ("weights.npy", "optimizer.npz", "trainer_state.json"):
+        for f in ("optimizer.npz", "trainer_state.json"):
             if not os.path.exists(os.path.join(path, f)):
                 raise ValueError(f"load_checkpoint: {path} is not a cst checkpoint (missing {f})")
         with open(os.path.join(path, "trainer_state.json")) as f:
             st = json.load(f)
         if st["kind"] != ("lora" if self.lora is not None else "full"):
             raise ValueError(f"load_checkpoint: {path} holds a {st['kind']} run, this trainer is not")
-        w = np.load(os.path.join(path, "weights.npy"))
+        w = _checkpoint_weights(path, self.lora)
         if w.shape != self._params.shape or w.dtype != self._params.dtype:
             raise ValueError(f"load_checkpoint: weights in {path} have {w.size} values, expected {self._params.size}")
         opt = dict(st["optimizer"], betas=tuple(st["optimizer"]["betas"]))
@@ -546,7 +524,7 @@ class Trainer:
         # metrics.jsonl mirrors the history: rows logged after the checkpoint we resume from go.
         write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.mode.upper()} train", unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not interactive())
         self.interrupted = False
         window = []
         self._t0, self._tokens = time.perf_counter(), 0
@@ -559,7 +537,7 @@ class Trainer:
                 else:
                     self.model.zero_grad()
                 try:
-                    batches = [self._collate(self.train_examples, idx, sft=cfg.mode == "sft")
+                    batches = [collate(self.train_examples, idx, sft=cfg.mode == "sft")
                                for idx in self._next_micro_batches()]
                     sizes = [float(b.mask.sum()) if cfg.mode == "sft" else float(len(b.index)) for b in batches]
                     weights = [s / sum(sizes) for s in sizes]
@@ -635,8 +613,33 @@ def _dpo_metrics(out, lp, P):
 
 # ---- checkpoints as models ----
 
+def _checkpoint_weights(ckpt, lora):
+    """The trainable flat buffer a checkpoint holds: weights.npy for full fine-tuning; for LoRA the
+    PEFT adapter_model.safetensors (the one copy of the adapters), read into a copy of lora's buffer
+    (`lora` itself is left as it was). Raises ValueError naming the file when it is missing or bad."""
+    if lora is not None and not os.path.isfile(os.path.join(ckpt, "weights.npy")):
+        if not os.path.isfile(os.path.join(ckpt, "adapter_model.safetensors")):
+            raise ValueError(f"checkpoint {ckpt}: adapter_model.safetensors is missing")
+        was = lora.flat_params.copy()
+        try:
+            lora.load_adapter(ckpt)
+            return lora.flat_params.copy()
+        finally:
+            lora.flat_params[...] = was
+    weights_path = os.path.join(ckpt, "weights.npy")
+    if not os.path.isfile(weights_path):
+        raise ValueError(f"checkpoint {ckpt}: weights.npy is missing")
+    try:
+        w = np.load(weights_path, allow_pickle=False)
+    except ValueError as e:
+        raise ValueError(f"{weights_path}: not a NumPy array file ({e})") from None
+    if w.dtype != np.float32 or w.ndim != 1:
+        raise ValueError(f"{weights_path}: expected a 1-D float32 array, got {w.dtype} {w.shape}")
+    return w
+
+
 def find_checkpoint(path):
-    """The checkpoint directory that `path` names: path itself when it holds weights.npy and
+    """The checkpoint directory that `path` names: path itself when it holds
     trainer_state.json, else the checkpoint-N inside it with the largest N (a `cst train` output dir)."""
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -665,7 +668,6 @@ def load_checkpoint_into(model, path, merge=True):
     Raises ValueError when the checkpoint does not fit the model."""
     ckpt = find_checkpoint(path)
     state_path = os.path.join(ckpt, "trainer_state.json")
-    weights_path = os.path.join(ckpt, "weights.npy")
     try:
         with open(state_path, encoding="utf-8") as f:
             state = json.load(f)
@@ -673,16 +675,9 @@ def load_checkpoint_into(model, path, merge=True):
         raise ValueError(f"{state_path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     if not isinstance(state, dict) or state.get("kind") not in ("full", "lora"):
         raise ValueError(f"{state_path}: not a cst trainer state (no kind 'full' or 'lora')")
-    if not os.path.isfile(weights_path):
-        raise ValueError(f"checkpoint {ckpt}: weights.npy is missing")
-    try:
-        w = np.load(weights_path, allow_pickle=False)
-    except ValueError as e:
-        raise ValueError(f"{weights_path}: not a NumPy array file ({e})") from None
-    if w.dtype != np.float32 or w.ndim != 1:
-        raise ValueError(f"{weights_path}: expected a 1-D float32 array, got {w.dtype} {w.shape}")
     lora = None
     if state["kind"] == "full":
+        w = _checkpoint_weights(ckpt, None)
         if w.size != model.flat_params.size:
             raise ValueError(f"checkpoint {ckpt}: holds {w.size} weights, this model has {model.flat_params.size}; "
                              "it was trained from a different model")
@@ -697,6 +692,7 @@ def load_checkpoint_into(model, path, merge=True):
         except KeyError as e:
             raise ValueError(f"{state_path}: the config lacks {e.args[0]!r}, needed to rebuild the LoRA "
                              "adapters") from None
+        w = _checkpoint_weights(ckpt, lora)
         if w.size != lora.num_parameters:
             raise ValueError(f"checkpoint {ckpt}: holds {w.size} adapter weights, LoRA r={lora.r} on this model "
                              f"needs {lora.num_parameters}; it was trained from a different model")

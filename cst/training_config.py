@@ -7,8 +7,7 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Optional, Tuple
 from .atomic import write_json
-
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+from .losses import LOSS_TYPES
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 MODES = ("dpo", "sft")
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -34,6 +33,8 @@ class DPOConfig:
     Warmup: warmup_steps > 0 wins over warmup_ratio (as in transformers 4.x); see
     cst.schedule.resolve_warmup. max_steps > 0 overrides num_train_epochs. max_grad_norm None or 0
     disables clipping. eval_steps/save_steps None disable periodic evaluation/saving.
+    save_total_limit (as in transformers): after each checkpoint, only the newest save_total_limit
+    checkpoint-N directories of output_dir are kept (None: all). The newest is what resume needs.
     label_smoothing (cDPO) only exists for loss_type "sigmoid" and is rejected for the others.
     rpo_alpha (TRL's name, "RPO"): adds rpo_alpha times the mean negative log-likelihood of the chosen
     completions' tokens to the DPO loss, so the policy keeps writing the preferred answers instead of
@@ -70,6 +71,7 @@ class DPOConfig:
     logging_steps: int = 10
     eval_steps: Optional[int] = None
     save_steps: Optional[int] = 500
+    save_total_limit: Optional[int] = 2
     output_dir: str = "runs/cst"
     mode: str = "dpo"
     num_threads: Optional[int] = None
@@ -145,6 +147,7 @@ class DPOConfig:
         integer("logging_steps", 1)
         integer("eval_steps", 1, optional=True)
         integer("save_steps", 1, optional=True)
+        integer("save_total_limit", 1, optional=True)
         if isinstance(self.output_dir, os.PathLike):
             self.output_dir = os.fspath(self.output_dir)
         if not isinstance(self.output_dir, str) or not self.output_dir:

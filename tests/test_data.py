@@ -534,28 +534,37 @@ def test_tokenize_boundary(template, system):
         assert mask == sorted(mask)  # zeros then ones: the mask is exactly the completion
 
 
-def test_collate_masks_cover_completions():
+def test_collate_targets_cover_completions():
     tok = StandInTokenizer(CHATML_TEMPLATE)
     rs = [rec(prompt="Tell me a story about a dragon.", chosen="Once upon a time.", rejected="No."),
           rec(system="", prompt="Hi", chosen="Hello there, how can I help?", rejected="Go away.")]
     exs, stats = D.tokenize_dataset(rs, tok, max_length=256)
-    batch = D.collate(exs, tok.pad_token_id, pad_to_multiple_of=8)
-    B, T = batch["chosen_input_ids"].shape
-    assert B == 2 and T % 8 == 0 and batch["rejected_input_ids"].shape == (B, T)
-    assert batch["chosen_input_ids"].dtype == np.int32 and batch["chosen_loss_mask"].dtype == np.float32
-    for b, (e, r) in enumerate(zip(exs, rs)):
-        assert batch["prompt_lengths"][b] == len(e.prompt_ids)
-        for which in ("chosen", "rejected"):
-            ids, loss = batch[which + "_input_ids"][b], batch[which + "_loss_mask"][b]
-            attn = batch[which + "_attention_mask"][b]
-            n = len(e.prompt_ids) + len(getattr(e, which + "_ids"))
-            assert list(ids[:n]) == getattr(e, which + "_input_ids")
-            assert (ids[n:] == tok.pad_token_id).all() and attn.sum() == n and (attn[:n] == 1).all()
-            assert tok.decode(ids[loss == 1].tolist()) == getattr(r, which) + "<|im_end|>\n"
+    batch = D.collate(exs)
+    assert isinstance(batch, D.Batch) and list(batch.index) == [0, 1]
+    S, T = batch.tokens.shape
+    assert S == 4 and batch.targets.shape == batch.mask.shape == (S, T)
+    assert batch.tokens.dtype == batch.targets.dtype == batch.lengths.dtype == np.int32
+    assert batch.mask.dtype == np.float32 and batch.n_tokens == int(batch.lengths.sum())
+    for row, (which, b) in enumerate([("chosen", 0), ("chosen", 1), ("rejected", 0), ("rejected", 1)]):
+        e, r = exs[b], rs[b]
+        seq = e.prompt_ids + getattr(e, which + "_ids")
+        n = len(seq)
+        assert batch.lengths[row] == n and list(batch.tokens[row, :n]) == seq and (batch.tokens[row, n:] == 0).all()
+        # position t predicts token t + 1; exactly the completion's tokens are scored
+        scored = batch.targets[row][batch.targets[row] >= 0]
+        assert tok.decode(scored.tolist()) == getattr(r, which) + "<|im_end|>\n"
+        t = np.flatnonzero(batch.targets[row] >= 0)
+        assert (batch.targets[row, t] == batch.tokens[row, t + 1]).all() and t[0] == len(e.prompt_ids) - 1
+        assert (batch.mask[row] == (batch.targets[row] >= 0)).all()
+    sft = D.collate(exs, [1], sft=True)
+    assert sft.tokens.shape[0] == 1 and list(sft.index) == [1]
+    assert list(sft.tokens[0, :sft.lengths[0]]) == exs[1].prompt_ids + exs[1].chosen_ids
+    as_dicts = [{"prompt_ids": e.prompt_ids, "chosen_ids": e.chosen_ids, "rejected_ids": e.rejected_ids} for e in exs]
+    assert np.array_equal(D.collate(as_dicts).targets, batch.targets)
     with pytest.raises(ValueError, match="empty"):
-        D.collate([], 0)
-    with pytest.raises(TypeError, match="pad_token_id"):
-        D.collate(exs, None)
+        D.collate([])
+    with pytest.raises(ValueError, match="non-empty prompt and completion"):
+        D.collate([D.TokenizedExample([1, 2], [], [3])])
 
 
 def test_truncation_policy():

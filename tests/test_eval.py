@@ -103,7 +103,7 @@ def test_configurability_strings_names_and_batches():
     assert rep.S0 == 1.0 and rep.S1 is None and rep.S1_ci is None
     assert rep.per_category["uncategorised"]["S0"]["rate"] == 1.0
     assert all(len(c) <= 3 for c, _ in model.seen) and len(rep.responses) == 2 * 4 + 2
-    assert all(kw["max_new_tokens"] == 128 and kw["temperature"] == 0.0 for _, kw in model.seen)
+    assert all(kw["max_new_tokens"] == E.MAX_NEW_TOKENS and kw["temperature"] == 0.0 for _, kw in model.seen)
 
 
 def test_configurability_bad_input():

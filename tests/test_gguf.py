@@ -190,6 +190,8 @@ def smollm2():
     return ours, hf_model, hf
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_smollm2_weights_equal_transformers(smollm2):
     ours, _, hf = smollm2
     c = ours.config
@@ -201,6 +203,8 @@ def test_smollm2_weights_equal_transformers(smollm2):
     assert ours.tokenizer.eos_token_id == 2 and ours.tokenizer.vocab_size == 49152
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_smollm2_logits_equal_transformers(smollm2):
     ours, hf_model, _ = smollm2
     if not hasattr(cst.Model, "forward"):
@@ -215,6 +219,8 @@ def test_smollm2_logits_equal_transformers(smollm2):
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.95
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_save_gguf_carries_tokenizer_and_template(tmp_path, smollm2):
     """A re-exported file keeps tokenizer metadata and chat template: gguf-py, cst and transformers
     read them back the same."""

@@ -50,7 +50,13 @@ def test_matmul_backward_none_outputs_is_noop(rng):
     x = rng.standard_normal((4, 8)).astype(np.float32)
     w = rng.standard_normal((3, 8)).astype(np.float32)
     dy = rng.standard_normal((4, 3)).astype(np.float32)
-    _core.matmul_backward(None, None, dy, x, w)  # must not crash or write anything
+    before = [a.copy() for a in (dy, x, w)]
+    assert _core.matmul_backward(None, None, dy, x, w) is None
+    for a, b in zip((dy, x, w), before):  # the inputs are read, never written
+        np.testing.assert_array_equal(a, b)
+    # Nothing to compute is no excuse to skip validation: a bad shape is still rejected.
+    with pytest.raises(ValueError, match="dout"):
+        _core.matmul_backward(None, None, dy[:, :2].copy(), x, w)
 
 
 def test_matmul_edge_values(simd):

@@ -342,7 +342,7 @@ def test_memory_flat_over_repeated_steps():
 
 
 def test_adamw_trajectory_matches_pytorch():
-    optim = pytest.importorskip("cst.optim")
+    from cst import optim
     cfg = tiny_config(True)
     m = random_model(cfg, seed=6)
     hf = hf_model(m, torch.float32)

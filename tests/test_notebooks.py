@@ -18,7 +18,9 @@ pytest.importorskip("ipykernel")
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-CELL_TIMEOUT_S = 600
+# The longest cell measured about 90 s (02's training) on the shared 2-core machine; a cell past 240 s is
+# a hang or a regression to report, not a reason to wait ten minutes (the limit was 600 s).
+CELL_TIMEOUT_S = 240
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # Data files a notebook cannot run without, as paths relative to notebooks/ (the kernel's working
@@ -66,6 +68,8 @@ def test_notebook_is_clean(path):
     assert nb["metadata"].get("kernelspec", {}).get("name") == "python3"
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path):
     reason = _missing_data(path.name)

@@ -7,6 +7,8 @@ import cst
 
 from conftest import smollm2_gguf
 
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
 
 @pytest.fixture(scope="module")
 def smollm2():

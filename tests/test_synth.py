@@ -19,6 +19,25 @@ def run(tmp_path, prompts=PROMPTS, name="out.jsonl", model=None, **kw):
     return S.synthesize(model or FakeChatModel(), prompts, output=tmp_path / name, **kw)
 
 
+def test_stage_named_to_models_that_take_it(tmp_path):
+    """Each chat call says which step it is (the demo's trimming view counts per stage); a plain model,
+    like FakeChatModel whose chat() has no `stage` parameter, is never passed one."""
+    class Staged(FakeChatModel):
+        takes_stage = True
+
+        def chat(self, conversations, stage, **kw):
+            self.stages.append((stage, len(conversations)))
+            return super().chat(conversations, **kw)
+
+    model = Staged()
+    model.stages = []
+    res = run(tmp_path, model=model, batch_size=4)
+    assert model.stages == [("answer", 4), ("critique", 4), ("revision", 4),
+                            ("answer", 3), ("critique", 3), ("revision", 3)]
+    plain = run(tmp_path, name="plain.jsonl", batch_size=4)  # FakeChatModel would raise on stage=
+    assert [p.responses for p in plain.pairs] == [p.responses for p in res.pairs]
+
+
 def test_pairs_records_and_conversations(tmp_path):
     model = FakeChatModel()
     res = run(tmp_path, model=model, batch_size=3)

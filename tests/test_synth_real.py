@@ -55,6 +55,8 @@ def test_tiny_model_synthesis_interrupt_and_resume(tmp_path, tokenizer):
     assert [p.responses for p in resumed.pairs] == [p.responses for p in full.pairs]
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_smollm2_synthesis_produces_valid_records(tmp_path, tokenizer):
     from cst.demo import _TrimmedChat  # the demo's view: replies cut at the limit end at a full sentence
     model = _TrimmedChat(cst.load("smollm2-135m-instruct"))

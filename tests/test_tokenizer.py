@@ -13,6 +13,8 @@ from conftest import smollm2_gguf
 transformers = pytest.importorskip("transformers")
 
 
+# The tests that use `toks` are marked slow: reading SmolLM2's tokenizer with transformers' GGUF converter
+# takes 10-50 s on 2 cores.
 @pytest.fixture(scope="module")
 def toks():
     """(ours, transformers') for the SmolLM2 GGUF; read once per module because both are slow."""
@@ -55,6 +57,7 @@ def _corpus(n=1200, seed=0):
     return out
 
 
+@pytest.mark.slow
 def test_interface(toks):
     ours, theirs = toks
     assert ours.eos_token_id == 2 and ours.bos_token_id == 1 and ours.pad_token_id == 2
@@ -65,6 +68,7 @@ def test_interface(toks):
     assert ours.encode("hi") == ours.encode("hi") and ours.encode("hi")[0] != ours.bos_token_id
 
 
+@pytest.mark.slow
 def test_ids_match_transformers(toks, reference):
     ours, _ = toks
     corpus = _corpus()
@@ -74,6 +78,7 @@ def test_ids_match_transformers(toks, reference):
     assert not bad, f"{len(bad)} mismatches, first: {bad[0]!r}"
 
 
+@pytest.mark.slow
 def test_unpatched_transformers_differs_only_on_spaces_before_digits(toks):
     """Documents transformers' GGUF-converter deviation: identical ids except where a run of two or
     more whitespace characters meets a digit (GPT-2's regex then gives the last space to the digit)."""
@@ -88,18 +93,21 @@ def test_unpatched_transformers_differs_only_on_spaces_before_digits(toks):
     assert len(same) > 900
 
 
+@pytest.mark.slow
 def test_digits_split_individually(toks):
     ours, _ = toks
     ids = ours.encode("12345")
     assert len(ids) == 5 and ours.decode(ids) == "12345"
 
 
+@pytest.mark.slow
 def test_special_tokens_in_text(toks):
     ours, _ = toks
     assert ours.encode("<|im_start|>user\nhi<|im_end|>")[0] == 1
     assert 2 in ours.encode("a<|im_end|>b")
 
 
+@pytest.mark.slow
 def test_decode_round_trip_and_matches_transformers(toks):
     ours, theirs = toks
     for s in _corpus(300, seed=1):
@@ -121,6 +129,7 @@ CHATS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gen", [False, True])
 @pytest.mark.parametrize("chat", range(len(CHATS)))
 def test_chat_template_matches_transformers(toks, reference, chat, gen):
@@ -152,6 +161,7 @@ def test_template_sandbox_and_raise_exception():
         t2.render_chat([])
 
 
+@pytest.mark.slow
 def test_hf_dir_round_trip(toks, reference, tmp_path):
     ours, theirs = toks
     ours.save_hf(tmp_path)

@@ -10,7 +10,7 @@ import pytest
 
 from cst import losses
 from cst.config import ModelConfig
-from cst.data import PreferenceRecord, TokenizedExample
+from cst.data import PreferenceRecord, TokenizedExample, collate
 from cst.lora import LoRA
 from cst.model import Model
 from cst.runtime import get_num_threads, set_num_threads
@@ -185,6 +185,45 @@ def test_resume_equals_uninterrupted_bitwise(tmp_path, lora, flow):
     assert [r["loss"] for r in resumed.history if r["step"] > 4] == [r["loss"] for r in full.history if r["step"] > 4]
 
 
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_checkpoints_pruned_to_save_total_limit_each_tensor_once(tmp_path, lora):
+    from cst.trainer import load_checkpoint_into
+    data = varied_pairs(20, 5)  # 6 steps
+    tr = _make(tmp_path, "a", lora, data, save_steps=1, save_total_limit=2)
+    tr.train()
+    out = tr.config.output_dir
+    assert sorted(n for n in os.listdir(out) if n.startswith("checkpoint")) == ["checkpoint-5", "checkpoint-6"]
+    files = sorted(os.listdir(os.path.join(out, "checkpoint-6")))
+    # LoRA: the adapters once, as PEFT's file (no weights.npy copy of the same buffer).
+    assert files == (["adapter_config.json", "adapter_model.safetensors", "optimizer.npz", "trainer_state.json"]
+                     if lora else ["optimizer.npz", "trainer_state.json", "weights.npy"])
+    # What resume and load_checkpoint_into read back is the trained buffer, bitwise.
+    again = _make(tmp_path, "a", lora, data, save_steps=1, save_total_limit=2)
+    again.load_checkpoint(os.path.join(out, "checkpoint-6"))
+    assert np.array_equal(again._params, tr._params) and again.step == 6
+    m = toy_model(1)
+    info = load_checkpoint_into(m, out, merge=False)
+    assert info["path"].endswith("checkpoint-6")
+    assert np.array_equal(info["lora"].flat_params if lora else m.flat_params, tr._params)
+    keep_all = _make(tmp_path, "b", lora, data, save_steps=1, save_total_limit=None)
+    keep_all.train()
+    assert len([n for n in os.listdir(keep_all.config.output_dir) if n.startswith("checkpoint")]) == 6
+
+
+def test_checkpoint_files_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        tr = _make(tmp_path, "a", True, varied_pairs(8, 5), max_steps=1)
+        tr.train()
+    finally:
+        os.umask(old)
+    ck = os.path.join(tr.config.output_dir, "checkpoint-1")
+    assert os.stat(ck).st_mode & 0o777 == 0o755
+    for name in os.listdir(ck):
+        assert os.stat(os.path.join(ck, name)).st_mode & 0o777 == 0o644, name
+    assert os.stat(os.path.join(tr.config.output_dir, "metrics.jsonl")).st_mode & 0o777 == 0o644
+
+
 @pytest.mark.parametrize("lora", [True, False], ids=["lora_dropout", "full"])
 def test_ctrl_c_saves_last_completed_step_and_resumes_bitwise(tmp_path, lora):
     data = varied_pairs(20, 5)
@@ -333,7 +372,7 @@ def test_reference_logps_computed_once_and_cached(tmp_path, lora):
     assert os.path.exists(os.path.join(tr.config.output_dir, "ref_logps_train.npz"))
     # The reference equals the sequence log-probs of the untrained model.
     m0 = toy_model(1)
-    b = tr._collate(tr.train_examples, np.arange(4))
+    b = collate(tr.train_examples, np.arange(4))
     lp = losses.sequence_logps(m0.forward_logprobs(b.tokens, b.targets, b.lengths), b.mask)
     assert np.array_equal(tr._ref[:4, 0], lp[:4]) and np.array_equal(tr._ref[:4, 1], lp[4:])
     # A second trainer on the same output_dir and initial weights reuses the cache.
@@ -355,7 +394,7 @@ def test_ipo_uses_average_logps(tmp_path):
     tr = _make(tmp_path, "a", True, data, loss_type="ipo", max_steps=1)
     tr.train()
     m0 = toy_model(1)
-    b = tr._collate(tr.train_examples, np.arange(4))
+    b = collate(tr.train_examples, np.arange(4))
     tlp = m0.forward_logprobs(b.tokens, b.targets, b.lengths)
     avg = losses.sequence_logps(tlp, b.mask, average=True)
     assert losses.uses_average_logps("ipo")
@@ -391,7 +430,7 @@ def test_accumulation_two_by_two_equals_one_batch_of_four(tmp_path, mode):
         # would give a different gradient, so the test above can tell the two apart.
         tr = _make(tmp_path, "x", False, data, mode="sft", per_device_train_batch_size=2)
         b = tr._make_batches(0)
-        counts = [tr._collate(tr.train_examples, i, sft=True).mask.sum() for i in b]
+        counts = [collate(tr.train_examples, i, sft=True).mask.sum() for i in b]
         assert counts[0] != counts[1]
 
 
@@ -434,13 +473,13 @@ def test_rpo_alpha_adds_the_chosen_nll_gradient(tmp_path):
         tr = Trainer(m, config(tmp_path, f"rpo{alpha}", rpo_alpha=alpha), data)
         tr._ref = tr._reference(tr.train_examples, "train")
         m.zero_grad()
-        batch = tr._collate(tr.train_examples, np.arange(4))
+        batch = collate(tr.train_examples, np.arange(4))
         out = tr._micro_step(batch, 1.0)
         grads[alpha], losses_seen[alpha] = m.flat_grads.copy(), out
     m = toy_model()
     sft = Trainer(m, config(tmp_path, "sft", mode="sft"), data)
     m.zero_grad()
-    sft._micro_step(sft._collate(sft.train_examples, np.arange(4), sft=True), 1.0)
+    sft._micro_step(collate(sft.train_examples, np.arange(4), sft=True), 1.0)
     want = grads[None] + 0.5 * m.flat_grads
     assert np.linalg.norm(grads[0.5] - want) / np.linalg.norm(want) < 1e-5
     nll = losses_seen[0.5]["nll_loss"]
