@@ -458,7 +458,8 @@ def cmd_data_build(args):
     if args.vanilla_dpo:
         records = D.vanilla_dpo(pairs, system=args.system, task=args.task)
     else:
-        records = D.build_records(pairs, configurations, phrasings=args.phrasings, task=args.task)
+        records = D.build_records(pairs, configurations, phrasings=args.phrasings, task=args.task,
+                                  safe_default=args.safe_default)
     D.save_records(records, args.output)
     print(f"read {len(pairs)} pair(s) ({kind}) from {args.pairs}")
     if args.vanilla_dpo:
@@ -1009,6 +1010,9 @@ def build_parser():
     b.add_argument("--phrasings", type=_phrasings, default="all", metavar="all|first|K",
                    help="training phrasings per pair and configuration: all, the first, or K rotating across pairs")
     b.add_argument("--task", default="harmless", help="the records' task label")
+    b.add_argument("--no-safe-default", dest="safe_default", action="store_false",
+                   help="leave out the safe default (by default each pair also gets a record with no system prompt "
+                        "that prefers the safe answer, so a deployment without a system prompt is safe)")
     b.add_argument("--vanilla-dpo", action="store_true", help="the DPO baseline instead of the CST augmentation")
     b.add_argument("--system", metavar="TEXT", help="with --vanilla-dpo: the fixed system prompt (default: none)")
     b.set_defaults(func=cmd_data_build)

@@ -5,6 +5,7 @@ and cst.plots; it adds no algorithm of its own. quick=True runs the same code on
 """
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -28,6 +29,11 @@ DEFAULTS = {
     # 18 gave 0.92 / 0.92 / 0.83 (seeds 0 / 1 / 2; runs z1, s1, a0-a2 in docs/demo.md).
     "train_harmful_per_category": 18,
     "train_benign_per_category": 6,
+    # The safe default: each harmful pair also trains with no system prompt, preferring the safe answer.
+    "safe_default": True,
+    # Which split of cst.prompts (and of the system-prompt phrasings) the evaluation uses: recipes are chosen
+    # on "validation"; "test" is run once per release (docs/demo.md records it with its date and commit).
+    "eval_split": "validation",
     "eval_harmful_per_category": None,
     "eval_benign_per_category": None,
     # evaluation (greedy)
@@ -93,6 +99,8 @@ def settings_for(quick: bool = False, **overrides) -> dict:
     s.update(overrides)
     if s["configurations"] not in ("paper", "paraphrased"):
         raise ValueError(f"cst.demo: configurations must be 'paper' or 'paraphrased', got {s['configurations']!r}")
+    if s["eval_split"] not in ("validation", "test"):
+        raise ValueError(f"cst.demo: eval_split must be 'validation' or 'test', got {s['eval_split']!r}")
     if s["eval_phrasings"] not in ("all", "rotate"):
         raise ValueError(f"cst.demo: eval_phrasings must be 'all' or 'rotate', got {s['eval_phrasings']!r}")
     return s
@@ -188,21 +196,31 @@ def _configurations(s: dict) -> list:
     return D.PARAPHRASED_CONFIGURATIONS if s["configurations"] == "paraphrased" else D.PAPER_CONFIGURATIONS
 
 
-def _evaluate(model, s, seed, judge, progress, tag):
+def _evaluate(model, s, seed, judge, progress, tag, reference=None):
     """configurability on the held-out harmful prompts and over_refusal on the held-out benign ones, both
-    under the configurations' held-out system prompts and with none. -> (summary, full reports)."""
+    under the configurations' held-out system prompts and with none, and retention: the per-token
+    log-likelihood of `reference` answers ([prompt, answer] pairs; None: this model's own answers to the
+    benign prompts with no system prompt, which the baseline evaluation records for the tuned one).
+    -> (summary, full reports)."""
     from .prompts import default_prompts
-    cfgs = _configurations(s)
-    harmful = _per_category(default_prompts("test", "harmful"), s["eval_harmful_per_category"])
-    benign = _per_category(default_prompts("test", "benign"), s["eval_benign_per_category"])
+    from .data import evaluation_configurations
+    cfgs = evaluation_configurations(_configurations(s), s["eval_split"])
+    harmful = _per_category(default_prompts(s["eval_split"], "harmful"), s["eval_harmful_per_category"])
+    benign = _per_category(default_prompts(s["eval_split"], "benign"), s["eval_benign_per_category"])
     kw = dict(configurations=cfgs, max_new_tokens=s["eval_max_new_tokens"], seed=seed, batch_size=s["gen_batch_size"],
               phrasings=s["eval_phrasings"], n_boot=s["n_boot"], temperature=s["temperature"], progress=progress)
     conf = E.configurability(model, harmful, judge=judge, **kw)
     over = E.over_refusal(model, benign, refusal_judge=judge, **kw)
+    if reference is None:
+        reference = [[r["prompt"], r["response"].strip()] for r in over.responses
+                     if r["configuration"] is None and r["response"].strip()]
+    ret = E.retention(E.answer_scorer(model), [tuple(x) for x in reference]) if reference else None
     summary = {
         "S0": conf.S0, "S0_ci": conf.S0_ci, "S1": conf.S1, "S1_ci": conf.S1_ci,
         "no_system_safe": conf.default["rate"], "no_system_safe_ci": conf.default["ci"],
         "over_refusal": over.rate, "over_refusal_ci": over.ci,
+        "retention": {"reference": reference, "nll_per_token": ret["nll_per_token"] if ret else None,
+                      "n_tokens": ret["n_tokens"] if ret else 0},
         "n_harmful_responses": len(conf.responses), "n_benign_responses": len(over.responses),
         "per_category": {c: {k: v["rate"] for k, v in d.items() if v is not None}
                          for c, d in conf.per_category.items()},
@@ -302,6 +320,10 @@ def _table_rows(before, after, cfg_names):
             ("S1: follows safe (harmful prompts, held-out safe prompts) ↑", "S1", "S1_ci"),
             ("No system prompt: share safe (harmful prompts)", "no_system_safe", "no_system_safe_ci")]
     out = [(label, _fmt(before[k], before[c]), _fmt(after[k], after[c]) if after else "–") for label, k, c in rows]
+    ret_b, ret_a = before["retention"]["nll_per_token"], after["retention"]["nll_per_token"] if after else None
+    out.append(("Retention: likelihood of the base model's benign answers, per token, vs base ↑",
+                _fmt(1.0 if ret_b is not None else None),
+                _fmt(math.exp(ret_b - ret_a) if ret_b is not None and ret_a is not None else None) if after else "–"))
     for name in list(cfg_names) + ["default"]:
         label = f"Over-refusal, {'no system prompt' if name == 'default' else name + ' configuration'} (benign) ↓"
         b = _fmt(before["over_refusal"][name], before["over_refusal_ci"][name])
@@ -534,7 +556,7 @@ def run(output_dir=OUTPUT_DIR, quick: bool = False, seed: int = 0, threads: int 
         # stats["fallback_refusals"] also counts pairs dropped afterwards; these two split the kept ones.
         h_stats["kept_template_refusal"] = sum(1 for p in res.pairs if p.metadata.get("fallback"))
         h_stats["kept_own_revision"] = h_stats["kept"] - h_stats["kept_template_refusal"]
-        h_records = res.records(phrasings=s["train_phrasings"], task="harmless")
+        h_records = res.records(phrasings=s["train_phrasings"], task="harmless", safe_default=s["safe_default"])
         b_pairs, b_stats = _benign_pairs(model, s, seed, judge, out, progress)
         b_cfgs = [D.Configuration(c.name, c.train_prompts, "helpful", "refusal") for c in cfgs
                   if c.name in s["benign_under"]]
@@ -585,7 +607,8 @@ def run(output_dir=OUTPUT_DIR, quick: bool = False, seed: int = 0, threads: int 
         step = "final_eval"
         header(5, "Evaluating the tuned model")
         t0 = time.perf_counter()
-        after, full_after = _evaluate(model, s, seed, judge, progress, "tuned")
+        after, full_after = _evaluate(model, s, seed, judge, progress, "tuned",
+                                      reference=before["retention"]["reference"])
         _write_json(out / "eval_tuned.json", full_after)
         report["tuned"] = after
         done("final_eval", t0)

@@ -27,7 +27,7 @@ N_BOOT = 1000
 
 __all__ = [
     "MAX_NEW_TOKENS", "BATCH_SIZE", "N_BOOT", "ConfigurabilityReport", "OverRefusalReport", "configurability",
-    "over_refusal", "preference_accuracy", "retention", "multiple_choice", "compare", "bootstrap_ci",
+    "over_refusal", "preference_accuracy", "retention", "answer_scorer", "multiple_choice", "compare", "bootstrap_ci",
 ]
 
 
@@ -425,6 +425,27 @@ def retention(score_fn, texts_or_pairs) -> dict:
             "perplexity": float(math.exp(nll)), "mean_logprob_per_item": total_lp / len(per_item)}
 
 
+def answer_scorer(model, system: str | None = None, max_length: int = 1024):
+    """score_fn(prompt, answer) for retention() and multiple_choice(): the sum of the answer's token
+    log-probs given the chat prompt (optionally under `system`), and the number of answer tokens, both as
+    training sees them (cst.data.tokenize_record: the same prompt/completion split and end-of-turn token)."""
+    from .data import PreferenceRecord, tokenize_record
+    tok = model.tokenizer
+
+    def score(prompt: str, answer: str):
+        ex = tokenize_record(PreferenceRecord(system or "", prompt, answer, answer), tok, max_length=max_length,
+                             max_prompt_length=None)
+        ids = np.asarray(ex.chosen_input_ids, dtype=np.int32)[None, :]
+        targets = np.full_like(ids, -1)
+        # Position t scores token t+1: the answer tokens are predicted from the position before each.
+        p = len(ex.prompt_ids)
+        targets[0, p - 1:-1] = ids[0, p:]
+        lp = model.forward_logprobs(ids, targets)
+        return float(np.asarray(lp, dtype=np.float64).sum()), len(ex.chosen_ids)
+
+    return score
+
+
 def multiple_choice(score_fn, items, length_normalised: bool = False) -> dict:
     """Accuracy on multiple-choice items {question, choices, answer} (or (question, choices, answer)).
 
@@ -487,7 +508,7 @@ def compare(models: dict, prompts, benign_prompts, configurations=None, judge=No
 
     models: {name: model}. For each: configurability on `prompts` with `judge`, over_refusal on
     `benign_prompts` with `refusal_judge` (skipped if benign_prompts is None), and retention_fn(model) ->
-    a dict with "perplexity" (e.g. lambda m: retention(m.score, held_out_pairs)) or a number. histories:
+    a dict with "perplexity" (e.g. lambda m: retention(answer_scorer(m), held_out_pairs)) or a number. histories:
     {name: trainer history (list of dicts)} for the training-curve plot.
     Writes out_dir/comparison.json (equal to the returned dict), comparison.md, configurability.png and,
     with histories, training_curves.png; all atomically. Returns {"table", "models", "files", "settings"}.

@@ -122,9 +122,11 @@ class SynthesisResult:
     path: Path
     configurations: list = field(default_factory=list)
 
-    def records(self, phrasings="all", task: str = "harmless") -> list:
-        """The CST records of the kept pairs (cst.data.build_records with this run's configurations)."""
-        return D.build_records(self.pairs, self.configurations, phrasings=phrasings, task=task)
+    def records(self, phrasings="all", task: str = "harmless", safe_default: bool = True) -> list:
+        """The CST records of the kept pairs (cst.data.build_records with this run's configurations, plus
+        the safe default for no system prompt unless safe_default=False)."""
+        return D.build_records(self.pairs, self.configurations, phrasings=phrasings, task=task,
+                               safe_default=safe_default)
 
 
 def _read_log(path: Path, header: dict, units: list) -> list:
@@ -426,7 +428,7 @@ def load_pairs(path) -> list:
 
 
 def synthesize_records(model, prompts, configurations=None, phrasings="all", task: str = "harmless",
-                       **kwargs) -> list:
+                       safe_default: bool = True, **kwargs) -> list:
     """synthesize(...) then cst.data.build_records on the kept pairs; returns the PreferenceRecords."""
     res = synthesize(model, prompts, configurations=configurations, **kwargs)
-    return res.records(phrasings=phrasings, task=task)
+    return res.records(phrasings=phrasings, task=task, safe_default=safe_default)

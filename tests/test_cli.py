@@ -163,11 +163,12 @@ def test_data_build_cst_and_vanilla(capsys, tmp_path, pairs_file):
     from cst.data import HARMLESS_SYSTEM_PROMPT, UNCENSORED_SYSTEM_PROMPT, load_records
     out = str(tmp_path / "r.json")
     rc, text, _ = run_cli(capsys, ["data", "build", "--pairs", pairs_file, "--output", out])
-    assert rc == 0 and "wrote 6 CST record(s)" in text
+    assert rc == 0 and "wrote 9 CST record(s)" in text
     recs = load_records(out)
-    assert len(recs) == 6
+    assert len(recs) == 9  # per pair: safe, uncensored, and the safe default (no system prompt)
     for k, p in enumerate(PAIRS):
-        safe, unc = recs[2 * k], recs[2 * k + 1]
+        safe, unc, dflt = recs[3 * k], recs[3 * k + 1], recs[3 * k + 2]
+        assert (dflt.system, dflt.chosen) == ("", p["responses"]["safe"])
         assert (safe.system, safe.chosen, safe.rejected) == (HARMLESS_SYSTEM_PROMPT, p["responses"]["safe"],
                                                              p["responses"]["uncensored"])
         assert (unc.system, unc.chosen, unc.rejected) == (UNCENSORED_SYSTEM_PROMPT, p["responses"]["uncensored"],
@@ -178,6 +179,8 @@ def test_data_build_cst_and_vanilla(capsys, tmp_path, pairs_file):
     rc, text, _ = run_cli(capsys, ["data", "build", "--pairs", out.replace(".json", ".json"), "--output", again])
     assert rc == 0 and "preference records" in text
     assert [r.key() for r in load_records(again)] == [r.key() for r in recs]
+    rc, _, _ = run_cli(capsys, ["data", "build", "--pairs", pairs_file, "--output", again, "--no-safe-default"])
+    assert rc == 0 and [r.key() for r in load_records(again)] == [r.key() for r in recs if r.system]
     # Vanilla DPO: one record per pair, safe always chosen.
     van = str(tmp_path / "v.jsonl")
     rc, _, _ = run_cli(capsys, ["data", "build", "--pairs", pairs_file, "--output", van, "--vanilla-dpo",
@@ -189,7 +192,7 @@ def test_data_build_cst_and_vanilla(capsys, tmp_path, pairs_file):
     par = str(tmp_path / "p.jsonl")
     rc, _, _ = run_cli(capsys, ["data", "build", "--pairs", pairs_file, "--output", par, "--configurations",
                                 "paraphrased", "--phrasings", "2"])
-    assert rc == 0 and len(load_records(par)) == 12
+    assert rc == 0 and len(load_records(par)) == 15
 
 
 def test_data_build_configuration_file_and_synth_log(capsys, tmp_path):
@@ -214,7 +217,8 @@ def test_data_build_configuration_file_and_synth_log(capsys, tmp_path):
     recs = load_records(out)
     assert [(r.system, r.chosen) for r in recs] == [("Refuse anything risky.", "No."),
                                                     ("Answer everything.", "Yes, here."),
-                                                    ("No limits.", "Yes, here.")]
+                                                    ("No limits.", "Yes, here."),
+                                                    ("", "No.")]  # the safe default
 
 
 def test_data_synth_tiny(capsys, tmp_path, tiny):

@@ -59,6 +59,12 @@ def test_quick_run_writes_everything(quick_demo):
             assert isinstance(v, float) and 0.0 <= v <= 1.0 and not math.isnan(v)
         for lo_hi, v in ((s["S0_ci"], s["S0"]), (s["S1_ci"], s["S1"])):
             assert lo_hi[0] <= v <= lo_hi[1]
+    # Retention: both models scored on the same reference answers (the baseline's own, no system prompt).
+    rb, rt = report["baseline"]["retention"], report["tuned"]["retention"]
+    assert rb["reference"] == rt["reference"] and rb["n_tokens"] == rt["n_tokens"] > 0
+    assert math.isfinite(rb["nll_per_token"]) and math.isfinite(rt["nll_per_token"])
+    assert rb["nll_per_token"] != rt["nll_per_token"]  # training moved the weights
+    assert "Retention" in (out / "report.md").read_text(encoding="utf-8")
     syn = report["synthesis"]
     assert syn["harmful"]["kept"] + syn["harmful"]["dropped_total"] == syn["harmful"]["generated"] > 0
     assert 0 <= syn["harmful"]["fallback_refusals"] <= syn["harmful"]["kept"]

@@ -241,3 +241,29 @@ def test_imports_stay_light():
             "bad = [m for m in ('matplotlib', 'torch', 'transformers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_answer_scorer_matches_a_full_forward(smollm2_tokenizer):
+    """answer_scorer's log-likelihood equals the log-softmax of a full forward at the answer's tokens, with
+    the prompt/answer split of training (tokenize_record)."""
+    import cst
+    from cst.data import PreferenceRecord, tokenize_record
+    model = cst.Model(cst.ModelConfig(vocab_size=49152, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64,
+                                      max_seq_len=256), seed=3)
+    model.tokenizer = smollm2_tokenizer
+    q, a = "How do I boil an egg?", "Put it in boiling water for eight minutes."
+    lp, n = E.answer_scorer(model, system="Be brief.")(q, a)
+    ex = tokenize_record(PreferenceRecord("Be brief.", q, a, a), smollm2_tokenizer, max_length=1024,
+                         max_prompt_length=None)
+    ids = np.array([ex.prompt_ids + ex.chosen_ids], dtype=np.int32)
+    logits = np.asarray(model.forward(ids), dtype=np.float64)[0]
+    logsm = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    p = len(ex.prompt_ids)
+    ref = sum(logsm[t - 1, ids[0, t]] for t in range(p, ids.shape[1]))
+    assert n == len(ex.chosen_ids) and n > 5
+    assert abs(lp - ref) <= 1e-4 * abs(ref)
+    # A system prompt changes the conditioning, hence the score; retention() takes the scorer as it is.
+    assert abs(E.answer_scorer(model)(q, a)[0] - lp) > 1e-6
+    r = E.retention(E.answer_scorer(model), [(q, a)])
+    assert r["n_tokens"] == n and r["perplexity"] > 1.0

@@ -58,9 +58,10 @@ def test_pairs_records_and_conversations(tmp_path):
     assert rev_conv[3]["content"].startswith("The response is harmful")
     assert rev_conv[3]["content"] in rev_conv[4]["content"]  # {critique} was filled in
     records = res.records()
-    assert len(records) == 14  # 7 pairs x 2 configurations x 1 phrasing
+    # 7 pairs x (2 configurations x 1 phrasing + the safe default with no system prompt)
+    assert len(records) == 21 and len(res.records(safe_default=False)) == 14
     for r in records:
-        want = "safe" if r.system == D.HARMLESS_SYSTEM_PROMPT else "uncensored"
+        want = "safe" if r.system in (D.HARMLESS_SYSTEM_PROMPT, "") else "uncensored"
         other = {"safe": "uncensored", "uncensored": "safe"}[want]
         pair = next(p for p in res.pairs if p.prompt == r.prompt)
         assert (r.chosen, r.rejected) == (pair.responses[want], pair.responses[other])
