@@ -3,9 +3,10 @@ that a plain `python` run is a world of one process and never imports mpi4py. No
 not a transport: MPI (Open MPI or MPICH from PyPI, `pip install "cst[mpi]"`) does both.
 
 What the rest of cst uses: world() (rank, size), allreduce_ (in place, zero copy), allgather/bcast
-of small Python objects, share (round-robin work assignment), fail_together (one rank raising
-stops every rank) and check_same. docs/scale.md has the layouts and the launch commands."""
+of small Python objects, share (round-robin work assignment), fail_together / fails_together (one
+rank raising stops every rank) and check_same. docs/scale.md has the layouts and the launch commands."""
 import contextlib
+import functools
 import hashlib
 import os
 import sys
@@ -80,11 +81,6 @@ class World:
         """The items of 0..n-1 this rank works on: every size-th one from its rank (round robin)."""
         return range(self.rank, n, self.size)
 
-    def rounds(self, n: int) -> range:
-        """Rounds of `share`: every rank runs the same number, ceil(n / size), so collectives match;
-        round k works on item k*size + rank, which may be >= n (nothing to do, but the collective runs)."""
-        return range(0, n, self.size)
-
     def check_same(self, what: str, *arrays):
         """Raises DistributedError on every rank unless the arrays are bitwise equal on all ranks."""
         if self.size == 1:
@@ -136,7 +132,23 @@ class World:
         return max(1, len(cores) // sum(1 for s in sets if s == cores))
 
 
+def fails_together(what: str):
+    """Decorator: runs the function inside world().fail_together(what)."""
+    def wrap(f):
+        @functools.wraps(f)
+        def run(*args, **kwargs):
+            with world().fail_together(what):
+                return f(*args, **kwargs)
+        return run
+    return wrap
+
+
 _WORLD = None
+
+
+def started():
+    """The World if world() has made it, else None (never starts MPI)."""
+    return _WORLD
 
 
 def world() -> World:
