@@ -155,6 +155,8 @@ class Trainer:
                 model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                 target_modules=config.lora_target_modules, seed=config.seed)
             self.lora.attach()
+            if self.dist.size > 1:
+                self.lora.stream = (self.dist.rank,)  # each rank its own dropout masks
             self._params, self._grads = self.lora.flat_params, self.lora.flat_grads
         else:
             self.lora = None
@@ -540,6 +542,7 @@ class Trainer:
                 self.lora.calls = start[2]
         if _finite(self._params):
             self.save_checkpoint()
+            self.dist.barrier()  # written before any rank goes on (and perhaps aborts the run)
         where = f"; the last good state is in {self.last_checkpoint}" if self.last_checkpoint else \
             "; no checkpoint was written (set save_steps)"
         raise TrainingError(msg + where)
@@ -635,7 +638,6 @@ class Trainer:
                 raise  # the other ranks wait in a collective: fail_together ends them
         finally:
             bar.close()
-        self.dist.barrier()  # the last checkpoint is on disk before any rank returns
         return self.history
 
     def _share(self, idx):
@@ -684,6 +686,7 @@ class Trainer:
             self._log({"step": self.step, **self.evaluate()}, metrics_path)
         if (cfg.save_steps and self.step % cfg.save_steps == 0) or last:
             self.save_checkpoint()
+            self.dist.barrier()  # no rank runs ahead, and perhaps fails, while rank 0 writes
 
     def _log(self, row, path):
         self.history.append(row)

@@ -112,6 +112,13 @@ def crash(out):
     return {"finished": True}
 
 
+def dropout(out):
+    """LoRA dropout under data parallelism: each rank its own masks (the rank enters their seed)."""
+    tr = _trainer(out, "dropout", max_steps=2, **dict(LORA, lora_dropout=0.5))
+    tr.train()
+    return {"masks": tr.dist.allgather(tr.lora._keep(tr.lora._sites[0], 1, (4, 8))), "stream": tr.lora.stream}
+
+
 def evaluation(out):
     """Configurability with sampling (temperature 0.7) on the fake chat model, batches of 3."""
     import cst.eval as E
@@ -136,7 +143,7 @@ def synthesis(out):
 
 
 SCENARIOS = {f.__name__: f for f in (dpo_lora, dpo_lora_broken, dpo_uneven, sft_full, resume, nan_on_rank,
-                                     crash, evaluation, synthesis)}
+                                     crash, dropout, evaluation, synthesis)}
 
 if __name__ == "__main__":
     out, names = sys.argv[1], sys.argv[2:]

@@ -86,7 +86,7 @@ def two(tmp_path_factory):
     """One `mpirun -n 2` launch for every scenario (startup dominates on 2 cores)."""
     out = tmp_path_factory.mktemp("mpi2")
     res = launch(2, out, ["dpo_lora", "dpo_lora_broken", "dpo_uneven", "sft_full", "resume", "nan_on_rank",
-                          "evaluation", "synthesis"])
+                          "dropout", "evaluation", "synthesis"])
     res["out"] = out
     return res
 
@@ -149,6 +149,13 @@ def test_non_finite_loss_on_one_rank_stops_every_rank(two):
     assert r["messages"][0].startswith("rank 1: non-finite policy log-probs at step 3")
     ck = r["last_checkpoint"]
     assert os.path.basename(ck) == "checkpoint-3" and os.path.isfile(os.path.join(ck, "weights.npy"))
+
+
+@mpi_test
+def test_each_rank_draws_its_own_dropout_masks(two):
+    a, b = two["dropout"]["masks"]
+    assert a.shape == b.shape == (4, 8) and not np.array_equal(a, b)
+    assert 0.2 < a.mean() < 0.8 and two["dropout"]["stream"] == (0,)
 
 
 @mpi_test
