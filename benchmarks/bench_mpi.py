@@ -98,7 +98,7 @@ def worker(args):
 def launch(n, args):
     mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
     env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMPI_MCA_rmaps_base_oversubscribe="1",
+               PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe",
                PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                            os.environ.get("PYTHONPATH", "")]))
     cmd = [mpirun if os.path.exists(mpirun) else "mpirun", "-n", str(n), sys.executable, os.path.abspath(__file__),

@@ -42,7 +42,7 @@ MEAN_LOSS_TOL, MEAN_GRAD_TOL = 1e-5, 1e-3
 
 def mpi_env():
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
-               OMPI_MCA_rmaps_base_oversubscribe="1", TQDM_DISABLE="1",
+               PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe", TQDM_DISABLE="1",
                PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     env.pop("CST_MPI", None)
     return env
