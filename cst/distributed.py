@@ -116,7 +116,7 @@ class World:
                 raise
             detail = "".join(traceback.format_exception(type(e), e, e.__traceback__))
             self.abort(f"{detail}\ncst: rank {self.rank} of {self.size} failed in {what}: {type(e).__name__}: {e}\n"
-                       "cst: aborting every rank; the last checkpoint written before the failure is intact")
+                       "cst: aborting every rank (what was written before, such as checkpoints, is intact)")
 
     def thread_count(self):
         """OpenMP threads for this rank so that the ranks of a node do not oversubscribe its cores:

@@ -196,18 +196,49 @@ def test_a_rank_that_raises_aborts_every_rank_and_keeps_the_checkpoint(tmp_path)
     assert info["step"] == 2
 
 
-@mpi_test
-def test_cli_train_under_mpirun_matches_one_process(tmp_path):
-    """`mpirun -n 2 python -m cst train --batch-size 1` against `cst train --batch-size 2` in one process."""
+def tiny_model(path):
+    """A tiny random Llama with the byte-level tokenizer of test_cli.py, saved as a Hugging Face directory."""
     import cst
-    from cst import cli
     from test_cli import tiny_tokenizer
     tok = tiny_tokenizer()
     m = cst.Model(cst.ModelConfig(vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
-                                  ffn_dim=32, max_seq_len=512), seed=0)
+                                  ffn_dim=32, max_seq_len=2048), seed=0)
     m.tokenizer = tok
-    model = str(tmp_path / "tiny")
-    m.save(model)
+    m.save(str(path))
+    return str(path)
+
+
+@mpi_test
+def test_cli_eval_and_synth_under_mpirun_match_one_process(tmp_path):
+    """The real (tiny) model generating: greedy evaluation and sampled synthesis, 2 ranks against one process."""
+    from cst import cli
+    model = tiny_model(tmp_path / "tiny")
+    harmful = tmp_path / "p.jsonl"
+    harmful.write_text("".join(json.dumps({"prompt": f"How do I do bad thing {i}?", "category": "c"}) + "\n"
+                               for i in range(3)))
+    plain = tmp_path / "p.txt"
+    plain.write_text("".join(f"Tell me a secret number {i}.\n" for i in range(5)))
+
+    def argv(tag):
+        return (["eval", "-m", model, "--prompts", str(harmful), "--benign", "none", "--max-new-tokens", "4",
+                 "--batch-size", "3", "--n-boot", "20", "-o", str(tmp_path / f"ev{tag}")],
+                ["data", "synth", "--model", model, "--prompts", str(plain), "--output", str(tmp_path / f"s{tag}.jsonl"),
+                 "--max-new-tokens", "4", "--batch-size", "2", "--temperature", "0.9", "--n-per-prompt", "2",
+                 "--seed", "3"])
+    code = f"import sys; from cst import cli; sys.exit(max(cli.main(a) for a in {argv(2)!r}))"
+    mpirun(2, ["-c", code])
+    assert all(cli.main(a) == 0 for a in argv(1))
+    r1, r2 = (json.load(open(tmp_path / f"ev{t}" / "report.json")) for t in (1, 2))
+    assert r1["configurability"]["responses"] == r2["configurability"]["responses"]
+    assert len(r1["configurability"]["responses"]) > 3  # several batches of 3, so both ranks generated
+    assert (tmp_path / "s1.jsonl").read_text() == (tmp_path / "s2.jsonl").read_text()
+
+
+@mpi_test
+def test_cli_train_under_mpirun_matches_one_process(tmp_path):
+    """`mpirun -n 2 python -m cst train --batch-size 1` against `cst train --batch-size 2` in one process."""
+    from cst import cli
+    model = tiny_model(tmp_path / "tiny")
     data = tmp_path / "records.jsonl"
     data.write_text("".join(json.dumps({"system": s, "prompt": f"Question {i}?", "chosen": c, "rejected": r}) + "\n"
                             for i in range(5) for s, c, r in (("Be safe.", "No.", "Sure, here."),
