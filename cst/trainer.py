@@ -258,7 +258,7 @@ class Trainer:
         group_by, whole groups in a seeded order, cut into batches: exactly ceil(n / bs) batches, as the
         step count assumes; a group is split only where a batch boundary falls inside it."""
         cfg, n = self.config, len(self.train_examples)
-        bs = cfg.per_device_train_batch_size * self.dist.size  # global: each rank takes its share (_shard)
+        bs = cfg.per_device_train_batch_size * self.dist.size  # global: rank r takes rows r::size (train)
         rng = np.random.default_rng([cfg.seed, epoch])
         if self._groups is not None:
             by = {}
