@@ -403,10 +403,12 @@ class Trainer:
         training = self.lora.training if self.lora is not None else None
         if self.lora is not None:
             self.lora.training = False
-        sums, n = {}, 0
+        sums, n, err = {}, 0, None
         try:
             bs = max(1, cfg.per_device_train_batch_size)
-            for s in range(0, len(self.eval_examples), bs):
+            starts = range(0, len(self.eval_examples), bs)
+            for j in self.dist.share(len(starts)):  # each rank its batches, summed by _agree
+                s = starts[j]
                 idx = np.arange(s, min(s + bs, len(self.eval_examples)))
                 if cfg.mode == "sft":
                     b = self._collate(self.eval_examples, idx, sft=True)
@@ -425,9 +427,12 @@ class Trainer:
                 for k, v in _dpo_metrics(o, lp, P).items():
                     sums[k] = sums.get(k, 0.0) + v * P
                 n += P
+        except TrainingError as e:
+            err = str(e)
         finally:
             if self.lora is not None:
                 self.lora.training = training
+        sums, n = self._agree(err, sums, n)
         return {"eval_" + k: v / n for k, v in sums.items()}
 
     # ---- checkpoints ----
@@ -607,7 +612,9 @@ class Trainer:
                             parts.append(self._micro_step(batches[-1], weights[-1]))
                     except TrainingError as e:
                         err = str(e)
-                    m, n_tokens = self._agree(err, weights, parts, batches)
+                    local = {k: float(sum(w * p[k] for w, p in zip(weights, parts))) for k in parts[0]} \
+                        if parts else {}
+                    m, n_tokens = self._agree(err, local, sum(b.n_tokens for b in batches))
                     self.dist.allreduce_(self._grads)  # the sum of the weighted shares: the step's gradient
                     norm = math.sqrt(_core.sum_squares(self._grads))
                     if not math.isfinite(norm):
@@ -646,20 +653,20 @@ class Trainer:
             return float(sum(len(self.train_examples[i].chosen_ids) for i in idx))
         return float(len(idx))
 
-    def _agree(self, err, weights, parts, batches):
-        """One verdict and the metrics of a step over all ranks: a TrainingError on any rank is raised
-        on every rank (before the gradient allreduce, which would otherwise wait for it forever);
-        else the metrics (each rank's already weighted by its share) and token counts are summed."""
-        local = {k: float(sum(w * p[k] for w, p in zip(weights, parts))) for k in parts[0]} if parts else {}
-        got = self.dist.allgather((err, local, sum(b.n_tokens for b in batches)))
+    def _agree(self, err, sums, count):
+        """One verdict over all ranks: a TrainingError message `err` on any rank is raised on every
+        rank (before the next collective, which would otherwise wait for that rank forever); else the
+        dicts `sums` and the numbers `count` are added up over the ranks (a step's weighted metrics and
+        tokens, or the eval sums)."""
+        got = self.dist.allgather((err, sums, count))
         failed = [(r, e) for r, (e, _, _) in enumerate(got) if e is not None]
         if failed:
             raise TrainingError(failed[0][1] if self.dist.size == 1 else f"rank {failed[0][0]}: {failed[0][1]}")
-        m = {}
+        total = {}
         for _, part, _ in got:
             for k, v in part.items():
-                m[k] = m[k] + v if k in m else v
-        return m, sum(t for _, _, t in got)
+                total[k] = total[k] + v if k in total else v
+        return total, sum(c for _, _, c in got)
 
     def _after_step(self, m, n_tokens, lr, norm, window, metrics_path, bar):
         """Bookkeeping of a committed step: metrics, logging, evaluation, periodic checkpoint."""

@@ -22,23 +22,26 @@ LORA = dict(lora_r=4, lora_alpha=8.0, lora_dropout=0.0)
 DATA = dict(n=21, seed=5)
 
 
-def _trainer(out, name, mode="dpo", data=DATA, **kw):
+def _trainer(out, name, mode="dpo", data=DATA, eval_data=None, **kw):
     world = distributed.world()
     kw.setdefault("gradient_accumulation_steps", 2)
     cfg = config(Path(out), f"{name}-n{world.size}", per_device_train_batch_size=GLOBAL_BATCH // world.size,
                  logging_steps=1, mode=mode, **kw)
-    return Trainer(toy_model(1), cfg, varied_pairs(data["n"], data["seed"]))
+    return Trainer(toy_model(1), cfg, varied_pairs(data["n"], data["seed"]),
+                   eval_dataset=varied_pairs(eval_data["n"], eval_data["seed"]) if eval_data else None)
 
 
 def _record(tr):
     return {"loss": np.array([h["loss"] for h in tr.history]),
             "grad_norm": np.array([h["grad_norm"] for h in tr.history]),
+            "eval_loss": np.array([h["eval_loss"] for h in tr.history if "eval_loss" in h]),
             "params": tr._params.copy(), "step": tr.step, "history": tr.history}
 
 
 def dpo_lora(out):
-    """LoRA DPO, 24 steps of 2 micro-batches of 4 over 4+ epochs (each with a batch of 1)."""
-    tr = _trainer(out, "dpo_lora", max_steps=24, save_steps=2, **LORA)
+    """LoRA DPO, 24 steps of 2 micro-batches of 4 over 4+ epochs (each with a batch of 1), evaluated
+    on 7 held-out pairs every 6 steps (batches of 2 per rank: uneven too)."""
+    tr = _trainer(out, "dpo_lora", max_steps=24, save_steps=2, eval_data=dict(n=7, seed=9), eval_steps=6, **LORA)
     tr.train()
     return _record(tr)
 
@@ -63,7 +66,8 @@ def dpo_uneven(out):
 
 def sft_full(out):
     """Full fine-tuning (every weight allreduced), SFT: micro-batches weighted by completion tokens."""
-    tr = _trainer(out, "sft_full", mode="sft", max_steps=6, data=dict(n=10, seed=3))
+    tr = _trainer(out, "sft_full", mode="sft", max_steps=6, data=dict(n=10, seed=3), eval_data=dict(n=5, seed=4),
+                  eval_steps=3)
     tr.train()
     return _record(tr)
 

@@ -110,6 +110,9 @@ def test_two_ranks_match_one_process(two, one, name):
     assert len(ref["loss"]) >= (20 if name == "dpo_lora" else 6)
     assert equivalence_failures(ref, got) == []
     assert got["step"] == ref["step"]
+    # Trainer.evaluate, sharded over the ranks too.
+    assert len(got["eval_loss"]) == len(ref["eval_loss"]) == {"dpo_lora": 4, "dpo_uneven": 0, "sft_full": 2}[name]
+    assert np.max(np.abs(got["eval_loss"] - ref["eval_loss"]), initial=0.0) <= LOSS_TOL
 
 
 @mpi_test
