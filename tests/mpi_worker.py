@@ -146,8 +146,28 @@ def synthesis(out):
     return {"pairs": [p.__dict__ for p in res.pairs], "stats": res.stats, "log": path.read_text()}
 
 
+def synthesis_crash(out):
+    """Rank 1's model fails in its second batch: the run must abort, the log holding whole lines only."""
+    from cst import synth as S
+    from fakes import FakeChatModel
+    model = FakeChatModel(fail_after=4 if distributed.world().rank == 1 else None)
+    model.chat = _raising(model.chat)
+    S.synthesize(model, [f"How do I do bad thing {i}?" for i in range(8)], output=Path(out) / "crash.jsonl",
+                 batch_size=2, progress=False, resume=False)
+    return {"finished": True}
+
+
+def _raising(chat):
+    def run(*a, **k):
+        try:
+            return chat(*a, **k)
+        except KeyboardInterrupt:  # the fake's crash; an ordinary exception here
+            raise OSError("injected model failure on rank 1") from None
+    return run
+
+
 SCENARIOS = {f.__name__: f for f in (dpo_lora, dpo_lora_broken, dpo_uneven, sft_full, resume, nan_on_rank,
-                                     crash, dropout, evaluation, synthesis)}
+                                     crash, dropout, evaluation, synthesis, synthesis_crash)}
 
 if __name__ == "__main__":
     out, names = sys.argv[1], sys.argv[2:]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import mpi_worker as W
+from test_cli import tiny  # noqa: F401  (the fixture: a tiny random Llama with a byte-level tokenizer)
 from cst import distributed
 from cst.trainer import Trainer, load_checkpoint_into
 
@@ -61,6 +62,13 @@ def launch(n, out, names, **kw):
     p, _ = mpirun(n, [os.path.join(ROOT, "tests", "mpi_worker.py"), str(out), *names], **kw)
     with open(os.path.join(out, "results.pkl"), "rb") as f:
         return pickle.load(f)
+
+
+def launch_failing(out, name):
+    """Runs a scenario that must fail on 2 ranks; returns stderr (a hang fails by the timeout)."""
+    p, _ = mpirun(2, [os.path.join(ROOT, "tests", "mpi_worker.py"), str(out), name], timeout=90, check=False)
+    assert p.returncode != 0 and not os.path.exists(os.path.join(out, "results.pkl"))
+    return p.stderr
 
 
 def equivalence_failures(ref, got):
@@ -184,10 +192,8 @@ def test_one_rank_under_mpi_is_bitwise_equal_to_no_mpi(one, tmp_path):
 
 @mpi_test
 def test_a_rank_that_raises_aborts_every_rank_and_keeps_the_checkpoint(tmp_path):
-    p, dt = mpirun(2, [os.path.join(ROOT, "tests", "mpi_worker.py"), str(tmp_path), "crash"], timeout=90,
-                   check=False)
-    assert p.returncode != 0 and not (tmp_path / "results.pkl").exists()
-    assert "cst: rank 1 of 2 failed in Trainer.train: RuntimeError: injected failure on rank 1" in p.stderr
+    err = launch_failing(tmp_path, "crash")
+    assert "cst: rank 1 of 2 failed in Trainer.train: RuntimeError: injected failure on rank 1" in err
     run = tmp_path / "crash-n2"
     assert sorted(n for n in os.listdir(run) if n.startswith(("checkpoint-", ".tmp"))) == ["checkpoint-2"]
     # The checkpoint is whole and holds step 2 of the run (one process, same global batch, as reference).
@@ -199,23 +205,20 @@ def test_a_rank_that_raises_aborts_every_rank_and_keeps_the_checkpoint(tmp_path)
     assert info["step"] == 2
 
 
-def tiny_model(path):
-    """A tiny random Llama with the byte-level tokenizer of test_cli.py, saved as a Hugging Face directory."""
-    import cst
-    from test_cli import tiny_tokenizer
-    tok = tiny_tokenizer()
-    m = cst.Model(cst.ModelConfig(vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
-                                  ffn_dim=32, max_seq_len=2048), seed=0)
-    m.tokenizer = tok
-    m.save(str(path))
-    return str(path)
+@mpi_test
+def test_a_rank_failing_in_synthesis_aborts_every_rank(tmp_path):
+    err = launch_failing(tmp_path, "synthesis_crash")
+    assert "cst: rank 1 of 2 failed in synthesize: OSError: injected model failure on rank 1" in err
+    lines = (tmp_path / "crash.jsonl").read_text().splitlines()
+    # The header and round 1 (batches 0 and 1, 4 samples); round 2 failed on rank 1, so nothing of it.
+    assert "synth_header" in json.loads(lines[0]) and [json.loads(x)["index"] for x in lines[1:]] == [0, 1, 2, 3]
 
 
 @mpi_test
-def test_cli_eval_and_synth_under_mpirun_match_one_process(tmp_path):
+def test_cli_eval_and_synth_under_mpirun_match_one_process(tmp_path, tiny):
     """The real (tiny) model generating: greedy evaluation and sampled synthesis, 2 ranks against one process."""
     from cst import cli
-    model = tiny_model(tmp_path / "tiny")
+    model = tiny
     harmful = tmp_path / "p.jsonl"
     harmful.write_text("".join(json.dumps({"prompt": f"How do I do bad thing {i}?", "category": "c"}) + "\n"
                                for i in range(3)))
@@ -238,10 +241,10 @@ def test_cli_eval_and_synth_under_mpirun_match_one_process(tmp_path):
 
 
 @mpi_test
-def test_cli_train_under_mpirun_matches_one_process(tmp_path):
+def test_cli_train_under_mpirun_matches_one_process(tmp_path, tiny):
     """`mpirun -n 2 python -m cst train --batch-size 1` against `cst train --batch-size 2` in one process."""
     from cst import cli
-    model = tiny_model(tmp_path / "tiny")
+    model = tiny
     data = tmp_path / "records.jsonl"
     data.write_text("".join(json.dumps({"system": s, "prompt": f"Question {i}?", "chosen": c, "rejected": r}) + "\n"
                             for i in range(5) for s, c, r in (("Be safe.", "No.", "Sure, here."),
