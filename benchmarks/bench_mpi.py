@@ -11,6 +11,7 @@ It launches itself under `mpirun -n 1` and `mpirun -n N` (mpi4py + Open MPI: pip
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,7 +90,9 @@ def worker(args):
             ts.append(time.perf_counter() - t0)
         alone[name] = {"values": size, "seconds": min(ts)}
         del buf
+    world.barrier()
     if world.rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
         print(json.dumps({"ranks": world.size, "threads": __import__("cst.runtime").runtime.get_num_threads(),
                           "step_s": float(np.median(dts)), "comm_s": float(np.median(dcs)),
                           "comm_share": float(np.sum(dcs) / np.sum(dts)), "allreduce_alone": alone}))
