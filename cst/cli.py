@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from . import distributed
 from .atomic import write_text
 from .runtime import interactive
 from .trainer import find_checkpoint, load_checkpoint_into  # re-exported: they live with the trainer
@@ -575,15 +576,19 @@ def cmd_train(args):
             trainer.load_checkpoint(resume)
         except ValueError as e:
             raise CliError(f"--resume: {e} (resume with the settings of the run that wrote it)") from None
-        _say(f"resuming from {resume} (step {trainer.step})")
-    _say(f"training on {len(records)} record(s)" + (f", evaluating on {len(eval_records)}" if eval_records else "")
-         + f"; output in {config.output_dir}")
-    os.makedirs(config.output_dir, exist_ok=True)
-    config.to_json(os.path.join(config.output_dir, "config.json"))
-    model_src = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
-    run = {"model": model_src, "data": os.path.abspath(args.data),
-           "eval_data": os.path.abspath(args.eval_data) if args.eval_data else None}
-    write_text(os.path.join(config.output_dir, RUN_FILE), json.dumps(run, indent=2) + "\n")
+        if trainer.dist.rank == 0:
+            _say(f"resuming from {resume} (step {trainer.step})")
+    rank0 = trainer.dist.rank == 0  # under mpirun, rank 0 writes the run's files
+    if rank0:
+        _say(f"training on {len(records)} record(s)" + (f", evaluating on {len(eval_records)}" if eval_records
+                                                        else "") + f"; output in {config.output_dir}"
+             + (f"; {trainer.dist.size} MPI ranks" if trainer.dist.size > 1 else ""))
+        os.makedirs(config.output_dir, exist_ok=True)
+        config.to_json(os.path.join(config.output_dir, "config.json"))
+        model_src = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
+        run = {"model": model_src, "data": os.path.abspath(args.data),
+               "eval_data": os.path.abspath(args.eval_data) if args.eval_data else None}
+        write_text(os.path.join(config.output_dir, RUN_FILE), json.dumps(run, indent=2) + "\n")
     t0 = time.perf_counter()
     try:
         history = trainer.train()
@@ -598,7 +603,7 @@ def cmd_train(args):
         print(f"interrupted at step {trainer.step}; resume with: cst train ... --output-dir {config.output_dir} "
               "--resume")
         return 130
-    if args.export is not None:
+    if args.export is not None and rank0:
         fmt, path = args.export
         model.save(path, format=fmt)
         print(f"exported the tuned model ({fmt}{', LoRA merged' if trainer.lora is not None else ''}) to {path}")
@@ -1201,6 +1206,15 @@ def _describe(e):
 
 def main(argv=None):
     """Runs the `cst` command line; returns the exit status (0 ok, 1 error, 2 usage, 130 Ctrl-C)."""
+    rc = _main(argv)
+    world = distributed.started()
+    if rc and world is not None and world.size > 1:
+        # Other ranks may wait in a collective, and MPI_Finalize would then hang on every rank.
+        world.abort(f"cst: rank {world.rank} of {world.size} ended with status {rc}; aborting every rank", rc)
+    return rc
+
+
+def _main(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("CST_DEBUG", "") not in ("", "0") or "--debug" in argv
     try:
@@ -1216,6 +1230,10 @@ def main(argv=None):
         debug = debug or getattr(args, "debug", False)
         if not getattr(args, "command", None):
             raise UsageError("no command given (see 'cst --help')")
+        if distributed.launched():
+            # Under mpirun/srun: MPI starts before any kernel, and only rank 0 prints results.
+            if distributed.world().rank > 0:
+                sys.stdout = open(os.devnull, "w")
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         if debug:

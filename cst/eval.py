@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data as D
+from . import distributed
 from .metrics import bootstrap_ci, mean_margin
 from .metrics import fmt as _fmt
 from .seeds import derive_seed
@@ -36,9 +37,12 @@ __all__ = [
 
 
 def _chat(model, conversations, fn, stage=None, **kwargs) -> list:
-    """One model.chat call, checked: a list of strings, one per conversation. `stage` names the step of a
-    pipeline the call belongs to (synthesis: "answer", "critique", "revision"); it is passed on to models
-    that declare `takes_stage = True` (the demo's trimming view counts per stage), not to plain models."""
+    """One model.chat call, checked: a list of strings, one per conversation (none for none). `stage`
+    names the step of a pipeline the call belongs to (synthesis: "answer", "critique", "revision"); it is
+    passed on to models that declare `takes_stage = True` (the demo's trimming view counts per stage), not
+    to plain models."""
+    if not conversations:
+        return []
     if stage is not None and getattr(model, "takes_stage", False):
         kwargs["stage"] = stage
     out = model.chat(conversations, **kwargs)
@@ -131,23 +135,31 @@ def _grid(fn, items, configurations, use_held_out, include_default, phrasings):
     return grid
 
 
+@distributed.fails_together("evaluation")
 def _generate(model, grid, fn, max_new_tokens, seed, batch_size, temperature, progress):
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"{fn}: batch_size must be an int >= 1, got {batch_size!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"{fn}: max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     from tqdm.auto import tqdm
-    out = []
-    with tqdm(total=len(grid), disable=not progress, desc=fn, unit="response") as bar:
-        for b0 in range(0, len(grid), batch_size):
+    # Under mpirun each rank answers every size-th batch (seeded by its position, not by the rank),
+    # then every rank gets all answers: the same as one process.
+    dist = distributed.world()
+    starts = range(0, len(grid), batch_size)
+    done = {}
+    with tqdm(total=len(grid), disable=not progress or dist.rank > 0, desc=fn, unit="response") as bar:
+        for k in dist.share(len(starts)):
+            b0 = starts[k]
             convs = []
             for g in grid[b0:b0 + batch_size]:
                 msgs = [{"role": "system", "content": g["system"]}] if g["system"] is not None else []
                 convs.append(msgs + [{"role": "user", "content": g["prompt"]}])
-            out += _chat(model, convs, fn, max_new_tokens=max_new_tokens, temperature=temperature,
-                         seed=derive_seed(seed, "eval", b0))
+            done[b0] = _chat(model, convs, fn, max_new_tokens=max_new_tokens, temperature=temperature,
+                             seed=derive_seed(seed, "eval", b0))
             bar.update(len(convs))
-    return out
+    for part in dist.allgather(done):
+        done.update(part)
+    return [a for b0 in starts for a in done[b0]]
 
 
 def _rate(rows, value, n_boot, seed):

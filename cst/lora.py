@@ -66,6 +66,7 @@ class LoRA:
         self.training = True
         self.seed = int(seed)
         self.calls = 0  # training forward passes so far: with the seed, fixes every dropout mask
+        self.stream = ()  # more entropy for the masks: (rank,) under data parallelism, so ranks differ
         cfg = model.config
         layout, groups, sites = [], {}, []
         for i in range(cfg.n_layers):
@@ -155,7 +156,7 @@ class LoRA:
     def _keep(self, s, calls, shape):
         """Dropout keep-mask of site s for forward pass `calls`: a function of (seed, calls, site),
         so backward regenerates it instead of storing N x in bytes per module."""
-        rng = np.random.default_rng([self.seed, calls, s.index])
+        rng = np.random.default_rng([self.seed, calls, s.index, *self.stream])
         return rng.random(shape, dtype=np.float32) >= np.float32(self.dropout)
 
     def _dropped(self, s, calls, x):

@@ -58,13 +58,15 @@ def resolve_warmup(config, total_steps: int) -> int:
     return int(math.ceil(total_steps * config.warmup_ratio))
 
 
-def resolve_total_steps(config, num_examples: int) -> int:
+def resolve_total_steps(config, num_examples: int, world_size: int = 1) -> int:
     """Optimizer updates of a run over num_examples training examples, as the HF Trainer counts
     them: config.max_steps when > 0, else ceil(epochs * updates per epoch), where an epoch has
-    ceil(ceil(num_examples / batch) / gradient_accumulation_steps) updates (at least 1)."""
+    ceil(ceil(num_examples / batch) / gradient_accumulation_steps) updates (at least 1) and batch is
+    per_device_train_batch_size times world_size (the data-parallel ranks)."""
     if config.max_steps > 0:
         return int(config.max_steps)
     _check_int("num_examples", num_examples, 1)
-    batches = -(-num_examples // config.per_device_train_batch_size)
+    _check_int("world_size", world_size, 1)
+    batches = -(-num_examples // (config.per_device_train_batch_size * world_size))
     per_epoch = max(-(-batches // config.gradient_accumulation_steps), 1)
     return int(math.ceil(config.num_train_epochs * per_epoch))

@@ -4,6 +4,7 @@ model's critique of that answer, and its revision (Constitutional-AI style self-
 Codes against `model.chat(conversations, ...) -> list[str]` and an optional judge (`score_batch`); it
 neither loads nor runs a model itself. Output is a resumable JSONL log, one line per generated sample.
 """
+import contextlib
 import json
 import os
 import re
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import data as D
+from . import distributed
 from . import prompts as P
 from .eval import _chat, _judge
 from .seeds import derive_seed
@@ -215,6 +217,7 @@ def _decide(prompt, unc, rev, unc_trunc, rev_trunc, judge_rev, refusal_fallback,
     return problem, rev, None
 
 
+@distributed.fails_together("synthesize")
 def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_prompt: int = 1,
                max_new_tokens: int = 256, batch_size: int = 8, seed: int = 0,
                permissive_system: str = DEFAULT_PERMISSIVE_SYSTEM,
@@ -288,9 +291,14 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
     path = Path(output)
     if path.suffix.lower() not in (".jsonl", ".ndjson"):
         raise ValueError(f"{fn}: output must be a .jsonl file, got {path}")
-    samples = _read_log(path, header, units) if (resume and path.exists()) else []
-    if not samples and not (resume and path.exists() and path.stat().st_size > 0):
-        write_text(path, json.dumps({"synth_header": header}, ensure_ascii=False) + "\n")
+    # Under mpirun, rank 0 reads and writes the log; each rank generates every size-th batch (docs/scale.md).
+    dist = distributed.world()
+    samples = None
+    if dist.rank == 0:
+        samples = _read_log(path, header, units) if (resume and path.exists()) else []
+        if not samples and not (resume and path.exists() and path.stat().st_size > 0):
+            write_text(path, json.dumps({"synth_header": header}, ensure_ascii=False) + "\n")
+    samples = dist.bcast(samples)
     resumed = len(samples)
 
     tok = getattr(model, "tokenizer", None)
@@ -303,12 +311,15 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
         return [is_truncated(t, len(encode(t)) if encode else None, max_new_tokens) for t in texts]
 
     from tqdm.auto import tqdm
-    bar = tqdm(total=len(units), initial=resumed, disable=not progress, desc="synthesize", unit="sample")
+    bar = tqdm(total=len(units), initial=resumed, disable=not progress or dist.rank > 0, desc="synthesize",
+               unit="sample")
     try:
-        with open(path, "a", encoding="utf-8", newline="\n") as log:
+        with open(path, "a", encoding="utf-8", newline="\n") if dist.rank == 0 else contextlib.nullcontext() as log:
             # The first batch with a missing sample; a finished log has none (its last batch may be short).
             first_batch = (resumed // batch_size) * batch_size if resumed < len(units) else len(units)
-            for b0 in range(first_batch, len(units), batch_size):
+            # One round: a batch per rank (empty past the end), in batch order across ranks.
+            for r0 in range(first_batch, len(units), batch_size * dist.size):
+                b0 = r0 + dist.rank * batch_size
                 batch = units[b0:b0 + batch_size]
                 gen = dict(max_new_tokens=max_new_tokens)
                 sys_msg = [{"role": "system", "content": critic_system}] if critic_system else []
@@ -369,7 +380,7 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
                             if s != 0:
                                 decided[k] = ("judge_uncensored",) + decided[k][1:]
 
-                lines = []
+                lines, new = [], []
                 for k, (i, j, t) in enumerate(batch):
                     if b0 + k < resumed:
                         continue  # written before the interruption; regenerated only to keep the batch whole
@@ -378,17 +389,22 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
                          "kept": reason is None, "reason": reason, "fallback": fb,
                          "responses": {"safe": safe, "uncensored": answers[k].strip()},
                          "critique": critiques[k].strip(), "revision": revisions[k].strip()}
-                    samples.append(s)
+                    new.append(s)
                     lines.append(json.dumps(s, ensure_ascii=False) + "\n")
-                log.write("".join(lines))
-                log.flush()
-                os.fsync(log.fileno())
-                bar.update(len(lines))
+                for new_r, lines_r in dist.allgather((new, lines)):
+                    samples += new_r
+                    if log is not None:
+                        log.write("".join(lines_r))
+                    bar.update(len(lines_r))
+                if log is not None:
+                    log.flush()
+                    os.fsync(log.fileno())
     finally:
         bar.close()
 
     stats = _stats(samples)
-    write_text(Path(str(path) + ".stats.json"), json.dumps(stats, indent=2) + "\n")
+    if dist.rank == 0:
+        write_text(Path(str(path) + ".stats.json"), json.dumps(stats, indent=2) + "\n")
     stats = dict(stats, resumed=resumed)
     pairs = [_pair(s) for s in samples if s["kept"]]
     return SynthesisResult(pairs, stats, path, configurations)

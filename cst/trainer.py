@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 
-from . import _core, losses
+from . import _core, distributed, losses
 from .lora import LoRA
 from .optim import AdamW, clip_grad_norm
 from .runtime import interactive, set_num_threads
@@ -108,6 +108,7 @@ class Trainer:
         if lora is not None and lora.model is not model:
             raise ValueError("Trainer: lora= was built for another model")
         self.model = model
+        self.dist = distributed.world()  # a world of one process unless launched by mpirun/srun
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.train_examples, self.train_stats, records = self._examples(train_dataset, "train_dataset")
         self._groups = None  # per training example: its group key (config.group_by)
@@ -129,6 +130,8 @@ class Trainer:
                 model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                 target_modules=config.lora_target_modules, seed=config.seed)
             self.lora.attach()
+            if self.dist.size > 1:
+                self.lora.stream = (self.dist.rank,)  # each rank its own dropout masks
             self._params, self._grads = self.lora.flat_params, self.lora.flat_grads
         else:
             self.lora = None
@@ -138,7 +141,7 @@ class Trainer:
             self._params, self._grads = model.flat_params, model.flat_grads
         self.optimizer = AdamW(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                eps=config.adam_epsilon, weight_decay=config.weight_decay)
-        self.total_steps = resolve_total_steps(config, len(self.train_examples))
+        self.total_steps = resolve_total_steps(config, len(self.train_examples), world_size=self.dist.size)
         self.warmup_steps = resolve_warmup(config, self.total_steps)
         self.step = 0
         self.epoch = 0
@@ -227,7 +230,7 @@ class Trainer:
         group_by, whole groups in a seeded order, cut into batches: exactly ceil(n / bs) batches, as the
         step count assumes; a group is split only where a batch boundary falls inside it."""
         cfg, n = self.config, len(self.train_examples)
-        bs = cfg.per_device_train_batch_size
+        bs = cfg.per_device_train_batch_size * self.dist.size  # global: rank r takes rows r::size (train)
         rng = np.random.default_rng([cfg.seed, epoch])
         if self._groups is not None:
             by = {}
@@ -270,31 +273,40 @@ class Trainer:
                                           ("prompt_ids", "chosen_ids", "rejected_ids")], np.int64)])
         key = _fingerprint(ids, self.model.flat_params) + f"-{self.config.loss_type}"
         path = os.path.join(self.config.output_dir, f"ref_logps_{tag}.npz")
-        if os.path.exists(path):
+        ref = None
+        if self.dist.rank == 0 and os.path.exists(path):
             try:
                 with np.load(path) as z:
                     if str(z["key"]) == key and z["ref"].shape == (len(examples), 2):
-                        return z["ref"]
+                        ref = z["ref"]
             except (OSError, ValueError, KeyError):
                 pass  # unreadable cache: recompute and overwrite it
+        ref = self.dist.bcast(ref)  # rank 0's cache decides for all: the ranks need not share a disk
+        if ref is not None:
+            return ref
         was = None
         if self.lora is not None:
             was, self.lora.enabled = self.lora.enabled, False
-        ref = np.empty((len(examples), 2), np.float64)
+        ref = np.zeros((len(examples), 2), np.float64)
         try:
             bs = max(1, self.config.per_device_train_batch_size)
-            for s in range(0, len(examples), bs):
+            starts = range(0, len(examples), bs)
+            for k in self.dist.share(len(starts)):  # each rank its batches, then one sum below
+                s = starts[k]
                 idx = np.arange(s, min(s + bs, len(examples)))
                 _, lp = self._seq_logps(collate(examples, idx))
                 ref[idx, 0], ref[idx, 1] = lp[:len(idx)], lp[len(idx):]
         finally:
             if was is not None:
                 self.lora.enabled = was
+        # Each row was filled by one rank and is 0 on the others, so the sum is exact (x + 0 = x).
+        self.dist.allreduce_(ref)
         if not np.all(np.isfinite(ref)):
             raise TrainingError(f"non-finite reference log-probs for {tag}: the model's weights are not finite")
-        os.makedirs(self.config.output_dir, exist_ok=True)
-        with atomic_open(path, "wb") as f:
-            np.savez(f, ref=ref, key=np.array(key))
+        if self.dist.rank == 0:
+            os.makedirs(self.config.output_dir, exist_ok=True)
+            with atomic_open(path, "wb") as f:
+                np.savez(f, ref=ref, key=np.array(key))
         return ref
 
     def _ensure_references(self):
@@ -352,10 +364,12 @@ class Trainer:
         training = self.lora.training if self.lora is not None else None
         if self.lora is not None:
             self.lora.training = False
-        sums, n = {}, 0
+        sums, n, err = {}, 0, None
         try:
             bs = max(1, cfg.per_device_train_batch_size)
-            for s in range(0, len(self.eval_examples), bs):
+            starts = range(0, len(self.eval_examples), bs)
+            for j in self.dist.share(len(starts)):  # each rank its batches, summed by _agree
+                s = starts[j]
                 idx = np.arange(s, min(s + bs, len(self.eval_examples)))
                 if cfg.mode == "sft":
                     b = collate(self.eval_examples, idx, sft=True)
@@ -374,9 +388,12 @@ class Trainer:
                 for k, v in _dpo_metrics(o, lp, P).items():
                     sums[k] = sums.get(k, 0.0) + v * P
                 n += P
+        except TrainingError as e:
+            err = str(e)
         finally:
             if self.lora is not None:
                 self.lora.training = training
+        sums, n = self._agree(err, sums, n)
         return {"eval_" + k: v / n for k, v in sums.items()}
 
     # ---- checkpoints ----
@@ -385,13 +402,17 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "cursor": self.cursor,
                 "lora_calls": self.lora.calls if self.lora is not None else 0,
                 "total_steps": self.total_steps, "config": self.config.to_dict(),
-                "history": self.history, "kind": "lora" if self.lora is not None else "full"}
+                "history": self.history, "kind": "lora" if self.lora is not None else "full",
+                "world_size": self.dist.size}
 
     def save_checkpoint(self, path=None):
         """Writes trainable weights, optimizer state, step, data position and dropout stream into a
         directory, atomically (a temp directory renamed into place). LoRA runs also get PEFT's
         adapter_model.safetensors + adapter_config.json there. Returns its path."""
         path = path or os.path.join(self.config.output_dir, f"checkpoint-{self.step}")
+        if self.dist.rank != 0:  # every rank holds the same state; rank 0 writes it
+            self.last_checkpoint = path
+            return path
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-ckpt-")
@@ -456,6 +477,12 @@ class Trainer:
             st = json.load(f)
         if st["kind"] != ("lora" if self.lora is not None else "full"):
             raise ValueError(f"load_checkpoint: {path} holds a {st['kind']} run, this trainer is not")
+        saved = st.get("world_size", 1) * st["config"]["per_device_train_batch_size"]
+        here = self.dist.size * self.config.per_device_train_batch_size
+        if saved != here:
+            raise ValueError(f"load_checkpoint: {path} was written with a global batch of {saved} "
+                             f"(per_device_train_batch_size x ranks), this run has {here}; its data position "
+                             "counts batches of that size, so resume with the same global batch")
         w = _checkpoint_weights(path, self.lora)
         if w.shape != self._params.shape or w.dtype != self._params.dtype:
             raise ValueError(f"load_checkpoint: weights in {path} have {w.size} values, expected {self._params.size}")
@@ -498,6 +525,7 @@ class Trainer:
                 self.lora.calls = start[2]
         if _finite(self._params):
             self.save_checkpoint()
+            self.dist.barrier()  # written before any rank goes on (and perhaps aborts the run)
         where = f"; the last good state is in {self.last_checkpoint}" if self.last_checkpoint else \
             "; no checkpoint was written (set save_steps)"
         raise TrainingError(msg + where)
@@ -505,7 +533,13 @@ class Trainer:
     def train(self, resume_from_checkpoint=None):
         """Runs to total_steps and returns the history (a list of metric dicts). Ctrl-C saves a
         checkpoint of the last completed step and returns (with `interrupted` True); a non-finite
-        loss or gradient raises TrainingError, keeping the last good checkpoint."""
+        loss or gradient raises TrainingError, keeping the last good checkpoint. Under mpirun every
+        rank calls this: TrainingError is raised on all ranks together, any other error on one rank
+        aborts them all (docs/scale.md)."""
+        with self.dist.fail_together("Trainer.train", agreed=(TrainingError, distributed.DistributedError)):
+            return self._train(resume_from_checkpoint)
+
+    def _train(self, resume_from_checkpoint):
         from tqdm.auto import tqdm
 
         cfg = self.config
@@ -514,17 +548,21 @@ class Trainer:
         # which a resumed run only has before its checkpoint is loaded (else they come from the cache).
         self._ensure_references()
         if resume_from_checkpoint:
-            path = self._latest_checkpoint() if resume_from_checkpoint is True else resume_from_checkpoint
+            path = self.dist.bcast(self._latest_checkpoint()) if resume_from_checkpoint is True \
+                else resume_from_checkpoint
             if path is None:
                 raise ValueError(f"train: no checkpoint to resume from in {cfg.output_dir}")
             self.load_checkpoint(path)
+        self.dist.check_same("the trainable weights and the batch plan", self._params,
+                             np.concatenate(self._batches(self.epoch)))
         if self.lora is not None:
             self.lora.training = True
         metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
         # metrics.jsonl mirrors the history: rows logged after the checkpoint we resume from go.
-        write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
+        if self.dist.rank == 0:
+            write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in self.history))
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.mode.upper()} train", unit="step",
-                   dynamic_ncols=True, disable=not interactive())
+                   dynamic_ncols=True, disable=self.dist.rank != 0 or not interactive())
         self.interrupted = False
         window = []
         self._t0, self._tokens = time.perf_counter(), 0
@@ -537,11 +575,25 @@ class Trainer:
                 else:
                     self.model.zero_grad()
                 try:
-                    batches = [collate(self.train_examples, idx, sft=cfg.mode == "sft")
-                               for idx in self._next_micro_batches()]
-                    sizes = [float(b.mask.sum()) if cfg.mode == "sft" else float(len(b.index)) for b in batches]
-                    weights = [s / sum(sizes) for s in sizes]
-                    parts = [self._micro_step(b, w) for b, w in zip(batches, weights)]
+                    micro = self._next_micro_batches()
+                    total = sum(self._share(idx) for idx in micro)
+                    batches, weights, parts, err = [], [], [], None
+                    try:
+                        for idx in micro:
+                            mine = idx[self.dist.rank::self.dist.size]  # this rank's part of the global batch
+                            if not len(mine):  # a short last batch: the dropout stream still advances
+                                if self.lora is not None:
+                                    self.lora.new_step()
+                                continue
+                            batches.append(collate(self.train_examples, mine, sft=cfg.mode == "sft"))
+                            weights.append(self._share(mine) / total)
+                            parts.append(self._micro_step(batches[-1], weights[-1]))
+                    except TrainingError as e:
+                        err = str(e)
+                    local = {k: float(sum(w * p[k] for w, p in zip(weights, parts))) for k in parts[0]} \
+                        if parts else {}
+                    m, n_tokens = self._agree(err, local, sum(b.n_tokens for b in batches))
+                    self.dist.allreduce_(self._grads)  # the sum of the weighted shares: the step's gradient
                     norm = math.sqrt(_core.sum_squares(self._grads))
                     if not math.isfinite(norm):
                         raise TrainingError(f"non-finite gradient norm at step {self.step}")
@@ -554,7 +606,7 @@ class Trainer:
                         self.optimizer.step(self._params, self._grads, lr=lr, grad_scale=scale)
                         self.step += 1
                         committed = True
-                        self._after_step(batches, weights, parts, lr, norm, window, metrics_path, bar)
+                        self._after_step(m, n_tokens, lr, norm, window, metrics_path, bar)
                 except KeyboardInterrupt:
                     if not committed:  # the unfinished step is discarded
                         self.epoch, self.cursor = start[0], start[1]
@@ -567,15 +619,37 @@ class Trainer:
             self.interrupted = True
             path = self.save_checkpoint()
             bar.write(f"Interrupted: saved {path} at step {self.step}")
+            if self.dist.size > 1:
+                raise  # the other ranks wait in a collective: fail_together ends them
         finally:
             bar.close()
         return self.history
 
-    def _after_step(self, batches, weights, parts, lr, norm, window, metrics_path, bar):
+    def _share(self, idx):
+        """What examples idx weigh in a step: their pairs (DPO) or completion tokens (SFT)."""
+        if self.config.mode == "sft":
+            return float(sum(len(self.train_examples[i].chosen_ids) for i in idx))
+        return float(len(idx))
+
+    def _agree(self, err, sums, count):
+        """One verdict over all ranks: a TrainingError message `err` on any rank is raised on every
+        rank (before the next collective, which would otherwise wait for that rank forever); else the
+        dicts `sums` and the numbers `count` are added up over the ranks (a step's weighted metrics and
+        tokens, or the eval sums)."""
+        got = self.dist.allgather((err, sums, count))
+        failed = [(r, e) for r, (e, _, _) in enumerate(got) if e is not None]
+        if failed:
+            raise TrainingError(failed[0][1] if self.dist.size == 1 else f"rank {failed[0][0]}: {failed[0][1]}")
+        total = {}
+        for _, part, _ in got:
+            for k, v in part.items():
+                total[k] = total[k] + v if k in total else v
+        return total, sum(c for _, _, c in got)
+
+    def _after_step(self, m, n_tokens, lr, norm, window, metrics_path, bar):
         """Bookkeeping of a committed step: metrics, logging, evaluation, periodic checkpoint."""
         cfg = self.config
-        self._tokens += sum(b.n_tokens for b in batches)
-        m = {k: float(sum(w * p[k] for w, p in zip(weights, parts))) for k in parts[0]}
+        self._tokens += n_tokens
         m.update(learning_rate=lr, grad_norm=norm)
         window.append(m)
         bar.update(1)
@@ -597,11 +671,13 @@ class Trainer:
             self._log({"step": self.step, **self.evaluate()}, metrics_path)
         if (cfg.save_steps and self.step % cfg.save_steps == 0) or last:
             self.save_checkpoint()
+            self.dist.barrier()  # no rank runs ahead, and perhaps fails, while rank 0 writes
 
     def _log(self, row, path):
         self.history.append(row)
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.dist.rank == 0:
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
 
 def _dpo_metrics(out, lp, P):
