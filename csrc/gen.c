@@ -158,15 +158,8 @@ static attend_fn attend_for(cst_simd_path p, int64_t HS) {
     return attend_scalar;
 }
 
-int64_t cst_gen_num_params(const cst_gen_config *cfg) {
-    const int64_t C = cfg->C, F = cfg->F, HS = cfg->C / cfg->NH;
-    const int64_t QKV = (cfg->NH + 2 * cfg->NKV) * HS;
-    const int64_t layer = C + QKV * C + C * cfg->NH * HS + C + 2 * F * C + C * F;
-    return cfg->V * C + cfg->L * layer + C + (cfg->tie_embeddings ? 0 : cfg->V * C);
-}
-
 int64_t cst_gen_scratch_size(const cst_gen_config *cfg, int64_t B, int64_t S, int64_t maxT) {
-    const int64_t N = B * S, C = cfg->C, F = cfg->F, HS = cfg->C / cfg->NH;
+    const int64_t N = B * S, C = cfg->C, F = cfg->F, HS = cfg->HS;
     const int64_t QKV = (cfg->NH + 2 * cfg->NKV) * HS;
     return N * (2 * C + 2 * QKV + cfg->NH * HS + 3 * F + HS + 1 + cfg->NH * maxT) + B * (C + cfg->V);
 }
@@ -175,7 +168,7 @@ int64_t cst_gen_scratch_size(const cst_gen_config *cfg, int64_t B, int64_t S, in
  * the flat parameters), o, gate|up, down. */
 enum { GEN_NW = 4 };
 static void layer_shapes(const cst_gen_config *cfg, int64_t rows[GEN_NW], int64_t cols[GEN_NW]) {
-    const int64_t C = cfg->C, HS = cfg->C / cfg->NH, QD = cfg->NH * HS, KVD = cfg->NKV * HS, F = cfg->F;
+    const int64_t C = cfg->C, HS = cfg->HS, QD = cfg->NH * HS, KVD = cfg->NKV * HS, F = cfg->F;
     const int64_t r[GEN_NW] = {QD + 2 * KVD, C, 2 * F, C}, c[GEN_NW] = {C, QD, C, F};
     for (int i = 0; i < GEN_NW; i++) rows[i] = r[i], cols[i] = c[i];
 }
@@ -187,22 +180,19 @@ int64_t cst_gen_packed_size(const cst_gen_config *cfg) {
     return cfg->L * layer + cst_gemm_packed_size(cfg->V, cfg->C);
 }
 
+/* The layout role of each of the GEN_NW matrices. */
+static const int gen_matrix_role[GEN_NW] = {CST_GEN_QKV, CST_GEN_O, CST_GEN_GU, CST_GEN_DOWN};
+
 /* Packs q|k|v, o, gate|up and down of every layer, then the LM head, in that order. */
-void cst_gen_pack(float *dst, const float *params, const cst_gen_config *cfg) {
-    const int64_t C = cfg->C;
+void cst_gen_pack(float *dst, const float *params, const cst_gen_config *cfg, cst_gen_layout layout) {
     int64_t rows[GEN_NW], cols[GEN_NW];
     layer_shapes(cfg, rows, cols);
-    const float *p = params + cfg->V * C;
-    for (int64_t l = 0; l < cfg->L; l++) {
-        p += C; /* attention norm */
+    for (int64_t l = 0; l < cfg->L; l++)
         for (int i = 0; i < GEN_NW; i++) {
-            cst_gemm_pack_nt(dst, p, rows[i], cols[i]);
+            cst_gemm_pack_nt(dst, params + layout[l * CST_GEN_NROLES + gen_matrix_role[i]], rows[i], cols[i]);
             dst += cst_gemm_packed_size(rows[i], cols[i]);
-            p += rows[i] * cols[i];
-            if (i == 1) p += C; /* the MLP norm sits between o and gate|up */
         }
-    }
-    cst_gemm_pack_nt(dst, cfg->tie_embeddings ? params : p + C, cfg->V, C);
+    cst_gemm_pack_nt(dst, params + layout[cfg->L * CST_GEN_NROLES + CST_GEN_HEAD], cfg->V, cfg->C);
 }
 
 /* Up to this many rows a product reads the packed weights (16-row microkernel, no packing of B); more
@@ -221,10 +211,10 @@ static void linear(float *out, const float *x, const float *w, const float **wp,
 void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch, const float *params,
                      const float *packed, const int32_t *tokens, const int32_t *start_pos,
                      const int32_t *n_new, const float *rope_cos, const float *rope_sin,
-                     const cst_gen_config *cfg, int64_t B, int64_t S, int64_t maxT) {
+                     const cst_gen_config *cfg, cst_gen_layout layout, int64_t B, int64_t S, int64_t maxT) {
     const float *wp = packed;
     const int64_t V = cfg->V, C = cfg->C, L = cfg->L, NH = cfg->NH, NKV = cfg->NKV, F = cfg->F;
-    const int64_t HS = C / NH, half = HS / 2, QD = NH * HS, KVD = NKV * HS, group = NH / NKV;
+    const int64_t HS = cfg->HS, half = HS / 2, QD = NH * HS, KVD = NKV * HS, group = NH / NKV;
     const attend_fn attend = attend_for(cst_simd_current(), HS);
 
     /* Active rows, packed: sequence b's new tokens are rows off .. off+n_new[b]-1. */
@@ -255,7 +245,8 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
 
     /* Embeddings, and the rotary table rows of each row's position: gathered per row, the packed
      * rows look like one sequence at positions 0..N-1 to cst_rope_forward. */
-    const float *embed = params;
+    const int64_t *glob = layout + L * CST_GEN_NROLES;
+    const float *embed = params + glob[CST_GEN_EMBED];
     for (int64_t b = 0, off = 0; b < B; off += n_new[b], b++) {
         for (int64_t i = 0; i < n_new[b]; i++) {
             const int64_t r = off + i, pos = start_pos[b] + i;
@@ -266,19 +257,21 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
     }
 
     const float scale = (float)(1.0 / sqrt((double)HS));
-    const float *p = params + V * C;
     for (int64_t l = 0; l < L; l++) {
-        const float *w_in = p, *w_qkv = w_in + C; /* q, k and v rows, adjacent */
-        const float *w_o = w_qkv + (QD + 2 * KVD) * C, *w_post = w_o + C * QD, *w_gu = w_post + C;
-        const float *w_down = w_gu + 2 * F * C;
-        p = w_down + C * F;
+        const int64_t *at = layout + l * CST_GEN_NROLES;
+        const float *w_in = params + at[CST_GEN_ATTN_NORM], *w_qkv = params + at[CST_GEN_QKV];
+        const float *b_qkv = at[CST_GEN_QKV_BIAS] < 0 ? NULL : params + at[CST_GEN_QKV_BIAS];
+        const float *w_o = params + at[CST_GEN_O], *w_post = params + at[CST_GEN_FFN_NORM];
+        const float *w_gu = params + at[CST_GEN_GU], *w_down = params + at[CST_GEN_DOWN];
         float *kl = kcache + l * B * maxT * KVD, *vl = vcache + l * B * maxT * KVD;
 
         cst_rmsnorm_forward(xn, rstd, x, w_in, N, C, cfg->norm_eps);
         /* q|k|v as one product, then split: RoPE and the cache copy want q, k and v contiguous. */
         linear(qkv, xn, w_qkv, &wp, N, C, QD + 2 * KVD, 0);
         for (int64_t r = 0; r < N; r++) {
-            const float *row = qkv + r * (QD + 2 * KVD);
+            float *row = qkv + r * (QD + 2 * KVD);
+            if (b_qkv)
+                for (int64_t j = 0; j < QD + 2 * KVD; j++) row[j] += b_qkv[j];
             memcpy(q + r * QD, row, (size_t)QD * sizeof(float));
             memcpy(k + r * KVD, row + QD, (size_t)KVD * sizeof(float));
             memcpy(v + r * KVD, row + QD + KVD, (size_t)KVD * sizeof(float));
@@ -314,7 +307,7 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
     }
 
     /* LM head on the last new token of each active sequence only. */
-    const float *w_norm = p, *w_head = cfg->tie_embeddings ? embed : p + C;
+    const float *w_norm = params + glob[CST_GEN_NORM], *w_head = params + glob[CST_GEN_HEAD];
     for (int64_t b = 0, off = 0, j = 0; b < B; off += n_new[b], b++)
         if (n_new[b] > 0) memcpy(lastx + (j++) * C, x + (off + n_new[b] - 1) * C, (size_t)C * sizeof(float));
     cst_rmsnorm_forward(xn, rstd, lastx, w_norm, nact, C, cfg->norm_eps);
@@ -368,42 +361,50 @@ static int read_config(const char *fn, PyObject *o, cst_gen_config *c) {
     if (get_i64(fn, o, "vocab_size", &c->V) < 0 || get_i64(fn, o, "dim", &c->C) < 0 ||
         get_i64(fn, o, "n_layers", &c->L) < 0 || get_i64(fn, o, "n_heads", &c->NH) < 0 ||
         get_i64(fn, o, "n_kv_heads", &c->NKV) < 0 || get_i64(fn, o, "ffn_dim", &c->F) < 0 ||
-        get_f32(fn, o, "rope_theta", &c->rope_theta) < 0 || get_f32(fn, o, "norm_eps", &c->norm_eps) < 0)
+        get_i64(fn, o, "head_dim", &c->HS) < 0 || get_f32(fn, o, "norm_eps", &c->norm_eps) < 0)
         return -1;
-    if (c->C % c->NH || c->NH % c->NKV || (c->C / c->NH) % 2) {
+    if (c->NH % c->NKV || c->HS % 2 || c->HS > ((int64_t)1 << 20) || c->NH > ((int64_t)1 << 20)) {
         PyErr_Format(PyExc_ValueError,
-                     "%s: config needs dim %% n_heads == 0, n_heads %% n_kv_heads == 0 and an even head "
-                     "size (dim=%lld, n_heads=%lld, n_kv_heads=%lld)",
-                     fn, (long long)c->C, (long long)c->NH, (long long)c->NKV);
+                     "%s: config needs n_heads %% n_kv_heads == 0 and an even head_dim (n_heads=%lld, "
+                     "n_kv_heads=%lld, head_dim=%lld)",
+                     fn, (long long)c->NH, (long long)c->NKV, (long long)c->HS);
         return -1;
     }
-    PyObject *t = PyObject_GetAttrString(o, "tie_embeddings");
-    if (!t) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_TypeError, "%s: 'config' has no attribute 'tie_embeddings'", fn);
-        return -1;
-    }
-    int tie = PyObject_IsTrue(t);
-    Py_DECREF(t);
-    if (tie < 0) return -1;
-    c->tie_embeddings = tie;
+    return 0;
+}
+
+/* Reads the layout argument ((L+1, CST_GEN_NROLES) int64, cst.model.gen_offsets) and checks that every
+ * tensor it places lies inside params' P floats. */
+static int read_layout(const char *fn, PyObject *o, const cst_gen_config *c, cst_dims *d, const int64_t **out) {
+    cst_dims_set(d, 'Y', (npy_intp)(c->L + 1), "config.n_layers + 1");
+    cst_dims_set(d, 'X', (npy_intp)CST_GEN_NROLES, "the layout roles (cst.model.GEN_ROLES)");
+    void *lay;
+    if (cst_arg(fn, "layout", o, NPY_INT64, "YX", d, 0, &lay) < 0) return -1;
+    const int64_t *a = lay, P = cst_dim(d, 'P');
+    const int64_t C = c->C, QKV = (c->NH + 2 * c->NKV) * c->HS, F = c->F;
+    const int64_t size[CST_GEN_NROLES] = {C, QKV * C, QKV, C * c->NH * c->HS, C, 2 * F * C, C * F};
+    const int64_t gsize[3] = {c->V * C, C, c->V * C};
+    for (int64_t l = 0; l <= c->L; l++)
+        for (int r = 0; r < (l < c->L ? CST_GEN_NROLES : 3); r++) {
+            const int64_t off = a[l * CST_GEN_NROLES + r], n = l < c->L ? size[r] : gsize[r];
+            if (off == -1 && l < c->L && r == CST_GEN_QKV_BIAS) continue;
+            if (off < 0 || off > P || n > P - off) {
+                PyErr_Format(PyExc_ValueError,
+                             "%s: 'layout'[%lld, %d] = %lld places %lld floats outside 'params' (%lld floats)",
+                             fn, (long long)l, r, (long long)off, (long long)n, (long long)P);
+                return -1;
+            }
+        }
+    *out = a;
     return 0;
 }
 
 /* The scratch size in double precision: rejects sizes whose int64 arithmetic would overflow. */
 static int scratch_size_fits(const cst_gen_config *c, double B, double S, double maxT) {
-    const double HS = (double)(c->C / c->NH);
+    const double HS = (double)c->HS;
     const double n = B * S * (2.0 * c->C + 2.0 * (c->NH + 2.0 * c->NKV) * HS + c->NH * HS + 3.0 * c->F + HS +
                               1.0 + c->NH * maxT) + B * ((double)c->C + c->V);
     return n < 4.0e18;
-}
-
-static PyObject *py_gen_num_params(PyObject *self, PyObject *args) {
-    PyObject *o_cfg;
-    if (!PyArg_ParseTuple(args, "O:gen_num_params", &o_cfg)) return NULL;
-    cst_gen_config cfg;
-    if (read_config("gen_num_params", o_cfg, &cfg) < 0) return NULL;
-    return PyLong_FromLongLong((long long)cst_gen_num_params(&cfg));
 }
 
 static PyObject *py_gen_scratch_size(PyObject *self, PyObject *args, PyObject *kw) {
@@ -436,24 +437,26 @@ static int overlaps(PyObject *a, PyObject *b) {
 
 static PyObject *py_gen_forward(PyObject *self, PyObject *args, PyObject *kw) {
     static const char *fn = "gen_forward";
-    static char *kwlist[] = {"config", "params", "tokens", "start_pos", "n_new", "rope_cos", "rope_sin",
-                             "kcache", "vcache", "scratch", "logits", "packed", NULL};
-    PyObject *o_cfg, *o_params, *o_tok, *o_sp, *o_nn, *o_cos, *o_sin, *o_kc, *o_vc, *o_scr, *o_log;
+    static char *kwlist[] = {"config", "params", "layout", "tokens", "start_pos", "n_new", "rope_cos",
+                             "rope_sin", "kcache", "vcache", "scratch", "logits", "packed", NULL};
+    PyObject *o_cfg, *o_params, *o_lay, *o_tok, *o_sp, *o_nn, *o_cos, *o_sin, *o_kc, *o_vc, *o_scr, *o_log;
     PyObject *o_packed = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOOOO|O:gen_forward", kwlist, &o_cfg, &o_params, &o_tok,
-                                     &o_sp, &o_nn, &o_cos, &o_sin, &o_kc, &o_vc, &o_scr, &o_log, &o_packed))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOOOOO|O:gen_forward", kwlist, &o_cfg, &o_params, &o_lay,
+                                     &o_tok, &o_sp, &o_nn, &o_cos, &o_sin, &o_kc, &o_vc, &o_scr, &o_log,
+                                     &o_packed))
         return NULL;
     cst_gen_config cfg;
     if (read_config(fn, o_cfg, &cfg) < 0) return NULL;
     cst_dims d;
     cst_dims_init(&d);
-    cst_dims_set(&d, 'P', (npy_intp)cst_gen_num_params(&cfg), "the config's parameter count");
     cst_dims_set(&d, 'L', (npy_intp)cfg.L, "config.n_layers");
-    cst_dims_set(&d, 'K', (npy_intp)(cfg.NKV * (cfg.C / cfg.NH)), "config n_kv_heads * head size");
+    cst_dims_set(&d, 'K', (npy_intp)(cfg.NKV * cfg.HS), "config n_kv_heads * head_dim");
     cst_dims_set(&d, 'V', (npy_intp)cfg.V, "config.vocab_size");
-    cst_dims_set(&d, 'H', (npy_intp)(cfg.C / cfg.NH / 2), "half the config's head size");
+    cst_dims_set(&d, 'H', (npy_intp)(cfg.HS / 2), "half the config's head_dim");
     void *params, *tok, *sp, *nn, *cs, *sn, *kc, *vc, *scr, *logits;
+    const int64_t *layout;
     if (cst_arg(fn, "params", o_params, NPY_FLOAT32, "P", &d, 0, &params) < 0 ||
+        read_layout(fn, o_lay, &cfg, &d, &layout) < 0 ||
         cst_arg(fn, "tokens", o_tok, NPY_INT32, "BS", &d, 0, &tok) < 0 ||
         cst_arg(fn, "start_pos", o_sp, NPY_INT32, "B", &d, 0, &sp) < 0 ||
         cst_arg(fn, "n_new", o_nn, NPY_INT32, "B", &d, 0, &nn) < 0 ||
@@ -507,10 +510,10 @@ static PyObject *py_gen_forward(PyObject *self, PyObject *args, PyObject *kw) {
     /* Written buffers must not overlap each other or any input: the kernel would read what it wrote. */
     PyObject *outs[4] = {o_kc, o_vc, o_scr, o_log};
     const char *out_names[4] = {"kcache", "vcache", "scratch", "logits"};
-    PyObject *all[11] = {o_kc, o_vc, o_scr, o_log, o_params, o_tok, o_sp, o_nn, o_cos, o_sin, o_packed};
-    const char *all_names[11] = {"kcache",    "vcache",    "scratch", "logits",   "params", "tokens",
-                                 "start_pos", "n_new",     "rope_cos", "rope_sin", "packed"};
-    const int n_all = packed ? 11 : 10;
+    PyObject *all[12] = {o_kc, o_vc, o_scr, o_log, o_params, o_lay, o_tok, o_sp, o_nn, o_cos, o_sin, o_packed};
+    const char *all_names[12] = {"kcache", "vcache",    "scratch", "logits",   "params",   "layout",
+                                 "tokens", "start_pos", "n_new",   "rope_cos", "rope_sin", "packed"};
+    const int n_all = packed ? 12 : 11;
     for (int i = 0; i < 4; i++)
         for (int j = i + 1; j < n_all; j++)
             if (overlaps(outs[i], all[j])) {
@@ -519,7 +522,7 @@ static PyObject *py_gen_forward(PyObject *self, PyObject *args, PyObject *kw) {
                 return NULL;
             }
     Py_BEGIN_ALLOW_THREADS
-    cst_gen_forward(logits, kc, vc, scr, params, packed, tokens, start, nnew, cs, sn, &cfg, B, S, maxT);
+    cst_gen_forward(logits, kc, vc, scr, params, packed, tokens, start, nnew, cs, sn, &cfg, layout, B, S, maxT);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -534,17 +537,19 @@ static PyObject *py_gen_packed_size(PyObject *self, PyObject *args) {
 
 static PyObject *py_gen_pack(PyObject *self, PyObject *args, PyObject *kw) {
     static const char *fn = "gen_pack";
-    static char *kwlist[] = {"config", "params", "out", NULL};
-    PyObject *o_cfg, *o_params, *o_out;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO:gen_pack", kwlist, &o_cfg, &o_params, &o_out)) return NULL;
+    static char *kwlist[] = {"config", "params", "layout", "out", NULL};
+    PyObject *o_cfg, *o_params, *o_lay, *o_out;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO:gen_pack", kwlist, &o_cfg, &o_params, &o_lay, &o_out))
+        return NULL;
     cst_gen_config cfg;
     if (read_config(fn, o_cfg, &cfg) < 0) return NULL;
     cst_dims d;
     cst_dims_init(&d);
-    cst_dims_set(&d, 'P', (npy_intp)cst_gen_num_params(&cfg), "the config's parameter count");
     cst_dims_set(&d, 'W', (npy_intp)cst_gen_packed_size(&cfg), "gen_packed_size(config)");
     void *params, *out;
+    const int64_t *layout;
     if (cst_arg(fn, "params", o_params, NPY_FLOAT32, "P", &d, 0, &params) < 0 ||
+        read_layout(fn, o_lay, &cfg, &d, &layout) < 0 ||
         cst_arg(fn, "out", o_out, NPY_FLOAT32, "W", &d, CST_WRITE, &out) < 0)
         return NULL;
     if (overlaps(o_params, o_out)) {
@@ -552,7 +557,7 @@ static PyObject *py_gen_pack(PyObject *self, PyObject *args, PyObject *kw) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    cst_gen_pack(out, params, &cfg);
+    cst_gen_pack(out, params, &cfg, layout);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -561,16 +566,14 @@ PyMethodDef cst_gen_methods[] = {
     {"gen_packed_size", py_gen_packed_size, METH_VARARGS,
      "gen_packed_size(config) -> int: float32 elements gen_pack writes."},
     {"gen_pack", (PyCFunction)(void (*)(void))py_gen_pack, METH_VARARGS | METH_KEYWORDS,
-     "gen_pack(config, params, out): packs every weight matrix of params into out "
+     "gen_pack(config, params, layout, out): packs every weight matrix of params into out "
      "(gen_packed_size(config) floats, the same layout on every SIMD path) for gen_forward(packed=out). "
      "Pack again after the weights change."},
-    {"gen_num_params", py_gen_num_params, METH_VARARGS,
-     "gen_num_params(config) -> int: floats in the flat parameter buffer of this config."},
     {"gen_scratch_size", (PyCFunction)(void (*)(void))py_gen_scratch_size, METH_VARARGS | METH_KEYWORDS,
      "gen_scratch_size(config, B, S, maxT) -> int: float32 scratch elements gen_forward needs."},
     {"gen_forward", (PyCFunction)(void (*)(void))py_gen_forward, METH_VARARGS | METH_KEYWORDS,
-     "gen_forward(config, params, tokens, start_pos, n_new, rope_cos, rope_sin, kcache, vcache, scratch, "
-     "logits): appends tokens (B,S) int32 [b, :n_new[b]] at positions start_pos[b].. of each sequence's "
+     "gen_forward(config, params, layout, tokens, start_pos, n_new, rope_cos, rope_sin, kcache, vcache, "
+     "scratch, logits): layout (L+1, 7) int64 from cst.model.gen_offsets places each tensor in params; appends tokens (B,S) int32 [b, :n_new[b]] at positions start_pos[b].. of each sequence's "
      "KV cache, rotary tables (>=maxT, HS/2) from cst.ops.rope_tables, "
      "(L,B,maxT,NKV*HS) and writes the logits of each active sequence's last new token into logits "
      "(B,V); rows with n_new 0 are untouched. packed (from gen_pack, optional): the weights "

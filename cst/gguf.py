@@ -208,23 +208,18 @@ def _unpermute(w, n_head):
 
 
 def gguf_name(hf_name):
-    """GGUF tensor name for a Hugging Face Llama parameter name."""
-    if hf_name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf_name == "model.norm.weight":
-        return "output_norm.weight"
-    if hf_name == "lm_head.weight":
-        return "output.weight"
+    """GGUF tensor name for a Hugging Face parameter name (from cst.model's one layout table)."""
+    from .model import GLOBAL_TENSORS, LAYER_TENSORS
+    for _, hf, gg, _ in GLOBAL_TENSORS:
+        if hf_name == hf:
+            return gg
     parts = hf_name.split(".")  # model.layers.N.<module>.<proj>.weight
-    i, rest = parts[2], ".".join(parts[3:])
-    table = {
-        "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-        "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-        "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-        "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-        "mlp.down_proj.weight": "ffn_down.weight",
-    }
-    return f"blk.{i}.{table[rest]}"
+    if len(parts) > 3 and parts[:2] == ["model", "layers"]:
+        rest = ".".join(parts[3:])
+        for _, hf, gg, _ in LAYER_TENSORS:
+            if rest == hf:
+                return f"blk.{parts[2]}.{gg}"
+    raise KeyError(f"gguf_name: no GGUF name for {hf_name!r}")
 
 
 def _f32(x):
