@@ -318,7 +318,8 @@ def _tokenizer(reader, path):
             eos_token_id=_field(reader, path, t + "eos_token_id", "int"),
             pad_token_id=_field(reader, path, t + "padding_token_id", "int"),
             unk_token_id=_field(reader, path, t + "unknown_token_id", "int"),
-            chat_template=_field(reader, path, "tokenizer.chat_template", "str"))
+            chat_template=_field(reader, path, "tokenizer.chat_template", "str"),
+            scores=_field(reader, path, t + "scores", "list"))
     except FormatError:
         raise
     except (ValueError, TypeError) as e:
@@ -424,10 +425,12 @@ def save_gguf(model, tokenizer, path, dtype="f32"):
         w.add_file_type(0 if dtype == "f32" else 1)
         if tokenizer is not None:
             f = tokenizer.gguf_fields()
-            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_model(f["model"])
             w.add_tokenizer_pre(f["pre"])
             w.add_token_list(f["tokens"])
             w.add_token_types(f["token_types"])
+            if f["scores"] is not None:
+                w.add_token_scores(f["scores"])
             w.add_token_merges(f["merges"])
             for key, adder in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
                                ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id)):
