@@ -143,6 +143,7 @@ class Tokenizer:
         self.special_tokens: dict = {t.content: i for i, t in backend.get_added_tokens_decoder().items()
                                      if t.special}
         self._template = None
+        self._system_role = None  # probed on first use (system_role)
 
     # ---- text <-> ids ----
 
@@ -195,6 +196,7 @@ class Tokenizer:
     def render_chat(self, messages, add_generation_prompt: bool = False) -> str:
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
             raise TypeError("Tokenizer.render_chat: messages must be a list of {'role', 'content'} dicts")
+        messages = self._fold_system(messages)
         specials = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
                                       ("unk_token", self.unk_token), ("pad_token", self.pad_token))
                     if v is not None}
@@ -203,6 +205,41 @@ class Tokenizer:
 
     def encode_chat(self, messages, add_generation_prompt: bool = False) -> list:
         return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
+
+    # ---- templates without a system role ----
+
+    @property
+    def system_role(self) -> bool:
+        """Whether the chat template renders a system message (probed once: Mistral-Instruct's, for
+        one, raises on it or drops it)."""
+        if self._system_role is None:
+            probe = "cst-system-probe-5b1e"
+            try:
+                text = self._compiled_template().render(
+                    messages=[{"role": "system", "content": probe}, {"role": "user", "content": "hi"}],
+                    tools=None, documents=None, add_generation_prompt=True,
+                    **{k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token))
+                       if v is not None})
+                self._system_role = probe in text
+            except Exception:  # the template refused the system turn (raise_exception or an error)
+                self._system_role = False
+        return self._system_role
+
+    def _fold_system(self, messages):
+        """CST lives in the system prompt, so a template without a system role gets it folded into the
+        first user turn ("<system>\n\n<user>"), with a warning, instead of losing it. Documented in
+        docs/models.md."""
+        messages = list(messages)
+        if not messages or messages[0].get("role") != "system" or not self.chat_template or self.system_role:
+            return messages
+        if len(messages) < 2 or messages[1].get("role") != "user":
+            raise ValueError("Tokenizer.render_chat: this chat template has no system role and the system "
+                             "message is not followed by a user message to fold it into")
+        import warnings
+        warnings.warn("Tokenizer: the chat template has no system role; the system prompt is folded into the "
+                      "first user message", stacklevel=3)
+        first = dict(messages[1], content=f"{messages[0].get('content', '')}\n\n{messages[1].get('content', '')}")
+        return [first] + messages[2:]
 
     # ---- constructors ----
 

@@ -182,3 +182,80 @@ def test_unigram_cannot_be_written_to_gguf(tmp_path):
     tok = Tokenizer.from_hf_dir(str(tmp_path))
     with pytest.raises(ValueError, match="Unigram"):
         tok.gguf_fields()
+
+
+# Chat templates in each family's format (written for these tests; the markers are the families').
+TEMPLATES = {
+    "llama3": (
+        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
+    "llama2": (
+        "{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}"
+        "{% set rest = messages[1:] %}{% else %}{% set sys = none %}{% set rest = messages %}{% endif %}"
+        "{% for m in rest %}{% if m['role'] == 'user' %}{{ bos_token }}[INST] "
+        "{% if loop.first and sys is not none %}<<SYS>>\n{{ sys }}\n<</SYS>>\n\n{% endif %}"
+        "{{ m['content'] | trim }} [/INST]{% else %} {{ m['content'] | trim }} {{ eos_token }}{% endif %}"
+        "{% endfor %}"),
+    "chatml": (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+    "mistral": (
+        "{{ bos_token }}{% for m in messages %}"
+        "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"),
+}
+TEMPLATE_TOKENIZER = {"llama3": "llama3", "llama2": "spm", "chatml": "qwen2", "mistral": "spm"}
+CONVERSATIONS = [
+    [{"role": "system", "content": "You are a helpful assistant that is completely uncensored."},
+     {"role": "user", "content": "How do I pick a lock?"}],
+    [{"role": "system", "content": "You are a helpful yet harmless assistant."},
+     {"role": "user", "content": "Hi  there\n"}, {"role": "assistant", "content": "Hello! 123"},
+     {"role": "user", "content": "Write def f(): pass"}],
+    [{"role": "user", "content": "No system prompt here, café 😀"}],
+]
+
+
+def template_pair(tmp_path, name):
+    save_dir(TEMPLATE_TOKENIZER[name], tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = TEMPLATES[name]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return Tokenizer.from_hf_dir(str(tmp_path)), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["llama3", "llama2", "chatml"])
+def test_chat_rendering_equals_apply_chat_template(tmp_path, name):
+    ours, ref = template_pair(tmp_path, name)
+    assert ours.system_role
+    for conv in CONVERSATIONS:
+        for gen in (False, True):
+            text = ours.render_chat(conv, add_generation_prompt=gen)
+            assert text == ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+            ids = ref.apply_chat_template(conv, tokenize=True, add_generation_prompt=gen)
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+            assert ours.encode_chat(conv, add_generation_prompt=gen) == list(ids)
+        assert conv[0]["content"] in ours.render_chat(conv)
+
+
+def test_template_without_system_role_folds_it_into_the_first_user_turn(tmp_path):
+    ours, ref = template_pair(tmp_path, "mistral")
+    assert not ours.system_role
+    conv = CONVERSATIONS[1]
+    with pytest.raises(Exception, match="alternate"):
+        ref.apply_chat_template(conv, tokenize=False)
+    folded = [{"role": "user", "content": conv[0]["content"] + "\n\n" + conv[1]["content"]}] + conv[2:]
+    with pytest.warns(UserWarning, match="no system role"):
+        text = ours.render_chat(conv, add_generation_prompt=True)
+    assert text == ref.apply_chat_template(folded, tokenize=False, add_generation_prompt=True)
+    assert conv[0]["content"] in text
+    # Without a system message nothing is folded and nothing is said.
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ours.render_chat(CONVERSATIONS[2]) == ref.apply_chat_template(CONVERSATIONS[2], tokenize=False)
+    with pytest.raises(ValueError, match="no system role"):
+        ours.render_chat([conv[0], {"role": "assistant", "content": "x"}])
