@@ -90,6 +90,39 @@ def _merges_from_scores(tokens, scores, skip):
     return [(a, b) for a, b, _ in out]
 
 
+def _parse_merges(merges):
+    """GGUF's "a b" merge strings -> (a, b) pairs."""
+    pairs = []
+    for m in merges:
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise ValueError(f"Tokenizer: malformed merge {m!r}")
+        pairs.append((a, b))
+    return pairs
+
+
+def _add_gguf_specials(backend, tokens, types, vocab):
+    """Control tokens (GGUF type 3) become special added tokens, user-defined ones (type 4) plain added
+    tokens, as transformers' converter does."""
+    control = [AddedToken(t, special=True, normalized=False)
+               for t, ty in zip(tokens, types) if ty == _CONTROL and t in vocab]
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER and t in vocab]
+    if control:
+        backend.add_special_tokens(control)
+    if user:
+        backend.add_tokens(user)
+
+
+def _gguf_token(tokens, i):
+    """The token string of a GGUF special-token id (None stays None)."""
+    if i is None:
+        return None
+    i = int(i)
+    if not 0 <= i < len(tokens):
+        raise ValueError(f"Tokenizer: special token id {i} outside the vocabulary of {len(tokens)}")
+    return tokens[i]
+
+
 def _bytes_to_unicode():
     """GPT-2's reversible byte -> printable character map (the byte-level alphabet)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
@@ -271,34 +304,14 @@ class Tokenizer:
             # A token outside the byte alphabet (rare; llama.cpp writes some specials raw) is respelled.
             key = t if set(t) <= alphabet or token_types[i] in (3, 4) else "".join(b2u[b] for b in t.encode())
             vocab.setdefault(key, i)
-        pairs = []
-        for m in merges or []:
-            a, sep, b = m.partition(" ")
-            if not sep:
-                raise ValueError(f"Tokenizer: malformed merge {m!r}")
-            pairs.append((a, b))
-        backend = _Backend(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+        backend = _Backend(models.BPE(vocab=vocab, merges=_parse_merges(merges or []), fuse_unk=False,
+                                      byte_fallback=False))
         backend.pre_tokenizer = _pre_tokenizer(pre)
         backend.decoder = decoders.ByteLevel()
-        control = [AddedToken(t, special=True, normalized=False)
-                   for t, ty in zip(tokens, token_types) if ty == 3 and t in vocab]
-        user = [AddedToken(t, special=False, normalized=False)
-                for t, ty in zip(tokens, token_types) if ty == 4 and t in vocab]
-        if control:
-            backend.add_special_tokens(control)
-        if user:
-            backend.add_tokens(user)
-
-        def tok(i):
-            if i is None:
-                return None
-            i = int(i)
-            if not 0 <= i < len(tokens):
-                raise ValueError(f"Tokenizer: special token id {i} outside the vocabulary of {len(tokens)}")
-            return tokens[i]
-
+        _add_gguf_specials(backend, tokens, token_types, vocab)
         if eos_token_id is None:
             raise ValueError("Tokenizer: GGUF has no tokenizer.ggml.eos_token_id")
+        tok = lambda i: _gguf_token(tokens, i)  # noqa: E731
         return cls(backend, eos_token=tok(eos_token_id), bos_token=tok(bos_token_id),
                    pad_token=tok(pad_token_id), unk_token=tok(unk_token_id), chat_template=chat_template,
                    pre=_PRE_ALIASES.get(pre, pre) or "gpt2")
@@ -318,12 +331,7 @@ class Tokenizer:
         if len(set(tokens)) != n:
             raise ValueError("Tokenizer: duplicate tokens in a SentencePiece vocabulary")
         if merges:
-            pairs = []
-            for m in merges:
-                a, sep, b = m.partition(" ")
-                if not sep:
-                    raise ValueError(f"Tokenizer: malformed merge {m!r}")
-                pairs.append((a, b))
+            pairs = _parse_merges(merges)
         else:
             if scores is None or len(scores) != n:
                 raise ValueError("Tokenizer: a 'llama' GGUF vocabulary needs tokenizer.ggml.scores (one per "
@@ -344,20 +352,8 @@ class Tokenizer:
                                                          split=False)
         backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
                                              decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-        control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == _CONTROL]
-        user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER]
-        if control:
-            backend.add_special_tokens(control)
-        if user:
-            backend.add_tokens(user)
-
-        def tok(i):
-            if i is None:
-                return None
-            if not 0 <= int(i) < n:
-                raise ValueError(f"Tokenizer: special token id {i} outside the vocabulary of {n}")
-            return tokens[int(i)]
-
+        _add_gguf_specials(backend, tokens, types, vocab)
+        tok = lambda i: _gguf_token(tokens, i)  # noqa: E731
         if eos_token_id is None:
             raise ValueError("Tokenizer: GGUF has no tokenizer.ggml.eos_token_id")
         return cls(backend, eos_token=tok(eos_token_id), bos_token=tok(bos_token_id), pad_token=tok(pad_token_id),
