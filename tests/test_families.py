@@ -262,3 +262,49 @@ def test_unsupported_fields_named(tmp_path, change, match):
     (tmp_path / "config.json").write_text(json.dumps({**conf, **change}))
     with pytest.raises(ValueError, match=match):
         cst.io.load(str(tmp_path))
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "rope_type 'yarn'"),
+    (dict(rope_scaling={"rope_type": "linear"}), "needs 'factor'"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": -1.0}), "factor must be a positive"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+                        "original_max_position_embeddings": 16}), "high_freq_factor"),
+    (dict(rope_scaling={"rope_type": "freq_factors", "factors": [1.0]}), "factors"),
+    (dict(head_dim=7), "even"),
+    (dict(head_dim=0), "head_dim"),
+    (dict(dim=50), "divisible"),
+    (dict(sliding_window=0), "sliding_window"),
+    (dict(arch="gemma"), "arch"),
+    (dict(attention_bias=1), "attention_bias"),
+])
+def test_model_config_rejects_bad_family_fields(kw, match):
+    base = dict(vocab_size=16, dim=48, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=16)
+    with pytest.raises(ValueError, match=match):
+        cst.ModelConfig(**{**base, **kw})
+
+
+def test_gguf_unsupported_rope_scaling_named(tmp_path, tmp_path_factory):
+    import gguf
+    m, _ = family_pair("llama2", tmp_path_factory)
+    good = tmp_path / "m.gguf"
+    cst.io.save(m, str(good), format="gguf")
+    r = gguf.GGUFReader(str(good))
+    w = gguf.GGUFWriter(str(tmp_path / "yarn.gguf"), "llama")
+    for f in r.fields.values():  # copy the metadata, then add a scaling cst does not compute
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        t = gguf.GGUFValueType(f.types[0])
+        if t == gguf.GGUFValueType.ARRAY:
+            w.add_array(f.name, f.contents())
+        else:
+            w.add_key_value(f.name, f.contents(), t)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="rope.scaling.type 'yarn'"):
+        cst.io.load(str(tmp_path / "yarn.gguf"))
