@@ -308,3 +308,30 @@ def test_gguf_unsupported_rope_scaling_named(tmp_path, tmp_path_factory):
     w.close()
     with pytest.raises(ValueError, match="rope.scaling.type 'yarn'"):
         cst.io.load(str(tmp_path / "yarn.gguf"))
+
+
+def test_config_json_as_released_checkpoints_write_it():
+    """The keys of Llama 3.2's, Mistral 7B v0.1's and Qwen2.5's own config.json files (transformers 4
+    era: rope_scaling + rope_theta at the top level, "type" in older files)."""
+    from cst.hf import config_from_hf
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, hidden_act="silu")
+    c = config_from_hf({**base, "model_type": "llama", "architectures": ["LlamaForCausalLM"], "rope_theta": 500000.0,
+                        "head_dim": 16, "tie_word_embeddings": True, "pretraining_tp": 1, "mlp_bias": False,
+                        "attention_bias": False, "rope_scaling": {
+                            "factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                            "original_max_position_embeddings": 8192, "rope_type": "llama3"}})
+    assert c.rope_theta == 500000.0 and c.rope_scaling == {
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}
+    c = config_from_hf({**base, "model_type": "llama", "rope_scaling": {"type": "linear", "factor": 2.0}})
+    assert c.rope_scaling == {"rope_type": "linear", "factor": 2.0} and c.rope_theta == 10000.0
+    c = config_from_hf({**base, "model_type": "mistral", "architectures": ["MistralForCausalLM"],
+                        "sliding_window": 4096, "rope_theta": 10000.0})
+    assert c.sliding_window == 4096 and c.arch == "mistral"
+    c = config_from_hf({**base, "model_type": "mistral", "sliding_window": None})
+    assert c.sliding_window is None
+    c = config_from_hf({**base, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "rope_theta": 1e6,
+                        "sliding_window": 131072, "use_sliding_window": False, "max_window_layers": 21,
+                        "tie_word_embeddings": True})
+    assert c.attention_bias and c.sliding_window is None and c.tie_embeddings and c.rope_theta == 1e6
