@@ -284,28 +284,35 @@ def test_model_config_rejects_bad_family_fields(kw, match):
         cst.ModelConfig(**{**base, **kw})
 
 
-def test_gguf_unsupported_rope_scaling_named(tmp_path, tmp_path_factory):
+def copy_gguf(src, dst, drop=(), edit=None):
+    """Rewrites GGUF src as dst without the metadata keys in `drop`; edit(writer) adds more."""
     import gguf
-    m, _ = family_pair("llama2", tmp_path_factory)
-    good = tmp_path / "m.gguf"
-    cst.io.save(m, str(good), format="gguf")
-    r = gguf.GGUFReader(str(good))
-    w = gguf.GGUFWriter(str(tmp_path / "yarn.gguf"), "llama")
-    for f in r.fields.values():  # copy the metadata, then add a scaling cst does not compute
-        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture" or f.name in drop:
             continue
         t = gguf.GGUFValueType(f.types[0])
         if t == gguf.GGUFValueType.ARRAY:
             w.add_array(f.name, f.contents())
         else:
             w.add_key_value(f.name, f.contents(), t)
-    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    if edit is not None:
+        edit(w)
     for t in r.tensors:
         w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_gguf_unsupported_rope_scaling_named(tmp_path, tmp_path_factory):
+    import gguf
+    m, _ = family_pair("llama2", tmp_path_factory)
+    good = tmp_path / "m.gguf"
+    cst.io.save(m, str(good), format="gguf")
+    copy_gguf(good, tmp_path / "yarn.gguf", edit=lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.YARN))
     with pytest.raises(ValueError, match="rope.scaling.type 'yarn'"):
         cst.io.load(str(tmp_path / "yarn.gguf"))
 

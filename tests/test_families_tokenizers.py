@@ -259,3 +259,23 @@ def test_template_without_system_role_folds_it_into_the_first_user_turn(tmp_path
         assert ours.render_chat(CONVERSATIONS[2]) == ref.apply_chat_template(CONVERSATIONS[2], tokenize=False)
     with pytest.raises(ValueError, match="no system role"):
         ours.render_chat([conv[0], {"role": "assistant", "content": "x"}])
+
+
+def test_gguf_llama_vocabulary_without_merges(tmp_path):
+    """A "llama" GGUF as llama.cpp's converter writes it (scores, no merges): cst derives the merges
+    from the scores and tokenizes the corpus as transformers reads the same file."""
+    from test_families import copy_gguf
+    save_dir("spm", tmp_path)
+    tok = Tokenizer.from_hf_dir(str(tmp_path))
+    m = cst.Model(cst.ModelConfig(vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                  ffn_dim=16, max_seq_len=64))
+    cst.io.save(m, str(tmp_path / "with.gguf"), format="gguf", tokenizer=tok)
+    (tmp_path / "g").mkdir()
+    out = tmp_path / "g" / "t.gguf"
+    copy_gguf(tmp_path / "with.gguf", out, drop=("tokenizer.ggml.merges",))
+    import gguf
+    assert "tokenizer.ggml.merges" not in gguf.GGUFReader(str(out)).fields
+    back = load_gguf_tokenizer(str(out))
+    ref = transformers.AutoTokenizer.from_pretrained(str(out.parent), gguf_file=out.name)
+    for text in CORPUS + ["\n".join(CORPUS)]:
+        assert back.encode(text) == hf_ids(ref, text), text
