@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _core
 from .config import ModelConfig
+from .model import gen_offsets, num_params
 from .ops import rope_tables
 
 # Prompt tokens fed per prefill call. Bounds the scratch (attention scores grow with chunk * maxT);
@@ -69,6 +70,9 @@ class KVCache:
         cfg = _check_model(model)
         if max_len > cfg.max_seq_len:
             raise ValueError(f"KVCache: max_len {max_len} exceeds config.max_seq_len {cfg.max_seq_len}")
+        if max_len > cfg.attention_window:
+            raise ValueError(f"KVCache: max_len {max_len} exceeds config.sliding_window {cfg.sliding_window} "
+                             "(cst attends to every cached position; exact only within the window)")
         self.model, self.config = model, cfg
         self.batch_size, self.max_len, self.max_chunk = batch_size, max_len, max_chunk
         kvd = cfg.n_kv_heads * cfg.head_dim
@@ -77,7 +81,8 @@ class KVCache:
         self.v = np.empty_like(self.k)
         self.scratch = np.empty(_core.gen_scratch_size(cfg, batch_size, max_chunk, max_len), dtype=np.float32)
         self.logits = np.zeros((batch_size, cfg.vocab_size), dtype=np.float32)
-        self.rope_cos, self.rope_sin = rope_tables(max_len, cfg.head_dim, cfg.rope_theta)
+        self.rope_cos, self.rope_sin = rope_tables(max_len, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.layout = gen_offsets(cfg)
         self.lengths = np.zeros(batch_size, dtype=np.int32)  # positions filled per sequence
         self.packed = packed  # optional: the weights packed by _core.gen_pack
 
@@ -89,8 +94,9 @@ class KVCache:
         if tokens.shape[1] > self.max_chunk:
             raise ValueError(f"KVCache.step: {tokens.shape[1]} tokens per sequence exceeds max_chunk "
                              f"{self.max_chunk}")
-        _core.gen_forward(self.config, self.model.flat_params, tokens, self.lengths, n_new, self.rope_cos,
-                          self.rope_sin, self.k, self.v, self.scratch, self.logits, packed=self.packed)
+        _core.gen_forward(self.config, self.model.flat_params, self.layout, tokens, self.lengths, n_new,
+                          self.rope_cos, self.rope_sin, self.k, self.v, self.scratch, self.logits,
+                          packed=self.packed)
         self.lengths += n_new
         return self.logits
 
@@ -102,9 +108,9 @@ def _check_model(model) -> ModelConfig:
     flat = getattr(model, "flat_params", None)
     if not isinstance(flat, np.ndarray) or flat.dtype != np.float32 or flat.ndim != 1:
         raise TypeError("generate: model.flat_params must be a 1-D float32 numpy array")
-    if flat.size != _core.gen_num_params(cfg):
-        raise ValueError(f"generate: model.flat_params has {flat.size} floats, the config needs "
-                         f"{_core.gen_num_params(cfg)}")
+    need = num_params(cfg)
+    if flat.size != need:
+        raise ValueError(f"generate: model.flat_params has {flat.size} floats, the config needs {need}")
     return cfg
 
 
@@ -172,6 +178,10 @@ def _validate(cfg, prompts, max_new_tokens, temperature, top_k, top_p, repetitio
     if longest + max_new_tokens > cfg.max_seq_len:
         raise ValueError(f"generate: prompt length {longest} + max_new_tokens {max_new_tokens} exceeds "
                          f"max_seq_len {cfg.max_seq_len}")
+    if longest + max_new_tokens > cfg.attention_window:
+        raise ValueError(f"generate: prompt length {longest} + max_new_tokens {max_new_tokens} exceeds "
+                         f"sliding_window {cfg.sliding_window} (cst attends to every position: exact only "
+                         "within the window)")
     if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"generate: temperature must be a finite number >= 0, got {temperature!r}")
     if not _is_int(top_k) or top_k < 0:
@@ -242,7 +252,7 @@ def generate(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p
         packed, owned = _pack_buffer.acquire(_core.gen_packed_size(cfg))
     try:
         if packed is not None:
-            _core.gen_pack(cfg, model.flat_params, packed)
+            _core.gen_pack(cfg, model.flat_params, gen_offsets(cfg), packed)
         cache = KVCache(model, B, longest + max_new_tokens, max_chunk=chunk, packed=packed)
         return _run(cache, prompts, outputs, lens, longest, chunk, max_new_tokens, temperature, top_k, top_p,
                     repetition_penalty, eos, stops, decode, stream, rng)

@@ -1,4 +1,4 @@
-"""GGUF (llama.cpp) files <-> cst.Model: reads Llama-architecture files with gguf.GGUFReader after a
+"""GGUF (llama.cpp) files <-> cst.Model: reads "llama" (Llama, Mistral, SOLAR) and "qwen2" files with gguf.GGUFReader after a
 bounded structural check, dequantises with cst._core, un-permutes Q/K rows; writes F32/F16 files with
 gguf.GGUFWriter. Not a general GGUF tool: other architectures and quantised export are out of scope."""
 import mmap
@@ -10,7 +10,7 @@ import numpy as np
 from . import _core
 from .config import ModelConfig
 from .errors import FormatError
-from .model import Model, param_layout
+from .model import GLOBAL_TENSORS, LAYER_TENSORS, Model, gguf_names, param_layout
 
 # GGUF value types and their fixed sizes (None: string, array).
 _VT_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -209,23 +209,17 @@ def _unpermute(w, n_head):
 
 
 def gguf_name(hf_name):
-    """GGUF tensor name for a Hugging Face Llama parameter name."""
-    if hf_name == "model.embed_tokens.weight":
-        return "token_embd.weight"
-    if hf_name == "model.norm.weight":
-        return "output_norm.weight"
-    if hf_name == "lm_head.weight":
-        return "output.weight"
+    """GGUF tensor name for a Hugging Face parameter name (from cst.model's one layout table)."""
+    for _, hf, gg, _ in GLOBAL_TENSORS:
+        if hf_name == hf:
+            return gg
     parts = hf_name.split(".")  # model.layers.N.<module>.<proj>.weight
-    i, rest = parts[2], ".".join(parts[3:])
-    table = {
-        "input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
-        "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-        "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
-        "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-        "mlp.down_proj.weight": "ffn_down.weight",
-    }
-    return f"blk.{i}.{table[rest]}"
+    if len(parts) > 3 and parts[:2] == ["model", "layers"]:
+        rest = ".".join(parts[3:])
+        for _, hf, gg, _ in LAYER_TENSORS:
+            if rest == hf:
+                return f"blk.{parts[2]}.{gg}"
+    raise KeyError(f"gguf_name: no GGUF name for {hf_name!r}")
 
 
 def _f32(x):
@@ -233,21 +227,43 @@ def _f32(x):
     return float(str(np.float32(x)))
 
 
+# GGUF architectures cst reads. llama.cpp writes Llama 2/3, Mistral and SOLAR as "llama" (Q/K rows
+# permuted for its interleaved RoPE) and Qwen2 as "qwen2" (NeoX RoPE: rows as in Hugging Face).
+_ARCHS = ("llama", "qwen2")
+
+
 def _config(reader, path, tensors):
     arch = _field(reader, path, "general.architecture", "str", required=True)
-    if arch != "llama":
-        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (cst reads 'llama' only)")
-    a = "llama."
+    if arch not in _ARCHS:
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (cst reads {_ARCHS})")
+    a = arch + "."
     if "token_embd.weight" not in tensors:
         raise FormatError(f"{path}: no token_embd.weight tensor")
     emb = tensors["token_embd.weight"]
     dim = _field(reader, path, a + "embedding_length", "int", required=True)
     n_heads = _field(reader, path, a + "attention.head_count", "int", required=True)
+    head_dim = _field(reader, path, a + "attention.key_length", "int")
+    vlen = _field(reader, path, a + "attention.value_length", "int")
+    if head_dim is not None and vlen is not None and vlen != head_dim:
+        raise ValueError(f"{path}: {a}attention.value_length {vlen} differs from key_length {head_dim}; "
+                         "not supported")
+    if head_dim is None and n_heads > 0 and dim % n_heads == 0:
+        head_dim = dim // n_heads
     scaling = _field(reader, path, a + "rope.scaling.type", "str", default="none")
-    if scaling not in ("none", ""):
-        raise ValueError(f"{path}: RoPE scaling {scaling!r} is not supported")
+    rope_scaling = None
+    if scaling == "linear":
+        rope_scaling = {"rope_type": "linear",
+                        "factor": _f32(_field(reader, path, a + "rope.scaling.factor", "float", required=True))}
+    elif scaling not in ("none", ""):
+        raise ValueError(f"{path}: {a}rope.scaling.type {scaling!r} is not supported (none, linear)")
     if "rope_freqs.weight" in tensors:
-        raise ValueError(f"{path}: per-dimension RoPE frequencies (rope_freqs.weight) are not supported")
+        if rope_scaling is not None:
+            raise ValueError(f"{path}: both rope.scaling.type {scaling!r} and rope_freqs.weight: not supported")
+        t = tensors["rope_freqs.weight"]
+        if int(t.tensor_type) != 0 or t.data.size * 2 != (head_dim or 0):
+            raise FormatError(f"{path}: rope_freqs.weight must be F32 with head_dim / 2 values")
+        rope_scaling = {"rope_type": "freq_factors", "factors": np.asarray(t.data, np.float32).tolist()}
+    window = _field(reader, path, a + "attention.sliding_window", "int")
     try:
         cfg = ModelConfig(
             vocab_size=int(emb.shape[1]) if len(emb.shape) == 2 else -1,
@@ -260,18 +276,31 @@ def _config(reader, path, tensors):
             rope_theta=_f32(_field(reader, path, a + "rope.freq_base", "float", default=10000.0)),
             norm_eps=_f32(_field(reader, path, a + "attention.layer_norm_rms_epsilon", "float", default=1e-5)),
             tie_embeddings="output.weight" not in tensors,
+            head_dim=head_dim, attention_bias="blk.0.attn_q.bias" in tensors, rope_scaling=rope_scaling,
+            sliding_window=window or None,
+            arch="qwen2" if arch == "qwen2" else "mistral" if window else "llama",
         )
     except ValueError as e:
         raise FormatError(f"{path}: inconsistent hyper-parameters: {e}") from None
     if cfg.n_layers * 9 > len(tensors):  # bounds the layout built from it before any shape check
         raise FormatError(f"{path}: block_count {cfg.n_layers} needs {cfg.n_layers * 9} tensors, "
                           f"the file has {len(tensors)}")
-    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
-        v = _field(reader, path, a + key, "int")
-        if v is not None and v != cfg.head_dim:
-            raise ValueError(f"{path}: {a + key} = {v} differs from embedding_length / head_count = "
-                             f"{cfg.head_dim}; not supported")
+    v = _field(reader, path, a + "rope.dimension_count", "int")
+    if v is not None and v != cfg.head_dim:
+        raise ValueError(f"{path}: {a}rope.dimension_count = {v} differs from the head size {cfg.head_dim} "
+                         "(partial rotary embeddings are not supported)")
     return cfg
+
+
+def _permuted(cfg):
+    """n_head per HF name whose rows llama.cpp permutes (q and k of the "llama" architecture)."""
+    if cfg.arch == "qwen2":
+        return {}
+    out = {}
+    for i in range(cfg.n_layers):
+        out[f"model.layers.{i}.self_attn.q_proj.weight"] = cfg.n_heads
+        out[f"model.layers.{i}.self_attn.k_proj.weight"] = cfg.n_kv_heads
+    return out
 
 
 def _tokenizer(reader, path):
@@ -289,7 +318,8 @@ def _tokenizer(reader, path):
             eos_token_id=_field(reader, path, t + "eos_token_id", "int"),
             pad_token_id=_field(reader, path, t + "padding_token_id", "int"),
             unk_token_id=_field(reader, path, t + "unknown_token_id", "int"),
-            chat_template=_field(reader, path, "tokenizer.chat_template", "str"))
+            chat_template=_field(reader, path, "tokenizer.chat_template", "str"),
+            scores=_field(reader, path, t + "scores", "list"))
     except FormatError:
         raise
     except (ValueError, TypeError) as e:
@@ -309,15 +339,14 @@ def load_gguf(path, with_tokenizer=True):
     reader = _reader(path)
     tensors = {t.name: t for t in reader.tensors}
     cfg = _config(reader, path, tensors)
-    layout = param_layout(cfg)
-    expected = {gguf_name(n) for n, _ in layout}
-    extra = sorted(set(tensors) - expected)
+    layout, names, permuted = param_layout(cfg), gguf_names(cfg), _permuted(cfg)
+    extra = sorted(set(tensors) - set(names.values()) - {"rope_freqs.weight"})
     if extra:
-        raise FormatError(f"{path}: unexpected tensors for a llama model: {extra[:5]}")
+        raise FormatError(f"{path}: unexpected tensors for this {cfg.arch} model: {extra[:5]}")
     # Every shape is checked against the metadata before the float32 buffer is allocated, so damaged
     # metadata cannot ask for a huge allocation.
     for name, shape in layout:
-        gname = gguf_name(name)
+        gname = names[name]
         t = tensors.get(gname)
         if t is None:
             raise FormatError(f"{path}: missing tensor {gname!r}")
@@ -326,12 +355,11 @@ def load_gguf(path, with_tokenizer=True):
             raise FormatError(f"{path}: tensor {gname!r} has shape {got}, expected {tuple(shape)} (from the metadata)")
     model = Model(cfg, init=False)  # the weights are read next: no random initialisation
     for name, shape in model.layout:
-        gname = gguf_name(name)
+        gname = names[name]
         t = tensors[gname]
         raw = np.asarray(t.data).reshape(-1).view(np.uint8)
         dst = model.params[name]
-        n_head = (cfg.n_heads if name.endswith("q_proj.weight") else
-                  cfg.n_kv_heads if name.endswith("k_proj.weight") else None)
+        n_head = permuted.get(name)
         try:
             if n_head is None:
                 _core.dequantize(dst, raw, int(t.tensor_type))
@@ -346,8 +374,9 @@ def load_gguf(path, with_tokenizer=True):
 
 
 def save_gguf(model, tokenizer, path, dtype="f32"):
-    """Writes model (and tokenizer, when not None) as a llama GGUF. dtype "f32" or "f16" for 2-D
-    weights; norms stay f32 as llama.cpp expects. Written to a temp file, then renamed into place."""
+    """Writes model (and tokenizer, when not None) as a "llama" GGUF ("qwen2" for Qwen2). dtype "f32" or
+    "f16" for 2-D weights; norms and biases stay f32 as llama.cpp expects. Written to a temp file, then
+    renamed into place."""
     import gguf
     from .atomic import atomic_path
     if dtype not in ("f32", "f16"):
@@ -355,7 +384,9 @@ def save_gguf(model, tokenizer, path, dtype="f32"):
     cfg = model.config
     path = os.fspath(path)
     with atomic_path(path) as tmp:
-        w = gguf.GGUFWriter(tmp, "llama")
+        if cfg.attention_bias and cfg.arch != "qwen2":
+            raise ValueError(f"save_gguf: attention_bias on arch {cfg.arch!r}: only qwen2 has q/k/v biases")
+        w = gguf.GGUFWriter(tmp, "qwen2" if cfg.arch == "qwen2" else "llama")
         w.add_name("cst model")
         w.add_context_length(cfg.max_seq_len)
         w.add_embedding_length(cfg.dim)
@@ -366,14 +397,29 @@ def save_gguf(model, tokenizer, path, dtype="f32"):
         w.add_rope_freq_base(float(cfg.rope_theta))
         w.add_layer_norm_rms_eps(float(cfg.norm_eps))
         w.add_rope_dimension_count(cfg.head_dim)
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+        rs = cfg.rope_scaling
+        if rs is not None and rs["rope_type"] == "linear":
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(float(rs["factor"]))
+        elif rs is not None:  # llama3 and freq_factors: per-frequency divisors, as llama.cpp's converter
+            from .ops import llama3_freq_factors
+            factors = (llama3_freq_factors(cfg.head_dim, cfg.rope_theta, rs) if rs["rope_type"] == "llama3"
+                       else np.asarray(rs["factors"], np.float32))
+            w.add_tensor("rope_freqs.weight", np.ascontiguousarray(factors, np.float32))
+        if cfg.sliding_window is not None:
+            w.add_sliding_window(cfg.sliding_window)
         w.add_vocab_size(cfg.vocab_size)
         w.add_file_type(0 if dtype == "f32" else 1)
         if tokenizer is not None:
             f = tokenizer.gguf_fields()
-            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_model(f["model"])
             w.add_tokenizer_pre(f["pre"])
             w.add_token_list(f["tokens"])
             w.add_token_types(f["token_types"])
+            if f["scores"] is not None:
+                w.add_token_scores(f["scores"])
             w.add_token_merges(f["merges"])
             for key, adder in (("bos_token_id", w.add_bos_token_id), ("eos_token_id", w.add_eos_token_id),
                                ("unk_token_id", w.add_unk_token_id), ("pad_token_id", w.add_pad_token_id)):
@@ -382,14 +428,13 @@ def save_gguf(model, tokenizer, path, dtype="f32"):
             w.add_add_bos_token(False)
             if f["chat_template"]:
                 w.add_chat_template(f["chat_template"])
+        names, permuted = gguf_names(cfg), _permuted(cfg)
         for name, _ in model.layout:
             a = model.params[name]
-            if name.endswith("q_proj.weight"):
-                a = _permute(a, cfg.n_heads)
-            elif name.endswith("k_proj.weight"):
-                a = _permute(a, cfg.n_kv_heads)
+            if name in permuted:
+                a = _permute(a, permuted[name])
             a = np.ascontiguousarray(a, dtype=np.float16 if (dtype == "f16" and a.ndim == 2) else np.float32)
-            w.add_tensor(gguf_name(name), a)
+            w.add_tensor(names[name], a)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

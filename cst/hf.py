@@ -1,6 +1,6 @@
 """Hugging Face Llama checkpoint directories <-> cst.Model: config.json, model.safetensors (single or
 sharded, F32/F16/BF16 read by a size-checked reader of our own, so NumPy suffices and bfloat16 needs no
-torch), tokenizer files. Writing uses the safetensors library. Only LlamaForCausalLM is supported."""
+torch), tokenizer files. Writing uses the safetensors library. Llama, Mistral and Qwen2 (see config_from_hf)."""
 import json
 import os
 import struct
@@ -94,22 +94,55 @@ def _load_json(path):
     return d
 
 
+# model_type -> the class name transformers writes in "architectures".
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# Fields whose presence (with a value other than these) means a model cst would compute wrongly.
+_REFUSED = {"mlp_bias": (None, False), "quantization_config": (None,), "pretraining_tp": (None, 1),
+            "attention_dropout": (None, 0, 0.0), "rope_local_base_freq": (None,)}
+
+
 def config_from_hf(d, path="config.json"):
-    """ModelConfig from a Hugging Face config.json dict (LlamaForCausalLM only)."""
+    """ModelConfig from a Hugging Face config.json dict: Llama (2, 3.x, SOLAR), Mistral or Qwen2/2.5.
+    Anything cst does not compute (other architectures, RoPE types, biases, activations) raises an
+    error naming the field."""
+    kind = d.get("model_type")
     archs = d.get("architectures") or []
-    if d.get("model_type") != "llama" or (archs and "LlamaForCausalLM" not in archs):
-        raise ValueError(f"{path}: model_type {d.get('model_type')!r} / architectures {archs} is not supported "
-                         "(cst loads LlamaForCausalLM checkpoints only)")
-    rope = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or {}
-    for r in (rope, scaling):
-        kind = r.get("rope_type", r.get("type", "default"))
-        if kind not in (None, "default"):
-            raise ValueError(f"{path}: RoPE type {kind!r} is not supported (only default RoPE)")
+    if kind not in _HF_CLASSES or (archs and _HF_CLASSES[kind] not in archs):
+        raise ValueError(f"{path}: model_type {kind!r} / architectures {archs} is not supported (cst loads "
+                         f"{', '.join(_HF_CLASSES.values())})")
+    for key, ok in _REFUSED.items():
+        if d.get(key) not in ok:
+            raise ValueError(f"{path}: {key} = {d.get(key)!r} is not supported")
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: hidden_act {d.get('hidden_act')!r} is not supported (only silu)")
-    if d.get("attention_bias") or d.get("mlp_bias"):
-        raise ValueError(f"{path}: attention/MLP biases are not supported")
+    # transformers 5 writes rope_parameters (with rope_theta inside); older files rope_scaling + rope_theta.
+    rope = dict(d.get("rope_parameters") or {})
+    rope.update(d.get("rope_scaling") or {})
+    rtype = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None
+    if rtype not in (None, "default"):
+        if rtype not in ("linear", "llama3"):
+            raise ValueError(f"{path}: rope_scaling rope_type {rtype!r} is not supported (default, linear, llama3)")
+        scaling = {k: v for k, v in rope.items() if k not in ("type", "rope_theta")}
+        scaling["rope_type"] = rtype
+        if rtype == "llama3" and "original_max_position_embeddings" not in scaling:
+            scaling["original_max_position_embeddings"] = d.get("original_max_position_embeddings")
+        extra = sorted(set(scaling) - {"rope_type", "factor", "low_freq_factor", "high_freq_factor",
+                                       "original_max_position_embeddings"})
+        if extra:
+            raise ValueError(f"{path}: rope_scaling fields {extra} are not supported")
+    if kind == "qwen2":
+        bias = True  # Qwen2 always has q/k/v biases (and none on o_proj)
+    else:
+        bias = bool(d.get("attention_bias"))
+        if bias:
+            raise ValueError(f"{path}: attention_bias = true on {kind!r} (biases on q, k, v and o_proj) is not "
+                             "supported; cst computes q/k/v biases only, as in Qwen2")
+    window = d.get("sliding_window")
+    if kind == "qwen2" and not d.get("use_sliding_window"):
+        window = None
+    if kind == "llama":
+        window = None
     try:
         cfg = ModelConfig(
             vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
@@ -118,28 +151,39 @@ def config_from_hf(d, path="config.json"):
             ffn_dim=d["intermediate_size"], max_seq_len=d.get("max_position_embeddings", 2048),
             rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
             norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(d.get("tie_word_embeddings", False)))
+            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            head_dim=d.get("head_dim"), attention_bias=bias, rope_scaling=scaling, sliding_window=window,
+            arch=kind)
     except KeyError as e:
         raise FormatError(f"{path}: missing key {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise FormatError(f"{path}: {e}") from None
-    hd = d.get("head_dim")
-    if hd is not None and hd != cfg.head_dim:
-        raise ValueError(f"{path}: head_dim {hd} differs from hidden_size / num_attention_heads = {cfg.head_dim}")
     return cfg
 
 
 def config_to_hf(cfg, tokenizer=None, dtype="float32"):
+    if cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] not in ("linear", "llama3"):
+        raise ValueError(f"save_hf: rope_scaling {cfg.rope_scaling['rope_type']!r} (per-frequency factors "
+                         "from a GGUF rope_freqs.weight) has no Hugging Face config equivalent")
+    if cfg.attention_bias and cfg.arch != "qwen2":
+        raise ValueError(f"save_hf: attention_bias on arch {cfg.arch!r}: only qwen2 has q/k/v biases alone")
     d = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [_HF_CLASSES[cfg.arch]], "model_type": cfg.arch,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None, "attention_bias": False, "mlp_bias": False,
+        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
         "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": dtype,
         "initializer_range": 0.02, "use_cache": True,
     }
+    if cfg.arch == "llama":
+        d.update(attention_bias=False, mlp_bias=False)
+    elif cfg.arch == "mistral":
+        d.update(sliding_window=cfg.sliding_window)
+    else:
+        d.update(use_sliding_window=cfg.sliding_window is not None, sliding_window=cfg.sliding_window,
+                 max_window_layers=0 if cfg.sliding_window is not None else cfg.n_layers)
     if tokenizer is not None:
         d.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                  pad_token_id=tokenizer.pad_token_id)
@@ -182,7 +226,7 @@ def load_hf(path, with_tokenizer=True):
             if name in where:
                 raise FormatError(f"{f}: tensor {name!r} also appears in {where[name][0]}")
             where[name] = (f, entry)
-    if cfg.n_layers * 9 > len(where):  # bounds the layout built from it
+    if cfg.n_layers * 9 > len(where):  # bounds the layout built from it (9: a layer's fewest tensors)
         raise FormatError(f"{cfg_path}: num_hidden_layers {cfg.n_layers} needs {cfg.n_layers * 9} tensors, "
                           f"the checkpoint has {len(where)}")
     layout = param_layout(cfg)

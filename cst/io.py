@@ -1,6 +1,7 @@
 """One entry point for model files: load(source) -> Model (with .tokenizer) from a GGUF file, a Hugging
-Face Llama directory, or the bundled SmolLM2 name; save(model, path, format). Every write goes to a
-temporary name next to the target and is renamed into place, so a crash never leaves half a file."""
+Face Llama-family directory (Llama, Mistral, Qwen2), or the bundled SmolLM2 name; save(model, path,
+format). Every write goes to a temporary name next to the target and is renamed into place, so a crash
+never leaves half a file."""
 import importlib.util
 import os
 
@@ -27,7 +28,8 @@ def smollm2_path() -> str:
 
 
 def load(source):
-    """Model from a .gguf file, a Hugging Face Llama checkpoint directory, or "smollm2-135m-instruct".
+    """Model from a .gguf file, a Hugging Face Llama/Mistral/Qwen2 checkpoint directory, or
+    "smollm2-135m-instruct".
     model.tokenizer is the matching cst.tokenizer.Tokenizer (None when the source has no tokenizer)."""
     source = os.fspath(source)
     if source.lower() == SMOLLM2_NAME and not os.path.exists(source):

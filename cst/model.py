@@ -8,27 +8,102 @@ from .config import ModelConfig
 from .ops import rope_tables
 
 
-def param_layout(cfg: ModelConfig):
-    """Ordered (name, shape) of every parameter. Within a layer q, k, v are adjacent (so one fused
-    (q+k+v, C) matrix is a view), and so are gate and up."""
-    C, F, HS = cfg.dim, cfg.ffn_dim, cfg.head_dim
-    out = [("model.embed_tokens.weight", (cfg.vocab_size, C))]
+# The one parameter layout: every tensor of a layer, in memory order, as (role, Hugging Face name under
+# "model.layers.N.", GGUF name under "blk.N.", shape in named sizes). A new tensor is one row here; the
+# views, the fused projections, the C generation path (gen_offsets), LoRA and both file formats read it.
+# q, k, v are adjacent (one fused (q+k+v, C) matrix is a view), so are their biases, and gate and up.
+# Rows whose role ends in "_bias" exist when config.attention_bias is set.
+LAYER_TENSORS = (
+    ("attn_norm", "input_layernorm.weight", "attn_norm.weight", ("C",)),
+    ("q", "self_attn.q_proj.weight", "attn_q.weight", ("QD", "C")),
+    ("k", "self_attn.k_proj.weight", "attn_k.weight", ("KD", "C")),
+    ("v", "self_attn.v_proj.weight", "attn_v.weight", ("KD", "C")),
+    ("q_bias", "self_attn.q_proj.bias", "attn_q.bias", ("QD",)),
+    ("k_bias", "self_attn.k_proj.bias", "attn_k.bias", ("KD",)),
+    ("v_bias", "self_attn.v_proj.bias", "attn_v.bias", ("KD",)),
+    ("o", "self_attn.o_proj.weight", "attn_output.weight", ("C", "QD")),
+    ("ffn_norm", "post_attention_layernorm.weight", "ffn_norm.weight", ("C",)),
+    ("gate", "mlp.gate_proj.weight", "ffn_gate.weight", ("F", "C")),
+    ("up", "mlp.up_proj.weight", "ffn_up.weight", ("F", "C")),
+    ("down", "mlp.down_proj.weight", "ffn_down.weight", ("C", "F")),
+)
+# The tensors outside the layers: (role, HF name, GGUF name, shape). The head exists when untied.
+GLOBAL_TENSORS = (
+    ("embed", "model.embed_tokens.weight", "token_embd.weight", ("V", "C")),
+    ("norm", "model.norm.weight", "output_norm.weight", ("C",)),
+    ("head", "lm_head.weight", "output.weight", ("V", "C")),
+)
+
+
+def _sizes(cfg):
+    HS = cfg.head_dim
+    return {"C": cfg.dim, "F": cfg.ffn_dim, "V": cfg.vocab_size, "QD": cfg.n_heads * HS,
+            "KD": cfg.n_kv_heads * HS}
+
+
+def _present(cfg, role):
+    if role.endswith("_bias"):
+        return cfg.attention_bias
+    if role == "head":
+        return not cfg.tie_embeddings
+    return True
+
+
+def tensor_table(cfg: ModelConfig):
+    """Every parameter in memory order as (name, shape, role, layer, gguf name); layer None outside
+    the layers."""
+    n = _sizes(cfg)
+    out = []
+    glob = {r: (hf, gg, tuple(n[d] for d in dims)) for r, hf, gg, dims in GLOBAL_TENSORS}
+    hf, gg, shape = glob["embed"]
+    out.append((hf, shape, "embed", None, gg))
     for i in range(cfg.n_layers):
-        p = f"model.layers.{i}."
-        out += [
-            (p + "input_layernorm.weight", (C,)),
-            (p + "self_attn.q_proj.weight", (cfg.n_heads * HS, C)),
-            (p + "self_attn.k_proj.weight", (cfg.n_kv_heads * HS, C)),
-            (p + "self_attn.v_proj.weight", (cfg.n_kv_heads * HS, C)),
-            (p + "self_attn.o_proj.weight", (C, cfg.n_heads * HS)),
-            (p + "post_attention_layernorm.weight", (C,)),
-            (p + "mlp.gate_proj.weight", (F, C)),
-            (p + "mlp.up_proj.weight", (F, C)),
-            (p + "mlp.down_proj.weight", (C, F)),
-        ]
-    out.append(("model.norm.weight", (C,)))
-    if not cfg.tie_embeddings:
-        out.append(("lm_head.weight", (cfg.vocab_size, C)))
+        for role, hf, gg, dims in LAYER_TENSORS:
+            if _present(cfg, role):
+                out.append((f"model.layers.{i}.{hf}", tuple(n[d] for d in dims), role, i, f"blk.{i}.{gg}"))
+    for role in ("norm", "head"):
+        if _present(cfg, role):
+            hf, gg, shape = glob[role]
+            out.append((hf, shape, role, None, gg))
+    return out
+
+
+def param_layout(cfg: ModelConfig):
+    """Ordered (name, shape) of every parameter (tensor_table without roles)."""
+    return [(name, shape) for name, shape, *_ in tensor_table(cfg)]
+
+
+def num_params(cfg: ModelConfig) -> int:
+    """Floats in the flat parameter buffer of cfg."""
+    return sum(int(np.prod(shape)) for _, shape, *_ in tensor_table(cfg))
+
+
+def gguf_names(cfg: ModelConfig):
+    """{Hugging Face name: GGUF name} for every parameter of cfg."""
+    return {name: gg for name, _, _, _, gg in tensor_table(cfg)}
+
+
+# Column of each role in gen_offsets' rows (csrc/gen.h's CST_GEN_* roles): the first tensor of a fused
+# group stands for it. The last row holds the embedding, final norm and LM head offsets.
+GEN_ROLES = ("attn_norm", "q", "q_bias", "o", "ffn_norm", "gate", "down")
+GEN_GLOBALS = ("embed", "norm", "head")
+
+
+def gen_offsets(cfg: ModelConfig):
+    """(n_layers + 1, len(GEN_ROLES)) int64: the float offset of each role's tensor in the flat
+    parameters (-1: absent), last row the embedding, final norm and head (the embedding when tied).
+    This is how the C generation path learns the layout."""
+    table = tensor_table(cfg)
+    offs, off = {}, 0
+    for name, shape, role, layer, _ in table:
+        offs[(layer, role)] = off
+        off += int(np.prod(shape))
+    out = np.full((cfg.n_layers + 1, len(GEN_ROLES)), -1, np.int64)
+    for i in range(cfg.n_layers):
+        for j, role in enumerate(GEN_ROLES):
+            out[i, j] = offs.get((i, role), -1)
+    for j, role in enumerate(GEN_GLOBALS):
+        out[cfg.n_layers, j] = offs.get((None, role), offs[(None, "embed")])
     return out
 
 
@@ -130,6 +205,9 @@ class Model:
                 cols = shapes[p + parts[0] + ".weight"][1]
                 o = offs[p + parts[0] + ".weight"]
                 d[which] = flat[o:o + rows * cols].reshape(rows, cols)
+            if cfg.attention_bias:  # q|k|v biases, adjacent like their weights
+                o = offs[p + "self_attn.q_proj.bias"]
+                d["qkv_bias"] = flat[o:o + d["qkv"].shape[0]]
             layers.append(d)
         return layers
 
@@ -187,7 +265,7 @@ class Model:
         a.q = b("q", (L, B, T, NH, HS))  # after rotary
         a.k = b("k", (L, B, T, NKV, HS))  # after rotary
         a.v = b("v", (L, B, T, NKV, HS))
-        a.att = b("att", (L, B, T, NH, HS))
+        a.att = b("att", (L, B, T, NH, HS))  # NH * HS may differ from C (head_dim set)
         a.lse = b("lse", (L, B, NH, T))
         a.gu = b("gu", (L, N, 2 * F))
         a.lnf = b("lnf", (N, C))
@@ -200,14 +278,14 @@ class Model:
         C, F, NH, NKV, HS = cfg.dim, cfg.ffn_dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         N = B * T
         b = self._buf
-        a.dres, a.dln, a.datt = b("dres", (N, C)), b("dln", (N, C)), b("datt", (N, C))
+        a.dres, a.dln, a.datt = b("dres", (N, C)), b("dln", (N, C)), b("datt", (N, NH * HS))
         a.dq, a.dk, a.dv = b("dq", (B, T, NH, HS)), b("dk", (B, T, NKV, HS)), b("dv", (B, T, NKV, HS))
         a.dqkv, a.dh, a.dgu = b("dqkv", (N, (NH + 2 * NKV) * HS)), b("dh", (N, F)), b("dgu", (N, 2 * F))
 
     def _rope_for(self, T):
         if self._rope is None or self._rope[0].shape[0] < T:
             cfg = self.config
-            cos, sin = rope_tables(max(T, 64), cfg.head_dim, cfg.rope_theta)
+            cos, sin = rope_tables(max(T, 64), cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
             self._rope = (np.ascontiguousarray(cos, np.float32), np.ascontiguousarray(sin, np.float32))
         return self._rope
 
@@ -224,6 +302,9 @@ class Model:
         B, T = tokens.shape
         if T > cfg.max_seq_len:
             raise ValueError(f"{fn}: 'tokens' has T = {T} > max_seq_len = {cfg.max_seq_len}")
+        if T > cfg.attention_window:
+            raise ValueError(f"{fn}: 'tokens' has T = {T} > sliding_window = {cfg.sliding_window}: cst runs "
+                             "full causal attention, exact only up to the window; shorten the sequences")
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"{fn}: 'tokens' ids must lie in [0, {cfg.vocab_size}), got min {lo}, max {hi}")
@@ -276,6 +357,8 @@ class Model:
             x, mid = a.res[i], a.mid[i]
             _core.rmsnorm_forward(a.ln, a.rstd1[i], x, P[p + "input_layernorm.weight"], eps)
             self._linear_forward(i, "qkv", a.ln, a.qkv)
+            if cfg.attention_bias:
+                a.qkv += self._fused[i]["qkv_bias"]
             # Split the fused product: attention and rotary want (B,T,H,HS) contiguous arrays.
             np.copyto(a.q[i].reshape(N, QD), a.qkv[:, :QD])
             np.copyto(a.k[i].reshape(N, KD), a.qkv[:, QD:QD + KD])
@@ -284,7 +367,7 @@ class Model:
             _core.rope_forward(a.k[i], cos, sin)
             _core.attention_forward(a.att[i], a.lse[i], a.q[i], a.k[i], a.v[i], self._lengths)
             np.copyto(mid, x)
-            self._linear_forward(i, "o", a.att[i].reshape(N, C), mid, accumulate=True)
+            self._linear_forward(i, "o", a.att[i].reshape(N, QD), mid, accumulate=True)
             _core.rmsnorm_forward(a.ln, a.rstd2[i], mid, P[p + "post_attention_layernorm.weight"], eps)
             self._linear_forward(i, "gu", a.ln, a.gu[i])
             _core.swiglu_forward(a.h, a.gu[i])
@@ -469,7 +552,7 @@ class Model:
             w1 = P[p + "input_layernorm.weight"]
             _core.rmsnorm_forward(a.ln, a.rstd1[i], x, w1, eps)
             a.datt.fill(0.0)
-            self._linear_backward(i, "o", a.datt, dres, a.att[i].reshape(N, C))
+            self._linear_backward(i, "o", a.datt, dres, a.att[i].reshape(N, QD))
             a.dq.fill(0.0)
             a.dk.fill(0.0)
             a.dv.fill(0.0)
@@ -480,6 +563,8 @@ class Model:
             np.copyto(a.dqkv[:, :QD], a.dq.reshape(N, QD))
             np.copyto(a.dqkv[:, QD:QD + KD], a.dk.reshape(N, KD))
             np.copyto(a.dqkv[:, QD + KD:], a.dv.reshape(N, KD))
+            if cfg.attention_bias and not frozen:  # padded rows of dqkv are zero
+                self._gfused[i]["qkv_bias"] += a.dqkv.sum(axis=0, dtype=np.float64).astype(np.float32)
             a.dln.fill(0.0)
             self._linear_backward(i, "qkv", a.dln, a.dqkv, a.ln)
             _core.rmsnorm_backward(dres, G(p + "input_layernorm.weight"), a.dln, x, w1, a.rstd1[i])

@@ -1,6 +1,8 @@
-"""Byte-level BPE tokenizer (GPT-2 family, as used by SmolLM2) built on the `tokenizers` library, plus
-the model's own Jinja chat template rendered the way transformers renders it. Not a general
-tokenizer zoo: SentencePiece/Unigram vocabularies are rejected with a clear error."""
+"""Tokenizers built on the `tokenizers` library: any tokenizer.json (byte-level BPE as in SmolLM2, Llama 3
+and Qwen2; SentencePiece-style BPE with byte fallback as in Llama 2, Mistral and SOLAR; Unigram), and
+GGUF vocabularies of type "gpt2" (with llama.cpp's pre-tokenizer names) and "llama" (SentencePiece:
+scores, token types, byte tokens); plus the model's own Jinja chat template rendered the way
+transformers renders it. Not a trainer."""
 import json
 import os
 from datetime import datetime
@@ -11,6 +13,14 @@ from tokenizers import Tokenizer as _Backend
 # llama.cpp's pre-tokenizer names (GGUF tokenizer.ggml.pre) that we can reproduce exactly.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Qwen2's split: Llama 3's with single digits.
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_REGEX_PRES = {"llama-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+_PRE_ALIASES = {"llama3": "llama-bpe", "llama-v3": "llama-bpe", "smaug-bpe": "llama-bpe",
+                "deepseek-r1-qwen": "qwen2"}
+# GGUF token types (llama.cpp's llama_token_type).
+_NORMAL, _UNKNOWN, _CONTROL, _USER, _BYTE = 1, 2, 3, 4, 6
 
 
 def _pre_tokenizer(pre):
@@ -20,11 +30,12 @@ def _pre_tokenizer(pre):
                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     if pre in (None, "", "default", "gpt2", "gpt-2"):
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe"):
-        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+    pre = _PRE_ALIASES.get(pre, pre)
+    if pre in _REGEX_PRES:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_REGEX_PRES[pre]), behavior="isolated"),
                                         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     raise ValueError(f"Tokenizer: GGUF pre-tokenizer {pre!r} is not supported "
-                     "(supported: smollm, gpt2/default, llama-bpe/llama3)")
+                     "(supported: smollm, gpt2/default, llama-bpe/llama3, qwen2)")
 
 
 def _pre_name(pre_json):
@@ -39,10 +50,77 @@ def _pre_name(pre_json):
         if (len(p) == 2 and p[0].get("type") == "Digits" and p[0].get("individual_digits")
                 and _pre_name(p[1]) == "gpt2"):
             return "smollm"
-        if (len(p) == 2 and p[0].get("type") == "Split" and p[0].get("pattern", {}).get("Regex") == _LLAMA3_SPLIT
-                and p[1].get("type") == "ByteLevel" and not p[1].get("use_regex", True)):
-            return "llama-bpe"
+        if len(p) == 2 and p[0].get("type") == "Split" and p[1].get("type") == "ByteLevel" \
+                and not p[1].get("use_regex", True):
+            for name, regex in _REGEX_PRES.items():
+                if p[0].get("pattern", {}).get("Regex") == regex:
+                    return name
     return None
+
+
+def _is_spm_bpe(data):
+    """A tokenizer.json that GGUF's "llama" vocabulary describes: BPE with byte fallback, the text
+    turned into "▁"-joined words by a Metaspace pre-tokenizer (or Llama 2's Prepend + Replace
+    normaliser), no other normaliser."""
+    model, pre, norm = data.get("model") or {}, data.get("pre_tokenizer"), data.get("normalizer")
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        return False
+    if pre is not None and pre.get("type") == "Metaspace" and norm is None:
+        return pre.get("replacement") == "\u2581" and pre.get("prepend_scheme", "always") in ("first", "always")
+    if pre is None and norm is not None and norm.get("type") == "Sequence":
+        kinds = [n.get("type") for n in norm.get("normalizers", [])]
+        return kinds == ["Prepend", "Replace"]
+    return False
+
+
+def _merges_from_scores(tokens, scores, skip):
+    """BPE merges implied by a SentencePiece vocabulary: every split of a token into two vocabulary
+    tokens, best-scored token first (ties: shorter left piece first), as transformers' GGUF reader
+    derives them, so both tokenize a merge-less "llama" GGUF alike."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    out = []
+    for t, score in zip(tokens, scores):
+        if t in skip:
+            continue
+        local = [(t[:k], t[k:]) for k in range(1, len(t))
+                 if t[:k] in ids and t[k:] in ids and t[:k] not in skip and t[k:] not in skip]
+        local.sort(key=lambda m: (ids[m[0]], ids[m[1]]))
+        out += [(a, b, score) for a, b in local]
+    out.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in out]
+
+
+def _parse_merges(merges):
+    """GGUF's "a b" merge strings -> (a, b) pairs."""
+    pairs = []
+    for m in merges:
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise ValueError(f"Tokenizer: malformed merge {m!r}")
+        pairs.append((a, b))
+    return pairs
+
+
+def _add_gguf_specials(backend, tokens, types, vocab):
+    """Control tokens (GGUF type 3) become special added tokens, user-defined ones (type 4) plain added
+    tokens, as transformers' converter does."""
+    control = [AddedToken(t, special=True, normalized=False)
+               for t, ty in zip(tokens, types) if ty == _CONTROL and t in vocab]
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER and t in vocab]
+    if control:
+        backend.add_special_tokens(control)
+    if user:
+        backend.add_tokens(user)
+
+
+def _gguf_token(tokens, i):
+    """The token string of a GGUF special-token id (None stays None)."""
+    if i is None:
+        return None
+    i = int(i)
+    if not 0 <= i < len(tokens):
+        raise ValueError(f"Tokenizer: special token id {i} outside the vocabulary of {len(tokens)}")
+    return tokens[i]
 
 
 def _bytes_to_unicode():
@@ -98,6 +176,7 @@ class Tokenizer:
         self.special_tokens: dict = {t.content: i for i, t in backend.get_added_tokens_decoder().items()
                                      if t.special}
         self._template = None
+        self._system_role = None  # probed on first use (system_role)
 
     # ---- text <-> ids ----
 
@@ -150,6 +229,7 @@ class Tokenizer:
     def render_chat(self, messages, add_generation_prompt: bool = False) -> str:
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
             raise TypeError("Tokenizer.render_chat: messages must be a list of {'role', 'content'} dicts")
+        messages = self._fold_system(messages)
         specials = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
                                       ("unk_token", self.unk_token), ("pad_token", self.pad_token))
                     if v is not None}
@@ -159,17 +239,58 @@ class Tokenizer:
     def encode_chat(self, messages, add_generation_prompt: bool = False) -> list:
         return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
 
+    # ---- templates without a system role ----
+
+    @property
+    def system_role(self) -> bool:
+        """Whether the chat template renders a system message (probed once: Mistral-Instruct's, for
+        one, raises on it or drops it)."""
+        if self._system_role is None:
+            probe = "cst-system-probe-5b1e"
+            try:
+                text = self._compiled_template().render(
+                    messages=[{"role": "system", "content": probe}, {"role": "user", "content": "hi"}],
+                    tools=None, documents=None, add_generation_prompt=True,
+                    **{k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token))
+                       if v is not None})
+                self._system_role = probe in text
+            except Exception:  # the template refused the system turn (raise_exception or an error)
+                self._system_role = False
+        return self._system_role
+
+    def _fold_system(self, messages):
+        """CST lives in the system prompt, so a template without a system role gets it folded into the
+        first user turn ("<system>\n\n<user>"), with a warning, instead of losing it. Documented in
+        docs/models.md."""
+        messages = list(messages)
+        if not messages or messages[0].get("role") != "system" or not self.chat_template or self.system_role:
+            return messages
+        if len(messages) < 2 or messages[1].get("role") != "user":
+            raise ValueError("Tokenizer.render_chat: this chat template has no system role and the system "
+                             "message is not followed by a user message to fold it into")
+        import warnings
+        warnings.warn("Tokenizer: the chat template has no system role; the system prompt is folded into the "
+                      "first user message", stacklevel=3)
+        first = dict(messages[1], content=f"{messages[0].get('content', '')}\n\n{messages[1].get('content', '')}")
+        return [first] + messages[2:]
+
     # ---- constructors ----
 
     @classmethod
     def from_gguf_fields(cls, tokens, token_types=None, merges=None, *, model="gpt2", pre=None,
                          bos_token_id=None, eos_token_id=None, pad_token_id=None, unk_token_id=None,
-                         chat_template=None):
-        """Byte-level BPE from GGUF tokenizer.ggml.* metadata. Control tokens (type 3) become special
-        added tokens, user-defined ones (type 4) plain added tokens, as transformers' converter does."""
+                         chat_template=None, scores=None):
+        """A tokenizer from GGUF tokenizer.ggml.* metadata: model "gpt2" (byte-level BPE, `pre` one of
+        llama.cpp's pre-tokenizer names) or "llama" (SentencePiece BPE with byte fallback, merges from
+        the file or else from `scores`). Control tokens (type 3) become special added tokens,
+        user-defined ones (type 4) plain added tokens, as transformers' converter does."""
+        if model == "llama":
+            return cls._from_gguf_spm(tokens, token_types, merges, scores, bos_token_id=bos_token_id,
+                                      eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                      unk_token_id=unk_token_id, chat_template=chat_template)
         if model != "gpt2":
-            raise ValueError(f"Tokenizer: GGUF tokenizer model {model!r} is not supported (only 'gpt2' "
-                             "byte-level BPE)")
+            raise ValueError(f"Tokenizer: GGUF tokenizer model {model!r} is not supported ('gpt2' byte-level "
+                             "BPE, 'llama' SentencePiece)")
         tokens = list(tokens)
         if not tokens:
             raise ValueError("Tokenizer: empty token list")
@@ -183,37 +304,60 @@ class Tokenizer:
             # A token outside the byte alphabet (rare; llama.cpp writes some specials raw) is respelled.
             key = t if set(t) <= alphabet or token_types[i] in (3, 4) else "".join(b2u[b] for b in t.encode())
             vocab.setdefault(key, i)
-        pairs = []
-        for m in merges or []:
-            a, sep, b = m.partition(" ")
-            if not sep:
-                raise ValueError(f"Tokenizer: malformed merge {m!r}")
-            pairs.append((a, b))
-        backend = _Backend(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+        backend = _Backend(models.BPE(vocab=vocab, merges=_parse_merges(merges or []), fuse_unk=False,
+                                      byte_fallback=False))
         backend.pre_tokenizer = _pre_tokenizer(pre)
         backend.decoder = decoders.ByteLevel()
-        control = [AddedToken(t, special=True, normalized=False)
-                   for t, ty in zip(tokens, token_types) if ty == 3 and t in vocab]
-        user = [AddedToken(t, special=False, normalized=False)
-                for t, ty in zip(tokens, token_types) if ty == 4 and t in vocab]
-        if control:
-            backend.add_special_tokens(control)
-        if user:
-            backend.add_tokens(user)
-
-        def tok(i):
-            if i is None:
-                return None
-            i = int(i)
-            if not 0 <= i < len(tokens):
-                raise ValueError(f"Tokenizer: special token id {i} outside the vocabulary of {len(tokens)}")
-            return tokens[i]
-
+        _add_gguf_specials(backend, tokens, token_types, vocab)
         if eos_token_id is None:
             raise ValueError("Tokenizer: GGUF has no tokenizer.ggml.eos_token_id")
+        tok = lambda i: _gguf_token(tokens, i)  # noqa: E731
         return cls(backend, eos_token=tok(eos_token_id), bos_token=tok(bos_token_id),
                    pad_token=tok(pad_token_id), unk_token=tok(unk_token_id), chat_template=chat_template,
-                   pre=pre or "gpt2")
+                   pre=_PRE_ALIASES.get(pre, pre) or "gpt2")
+
+    @classmethod
+    def _from_gguf_spm(cls, tokens, token_types, merges, scores, *, bos_token_id, eos_token_id, pad_token_id,
+                       unk_token_id, chat_template):
+        """SentencePiece ("llama") vocabulary: BPE with byte fallback over "▁"-joined words (Metaspace,
+        "▁" prepended to the first word), as transformers' LlamaTokenizer reads the same file."""
+        tokens = [str(t) for t in tokens]
+        n = len(tokens)
+        if not n:
+            raise ValueError("Tokenizer: empty token list")
+        types = list(token_types) if token_types is not None else [_NORMAL] * n
+        if len(types) != n:
+            raise ValueError(f"Tokenizer: {len(types)} token types for {n} tokens")
+        if len(set(tokens)) != n:
+            raise ValueError("Tokenizer: duplicate tokens in a SentencePiece vocabulary")
+        if merges:
+            pairs = _parse_merges(merges)
+        else:
+            if scores is None or len(scores) != n:
+                raise ValueError("Tokenizer: a 'llama' GGUF vocabulary needs tokenizer.ggml.scores (one per "
+                                 "token) or merges")
+            pairs = _merges_from_scores(tokens, [float(x) for x in scores], set())
+        vocab = {t: i for i, t in enumerate(tokens)}
+        for b in range(256):
+            if f"<0x{b:02X}>" not in vocab:
+                raise ValueError(f"Tokenizer: SentencePiece vocabulary lacks the byte token <0x{b:02X}>")
+        unk = None
+        if unk_token_id is not None and 0 <= int(unk_token_id) < n:
+            unk = tokens[int(unk_token_id)]
+        elif _UNKNOWN in types:
+            unk = tokens[types.index(_UNKNOWN)]
+        backend = _Backend(models.BPE(vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=True,
+                                      byte_fallback=True))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first",
+                                                         split=False)
+        backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                             decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+        _add_gguf_specials(backend, tokens, types, vocab)
+        tok = lambda i: _gguf_token(tokens, i)  # noqa: E731
+        if eos_token_id is None:
+            raise ValueError("Tokenizer: GGUF has no tokenizer.ggml.eos_token_id")
+        return cls(backend, eos_token=tok(eos_token_id), bos_token=tok(bos_token_id), pad_token=tok(pad_token_id),
+                   unk_token=unk, chat_template=chat_template, pre="llama-spm")
 
     @classmethod
     def from_hf_dir(cls, path):
@@ -228,8 +372,6 @@ class Tokenizer:
                 tj_data = json.load(f)
         except Exception as e:
             raise FormatError(f"{tj}: not a valid tokenizer.json ({e})") from None
-        if tj_data.get("model", {}).get("type") != "BPE":
-            raise ValueError(f"{tj}: only BPE tokenizers are supported, got {tj_data.get('model', {}).get('type')!r}")
         cfg = {}
         cfg_path = os.path.join(path, "tokenizer_config.json")
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
@@ -256,7 +398,8 @@ class Tokenizer:
             raise FormatError(f"{cfg_path}: no eos_token")
         return cls(backend, eos_token=eos, bos_token=_token_str(cfg.get("bos_token")),
                    pad_token=_token_str(cfg.get("pad_token")), unk_token=_token_str(cfg.get("unk_token")),
-                   chat_template=template, pre=_pre_name(tj_data.get("pre_tokenizer")))
+                   chat_template=template,
+                   pre="llama-spm" if _is_spm_bpe(tj_data) else _pre_name(tj_data.get("pre_tokenizer")))
 
     # ---- export ----
 
@@ -287,11 +430,13 @@ class Tokenizer:
             write_text(os.path.join(path, name), text)
 
     def gguf_fields(self) -> dict:
-        """tokens, token_types, merges, pre and special ids in GGUF's terms (for save_gguf)."""
+        """model, tokens, token_types, merges, scores, pre and special ids in GGUF's terms (for
+        save_gguf): "gpt2" for byte-level BPE with a llama.cpp pre-tokenizer, "llama" for
+        SentencePiece-style BPE with byte fallback (scores: minus the merge rank that forms a token)."""
         data = json.loads(self._backend.to_str())
         model = data.get("model", {})
         if model.get("type") != "BPE":
-            raise ValueError("Tokenizer: only BPE tokenizers can be written to GGUF")
+            raise ValueError(f"Tokenizer: a {model.get('type')} tokenizer cannot be written to GGUF (BPE only)")
         if self._pre is None:
             raise ValueError("Tokenizer: this pre-tokenizer has no llama.cpp equivalent; cannot write GGUF")
         vocab = self._backend.get_vocab(with_added_tokens=True)
@@ -303,11 +448,28 @@ class Tokenizer:
             tokens[i] = t
         if any(t is None for t in tokens):
             raise ValueError("Tokenizer: vocabulary ids are not dense; cannot write GGUF")
-        types = [1] * n
+        spm = self._pre == "llama-spm"
+        types = [_NORMAL] * n
+        if spm:
+            for b in range(256):
+                i = vocab.get(f"<0x{b:02X}>")
+                if i is not None:
+                    types[i] = _BYTE
+            if self.unk_token_id is not None:
+                types[self.unk_token_id] = _UNKNOWN
         for i, t in self._backend.get_added_tokens_decoder().items():
-            types[i] = 3 if t.special else 4
+            if types[i] == _NORMAL:
+                types[i] = _CONTROL if t.special else _USER
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-        return {"tokens": tokens, "token_types": types, "merges": merges, "pre": self._pre,
+        scores = None
+        if spm:  # llama.cpp's SentencePiece tokenizer merges the best-scored pair: score = -(merge rank)
+            scores = [0.0] * n
+            for rank, m in enumerate(merges):
+                i = vocab.get(m.replace(" ", "", 1)) if m.count(" ") == 1 else None
+                if i is not None and scores[i] == 0.0:
+                    scores[i] = -float(rank + 1)
+        return {"model": "llama" if spm else "gpt2", "tokens": tokens, "token_types": types, "merges": merges,
+                "scores": scores, "pre": "default" if spm else self._pre,
                 "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
                 "pad_token_id": self.pad_token_id, "unk_token_id": self.unk_token_id,
                 "chat_template": self.chat_template}

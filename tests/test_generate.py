@@ -8,6 +8,7 @@ import cst.ops
 from cst import _core
 from cst import generate as gen
 from cst.generate import KVCache, apply_repetition_penalty, generate, process_logits
+from cst.model import gen_offsets
 
 from conftest import rel_err
 
@@ -180,7 +181,7 @@ def test_results_do_not_depend_on_thread_count(model):
 
 def _packed(model):
     buf = np.empty(_core.gen_packed_size(model.config), np.float32)
-    assert _core.gen_pack(model.config, model.flat_params, buf) is None
+    assert _core.gen_pack(model.config, model.flat_params, gen_offsets(model.config), buf) is None
     return buf
 
 
@@ -435,7 +436,7 @@ def _core_args(cfg, B=2, S=3, maxT=8):
     kvd = cfg.n_kv_heads * cfg.head_dim
     m = make_model(cfg)
     cos, sin = cst.ops.rope_tables(maxT, cfg.head_dim, cfg.rope_theta)
-    return dict(config=cfg, params=m.flat_params, tokens=np.ones((B, S), np.int32),
+    return dict(config=cfg, params=m.flat_params, layout=gen_offsets(cfg), tokens=np.ones((B, S), np.int32),
                 start_pos=np.zeros(B, np.int32), n_new=np.full(B, S, np.int32), rope_cos=cos, rope_sin=sin,
                 kcache=np.zeros((cfg.n_layers, B, maxT, kvd), np.float32),
                 vcache=np.zeros((cfg.n_layers, B, maxT, kvd), np.float32),
@@ -465,6 +466,11 @@ def _core_args(cfg, B=2, S=3, maxT=8):
     (lambda a: a.update(rope_sin=a["rope_sin"][:, :-1].copy()), ValueError, "rope_sin"),
     (lambda a: a.update(rope_sin=a["rope_cos"].astype(np.float64)), TypeError, "rope_sin"),
     (lambda a: a.update(tokens=[[1, 1, 1], [1, 1, 1]]), TypeError, "tokens"),
+    (lambda a: a.update(layout=a["layout"][:-1].copy()), ValueError, "layout"),
+    (lambda a: a.update(layout=a["layout"].astype(np.int32)), TypeError, "layout"),
+    (lambda a: a["layout"].__setitem__((1, 3), a["params"].size - 5), ValueError, "layout"),
+    (lambda a: a["layout"].__setitem__((0, 0), -1), ValueError, "layout"),
+    (lambda a: a["layout"].__setitem__((2, 2), -1), ValueError, "layout"),
 ])
 def test_core_rejects_bad_input(change, err, match):
     args = _core_args(CFG_TIED)
@@ -481,7 +487,7 @@ def test_core_rejects_bad_input(change, err, match):
 def test_core_rejects_bad_packed_weights(change, err, match):
     args = _core_args(CFG_TIED)
     args["packed"] = np.zeros(_core.gen_packed_size(CFG_TIED), np.float32)
-    _core.gen_pack(CFG_TIED, args["params"], args["packed"])
+    _core.gen_pack(CFG_TIED, args["params"], args["layout"], args["packed"])
     _core.gen_forward(**args)
     change(args)
     with pytest.raises(err, match=match):
@@ -491,15 +497,16 @@ def test_core_rejects_bad_packed_weights(change, err, match):
 def test_gen_pack_rejects_bad_input():
     m = make_model(CFG_TIED)
     n = _core.gen_packed_size(CFG_TIED)
+    lay = gen_offsets(CFG_TIED)
     with pytest.raises(ValueError, match="out"):
-        _core.gen_pack(CFG_TIED, m.flat_params, np.zeros(n - 1, np.float32))
+        _core.gen_pack(CFG_TIED, m.flat_params, lay, np.zeros(n - 1, np.float32))
     with pytest.raises(ValueError, match="params"):
-        _core.gen_pack(CFG_TIED, m.flat_params[:-1], np.zeros(n, np.float32))
+        _core.gen_pack(CFG_TIED, m.flat_params[:-1], lay, np.zeros(n, np.float32))
     with pytest.raises(TypeError, match="out"):
-        _core.gen_pack(CFG_TIED, m.flat_params, np.zeros(n, np.float64))
+        _core.gen_pack(CFG_TIED, m.flat_params, lay, np.zeros(n, np.float64))
     big = np.zeros(m.flat_params.size + n, np.float32)
     with pytest.raises(ValueError, match="share memory"):
-        _core.gen_pack(CFG_TIED, big[:m.flat_params.size], big[m.flat_params.size - 1:-1])
+        _core.gen_pack(CFG_TIED, big[:m.flat_params.size], lay, big[m.flat_params.size - 1:-1])
 
 
 def test_core_read_only_outputs_and_padding():

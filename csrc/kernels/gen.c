@@ -151,15 +151,8 @@ CST_TARGET_AVX512 static void attend_avx512(float *att, float *sc, const float *
 }
 #endif
 
-int64_t cst_gen_num_params(const cst_gen_config *cfg) {
-    const int64_t C = cfg->C, F = cfg->F, HS = cfg->C / cfg->NH;
-    const int64_t QKV = (cfg->NH + 2 * cfg->NKV) * HS;
-    const int64_t layer = C + QKV * C + C * cfg->NH * HS + C + 2 * F * C + C * F;
-    return cfg->V * C + cfg->L * layer + C + (cfg->tie_embeddings ? 0 : cfg->V * C);
-}
-
 int64_t cst_gen_scratch_size(const cst_gen_config *cfg, int64_t B, int64_t S, int64_t maxT) {
-    const int64_t N = B * S, C = cfg->C, F = cfg->F, HS = cfg->C / cfg->NH;
+    const int64_t N = B * S, C = cfg->C, F = cfg->F, HS = cfg->HS;
     const int64_t QKV = (cfg->NH + 2 * cfg->NKV) * HS;
     return N * (2 * C + 2 * QKV + cfg->NH * HS + 3 * F + HS + 1 + cfg->NH * maxT) + B * (C + cfg->V);
 }
@@ -168,7 +161,7 @@ int64_t cst_gen_scratch_size(const cst_gen_config *cfg, int64_t B, int64_t S, in
  * the flat parameters), o, gate|up, down. */
 enum { GEN_NW = 4 };
 static void layer_shapes(const cst_gen_config *cfg, int64_t rows[GEN_NW], int64_t cols[GEN_NW]) {
-    const int64_t C = cfg->C, HS = cfg->C / cfg->NH, QD = cfg->NH * HS, KVD = cfg->NKV * HS, F = cfg->F;
+    const int64_t C = cfg->C, HS = cfg->HS, QD = cfg->NH * HS, KVD = cfg->NKV * HS, F = cfg->F;
     const int64_t r[GEN_NW] = {QD + 2 * KVD, C, 2 * F, C}, c[GEN_NW] = {C, QD, C, F};
     for (int i = 0; i < GEN_NW; i++) rows[i] = r[i], cols[i] = c[i];
 }
@@ -180,22 +173,19 @@ int64_t cst_gen_packed_size(const cst_gen_config *cfg) {
     return cfg->L * layer + cst_gemm_packed_size(cfg->V, cfg->C);
 }
 
+/* The layout role of each of the GEN_NW matrices. */
+static const int gen_matrix_role[GEN_NW] = {CST_GEN_QKV, CST_GEN_O, CST_GEN_GU, CST_GEN_DOWN};
+
 /* Packs q|k|v, o, gate|up and down of every layer, then the LM head, in that order. */
-void cst_gen_pack(float *dst, const float *params, const cst_gen_config *cfg) {
-    const int64_t C = cfg->C;
+void cst_gen_pack(float *dst, const float *params, const cst_gen_config *cfg, cst_gen_layout layout) {
     int64_t rows[GEN_NW], cols[GEN_NW];
     layer_shapes(cfg, rows, cols);
-    const float *p = params + cfg->V * C;
-    for (int64_t l = 0; l < cfg->L; l++) {
-        p += C; /* attention norm */
+    for (int64_t l = 0; l < cfg->L; l++)
         for (int i = 0; i < GEN_NW; i++) {
-            cst_gemm_pack_nt(dst, p, rows[i], cols[i]);
+            cst_gemm_pack_nt(dst, params + layout[l * CST_GEN_NROLES + gen_matrix_role[i]], rows[i], cols[i]);
             dst += cst_gemm_packed_size(rows[i], cols[i]);
-            p += rows[i] * cols[i];
-            if (i == 1) p += C; /* the MLP norm sits between o and gate|up */
         }
-    }
-    cst_gemm_pack_nt(dst, cfg->tie_embeddings ? params : p + C, cfg->V, C);
+    cst_gemm_pack_nt(dst, params + layout[cfg->L * CST_GEN_NROLES + CST_GEN_HEAD], cfg->V, cfg->C);
 }
 
 /* Up to this many rows a product reads the packed weights (16-row microkernel, no packing of B); more
@@ -214,10 +204,10 @@ static void linear(float *out, const float *x, const float *w, const float **wp,
 void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch, const float *params,
                      const float *packed, const int32_t *tokens, const int32_t *start_pos,
                      const int32_t *n_new, const float *rope_cos, const float *rope_sin,
-                     const cst_gen_config *cfg, int64_t B, int64_t S, int64_t maxT) {
+                     const cst_gen_config *cfg, cst_gen_layout layout, int64_t B, int64_t S, int64_t maxT) {
     const float *wp = packed;
     const int64_t V = cfg->V, C = cfg->C, L = cfg->L, NH = cfg->NH, NKV = cfg->NKV, F = cfg->F;
-    const int64_t HS = C / NH, half = HS / 2, QD = NH * HS, KVD = NKV * HS, group = NH / NKV;
+    const int64_t HS = cfg->HS, half = HS / 2, QD = NH * HS, KVD = NKV * HS, group = NH / NKV;
     const attend_fn attend = CST_SIMD_PICK(attend);
 
     /* Active rows, packed: sequence b's new tokens are rows off .. off+n_new[b]-1. */
@@ -248,7 +238,8 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
 
     /* Embeddings, and the rotary table rows of each row's position: gathered per row, the packed
      * rows look like one sequence at positions 0..N-1 to cst_rope_forward. */
-    const float *embed = params;
+    const int64_t *glob = layout + L * CST_GEN_NROLES;
+    const float *embed = params + glob[CST_GEN_EMBED];
     for (int64_t b = 0, off = 0; b < B; off += n_new[b], b++) {
         for (int64_t i = 0; i < n_new[b]; i++) {
             const int64_t r = off + i, pos = start_pos[b] + i;
@@ -259,19 +250,21 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
     }
 
     const float scale = (float)(1.0 / sqrt((double)HS));
-    const float *p = params + V * C;
     for (int64_t l = 0; l < L; l++) {
-        const float *w_in = p, *w_qkv = w_in + C; /* q, k and v rows, adjacent */
-        const float *w_o = w_qkv + (QD + 2 * KVD) * C, *w_post = w_o + C * QD, *w_gu = w_post + C;
-        const float *w_down = w_gu + 2 * F * C;
-        p = w_down + C * F;
+        const int64_t *at = layout + l * CST_GEN_NROLES;
+        const float *w_in = params + at[CST_GEN_ATTN_NORM], *w_qkv = params + at[CST_GEN_QKV];
+        const float *b_qkv = at[CST_GEN_QKV_BIAS] < 0 ? NULL : params + at[CST_GEN_QKV_BIAS];
+        const float *w_o = params + at[CST_GEN_O], *w_post = params + at[CST_GEN_FFN_NORM];
+        const float *w_gu = params + at[CST_GEN_GU], *w_down = params + at[CST_GEN_DOWN];
         float *kl = kcache + l * B * maxT * KVD, *vl = vcache + l * B * maxT * KVD;
 
         cst_rmsnorm_forward(xn, rstd, x, w_in, N, C, cfg->norm_eps);
         /* q|k|v as one product, then split: RoPE and the cache copy want q, k and v contiguous. */
         linear(qkv, xn, w_qkv, &wp, N, C, QD + 2 * KVD, 0);
         for (int64_t r = 0; r < N; r++) {
-            const float *row = qkv + r * (QD + 2 * KVD);
+            float *row = qkv + r * (QD + 2 * KVD);
+            if (b_qkv)
+                for (int64_t j = 0; j < QD + 2 * KVD; j++) row[j] += b_qkv[j];
             memcpy(q + r * QD, row, (size_t)QD * sizeof(float));
             memcpy(k + r * KVD, row + QD, (size_t)KVD * sizeof(float));
             memcpy(v + r * KVD, row + QD + KVD, (size_t)KVD * sizeof(float));
@@ -307,7 +300,7 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
     }
 
     /* LM head on the last new token of each active sequence only. */
-    const float *w_norm = p, *w_head = cfg->tie_embeddings ? embed : p + C;
+    const float *w_norm = params + glob[CST_GEN_NORM], *w_head = params + glob[CST_GEN_HEAD];
     for (int64_t b = 0, off = 0, j = 0; b < B; off += n_new[b], b++)
         if (n_new[b] > 0) memcpy(lastx + (j++) * C, x + (off + n_new[b] - 1) * C, (size_t)C * sizeof(float));
     cst_rmsnorm_forward(xn, rstd, lastx, w_norm, nact, C, cfg->norm_eps);

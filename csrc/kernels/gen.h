@@ -6,15 +6,19 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* Model sizes, as in cst.ModelConfig. HS = C / NH. */
+/* Model sizes, as in cst.ModelConfig (HS = config.head_dim, not necessarily C / NH). */
 typedef struct {
-    int64_t V, C, L, NH, NKV, F;
-    float rope_theta, norm_eps;
-    int tie_embeddings;
+    int64_t V, C, L, NH, NKV, F, HS;
+    float norm_eps;
 } cst_gen_config;
 
-/* Floats in the flat parameter buffer laid out as cst.model.param_layout lists. */
-int64_t cst_gen_num_params(const cst_gen_config *cfg);
+/* Where each tensor lies in the flat parameters: cst.model.gen_offsets, one row of CST_GEN_NROLES
+ * float offsets per layer (-1: absent; only the bias may be), then one row with the embedding, final
+ * norm and LM head. q, k, v (and their biases) are adjacent, as are gate and up. */
+enum { CST_GEN_ATTN_NORM, CST_GEN_QKV, CST_GEN_QKV_BIAS, CST_GEN_O, CST_GEN_FFN_NORM, CST_GEN_GU, CST_GEN_DOWN,
+       CST_GEN_NROLES };
+enum { CST_GEN_EMBED, CST_GEN_NORM, CST_GEN_HEAD };
+typedef const int64_t *cst_gen_layout; /* (L + 1, CST_GEN_NROLES) */
 
 /* Floats of scratch cst_gen_forward needs for B sequences of up to S new tokens each and caches of
  * maxT positions (the attention scores of every new token against every cached position dominate). */
@@ -24,7 +28,7 @@ int64_t cst_gen_scratch_size(const cst_gen_config *cfg, int64_t B, int64_t S, in
  * writes their keys and values into the caches and the logits of the LAST new token into logits[b].
  * Sequences with n_new[b] == 0 cost nothing and their logits row is left as it was.
  * logits (B,V): written for active rows.  kcache, vcache (L,B,maxT,NKV*HS): positions written.
- * scratch (cst_gen_scratch_size floats).  params (cst_gen_num_params floats).
+ * scratch (cst_gen_scratch_size floats).  params: every tensor at its offset in layout.
  * tokens (B,S) in [0,V) where used; start_pos (B) >= 0; n_new (B) in [0,S]; start_pos+n_new <= maxT.
  * rope_cos, rope_sin (>= maxT, HS/2): rotary tables by position (cst.ops.rope_tables).
  * Positions below start_pos[b] must already hold sequence b's keys and values.
@@ -32,12 +36,12 @@ int64_t cst_gen_scratch_size(const cst_gen_config *cfg, int64_t B, int64_t S, in
 void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch, const float *params,
                      const float *packed, const int32_t *tokens, const int32_t *start_pos,
                      const int32_t *n_new, const float *rope_cos, const float *rope_sin,
-                     const cst_gen_config *cfg, int64_t B, int64_t S, int64_t maxT);
+                     const cst_gen_config *cfg, cst_gen_layout layout, int64_t B, int64_t S, int64_t maxT);
 
 /* The weight matrices packed once (cst_gemm_pack_nt's layout, the same on every SIMD path): q|k|v, o,
  * gate|up and down of each layer, then the LM head. cst_gen_forward with packed != NULL reads products of
  * up to 64 rows from there (norms and embeddings still come from params). */
 int64_t cst_gen_packed_size(const cst_gen_config *cfg);
-void cst_gen_pack(float *dst, const float *params, const cst_gen_config *cfg);
+void cst_gen_pack(float *dst, const float *params, const cst_gen_config *cfg, cst_gen_layout layout);
 
 #endif

@@ -5,19 +5,17 @@
 #include <math.h>
 #include <stddef.h>
 
-/* The attributes of a cst.ModelConfig gen.c reads, in order: positive ints, positive finite floats,
- * one flag. A new config field is one row here and one member of cst_gen_config. */
+/* The attributes of a cst.ModelConfig gen.c reads, in order: positive ints, positive finite floats.
+ * A new config field is one row here and one member of cst_gen_config. */
 static const struct {
     const char *name;
-    char kind; /* 'i' int64, 'f' float, 'b' flag (int) */
+    char kind; /* 'i' int64, 'f' float */
     size_t offset;
 } config_fields[] = {
     {"vocab_size", 'i', offsetof(cst_gen_config, V)},     {"dim", 'i', offsetof(cst_gen_config, C)},
     {"n_layers", 'i', offsetof(cst_gen_config, L)},       {"n_heads", 'i', offsetof(cst_gen_config, NH)},
     {"n_kv_heads", 'i', offsetof(cst_gen_config, NKV)},   {"ffn_dim", 'i', offsetof(cst_gen_config, F)},
-    {"rope_theta", 'f', offsetof(cst_gen_config, rope_theta)},
-    {"norm_eps", 'f', offsetof(cst_gen_config, norm_eps)},
-    {"tie_embeddings", 'b', offsetof(cst_gen_config, tie_embeddings)},
+    {"head_dim", 'i', offsetof(cst_gen_config, HS)},     {"norm_eps", 'f', offsetof(cst_gen_config, norm_eps)},
 };
 
 /* Reads and checks a cst.ModelConfig (or anything with its attributes). */
@@ -33,11 +31,7 @@ static int read_config(const char *fn, PyObject *o, cst_gen_config *c) {
             return -1;
         }
         int ok;
-        if (kind == 'b') {
-            ok = PyObject_IsTrue(v);
-            *(int *)at = ok;
-            ok = ok >= 0;
-        } else if (kind == 'i') {
+        if (kind == 'i') {
             const long long x = PyLong_Check(v) && !PyBool_Check(v) ? PyLong_AsLongLong(v) : -1;
             ok = x >= 1 && x <= ((int64_t)1 << 40);
             *(int64_t *)at = (int64_t)x;
@@ -47,7 +41,6 @@ static int read_config(const char *fn, PyObject *o, cst_gen_config *c) {
             *(float *)at = (float)x;
         }
         Py_DECREF(v);
-        if (!ok && kind == 'b') return -1;
         if (!ok) {
             PyErr_Clear();
             PyErr_Format(PyExc_ValueError, "%s: config.%s must be a positive %s", fn, name,
@@ -55,11 +48,11 @@ static int read_config(const char *fn, PyObject *o, cst_gen_config *c) {
             return -1;
         }
     }
-    if (c->C % c->NH || c->NH % c->NKV || (c->C / c->NH) % 2) {
+    if (c->NH % c->NKV || c->HS % 2 || c->HS > ((int64_t)1 << 20) || c->NH > ((int64_t)1 << 20)) {
         PyErr_Format(PyExc_ValueError,
-                     "%s: config needs dim %% n_heads == 0, n_heads %% n_kv_heads == 0 and an even head "
-                     "size (dim=%lld, n_heads=%lld, n_kv_heads=%lld)",
-                     fn, (long long)c->C, (long long)c->NH, (long long)c->NKV);
+                     "%s: config needs n_heads %% n_kv_heads == 0 and an even head_dim (n_heads=%lld, "
+                     "n_kv_heads=%lld, head_dim=%lld)",
+                     fn, (long long)c->NH, (long long)c->NKV, (long long)c->HS);
         return -1;
     }
     return 0;
@@ -67,7 +60,7 @@ static int read_config(const char *fn, PyObject *o, cst_gen_config *c) {
 
 /* The scratch size in double precision: rejects sizes whose int64 arithmetic would overflow. */
 static int scratch_size_fits(const cst_gen_config *c, double B, double S, double maxT) {
-    const double HS = (double)(c->C / c->NH);
+    const double HS = (double)c->HS;
     const double n = B * S * (2.0 * c->C + 2.0 * (c->NH + 2.0 * c->NKV) * HS + c->NH * HS + 3.0 * c->F + HS +
                               1.0 + c->NH * maxT) + B * ((double)c->C + c->V);
     return n < 4.0e18;
@@ -78,16 +71,15 @@ static int scratch_size_fits(const cst_gen_config *c, double B, double S, double
 static int prepare_config(cst_call *c) {
     cst_gen_config *cfg = (cst_gen_config *)c->state;
     if (read_config(c->fn, c->v[0].p, cfg) < 0) return -1;
-    cst_dims_set(&c->d, 'P', (npy_intp)cst_gen_num_params(cfg), "the config's parameter count");
     cst_dims_set(&c->d, 'L', (npy_intp)cfg->L, "config.n_layers");
-    cst_dims_set(&c->d, 'K', (npy_intp)(cfg->NKV * (cfg->C / cfg->NH)), "config n_kv_heads * head size");
+    cst_dims_set(&c->d, 'Y', (npy_intp)(cfg->L + 1), "config.n_layers + 1");
+    cst_dims_set(&c->d, 'X', (npy_intp)CST_GEN_NROLES, "the layout roles (cst.model.GEN_ROLES)");
+    cst_dims_set(&c->d, 'K', (npy_intp)(cfg->NKV * cfg->HS), "config n_kv_heads * head_dim");
     cst_dims_set(&c->d, 'V', (npy_intp)cfg->V, "config.vocab_size");
-    cst_dims_set(&c->d, 'H', (npy_intp)(cfg->C / cfg->NH / 2), "half the config's head size");
+    cst_dims_set(&c->d, 'H', (npy_intp)(cfg->HS / 2), "half the config's head_dim");
     cst_dims_set(&c->d, 'W', (npy_intp)cst_gen_packed_size(cfg), "gen_packed_size(config)");
     return 0;
 }
-
-static void run_gen_num_params(cst_call *c) { c->ret.i = cst_gen_num_params((cst_gen_config *)c->state); }
 
 static void run_gen_packed_size(cst_call *c) { c->ret.i = cst_gen_packed_size((cst_gen_config *)c->state); }
 
@@ -104,12 +96,37 @@ static void run_gen_scratch_size(cst_call *c) {
     c->ret.i = cst_gen_scratch_size((cst_gen_config *)c->state, c->v[1].i, c->v[2].i, c->v[3].i);
 }
 
-static void run_gen_pack(cst_call *c) { cst_gen_pack(c->v[2].p, c->v[1].p, (cst_gen_config *)c->state); }
+/* The layout (argument 2, cst.model.gen_offsets) must place every tensor inside params' P floats; only
+ * a layer's q|k|v bias may be absent (-1). */
+static int check_layout(cst_call *c) {
+    const cst_gen_config *cfg = (const cst_gen_config *)c->state;
+    const int64_t *a = c->v[2].p, P = cst_n(c, 'P');
+    const int64_t C = cfg->C, QKV = (cfg->NH + 2 * cfg->NKV) * cfg->HS, F = cfg->F;
+    const int64_t size[CST_GEN_NROLES] = {C, QKV * C, QKV, C * cfg->NH * cfg->HS, C, 2 * F * C, C * F};
+    const int64_t gsize[3] = {cfg->V * C, C, cfg->V * C};
+    for (int64_t l = 0; l <= cfg->L; l++)
+        for (int r = 0; r < (l < cfg->L ? CST_GEN_NROLES : 3); r++) {
+            const int64_t off = a[l * CST_GEN_NROLES + r], n = l < cfg->L ? size[r] : gsize[r];
+            if (off == -1 && l < cfg->L && r == CST_GEN_QKV_BIAS) continue;
+            if (off < 0 || off > P || n > P - off) {
+                PyErr_Format(PyExc_ValueError,
+                             "%s: 'layout'[%lld, %d] = %lld places %lld floats outside 'params' (%lld floats)",
+                             c->fn, (long long)l, r, (long long)off, (long long)n, (long long)P);
+                return -1;
+            }
+        }
+    return 0;
+}
+
+static void run_gen_pack(cst_call *c) {
+    cst_gen_pack(c->v[3].p, c->v[1].p, (cst_gen_config *)c->state, c->v[2].p);
+}
 
 /* What the table cannot say: the tables cover the cache, the scratch is large enough, and each
  * sequence's new tokens fit its cache and the vocabulary. */
 static int check_gen_forward(cst_call *c) {
     const cst_gen_config *cfg = (const cst_gen_config *)c->state;
+    if (check_layout(c) < 0) return -1;
     if (cst_n(c, 'R') < cst_n(c, 'M')) {
         PyErr_Format(PyExc_ValueError, "%s: 'rope_cos' and 'rope_sin' have %lld positions, the caches %lld",
                      c->fn, (long long)cst_n(c, 'R'), (long long)cst_n(c, 'M'));
@@ -130,7 +147,7 @@ static int check_gen_forward(cst_call *c) {
                      (long long)need);
         return -1;
     }
-    const int32_t *tokens = c->v[2].p, *start = c->v[3].p, *nnew = c->v[4].p;
+    const int32_t *tokens = c->v[3].p, *start = c->v[4].p, *nnew = c->v[5].p;
     for (int64_t b = 0; b < B; b++) {
         if (nnew[b] < 0 || nnew[b] > S) {
             PyErr_Format(PyExc_ValueError, "%s: 'n_new'[%lld] = %d must lie in [0, S=%lld]", c->fn,
@@ -149,8 +166,8 @@ static int check_gen_forward(cst_call *c) {
 }
 
 static void run_gen_forward(cst_call *c) {
-    cst_gen_forward(c->v[10].p, c->v[7].p, c->v[8].p, c->v[9].p, c->v[1].p, c->v[11].p, c->v[2].p, c->v[3].p,
-                    c->v[4].p, c->v[5].p, c->v[6].p, (const cst_gen_config *)c->state, cst_n(c, 'B'),
+    cst_gen_forward(c->v[11].p, c->v[8].p, c->v[9].p, c->v[10].p, c->v[1].p, c->v[12].p, c->v[3].p, c->v[4].p,
+                    c->v[5].p, c->v[6].p, c->v[7].p, (const cst_gen_config *)c->state, c->v[2].p, cst_n(c, 'B'),
                     cst_n(c, 'S'), cst_n(c, 'M'));
 }
 
@@ -162,13 +179,11 @@ const cst_entry cst_gen_entries[] = {
     {"gen_packed_size", run_gen_packed_size, {CONFIG}, .prepare = prepare_config, .ret = CST_RET_INT,
      .doc = "Returns int: float32 elements gen_pack writes."},
     {"gen_pack", run_gen_pack,
-     {CONFIG, {"params", CST_F32, "P"}, OUT("out", "W")},
-     .prepare = prepare_config,
-     .doc = "packs every weight matrix of params into out "
+     {CONFIG, {"params", CST_F32, "P"}, {"layout", CST_I64, "YX"}, OUT("out", "W")},
+     .prepare = prepare_config, .check = check_layout,
+     .doc = "layout (L+1, 7) int64 from cst.model.gen_offsets places each tensor in params; packs every weight matrix of params into out "
             "(gen_packed_size(config) floats, the same layout on every SIMD path) for gen_forward(packed=out). "
             "Pack again after the weights change."},
-    {"gen_num_params", run_gen_num_params, {CONFIG}, .prepare = prepare_config, .ret = CST_RET_INT,
-     .doc = "Returns int: floats in the flat parameter buffer of this config."},
     {"gen_scratch_size", run_gen_scratch_size,
      {CONFIG,
       {"B", CST_INT64, .range = "[0, 16777216]"},
@@ -179,6 +194,7 @@ const cst_entry cst_gen_entries[] = {
     {"gen_forward", run_gen_forward,
      {CONFIG,
       {"params", CST_F32, "P"},
+      {"layout", CST_I64, "YX"},
       {"tokens", CST_I32, "BS"},
       {"start_pos", CST_I32, "B"},
       {"n_new", CST_I32, "B"},
@@ -190,7 +206,7 @@ const cst_entry cst_gen_entries[] = {
       OUT("logits", "BV"),
       {"packed", CST_F32, "W", CST_NONE, .def = "None"}},
      .prepare = prepare_config, .check = check_gen_forward,
-     .doc = "appends tokens (B,S) int32 [b, :n_new[b]] at positions start_pos[b].. of each sequence's "
+     .doc = "layout (L+1, 7) int64 from cst.model.gen_offsets places each tensor in params; appends tokens (B,S) int32 [b, :n_new[b]] at positions start_pos[b].. of each sequence's "
             "KV cache, rotary tables (>=maxT, HS/2) from cst.ops.rope_tables, "
             "(L,B,maxT,NKV*HS) and writes the logits of each active sequence's last new token into logits "
             "(B,V); rows with n_new 0 are untouched. packed (from gen_pack, optional): the weights "

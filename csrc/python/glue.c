@@ -105,7 +105,7 @@ static const struct {
     const char *name;
 } dtypes[] = {{CST_F32, NPY_FLOAT32, "float32"}, {CST_F64, NPY_FLOAT64, "float64"},
               {CST_I32, NPY_INT32, "int32"},     {CST_U8, NPY_UINT8, "uint8"},
-              {CST_BOOL, NPY_BOOL, "bool"}};
+              {CST_BOOL, NPY_BOOL, "bool"},      {CST_I64, NPY_INT64, "int64"}};
 #define N_DTYPES (int)(sizeof dtypes / sizeof dtypes[0])
 
 static int is_array(int kind) { return kind < CST_DOUBLE; }

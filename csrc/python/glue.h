@@ -45,7 +45,7 @@ int cst_check_range_i32(const char *fn, const char *name, const int32_t *ids, np
  * Scalars: converted from Python like PyArg_ParseTuple's d, L, i, p, s and O; a CST_CHOICE is a str
  * that must be one of the words of its range, stored as the word's index (v.i). */
 enum {
-    CST_F32 = 1, CST_F64 = 2, CST_I32 = 4, CST_U8 = 8, CST_BOOL = 16, /* arrays */
+    CST_F32 = 1, CST_F64 = 2, CST_I32 = 4, CST_U8 = 8, CST_BOOL = 16, CST_I64 = 32, /* arrays */
     CST_DOUBLE = 256, CST_INT64, CST_INT, CST_FLAG, CST_STR, CST_CHOICE, CST_OBJECT /* scalars */
 };
 /* Argument flags.
