@@ -1,7 +1,6 @@
 /* glue.c: the one argument parser of the NumPy boundary (see glue.h): converts and validates the
  * arguments an entry descriptor lists, then calls its kernel without the GIL. Raises, never aborts. */
 #include "glue.h"
-#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,8 +17,6 @@ void cst_dims_set(cst_dims *d, char letter, npy_intp value, const char *why) {
     d->v[letter - 'A'] = value;
     d->bound_by[letter - 'A'] = why;
 }
-
-npy_intp cst_dim(const cst_dims *d, char letter) { return d->v[letter - 'A']; }
 
 static void shape_str(char *buf, size_t n, PyArrayObject *a) {
     size_t used = 0;
@@ -197,7 +194,7 @@ static int type_error(const cst_call *c, const cst_param *a, const char *what, P
     return -1;
 }
 
-/* Scalars convert as PyArg_ParseTuple's d, L, i, p, s and O would; omitted ones take a->def. */
+/* Scalars convert as PyArg_ParseTuple's d, L, p, s and O would; omitted ones take a->def. */
 static int parse_scalar(cst_call *c, const cst_param *a, int i) {
     PyObject *o = c->obj[i];
     cst_value *v = &c->v[i];
@@ -222,15 +219,9 @@ static int parse_scalar(cst_call *c, const cst_param *a, int i) {
         }
         return 0;
     case CST_INT64:
-    case CST_INT:
         if (!PyIndex_Check(o)) return type_error(c, a, "an integer", o);
         v->i = PyLong_AsLongLong(o);
-        if (v->i == -1 && PyErr_Occurred()) return -1;
-        if (a->kind == CST_INT && (v->i < INT_MIN || v->i > INT_MAX)) {
-            PyErr_Format(PyExc_OverflowError, "%s: '%s' = %lld does not fit a C int", c->fn, a->name, v->i);
-            return -1;
-        }
-        return 0;
+        return v->i == -1 && PyErr_Occurred() ? -1 : 0;
     case CST_FLAG: {
         const int t = PyObject_IsTrue(o);
         v->i = t;
@@ -317,7 +308,7 @@ static int check_scalar(cst_call *c, const cst_param *a, int i) {
         Py_XDECREF(x);
         return -1;
     }
-    if ((a->kind == CST_INT64 || a->kind == CST_INT) && a->range &&
+    if (a->kind == CST_INT64 && a->range &&
         !in_range(parse_range(c, a->range), (double)v->i)) {
         PyErr_Format(PyExc_ValueError, "%s: '%s' must be %s%s, got %lld", c->fn, a->name,
                      a->range[0] == '>' ? "" : "in ", a->range, v->i);

@@ -26,7 +26,6 @@ typedef struct {
 void cst_dims_init(cst_dims *d);
 /* Pre-binds a letter to a known value (e.g. a size derived from other arguments). */
 void cst_dims_set(cst_dims *d, char letter, npy_intp value, const char *why);
-npy_intp cst_dim(const cst_dims *d, char letter);
 
 /* Validates obj as an ndarray of typenum, C-contiguous and aligned, whose shape matches spec
  * (one letter per axis, e.g. "BTC"; "*" takes any shape). writeable != 0 requires a writeable array.
@@ -42,11 +41,11 @@ int cst_check_range_i32(const char *fn, const char *name, const int32_t *ids, np
 /* ---- entry descriptors ---- */
 
 /* Argument kinds. Arrays: one dtype, or several or-ed together (the call records which one came).
- * Scalars: converted from Python like PyArg_ParseTuple's d, L, i, p, s and O; a CST_CHOICE is a str
+ * Scalars: converted from Python like PyArg_ParseTuple's d, L, p, s and O; a CST_CHOICE is a str
  * that must be one of the words of its range, stored as the word's index (v.i). */
 enum {
     CST_F32 = 1, CST_F64 = 2, CST_I32 = 4, CST_U8 = 8, CST_BOOL = 16, /* arrays */
-    CST_DOUBLE = 256, CST_INT64, CST_INT, CST_FLAG, CST_STR, CST_CHOICE, CST_OBJECT /* scalars */
+    CST_DOUBLE = 256, CST_INT64, CST_FLAG, CST_STR, CST_CHOICE, CST_OBJECT /* scalars */
 };
 /* Argument flags.
  * CST_WRITE: the kernel writes the array (must be writeable).
@@ -74,7 +73,7 @@ typedef struct {
 typedef union {
     void *p; /* array data (NULL for None), or the PyObject of a CST_OBJECT */
     double f;
-    long long i; /* CST_INT64, CST_INT, CST_FLAG, CST_CHOICE */
+    long long i; /* CST_INT64, CST_FLAG, CST_CHOICE */
     const char *s;
 } cst_value;
 

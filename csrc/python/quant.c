@@ -44,7 +44,7 @@ const cst_entry cst_quant_entries[] = {
     {"dequantize", run_dequantize,
      {{"out", CST_F32, "*", CST_WRITE},
       {"raw", CST_U8, "*"},
-      {"type_id", CST_INT}},
+      {"type_id", CST_INT64, .range = "[0, 2147483647]"}},
      .check = check_dequantize,
      .doc = "decode ggml blocks in raw (uint8, any shape) into out (float32, "
             "n_blocks * block_elems values). Raises ValueError for an unknown type or mismatched sizes."},
