@@ -119,21 +119,28 @@ static void or_list(char *out, size_t cap, const char *words, const char *quote)
     }
 }
 
+/* "float32|uint8|bool": the dtypes kind allows, as an or_list. */
+static void dtype_names(char *out, size_t cap, int kind) {
+    *out = 0;
+    for (int k = 0; k < N_DTYPES; k++)
+        if (kind & dtypes[k].bit)
+            PyOS_snprintf(out + strlen(out), cap - strlen(out), "%s%s", *out ? "|" : "", dtypes[k].name);
+}
+
 /* The numpy type to check obj against: the array's own when kind allows several and it is one of them. */
 static int pick_dtype(const cst_call *c, const cst_param *a, PyObject *obj, int *bit) {
     int first = -1;
-    char names[64] = "";
     for (int k = 0; k < N_DTYPES; k++) {
         if (!(a->kind & dtypes[k].bit)) continue;
         if (first < 0) first = k;
-        PyOS_snprintf(names + strlen(names), sizeof names - strlen(names), "%s%s", *names ? "|" : "", dtypes[k].name);
         if (PyArray_Check(obj) && PyArray_TYPE((PyArrayObject *)obj) == dtypes[k].npy) {
             *bit = dtypes[k].bit;
             return dtypes[k].npy;
         }
     }
     if (a->kind != dtypes[first].bit && PyArray_Check(obj)) { /* several allowed, none matches */
-        char list[96] = "";
+        char names[64], list[96] = "";
+        dtype_names(names, sizeof names, a->kind);
         or_list(list, sizeof list, names, "");
         PyErr_Format(PyExc_TypeError, "%s: '%s' must have dtype %s, got %S", c->fn, a->name, list,
                      (PyObject *)PyArray_DESCR((PyArrayObject *)obj));
@@ -344,7 +351,8 @@ static int check_values(const cst_call *c, const cst_param *a, int i) {
 static int overlaps(const cst_call *c, int i, int j) {
     const char *pa = c->v[i].p, *pb = c->v[j].p;
     if (!pa || !pb) return 0;
-    const npy_intp na = PyArray_NBYTES((PyArrayObject *)c->obj[i]), nb = PyArray_NBYTES((PyArrayObject *)c->obj[j]);
+    const npy_intp na = PyArray_NBYTES((PyArrayObject *)c->obj[i]);
+    const npy_intp nb = PyArray_NBYTES((PyArrayObject *)c->obj[j]);
     return na > 0 && nb > 0 && pa < pb + nb && pb < pa + na;
 }
 
@@ -390,9 +398,10 @@ PyObject *cst_entry_call(const cst_entry *e, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, fmt, kwlist, &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
                                      &o[7], &o[8], &o[9], &o[10], &o[11], &o[12], &o[13], &o[14], &o[15]))
         return NULL;
-    for (int i = 0; i < n; i++)
-        if (!is_array(e->args[i].kind) && (parse_scalar(&c, &e->args[i], i) < 0 || check_scalar(&c, &e->args[i], i) < 0))
-            return NULL;
+    for (int i = 0; i < n; i++) {
+        const cst_param *a = &e->args[i];
+        if (!is_array(a->kind) && (parse_scalar(&c, a, i) < 0 || check_scalar(&c, a, i) < 0)) return NULL;
+    }
     if (e->prepare && e->prepare(&c) < 0) return NULL;
     for (int rank = 0; rank < 3; rank++)
         for (int i = 0; i < n; i++)
@@ -400,9 +409,10 @@ PyObject *cst_entry_call(const cst_entry *e, PyObject *args, PyObject *kw) {
                 return NULL;
     if (e->check && e->check(&c) < 0) return NULL;
     for (int rank = 0; rank < 3; rank++)
-        for (int i = 0; i < n; i++)
-            if (is_array(e->args[i].kind) && check_rank(&e->args[i]) == rank && check_values(&c, &e->args[i], i) < 0)
-                return NULL;
+        for (int i = 0; i < n; i++) {
+            const cst_param *a = &e->args[i];
+            if (is_array(a->kind) && check_rank(a) == rank && check_values(&c, a, i) < 0) return NULL;
+        }
     if (check_aliasing(&c, e, n) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
     e->run(&c);
@@ -429,11 +439,11 @@ static char *entry_doc(const cst_entry *e) {
     for (int i = 0; i < CST_MAX_ARGS && e->args[i].name && n < cap; i++) {
         const cst_param *a = &e->args[i];
         if (!is_array(a->kind)) continue;
-        char types[48] = "";
-        for (int k = 0; k < N_DTYPES; k++)
-            if (a->kind & dtypes[k].bit) PyOS_snprintf(types + strlen(types), sizeof types - strlen(types), "%s%s", *types ? "|" : "", dtypes[k].name);
+        char types[64];
+        dtype_names(types, sizeof types, a->kind);
         n += (size_t)PyOS_snprintf(d + n, cap - n, "\n  %s: %s (%s)%s%s%s%s", a->name, types, a->dims,
-                                   (a->flags & CST_WRITE) ? ", written" : "", (a->flags & CST_NONE) ? ", or None" : "",
+                                   (a->flags & CST_WRITE) ? ", written" : "",
+                                   (a->flags & CST_NONE) ? ", or None" : "",
                                    a->range ? ", values in " : "", a->range ? a->range : "");
     }
     return d;
