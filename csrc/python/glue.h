@@ -28,7 +28,7 @@ void cst_dims_init(cst_dims *d);
 void cst_dims_set(cst_dims *d, char letter, npy_intp value, const char *why);
 
 /* Validates obj as an ndarray of typenum, C-contiguous and aligned, whose shape matches spec
- * (one letter per axis, e.g. "BTC"; "*" takes any shape). writeable != 0 requires a writeable array.
+ * (one letter per axis, e.g. "BTC"; "*" takes any shape). CST_WRITE in flags requires a writeable array.
  * On success stores the data pointer in *data and returns 0; on failure sets TypeError/ValueError
  * naming fn and name and returns -1. CST_NONE in flags accepts None (then *data = NULL). */
 int cst_arg(const char *fn, const char *name, PyObject *obj, int typenum, const char *spec,
@@ -91,10 +91,10 @@ typedef struct {
 
 enum { CST_RET_NONE = 0, CST_RET_FLOAT, CST_RET_INT };
 
-/* One kernel entry point. The parser converts the arguments, checks arrays (dtype TypeError; ndim,
- * named dimensions, contiguity, alignment, writeability ValueError), applies the derived dimensions,
- * runs prepare (before the arrays) and check (after them, before the value checks), then the
- * aliasing, finiteness and index-range checks, releases the GIL and calls run. */
+/* One kernel entry point. The parser converts the scalars and checks their ranges, runs prepare,
+ * checks the arrays (dtype TypeError; ndim, named and derived dimensions, contiguity, alignment,
+ * writeability ValueError), runs check, then the index ranges, finiteness and aliasing, releases the
+ * GIL and calls run. Every error names the function and the argument. */
 typedef struct {
     const char *name;
     void (*run)(cst_call *c); /* calls the kernel; runs without the GIL, must not touch Python */
@@ -107,6 +107,7 @@ typedef struct {
 } cst_entry;
 
 /* Shorthand for the dimension a letter is bound to in a call. */
+#define CST_STATE(c, type) ((type *)(c)->state) /* a hook's per-call state, at most 256 bytes */
 static inline int64_t cst_n(const cst_call *c, char letter) { return (int64_t)c->d.v[letter - 'A']; }
 
 /* Entry tables contributed by each boundary file (terminated by a row with name NULL), joined by

@@ -32,12 +32,12 @@ static int check_dequantize(cst_call *c) {
                      (long long)n_blocks, tname, (long long)(n_blocks * be), (long long)nout);
         return -1;
     }
-    ((dequant_state *)c->state)->n_blocks = n_blocks;
+    CST_STATE(c, dequant_state)->n_blocks = n_blocks;
     return 0;
 }
 
 static void run_dequantize(cst_call *c) {
-    cst_dequantize(c->v[0].p, c->v[1].p, ((dequant_state *)c->state)->n_blocks, (int)c->v[2].i);
+    cst_dequantize(c->v[0].p, c->v[1].p, CST_STATE(c, dequant_state)->n_blocks, (int)c->v[2].i);
 }
 
 const cst_entry cst_quant_entries[] = {
