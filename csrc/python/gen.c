@@ -66,10 +66,12 @@ static int scratch_size_fits(const cst_gen_config *c, double B, double S, double
     return n < 4.0e18;
 }
 
+_Static_assert(sizeof(cst_gen_config) <= sizeof(((cst_call *)0)->state), "a config fits CST_STATE");
+
 /* Every gen entry point starts from the config: it is read once, and the sizes it fixes are bound
  * before the arrays are checked. */
 static int prepare_config(cst_call *c) {
-    cst_gen_config *cfg = (cst_gen_config *)c->state;
+    cst_gen_config *cfg = CST_STATE(c, cst_gen_config);
     if (read_config(c->fn, c->v[0].p, cfg) < 0) return -1;
     cst_dims_set(&c->d, 'L', (npy_intp)cfg->L, "config.n_layers");
     cst_dims_set(&c->d, 'Y', (npy_intp)(cfg->L + 1), "config.n_layers + 1");
@@ -81,11 +83,11 @@ static int prepare_config(cst_call *c) {
     return 0;
 }
 
-static void run_gen_packed_size(cst_call *c) { c->ret.i = cst_gen_packed_size((cst_gen_config *)c->state); }
+static void run_gen_packed_size(cst_call *c) { c->ret.i = cst_gen_packed_size(CST_STATE(c, cst_gen_config)); }
 
 static int check_gen_scratch_size(cst_call *c) {
     const long long B = c->v[1].i, S = c->v[2].i, maxT = c->v[3].i;
-    if (!scratch_size_fits((cst_gen_config *)c->state, (double)B, (double)S, (double)maxT)) {
+    if (!scratch_size_fits(CST_STATE(c, cst_gen_config), (double)B, (double)S, (double)maxT)) {
         PyErr_Format(PyExc_ValueError, "%s: scratch for B=%lld, S=%lld, maxT=%lld is too large", c->fn, B, S, maxT);
         return -1;
     }
@@ -93,13 +95,13 @@ static int check_gen_scratch_size(cst_call *c) {
 }
 
 static void run_gen_scratch_size(cst_call *c) {
-    c->ret.i = cst_gen_scratch_size((cst_gen_config *)c->state, c->v[1].i, c->v[2].i, c->v[3].i);
+    c->ret.i = cst_gen_scratch_size(CST_STATE(c, cst_gen_config), c->v[1].i, c->v[2].i, c->v[3].i);
 }
 
 /* The layout (argument 2, cst.model.gen_offsets) must place every tensor inside params' P floats; only
  * a layer's q|k|v bias may be absent (-1). */
 static int check_layout(cst_call *c) {
-    const cst_gen_config *cfg = (const cst_gen_config *)c->state;
+    const cst_gen_config *cfg = CST_STATE(c, const cst_gen_config);
     const int64_t *a = c->v[2].p, P = cst_n(c, 'P');
     const int64_t C = cfg->C, QKV = (cfg->NH + 2 * cfg->NKV) * cfg->HS, F = cfg->F;
     const int64_t size[CST_GEN_NROLES] = {C, QKV * C, QKV, C * cfg->NH * cfg->HS, C, 2 * F * C, C * F};
@@ -119,13 +121,13 @@ static int check_layout(cst_call *c) {
 }
 
 static void run_gen_pack(cst_call *c) {
-    cst_gen_pack(c->v[3].p, c->v[1].p, (cst_gen_config *)c->state, c->v[2].p);
+    cst_gen_pack(c->v[3].p, c->v[1].p, CST_STATE(c, cst_gen_config), c->v[2].p);
 }
 
 /* What the table cannot say: the tables cover the cache, the scratch is large enough, and each
  * sequence's new tokens fit its cache and the vocabulary. */
 static int check_gen_forward(cst_call *c) {
-    const cst_gen_config *cfg = (const cst_gen_config *)c->state;
+    const cst_gen_config *cfg = CST_STATE(c, const cst_gen_config);
     if (check_layout(c) < 0) return -1;
     if (cst_n(c, 'R') < cst_n(c, 'M')) {
         PyErr_Format(PyExc_ValueError, "%s: 'rope_cos' and 'rope_sin' have %lld positions, the caches %lld",
@@ -167,7 +169,7 @@ static int check_gen_forward(cst_call *c) {
 
 static void run_gen_forward(cst_call *c) {
     cst_gen_forward(c->v[11].p, c->v[8].p, c->v[9].p, c->v[10].p, c->v[1].p, c->v[12].p, c->v[3].p, c->v[4].p,
-                    c->v[5].p, c->v[6].p, c->v[7].p, (const cst_gen_config *)c->state, c->v[2].p, cst_n(c, 'B'),
+                    c->v[5].p, c->v[6].p, c->v[7].p, CST_STATE(c, const cst_gen_config), c->v[2].p, cst_n(c, 'B'),
                     cst_n(c, 'S'), cst_n(c, 'M'));
 }
 

@@ -1,7 +1,6 @@
 /* glue.c: the one argument parser of the NumPy boundary (see glue.h): converts and validates the
  * arguments an entry descriptor lists, then calls its kernel without the GIL. Raises, never aborts. */
 #include "glue.h"
-#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,8 +17,6 @@ void cst_dims_set(cst_dims *d, char letter, npy_intp value, const char *why) {
     d->v[letter - 'A'] = value;
     d->bound_by[letter - 'A'] = why;
 }
-
-npy_intp cst_dim(const cst_dims *d, char letter) { return d->v[letter - 'A']; }
 
 static void shape_str(char *buf, size_t n, PyArrayObject *a) {
     size_t used = 0;
@@ -122,21 +119,28 @@ static void or_list(char *out, size_t cap, const char *words, const char *quote)
     }
 }
 
+/* "float32|uint8|bool": the dtypes kind allows, as an or_list. */
+static void dtype_names(char *out, size_t cap, int kind) {
+    *out = 0;
+    for (int k = 0; k < N_DTYPES; k++)
+        if (kind & dtypes[k].bit)
+            PyOS_snprintf(out + strlen(out), cap - strlen(out), "%s%s", *out ? "|" : "", dtypes[k].name);
+}
+
 /* The numpy type to check obj against: the array's own when kind allows several and it is one of them. */
 static int pick_dtype(const cst_call *c, const cst_param *a, PyObject *obj, int *bit) {
     int first = -1;
-    char names[64] = "";
     for (int k = 0; k < N_DTYPES; k++) {
         if (!(a->kind & dtypes[k].bit)) continue;
         if (first < 0) first = k;
-        PyOS_snprintf(names + strlen(names), sizeof names - strlen(names), "%s%s", *names ? "|" : "", dtypes[k].name);
         if (PyArray_Check(obj) && PyArray_TYPE((PyArrayObject *)obj) == dtypes[k].npy) {
             *bit = dtypes[k].bit;
             return dtypes[k].npy;
         }
     }
     if (a->kind != dtypes[first].bit && PyArray_Check(obj)) { /* several allowed, none matches */
-        char list[96] = "";
+        char names[64], list[96] = "";
+        dtype_names(names, sizeof names, a->kind);
         or_list(list, sizeof list, names, "");
         PyErr_Format(PyExc_TypeError, "%s: '%s' must have dtype %s, got %S", c->fn, a->name, list,
                      (PyObject *)PyArray_DESCR((PyArrayObject *)obj));
@@ -197,7 +201,7 @@ static int type_error(const cst_call *c, const cst_param *a, const char *what, P
     return -1;
 }
 
-/* Scalars convert as PyArg_ParseTuple's d, L, i, p, s and O would; omitted ones take a->def. */
+/* Scalars convert as PyArg_ParseTuple's d, L, p, s and O would; omitted ones take a->def. */
 static int parse_scalar(cst_call *c, const cst_param *a, int i) {
     PyObject *o = c->obj[i];
     cst_value *v = &c->v[i];
@@ -222,15 +226,9 @@ static int parse_scalar(cst_call *c, const cst_param *a, int i) {
         }
         return 0;
     case CST_INT64:
-    case CST_INT:
         if (!PyIndex_Check(o)) return type_error(c, a, "an integer", o);
         v->i = PyLong_AsLongLong(o);
-        if (v->i == -1 && PyErr_Occurred()) return -1;
-        if (a->kind == CST_INT && (v->i < INT_MIN || v->i > INT_MAX)) {
-            PyErr_Format(PyExc_OverflowError, "%s: '%s' = %lld does not fit a C int", c->fn, a->name, v->i);
-            return -1;
-        }
-        return 0;
+        return v->i == -1 && PyErr_Occurred() ? -1 : 0;
     case CST_FLAG: {
         const int t = PyObject_IsTrue(o);
         v->i = t;
@@ -317,7 +315,7 @@ static int check_scalar(cst_call *c, const cst_param *a, int i) {
         Py_XDECREF(x);
         return -1;
     }
-    if ((a->kind == CST_INT64 || a->kind == CST_INT) && a->range &&
+    if (a->kind == CST_INT64 && a->range &&
         !in_range(parse_range(c, a->range), (double)v->i)) {
         PyErr_Format(PyExc_ValueError, "%s: '%s' must be %s%s, got %lld", c->fn, a->name,
                      a->range[0] == '>' ? "" : "in ", a->range, v->i);
@@ -353,7 +351,8 @@ static int check_values(const cst_call *c, const cst_param *a, int i) {
 static int overlaps(const cst_call *c, int i, int j) {
     const char *pa = c->v[i].p, *pb = c->v[j].p;
     if (!pa || !pb) return 0;
-    const npy_intp na = PyArray_NBYTES((PyArrayObject *)c->obj[i]), nb = PyArray_NBYTES((PyArrayObject *)c->obj[j]);
+    const npy_intp na = PyArray_NBYTES((PyArrayObject *)c->obj[i]);
+    const npy_intp nb = PyArray_NBYTES((PyArrayObject *)c->obj[j]);
     return na > 0 && nb > 0 && pa < pb + nb && pb < pa + na;
 }
 
@@ -399,9 +398,10 @@ PyObject *cst_entry_call(const cst_entry *e, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, fmt, kwlist, &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
                                      &o[7], &o[8], &o[9], &o[10], &o[11], &o[12], &o[13], &o[14], &o[15]))
         return NULL;
-    for (int i = 0; i < n; i++)
-        if (!is_array(e->args[i].kind) && (parse_scalar(&c, &e->args[i], i) < 0 || check_scalar(&c, &e->args[i], i) < 0))
-            return NULL;
+    for (int i = 0; i < n; i++) {
+        const cst_param *a = &e->args[i];
+        if (!is_array(a->kind) && (parse_scalar(&c, a, i) < 0 || check_scalar(&c, a, i) < 0)) return NULL;
+    }
     if (e->prepare && e->prepare(&c) < 0) return NULL;
     for (int rank = 0; rank < 3; rank++)
         for (int i = 0; i < n; i++)
@@ -409,9 +409,10 @@ PyObject *cst_entry_call(const cst_entry *e, PyObject *args, PyObject *kw) {
                 return NULL;
     if (e->check && e->check(&c) < 0) return NULL;
     for (int rank = 0; rank < 3; rank++)
-        for (int i = 0; i < n; i++)
-            if (is_array(e->args[i].kind) && check_rank(&e->args[i]) == rank && check_values(&c, &e->args[i], i) < 0)
-                return NULL;
+        for (int i = 0; i < n; i++) {
+            const cst_param *a = &e->args[i];
+            if (is_array(a->kind) && check_rank(a) == rank && check_values(&c, a, i) < 0) return NULL;
+        }
     if (check_aliasing(&c, e, n) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
     e->run(&c);
@@ -438,11 +439,11 @@ static char *entry_doc(const cst_entry *e) {
     for (int i = 0; i < CST_MAX_ARGS && e->args[i].name && n < cap; i++) {
         const cst_param *a = &e->args[i];
         if (!is_array(a->kind)) continue;
-        char types[48] = "";
-        for (int k = 0; k < N_DTYPES; k++)
-            if (a->kind & dtypes[k].bit) PyOS_snprintf(types + strlen(types), sizeof types - strlen(types), "%s%s", *types ? "|" : "", dtypes[k].name);
+        char types[64];
+        dtype_names(types, sizeof types, a->kind);
         n += (size_t)PyOS_snprintf(d + n, cap - n, "\n  %s: %s (%s)%s%s%s%s", a->name, types, a->dims,
-                                   (a->flags & CST_WRITE) ? ", written" : "", (a->flags & CST_NONE) ? ", or None" : "",
+                                   (a->flags & CST_WRITE) ? ", written" : "",
+                                   (a->flags & CST_NONE) ? ", or None" : "",
                                    a->range ? ", values in " : "", a->range ? a->range : "");
     }
     return d;

@@ -26,10 +26,9 @@ typedef struct {
 void cst_dims_init(cst_dims *d);
 /* Pre-binds a letter to a known value (e.g. a size derived from other arguments). */
 void cst_dims_set(cst_dims *d, char letter, npy_intp value, const char *why);
-npy_intp cst_dim(const cst_dims *d, char letter);
 
 /* Validates obj as an ndarray of typenum, C-contiguous and aligned, whose shape matches spec
- * (one letter per axis, e.g. "BTC"; "*" takes any shape). writeable != 0 requires a writeable array.
+ * (one letter per axis, e.g. "BTC"; "*" takes any shape). CST_WRITE in flags requires a writeable array.
  * On success stores the data pointer in *data and returns 0; on failure sets TypeError/ValueError
  * naming fn and name and returns -1. CST_NONE in flags accepts None (then *data = NULL). */
 int cst_arg(const char *fn, const char *name, PyObject *obj, int typenum, const char *spec,
@@ -42,11 +41,11 @@ int cst_check_range_i32(const char *fn, const char *name, const int32_t *ids, np
 /* ---- entry descriptors ---- */
 
 /* Argument kinds. Arrays: one dtype, or several or-ed together (the call records which one came).
- * Scalars: converted from Python like PyArg_ParseTuple's d, L, i, p, s and O; a CST_CHOICE is a str
+ * Scalars: converted from Python like PyArg_ParseTuple's d, L, p, s and O; a CST_CHOICE is a str
  * that must be one of the words of its range, stored as the word's index (v.i). */
 enum {
     CST_F32 = 1, CST_F64 = 2, CST_I32 = 4, CST_U8 = 8, CST_BOOL = 16, CST_I64 = 32, /* arrays */
-    CST_DOUBLE = 256, CST_INT64, CST_INT, CST_FLAG, CST_STR, CST_CHOICE, CST_OBJECT /* scalars */
+    CST_DOUBLE = 256, CST_INT64, CST_FLAG, CST_STR, CST_CHOICE, CST_OBJECT /* scalars */
 };
 /* Argument flags.
  * CST_WRITE: the kernel writes the array (must be writeable).
@@ -74,7 +73,7 @@ typedef struct {
 typedef union {
     void *p; /* array data (NULL for None), or the PyObject of a CST_OBJECT */
     double f;
-    long long i; /* CST_INT64, CST_INT, CST_FLAG, CST_CHOICE */
+    long long i; /* CST_INT64, CST_FLAG, CST_CHOICE */
     const char *s;
 } cst_value;
 
@@ -92,10 +91,10 @@ typedef struct {
 
 enum { CST_RET_NONE = 0, CST_RET_FLOAT, CST_RET_INT };
 
-/* One kernel entry point. The parser converts the arguments, checks arrays (dtype TypeError; ndim,
- * named dimensions, contiguity, alignment, writeability ValueError), applies the derived dimensions,
- * runs prepare (before the arrays) and check (after them, before the value checks), then the
- * aliasing, finiteness and index-range checks, releases the GIL and calls run. */
+/* One kernel entry point. The parser converts the scalars and checks their ranges, runs prepare,
+ * checks the arrays (dtype TypeError; ndim, named and derived dimensions, contiguity, alignment,
+ * writeability ValueError), runs check, then the index ranges, finiteness and aliasing, releases the
+ * GIL and calls run. Every error names the function and the argument. */
 typedef struct {
     const char *name;
     void (*run)(cst_call *c); /* calls the kernel; runs without the GIL, must not touch Python */
@@ -108,6 +107,7 @@ typedef struct {
 } cst_entry;
 
 /* Shorthand for the dimension a letter is bound to in a call. */
+#define CST_STATE(c, type) ((type *)(c)->state) /* a hook's per-call state, at most 256 bytes */
 static inline int64_t cst_n(const cst_call *c, char letter) { return (int64_t)c->d.v[letter - 'A']; }
 
 /* Entry tables contributed by each boundary file (terminated by a row with name NULL), joined by

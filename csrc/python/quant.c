@@ -32,19 +32,19 @@ static int check_dequantize(cst_call *c) {
                      (long long)n_blocks, tname, (long long)(n_blocks * be), (long long)nout);
         return -1;
     }
-    ((dequant_state *)c->state)->n_blocks = n_blocks;
+    CST_STATE(c, dequant_state)->n_blocks = n_blocks;
     return 0;
 }
 
 static void run_dequantize(cst_call *c) {
-    cst_dequantize(c->v[0].p, c->v[1].p, ((dequant_state *)c->state)->n_blocks, (int)c->v[2].i);
+    cst_dequantize(c->v[0].p, c->v[1].p, CST_STATE(c, dequant_state)->n_blocks, (int)c->v[2].i);
 }
 
 const cst_entry cst_quant_entries[] = {
     {"dequantize", run_dequantize,
      {{"out", CST_F32, "*", CST_WRITE},
       {"raw", CST_U8, "*"},
-      {"type_id", CST_INT}},
+      {"type_id", CST_INT64, .range = "[0, 2147483647]"}},
      .check = check_dequantize,
      .doc = "decode ggml blocks in raw (uint8, any shape) into out (float32, "
             "n_blocks * block_elems values). Raises ValueError for an unknown type or mismatched sizes."},
