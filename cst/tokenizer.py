@@ -3,7 +3,6 @@ the model's own Jinja chat template rendered the way transformers renders it. No
 tokenizer zoo: SentencePiece/Unigram vocabularies are rejected with a clear error."""
 import json
 import os
-from datetime import datetime
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
@@ -68,7 +67,8 @@ def _token_str(tok):
 class Tokenizer:
     """Text <-> token ids for one model, plus its chat template.
 
-    encode() never adds BOS/EOS; special-token strings inside the text become their ids."""
+    encode() never adds BOS/EOS. On a plain str, special-token strings become their ids (trusted text);
+    on a chat render (render_chat) only the template's markup does, and encode_chat is that by default."""
 
     def __init__(self, backend: _Backend, *, eos_token: str, bos_token=None, pad_token=None,
                  unk_token=None, chat_template=None, pre="gpt2"):
@@ -98,13 +98,44 @@ class Tokenizer:
         self.special_tokens: dict = {t.content: i for i, t in backend.get_added_tokens_decoder().items()
                                      if t.special}
         self._template = None
+        self._plain = None  # a copy of the backend that encodes special-token strings as text
+        self._max_token_chars = None
 
     # ---- text <-> ids ----
 
     def encode(self, text: str) -> list:
+        """Token ids of `text`. A RenderedChat (what render_chat returns, or a slice of it) keeps
+        special-token strings inside message contents as plain text; any other str is trusted: every
+        special-token string in it becomes its control id (use encode_plain for untrusted text)."""
         if not isinstance(text, str):
             raise TypeError(f"Tokenizer.encode: text must be str, got {type(text).__name__}")
+        from .chat_render import RenderedChat, encode_rendered
+        if isinstance(text, RenderedChat):
+            return encode_rendered(text, self._encode_with_offsets, self.encode_plain,
+                                   set(self.special_tokens.values()))
         return self._backend.encode(text, add_special_tokens=False).ids
+
+    def _encode_with_offsets(self, text):
+        e = self._backend.encode(text, add_special_tokens=False)
+        return e.ids, e.offsets
+
+    def encode_plain(self, text: str) -> list:
+        """Token ids of `text` with every special-token string in it encoded as ordinary text (like
+        transformers' split_special_tokens=True)."""
+        if not isinstance(text, str):
+            raise TypeError(f"Tokenizer.encode_plain: text must be str, got {type(text).__name__}")
+        if self._plain is None:
+            self._plain = _Backend.from_str(self._backend.to_str())
+            self._plain.encode_special_tokens = True
+        return self._plain.encode(str(text), add_special_tokens=False).ids
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for (the longest vocabulary entry): a text of n
+        characters has at least n / max_token_chars tokens."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max(map(len, self._backend.get_vocab(with_added_tokens=True)))
+        return self._max_token_chars
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]
@@ -125,39 +156,32 @@ class Tokenizer:
         if self._template is None:
             if not self.chat_template:
                 raise ValueError("Tokenizer: this tokenizer has no chat template")
-            import jinja2
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(message):
-                raise jinja2.exceptions.TemplateError(message)
-
-            def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-                return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                                  sort_keys=sort_keys)
-
-            def strftime_now(fmt):
-                return datetime.now().strftime(fmt)
-
-            # Same environment settings as transformers' apply_chat_template, so templates render alike.
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=["jinja2.ext.loopcontrols"])
-            env.filters["tojson"] = tojson
-            env.globals["raise_exception"] = raise_exception
-            env.globals["strftime_now"] = strftime_now
-            self._template = env.from_string(self.chat_template)
+            from .chat_render import compile_template
+            self._template = compile_template(self.chat_template)
         return self._template
 
-    def render_chat(self, messages, add_generation_prompt: bool = False) -> str:
+    def render_chat(self, messages, add_generation_prompt: bool = False, trust_content: bool = False) -> str:
+        """The conversation rendered with the chat template (as transformers renders it), in a bounded
+        sandbox. Returns a cst.chat_render.RenderedChat: a str that remembers which characters came from
+        message contents, so that encode() keeps special-token text typed into a message as plain text.
+        trust_content=True returns a plain str instead (every special-token string in it, contents
+        included, then becomes a control token: for trusted pipelines only)."""
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
             raise TypeError("Tokenizer.render_chat: messages must be a list of {'role', 'content'} dicts")
+        from .chat_render import render
         specials = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
                                       ("unk_token", self.unk_token), ("pad_token", self.pad_token))
                     if v is not None}
-        return self._compiled_template().render(messages=list(messages), tools=None, documents=None,
-                                                add_generation_prompt=add_generation_prompt, **specials)
+        return render(self._compiled_template(), messages,
+                      dict(tools=None, documents=None, add_generation_prompt=add_generation_prompt, **specials),
+                      list(self.special_tokens), trust_content=trust_content)
 
-    def encode_chat(self, messages, add_generation_prompt: bool = False) -> list:
-        return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
+    def encode_chat(self, messages, add_generation_prompt: bool = False, trust_content: bool = False) -> list:
+        """Token ids of the rendered conversation. Only the template's markup yields special tokens;
+        special-token strings in message contents are encoded as plain text, unless trust_content=True
+        (the opt-out for trusted pipelines that put raw control tokens into contents on purpose)."""
+        return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt,
+                                            trust_content=trust_content))
 
     # ---- constructors ----
 

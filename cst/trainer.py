@@ -190,8 +190,10 @@ class Trainer:
             if self.tokenizer is None:
                 raise ValueError(f"Trainer: {name} holds records, but the model has no tokenizer; pass tokenizer=")
             records = list(dataset) if isinstance(first, PreferenceRecord) else load_records(list(dataset))
-            # Tokenised without any limit; the limits are applied below, the same way for both kinds.
-            raw, _ = tokenize_dataset(records, self.tokenizer, max_length=1 << 40, max_prompt_length=None)
+            # Tokenised without truncation (the limits are applied below, the same way for both kinds),
+            # but no further than max_length + 1 tokens can reach, which is all the limits below look at.
+            raw, _ = tokenize_dataset(records, self.tokenizer, max_length=1 << 40, max_prompt_length=None,
+                                      max_tokens=self.config.max_length + 1)
             texts = records
         cfg, V = self.config, self.model.config.vocab_size
         out, skipped, first_skipped, p_trunc, c_trunc = [], 0, None, 0, 0
