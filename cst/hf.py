@@ -33,6 +33,8 @@ def read_safetensors_header(path):
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise FormatError(f"{path}: header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header is not a JSON object")
     data_start, data_size = 8 + n, size - 8 - n
@@ -88,19 +90,32 @@ def _load_json(path):
         raise FileNotFoundError(f"{path} not found") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise FormatError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: JSON nested too deeply") from None
     if not isinstance(d, dict):
         raise FormatError(f"{path}: expected a JSON object")
     return d
 
 
+def _typed(d, key, kind, path):
+    """d[key] when it is absent, null or a `kind`; else FormatError naming the file and the key."""
+    v = d.get(key)
+    if v is not None and not isinstance(v, kind):
+        raise FormatError(f"{path}: {key!r} must be {'an object' if kind is dict else 'a list'} or null, "
+                          f"got {type(v).__name__} {v!r:.60}")
+    return v
+
+
 def config_from_hf(d, path="config.json"):
     """ModelConfig from a Hugging Face config.json dict (LlamaForCausalLM only)."""
-    archs = d.get("architectures") or []
+    archs = _typed(d, "architectures", list, path) or []
+    if not all(isinstance(a, str) for a in archs):
+        raise FormatError(f"{path}: 'architectures' must be a list of strings, got {archs!r:.60}")
     if d.get("model_type") != "llama" or (archs and "LlamaForCausalLM" not in archs):
         raise ValueError(f"{path}: model_type {d.get('model_type')!r} / architectures {archs} is not supported "
                          "(cst loads LlamaForCausalLM checkpoints only)")
-    rope = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or {}
+    rope = _typed(d, "rope_parameters", dict, path) or {}
+    scaling = _typed(d, "rope_scaling", dict, path) or {}
     for r in (rope, scaling):
         kind = r.get("rope_type", r.get("type", "default"))
         if kind not in (None, "default"):

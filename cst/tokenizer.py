@@ -200,6 +200,11 @@ class Tokenizer:
         token_types = list(token_types) if token_types is not None else [1] * len(tokens)
         if len(token_types) != len(tokens):
             raise ValueError(f"Tokenizer: {len(token_types)} token types for {len(tokens)} tokens")
+        merges = list(merges or [])
+        for what, items, kind in (("token", tokens, str), ("merge", merges, str), ("token type", token_types, int)):
+            bad = next((i for i, x in enumerate(items) if not isinstance(x, kind) or isinstance(x, bool)), None)
+            if bad is not None:
+                raise ValueError(f"Tokenizer: {what} {bad} is a {type(items[bad]).__name__}, not a {kind.__name__}")
         alphabet = set(_bytes_to_unicode().values())
         b2u = _bytes_to_unicode()
         vocab = {}
@@ -208,22 +213,26 @@ class Tokenizer:
             key = t if set(t) <= alphabet or token_types[i] in (3, 4) else "".join(b2u[b] for b in t.encode())
             vocab.setdefault(key, i)
         pairs = []
-        for m in merges or []:
+        for m in merges:
             a, sep, b = m.partition(" ")
             if not sep:
                 raise ValueError(f"Tokenizer: malformed merge {m!r}")
             pairs.append((a, b))
-        backend = _Backend(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-        backend.pre_tokenizer = _pre_tokenizer(pre)
-        backend.decoder = decoders.ByteLevel()
-        control = [AddedToken(t, special=True, normalized=False)
-                   for t, ty in zip(tokens, token_types) if ty == 3 and t in vocab]
-        user = [AddedToken(t, special=False, normalized=False)
-                for t, ty in zip(tokens, token_types) if ty == 4 and t in vocab]
-        if control:
-            backend.add_special_tokens(control)
-        if user:
-            backend.add_tokens(user)
+        pre_tokenizer = _pre_tokenizer(pre)
+        try:  # `tokenizers` raises a bare Exception on a merge of unknown tokens and the like
+            backend = _Backend(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+            backend.pre_tokenizer = pre_tokenizer
+            backend.decoder = decoders.ByteLevel()
+            control = [AddedToken(t, special=True, normalized=False)
+                       for t, ty in zip(tokens, token_types) if ty == 3 and t in vocab]
+            user = [AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, token_types) if ty == 4 and t in vocab]
+            if control:
+                backend.add_special_tokens(control)
+            if user:
+                backend.add_tokens(user)
+        except Exception as e:
+            raise ValueError(f"Tokenizer: the vocabulary or merges are damaged ({e})") from None
 
         def tok(i):
             if i is None:

@@ -21,7 +21,7 @@ from .optim import AdamW, clip_grad_norm
 from .runtime import set_num_threads
 from .schedule import lr_at, resolve_total_steps, resolve_warmup
 from .training_config import DPOConfig
-from .atomic import atomic_open, write_json, write_text
+from .atomic import atomic_open, fsync_dir, fsync_tree, write_json, write_text
 
 
 class TrainingError(RuntimeError):
@@ -449,19 +449,41 @@ class Trainer:
                 for f in os.listdir(os.path.join(tmp, "adapter")):
                     os.replace(os.path.join(tmp, "adapter", f), os.path.join(tmp, f))
                 os.rmdir(os.path.join(tmp, "adapter"))
+            # Every byte on disk before the rename makes the directory visible, and the rename itself
+            # on disk before the next step: a power cut leaves the old checkpoint or the new one.
+            fsync_tree(tmp)
             if os.path.exists(path):
                 old = path + ".old"
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(path, old)
                 os.replace(tmp, path)
+                fsync_dir(parent)
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, path)
+                fsync_dir(parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.last_checkpoint = path
         return path
+
+    def _clean_stale(self):
+        """What a run killed inside save_checkpoint leaves in output_dir: .tmp-ckpt-* directories
+        (removed) and checkpoint-N.old (put back when checkpoint-N is missing, else removed). Assumes
+        one run per output_dir, as resuming does."""
+        d = self.config.output_dir
+        for name in sorted(os.listdir(d)):
+            p = os.path.join(d, name)
+            if not os.path.isdir(p) or os.path.islink(p):
+                continue
+            if name.startswith(".tmp-ckpt-"):
+                shutil.rmtree(p, ignore_errors=True)
+            elif name.startswith("checkpoint-") and name.endswith(".old"):
+                if os.path.exists(p[:-4]):
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    os.replace(p, p[:-4])
 
     def _latest_checkpoint(self):
         d = self.config.output_dir
@@ -534,6 +556,7 @@ class Trainer:
 
         cfg = self.config
         os.makedirs(cfg.output_dir, exist_ok=True)
+        self._clean_stale()
         # The references come first: for full fine-tuning they are the weights before any update,
         # which a resumed run only has before its checkpoint is loaded (else they come from the cache).
         self._ensure_references()
