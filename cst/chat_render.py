@@ -271,6 +271,11 @@ def _input_size(obj, depth=0):
     return 0
 
 
+def _jinja_error():
+    import jinja2
+    return jinja2.exceptions.TemplateError
+
+
 def _render_text(template, context, max_size):
     prev = getattr(_state, "budget", None)
     b = _state.budget = _Budget(max_size)
@@ -286,6 +291,10 @@ def _render_text(template, context, max_size):
         raise ChatTemplateError("chat template: recursion too deep") from None
     except MemoryError:
         raise ChatTemplateError("chat template: out of memory while rendering") from None
+    except (ChatTemplateError, _jinja_error()):
+        raise  # ours, or the template's own (raise_exception, undefined names, the sandbox's refusals)
+    except Exception as e:  # a template doing 1/0, "a" + 1, ...: the template's fault, said as such
+        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
     finally:
         _state.budget = prev
     return "".join(out)

@@ -1,6 +1,7 @@
 """Byte-level BPE tokenizer (GPT-2 family, as used by SmolLM2) built on the `tokenizers` library, plus
-the model's own Jinja chat template rendered the way transformers renders it. Not a general
-tokenizer zoo: SentencePiece/Unigram vocabularies are rejected with a clear error."""
+the model's own Jinja chat template rendered the way transformers renders it, except that text inside
+message contents never becomes a control token (cst/chat_render.py). Not a general tokenizer zoo:
+SentencePiece/Unigram vocabularies are rejected with a clear error."""
 import json
 import os
 

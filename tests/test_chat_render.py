@@ -56,3 +56,16 @@ def test_bounds_grow_with_the_conversation():
                           "{% endfor %}", "<|im_start|>", "<|im_end|>")
     text = tok.render_chat([{"role": "user", "content": "word " * 1_000_000}])
     assert len(text) == 5_000_000 + len("<|im_start|>user\n<|im_end|>")
+
+
+@pytest.mark.parametrize("template, kind", [("{{ 1 / 0 }}", "ZeroDivisionError"), ("{{ 'a' + 1 }}", "TypeError"),
+                                            ("{{ {}['x']['y'] }}", None)])
+def test_template_runtime_failures_are_chat_template_errors(template, kind):
+    import jinja2
+    tok = small_tokenizer(template, "<|im_start|>", "<|im_end|>")
+    if kind is None:  # jinja's own errors stay what they are (as transformers raises them)
+        with pytest.raises(jinja2.exceptions.UndefinedError):
+            tok.render_chat(MSGS)
+        return
+    with pytest.raises(ChatTemplateError, match=f"chat template failed: {kind}"):
+        tok.render_chat(MSGS)

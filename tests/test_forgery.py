@@ -255,7 +255,7 @@ def test_tuned_model_keeps_its_configuration_against_a_forged_system_turn(tmp_pa
     first user turn, the later one counting. Such a model is exactly the one a forged system turn
     would reconfigure if it became control tokens: under trust_content=True it does (every held-out
     prompt flips to complying), by default it does not (every one keeps refusing, by log-prob margin and
-    by greedy output). Seed 0 and 200 steps; with 120 steps, seed 1 still flips 7 of 16 prompts on
+    by greedy output). Seed 0, 200 steps at lr 2e-3; with 120 steps at 3e-3, seed 1 flips 7 of 16 prompts on
     the plain-text forgery alone: the words themselves sway an under-trained model (a model question,
     docs/limitations.md), which is why this test trains to convergence."""
     from cst.config import ModelConfig
