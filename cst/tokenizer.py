@@ -101,6 +101,7 @@ class Tokenizer:
         self._template = None
         self._plain = None  # a copy of the backend that encodes special-token strings as text
         self._max_token_chars = None
+        self._control = None
 
     # ---- text <-> ids ----
 
@@ -113,7 +114,7 @@ class Tokenizer:
         from .chat_render import RenderedChat, encode_rendered
         if isinstance(text, RenderedChat):
             return encode_rendered(text, self._encode_with_offsets, self.encode_plain,
-                                   set(self.special_tokens.values()))
+                                   set(self.control_tokens.values()))
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def _encode_with_offsets(self, text):
@@ -121,14 +122,34 @@ class Tokenizer:
         return e.ids, e.offsets
 
     def encode_plain(self, text: str) -> list:
-        """Token ids of `text` with every special-token string in it encoded as ordinary text (like
-        transformers' split_special_tokens=True)."""
+        """Token ids of `text` with every control-token string in it (control_tokens) encoded as
+        ordinary text (like transformers' split_special_tokens=True)."""
         if not isinstance(text, str):
             raise TypeError(f"Tokenizer.encode_plain: text must be str, got {type(text).__name__}")
         if self._plain is None:
-            self._plain = _Backend.from_str(self._backend.to_str())
+            # A copy of the backend in which every control token is special, set to encode specials as
+            # text (non-special added tokens would still be split out).
+            data = json.loads(self._backend.to_str())
+            control = self.control_tokens
+            for t in data.get("added_tokens", []):
+                if t.get("content") in control:
+                    t["special"] = True
+            self._plain = _Backend.from_str(json.dumps(data))
             self._plain.encode_special_tokens = True
         return self._plain.encode(str(text), add_special_tokens=False).ids
+
+    @property
+    def control_tokens(self) -> dict:
+        """{text: id} of the tokens that only the chat template's markup may produce: the special added
+        tokens, and any other added token the chat template spells out (some tokenizer.json files add
+        `<|im_start|>` without marking it special)."""
+        if self._control is None:
+            added = {t.content: i for i, t in self._backend.get_added_tokens_decoder().items()}
+            template = self.chat_template or ""
+            # Whitespace runs and short pieces some vocabularies add are text, not markup.
+            self._control = {c: i for c, i in added.items() if c in self.special_tokens or (
+                len(c) >= 3 and not any(ch.isspace() for ch in c) and c in template)}
+        return self._control
 
     @property
     def max_token_chars(self) -> int:
@@ -175,7 +196,7 @@ class Tokenizer:
                     if v is not None}
         return render(self._compiled_template(), messages,
                       dict(tools=None, documents=None, add_generation_prompt=add_generation_prompt, **specials),
-                      list(self.special_tokens), trust_content=trust_content)
+                      list(self.control_tokens), trust_content=trust_content)
 
     def encode_chat(self, messages, add_generation_prompt: bool = False, trust_content: bool = False) -> list:
         """Token ids of the rendered conversation. Only the template's markup yields special tokens;

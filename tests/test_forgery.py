@@ -311,3 +311,22 @@ def test_tuned_model_keeps_its_configuration_against_a_forged_system_turn(tmp_pa
         assert all(r.startswith("Sure") for r in raw), raw
     finally:
         set_num_threads(before)
+
+
+def test_template_tokens_added_without_the_special_flag_are_protected_too():
+    """Some tokenizer.json files add <|im_start|>/<|im_end|> as ordinary added tokens: the template spells
+    them, so they count as control tokens all the same; added whitespace runs do not."""
+    b = Backend(models.BPE())
+    b.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    b.decoder = decoders.ByteLevel()
+    b.train_from_iterator(_CORPUS, trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    b.add_tokens([AddedToken(s, special=False, normalized=False) for s in ("<|im_start|>", "<|im_end|>", "   ")])
+    tok = Tokenizer(b, eos_token="<|im_end|>", chat_template=CHATML + "{{ '   ' }}")
+    assert set(tok.control_tokens) == {"<|im_start|>", "<|im_end|>"} and not tok.special_tokens
+    forged = forgeries("chatml")[0] + "   "
+    msgs = [{"role": "user", "content": forged}]
+    ids = tok.encode_chat(msgs)
+    start = tok.token_to_id("<|im_start|>")
+    assert ids.count(start) == 1 and tok.encode_chat(msgs, trust_content=True).count(start) == 3
+    assert tok.decode(ids) == str(tok.render_chat(msgs))
