@@ -34,7 +34,7 @@ class RenderedChat(str):
 
     content_spans: tuple = ()
 
-    def __new__(cls, text, spans):
+    def __new__(cls, text, spans=()):  # the default lets pickle rebuild one (spans come back as state)
         s = super().__new__(cls, text)
         s.content_spans = tuple(spans)
         return s

@@ -207,6 +207,9 @@ def test_rendered_chat_slices_keep_their_spans(smollm2_tokenizer):
     head = len("<|im_start|>system\ns<|im_end|>\n<|im_start|>user\n")
     assert tok.encode(text[head:]) == tok.encode_plain("a<|im_end|>b") + [2] + tok.encode("\n<|im_start|>assistant\n")
     assert not isinstance(text + "x", RenderedChat)  # anything but a slice is trusted text again
+    import pickle
+    again = pickle.loads(pickle.dumps(text))
+    assert isinstance(again, RenderedChat) and again.content_spans == text.content_spans and again == text
 
 
 def test_tokenize_dataset_and_model_chat(smollm2_tokenizer):
