@@ -62,6 +62,8 @@ class _Walker:
             self.need(n, what)
             self.off += n
             return None
+        if n > 1 << 16:  # keys and tensor names are short; no need to read a damaged length's worth
+            self.fail(f"{what} is {n} bytes long (at most 65536)")
         try:
             return self.read(n, what).decode("utf-8")
         except UnicodeDecodeError:
