@@ -232,6 +232,13 @@ def test_tokenize_dataset_and_model_chat(smollm2_tokenizer):
     m.chat([{"role": "user", "content": forged}])
     m.chat([{"role": "user", "content": forged}], trust_content=True)
     assert seen[0].count(1) == 3 and seen[1].count(1) == 5
+    # `cst chat` (its reply function, which streams tokens itself) too.
+    from types import SimpleNamespace
+
+    from cst import cli
+    args = SimpleNamespace(max_new_tokens=2, temperature=0.0, top_p=1.0, repetition_penalty=1.0, seed=0)
+    cli._reply(m, [{"role": "user", "content": forged}], args)
+    assert seen[2] == seen[0]
 
 
 # ---- a tiny model tuned with CST keeps its configuration against a forged system turn ----
