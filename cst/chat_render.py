@@ -186,9 +186,7 @@ def _make_env():
                     if abs(left).bit_length() * right > 1 << 16:
                         raise ChatTemplateError(f"chat template: {left} ** {right} is too large")
             elif operator == "%" and isinstance(left, str):
-                for m in _FORMAT_WIDTH.finditer(left):
-                    if len(m.group()) > 7 or int(m.group()) > b.max_size:
-                        raise ChatTemplateError("chat template: a %-format width is too large")
+                _check_widths(left)
             return _check_result(super().call_binop(context, operator, left, right), f"'{operator}'")
 
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's own signature)
@@ -197,8 +195,13 @@ def _make_env():
             for a in list(args) + list(kwargs.values()):
                 if isinstance(a, int) and not isinstance(a, bool) and abs(a) > b.max_size:
                     raise ChatTemplateError(f"chat template: argument {a} of a call is too large")
-            if getattr(__obj, "__name__", None) == "replace" and isinstance(getattr(__obj, "__self__", None), str):
-                _check_replace(__obj.__self__, *args[:2])
+            # str.format reaches here wrapped by the sandbox (functools.update_wrapper keeps __wrapped__).
+            name = getattr(__obj, "__name__", None)
+            owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
+            if isinstance(owner, str) and name == "replace":
+                _check_replace(owner, *args[:2])
+            elif isinstance(owner, str) and name in ("format", "format_map"):
+                _check_widths(owner)
             if time.monotonic() > b.deadline:
                 b.timeout()
             return _check_result(super().call(__context, __obj, *args, **kwargs), "a call's result")
@@ -220,9 +223,20 @@ def _make_env():
     for name in ("center", "indent", "format", "join", "wordwrap", "truncate", "replace", "string"):
         env.filters[name] = _bounded_filter(env.filters[name], name)
     env.filters["tojson"] = tojson
+    # lipsum(n) writes n paragraphs in one Python loop that no bound sees; no chat template needs it.
+    env.globals.pop("lipsum", None)
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, range=_bounded_range,
                        cst_loop__=_Loop, cst_sized__=lambda s: _check_result(s, "a joined string"))
     return env
+
+
+def _check_widths(fmt):
+    """Refuses a format string whose widths or precisions ('%999999999d', '{:>999999999}') would build a
+    string past the bound."""
+    b = _budget()
+    for m in _FORMAT_WIDTH.finditer(fmt):
+        if len(m.group()) > 7 or int(m.group()) > b.max_size:
+            raise ChatTemplateError("chat template: a format width is too large")
 
 
 def _check_replace(s, old=None, new=None, *_):
@@ -245,6 +259,13 @@ def _bounded_filter(f, name):
             strs = [a for a in args if isinstance(a, str)]
             if len(strs) >= 3:
                 _check_replace(*strs[-3:])
+        elif name == "format" and args and isinstance(args[0], str):
+            _check_widths(args[0])
+        elif name == "indent" and args and isinstance(args[0], str):
+            width = args[1] if len(args) > 1 else kwargs.get("width", 4)
+            width = len(width) if isinstance(width, str) else width
+            if isinstance(width, int):
+                b.size(len(args[0]) + max(width, 0) * (args[0].count("\n") + 1), "the indent filter's result")
         return _check_result(f(*args, **kwargs), f"the {name} filter's result")
     return bounded
 

@@ -69,3 +69,16 @@ def test_template_runtime_failures_are_chat_template_errors(template, kind):
         return
     with pytest.raises(ChatTemplateError, match=f"chat template failed: {kind}"):
         tok.render_chat(MSGS)
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{{ lipsum(1000000) }}", "undefined"),                       # found by the fuzz harness: a hang
+    ("{{ '{:>999999999}'.format(1) }}", "width"),
+    ("{{ '%999999999d' | format(1) }}", "width"),
+    ("{{ ('a\n' * 100000) | indent(1000) }}", "indent"),
+])
+def test_more_bounds(template, match):
+    tok = small_tokenizer(template, "<|im_start|>", "<|im_end|>")
+    import jinja2
+    with pytest.raises((ChatTemplateError, jinja2.exceptions.UndefinedError), match=match):
+        tok.render_chat(MSGS)
