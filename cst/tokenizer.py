@@ -300,18 +300,27 @@ class Tokenizer:
                 cfg.update(d)
         template = cfg.get("chat_template")
         if isinstance(template, list):  # [{"name": ..., "template": ...}]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            named = {t.get("name"): t.get("template") for t in template
+                     if isinstance(t, dict) and isinstance(t.get("name"), (str, type(None)))}
             template = named.get("default") or next(iter(named.values()), None)
         jinja_path = os.path.join(path, "chat_template.jinja")
         if template is None and os.path.isfile(jinja_path):
             with open(jinja_path, encoding="utf-8") as f:
                 template = f.read()
-        eos = _token_str(cfg.get("eos_token"))
-        if eos is None:
+        if template is not None and not isinstance(template, str):
+            raise FormatError(f"{cfg_path}: chat_template must be a string, got {type(template).__name__}")
+        tokens = {}
+        for key in ("eos_token", "bos_token", "pad_token", "unk_token"):
+            t = _token_str(cfg.get(key))
+            if t is not None and not isinstance(t, str):
+                raise FormatError(f"{cfg_path}: {key} must be a string, got {type(t).__name__} {t!r:.40}")
+            tokens[key] = t
+        if tokens["eos_token"] is None:
             raise FormatError(f"{cfg_path}: no eos_token")
-        return cls(backend, eos_token=eos, bos_token=_token_str(cfg.get("bos_token")),
-                   pad_token=_token_str(cfg.get("pad_token")), unk_token=_token_str(cfg.get("unk_token")),
-                   chat_template=template, pre=_pre_name(tj_data.get("pre_tokenizer")))
+        try:
+            return cls(backend, **tokens, chat_template=template, pre=_pre_name(tj_data.get("pre_tokenizer")))
+        except ValueError as e:
+            raise FormatError(f"{cfg_path}: {e}") from None
 
     # ---- export ----
 
