@@ -55,7 +55,7 @@ def read_safetensors_header(path):
         if not 0 <= b <= e <= data_size:
             raise FormatError(f"{path}: tensor {name!r} bytes [{b}, {e}) lie outside the data section "
                               f"({data_size} bytes): corrupt or truncated")
-        if dtype not in _ST_DTYPES:
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
             raise FormatError(f"{path}: tensor {name!r} has dtype {dtype!r} (supported: F32, F16, BF16)")
         count = 1
         for d in shape:

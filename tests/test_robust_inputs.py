@@ -293,3 +293,45 @@ def test_checkpoint_files_and_directory_are_fsynced(tmp_path, monkeypatch):
     assert tmpdir in synced[w:]                       # the directory, after its files
     assert str(tmp_path / "run") in synced[w:]        # the parent, after the rename
     assert os.path.isdir(ck)
+
+
+# ---- found by tests/fuzz/fuzz_inputs.py ----
+
+def _hf_dir(tmp_path):
+    tok = small_tokenizer(CHATML, "<|im_start|>", "<|im_end|>")
+    m = cst.Model(SMALL, seed=0)
+    m.tokenizer = tok
+    d = tmp_path / "hf"
+    m.save(str(d))
+    return d
+
+
+@pytest.mark.parametrize("dtype", [["F32"], {"a": 1}, 5])
+def test_safetensors_dtype_of_the_wrong_type(tmp_path, dtype):
+    import struct
+    d = _hf_dir(tmp_path)
+    st = (d / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", st[:8])[0]
+    header = json.loads(st[8:8 + n])
+    header["model.norm.weight"]["dtype"] = dtype
+    raw = json.dumps(header).encode()
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + st[8 + n:])
+    with pytest.raises(FormatError, match="model.norm.weight.*dtype"):
+        cst.load(str(d))
+
+
+@pytest.mark.parametrize("key, value", [("eos_token", ["</s>"]), ("pad_token", 7), ("bos_token", True),
+                                        ("chat_template", 5), ("chat_template", [{"name": [1], "template": "x"}]),
+                                        ("eos_token", "<not-in-vocab>")])
+def test_tokenizer_config_values_of_the_wrong_type(tmp_path, key, value):
+    d = _hf_dir(tmp_path)
+    p = d / "tokenizer_config.json"
+    cfg = json.loads(p.read_text())
+    cfg[key] = value
+    p.write_text(json.dumps(cfg))
+    if key == "chat_template" and isinstance(value, list):  # no usable entry: no template, not an error
+        assert cst.load(str(d)).tokenizer.chat_template is None
+        return
+    with pytest.raises(FormatError, match=key if key != "eos_token" or value != "<not-in-vocab>" else "vocabulary") as e:
+        cst.load(str(d))
+    assert str(p) in str(e.value)
