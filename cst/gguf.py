@@ -253,7 +253,8 @@ def gguf_name(hf_name):
 
 def _f32(x):
     """The shortest decimal of a float32 metadata value (GGUF's 1e-5 reads back as 9.9999997e-06)."""
-    return float(str(np.float32(x)))
+    with np.errstate(over="ignore"):  # a damaged 1e300 becomes inf, which ModelConfig refuses
+        return float(str(np.float32(x)))
 
 
 def _config(reader, path, tensors):

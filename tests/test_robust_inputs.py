@@ -335,3 +335,9 @@ def test_tokenizer_config_values_of_the_wrong_type(tmp_path, key, value):
     with pytest.raises(FormatError, match=key if key != "eos_token" or value != "<not-in-vocab>" else "vocabulary") as e:
         cst.load(str(d))
     assert str(p) in str(e.value)
+
+
+def test_non_finite_hyper_parameters_are_refused():
+    for kw in ({"rope_theta": float("inf")}, {"rope_theta": float("nan")}, {"norm_eps": float("inf")}):
+        with pytest.raises(ValueError, match="finite"):
+            cst.ModelConfig(vocab_size=8, dim=8, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=8, **kw)
