@@ -103,3 +103,23 @@ def atomic_dir(path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fsync_dir(path):
+    """Makes a directory's entries (files created, renamed or removed in it) durable."""
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path):
+    """fsyncs every regular file directly in directory `path`, then the directory itself: what must
+    be on disk before the directory is renamed into place."""
+    for name in os.listdir(path):
+        p = os.path.join(path, name)
+        if os.path.isfile(p) and not os.path.islink(p):
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(path)

@@ -48,10 +48,10 @@ class ModelConfig:
                 f"ModelConfig: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig: head size {self.head_dim} must be even for rotary embeddings")
-        if not self.rope_theta > 0:
-            raise ValueError(f"ModelConfig: rope_theta must be > 0, got {self.rope_theta!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"ModelConfig: norm_eps must be > 0, got {self.norm_eps!r}")
+        if not 0 < self.rope_theta < float("inf"):
+            raise ValueError(f"ModelConfig: rope_theta must be finite and > 0, got {self.rope_theta!r}")
+        if not 0 < self.norm_eps < float("inf"):
+            raise ValueError(f"ModelConfig: norm_eps must be finite and > 0, got {self.norm_eps!r}")
         if not isinstance(self.attention_bias, bool):
             raise ValueError(f"ModelConfig: attention_bias must be a bool, got {self.attention_bias!r}")
         if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or not isinstance(

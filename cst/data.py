@@ -6,6 +6,7 @@ datasets. Tokenisation codes against a small tokenizer interface (render_chat/en
 import json
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -78,10 +79,14 @@ class PreferenceRecord:
         if "system" not in d:
             raise bad("system", "is missing (use \"\" for no system prompt)")
         system = d["system"]
-        if system is None:  # datasets often store "no system prompt" as null
-            system = ""
+        if system is None:
+            # Not read as "": whether null means "no system prompt" or "the template's default one"
+            # changes what is trained, so the data must say.
+            raise bad("system", "is null; write \"\" for no system prompt (the chat template may then add "
+                                "its default one)")
         if not isinstance(system, str):
             raise bad("system", f"must be a string, got {type(system).__name__}")
+        _check_text(system, bad, "system")
         vals = {}
         for name in _TEXT_FIELDS:
             if name not in d:
@@ -91,10 +96,12 @@ class PreferenceRecord:
                 raise bad(name, f"must be a string, got {type(v).__name__}")
             if not v.strip():
                 raise bad(name, "is empty")
+            _check_text(v, bad, name)
             vals[name] = v
         task = d.get("task", "default")
         if not isinstance(task, str) or not task:
             raise bad("task", f"must be a non-empty string, got {task!r}")
+        _check_text(task, bad, "task")
         meta = d.get("metadata", {})
         if meta is None:
             meta = {}
@@ -104,7 +111,23 @@ class PreferenceRecord:
         for k, v in d.items():
             if k not in _FIELDS and k != "metadata":
                 meta[k] = v
+        try:
+            _check_text(json.dumps(meta, ensure_ascii=False, default=str), bad, "metadata")
+        except RecursionError:
+            raise bad("metadata", "is nested too deeply") from None
         return cls(system, vals["prompt"], vals["chosen"], vals["rejected"], task, meta)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(v, bad, name):
+    """A lone surrogate (JSON allows "\\ud800") is not text any tokenizer can encode: reject it here,
+    where the line and field are known."""
+    m = _SURROGATE.search(v)
+    if m is not None:
+        raise bad(name, f"holds a lone surrogate U+{ord(m.group()):04X} at character {m.start()} "
+                        "(not valid Unicode text)")
 
 
 def _records_from_iterable(items: Iterable, where: str) -> list:
@@ -162,6 +185,8 @@ def _load_path(path: Path) -> list:
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}",
                             line=e.lineno) from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to be a list of records") from None
         if not isinstance(data, list):
             raise DataError(f"{path}: expected a JSON list of records at the top level, got "
                             f"{type(data).__name__} (for one record a line, name the file .jsonl)")
@@ -175,6 +200,8 @@ def _load_path(path: Path) -> list:
         except json.JSONDecodeError as e:
             raise DataError(f"{path} line {lineno}: invalid JSON at column {e.colno}: {e.msg}",
                             line=lineno) from None
+        except RecursionError:
+            raise DataError(f"{path} line {lineno}: JSON nested too deeply to be a record", line=lineno) from None
         out.append(PreferenceRecord.from_dict(d, f"{path} line {lineno}", line=lineno))
     return out
 
@@ -570,8 +597,14 @@ def _messages(record: PreferenceRecord, response: str | None = None) -> list:
     return msgs
 
 
-def _completion_ids(tok, prompt_text: str, record: PreferenceRecord, which: str) -> list:
-    full = tok.render_chat(_messages(record, getattr(record, which)), add_generation_prompt=False)
+def _render(tok, messages, add_generation_prompt, trust_content):
+    if trust_content:
+        return tok.render_chat(messages, add_generation_prompt=add_generation_prompt, trust_content=True)
+    return tok.render_chat(messages, add_generation_prompt=add_generation_prompt)
+
+
+def _completion_ids(tok, prompt_text: str, record: PreferenceRecord, which: str, trust_content=False) -> list:
+    full = _render(tok, _messages(record, getattr(record, which)), False, trust_content)
     if not full.startswith(prompt_text):
         # Find where they part, to make the template problem visible.
         n = 0
@@ -581,7 +614,7 @@ def _completion_ids(tok, prompt_text: str, record: PreferenceRecord, which: str)
                         f"not a prefix of the full conversation render; they differ at character {n}: prompt "
                         f"{prompt_text[n:n + 40]!r} vs full {full[n:n + 40]!r}. This template cannot split "
                         "prompt and completion.", field=which)
-    completion = full[len(prompt_text):]
+    completion = full[len(prompt_text):]  # a chat render keeps its content spans when sliced
     if not completion:
         raise DataError(f"tokenize_record: empty {which} completion after the prompt render", field=which)
     return list(tok.encode(completion))
@@ -613,14 +646,32 @@ def truncate(prompt: list, chosen: list, rejected: list, max_length: int, max_pr
     return prompt, chosen[:room], rejected[:room], prompt_cut, completion_cut
 
 
-def _tokenize(record, tok, max_length, max_prompt_length):
+def _reach(record, tok, max_tokens):
+    """The record with every field longer than `max_tokens` tokens can reach cut to what can survive
+    truncation: system and prompt keep their end (a prompt keeps its last tokens), the completions their
+    start. A field of n characters has at least n / tok.max_token_chars tokens, so a cut field still
+    gives more than max_tokens tokens, and the ones kept lie far from the cut (64 tokens of margin)."""
+    per = getattr(tok, "max_token_chars", None)
+    if per is None:
+        return record
+    k = (max_tokens + 64) * per + 1024
+    cut = {"system": record.system[-k:], "prompt": record.prompt[-k:],
+           "chosen": record.chosen[:k], "rejected": record.rejected[:k]}
+    if all(len(v) == len(getattr(record, f)) for f, v in cut.items()):
+        return record
+    return PreferenceRecord(cut["system"], cut["prompt"], cut["chosen"], cut["rejected"], record.task,
+                            record.metadata)
+
+
+def _tokenize(record, tok, max_length, max_prompt_length, max_tokens=None, trust_content=False):
     """-> (example or None, info dict). None when the prompt leaves no room for a completion."""
-    prompt_text = tok.render_chat(_messages(record), add_generation_prompt=True)
+    record = _reach(record, tok, max_length if max_tokens is None else min(max_tokens, max_length))
+    prompt_text = _render(tok, _messages(record), True, trust_content)
     prompt = list(tok.encode(prompt_text))
     completions = {}
     eos_appended = 0
     for which in ("chosen", "rejected"):
-        ids = _completion_ids(tok, prompt_text, record, which)
+        ids = _completion_ids(tok, prompt_text, record, which, trust_content)
         # A template that does not end the turn with EOS would teach the model never to stop (TRL appends
         # EOS for the same reason); ChatML's <|im_end|> already is the EOS.
         if tok.eos_token_id is not None and tok.eos_token_id not in ids:
@@ -637,7 +688,7 @@ def _tokenize(record, tok, max_length, max_prompt_length):
 
 
 def tokenize_record(record: PreferenceRecord, tok, max_length: int = 512,
-                    max_prompt_length: int | None = 128) -> TokenizedExample:
+                    max_prompt_length: int | None = 128, trust_content: bool = False) -> TokenizedExample:
     """Tokenise one record into prompt_ids / chosen_ids / rejected_ids.
 
     The prompt is the chat render of [system?, user] with add_generation_prompt=True; each completion is
@@ -646,9 +697,14 @@ def tokenize_record(record: PreferenceRecord, tok, max_length: int = 512,
     between them. Truncation as TRL: if prompt + longer completion > max_length, keep the prompt's last
     max_prompt_length tokens, then keep the first (max_length - prompt) tokens of each completion.
     Raises DataError if the truncated prompt leaves no room (tokenize_dataset skips and counts those).
+
+    Special-token strings inside the record's texts are encoded as plain text (only the chat template's
+    markup gives control tokens), unless trust_content=True (trusted data that carries control tokens on
+    purpose). A field far longer than max_length tokens is cut before tokenising to what can survive
+    truncation, so a 50 MB field costs what 512 tokens cost.
     """
     _check_lengths(max_length, max_prompt_length)
-    ex, info = _tokenize(record, tok, max_length, max_prompt_length)
+    ex, info = _tokenize(record, tok, max_length, max_prompt_length, trust_content=trust_content)
     if ex is None:
         raise DataError(f"tokenize_record: prompt of {info['prompt_len_after']} tokens leaves no room for a "
                         f"completion within max_length={max_length} (max_prompt_length={max_prompt_length})",
@@ -665,14 +721,22 @@ def _percentiles(values: list) -> dict:
 
 
 def tokenize_dataset(records: Sequence, tok, max_length: int = 512, max_prompt_length: int | None = 128,
-                     verbose: bool = False) -> tuple:
+                     verbose: bool = False, *, trust_content: bool = False, max_tokens: int | None = None) -> tuple:
     """Tokenise every record. Returns (examples, stats).
 
     Records whose prompt leaves no room for a completion are skipped, counted in stats["skipped"], and
     the first is described in stats["first_skipped"]. stats also has counts of truncated prompts and
     completions, of completions given an EOS, and length percentiles (prompt, chosen, rejected, and the
     longer full sequence) after truncation. verbose=True prints a one-line summary.
+
+    trust_content as in tokenize_record. max_tokens (default max_length): no part of a record is
+    tokenised beyond what this many tokens can reach (a prompt keeps its end, completions their start);
+    the Trainer, which truncates by itself, passes its max_length + 1 here. A prompt cut this way is
+    counted with the tokens that were computed (at least max_tokens).
     """
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                   or max_tokens < 1):
+        raise ValueError(f"tokenize_dataset: max_tokens must be None or an int >= 1, got {max_tokens!r}")
     _check_lengths(max_length, max_prompt_length)
     examples = []
     skipped = 0
@@ -681,7 +745,7 @@ def tokenize_dataset(records: Sequence, tok, max_length: int = 512, max_prompt_l
     for i, r in enumerate(records):
         if not isinstance(r, PreferenceRecord):
             raise TypeError(f"tokenize_dataset: records[{i}] must be a PreferenceRecord, got {type(r).__name__}")
-        ex, info = _tokenize(r, tok, max_length, max_prompt_length)
+        ex, info = _tokenize(r, tok, max_length, max_prompt_length, max_tokens, trust_content)
         if ex is None:
             skipped += 1
             if first_skipped is None:

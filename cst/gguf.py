@@ -1,7 +1,6 @@
 """GGUF (llama.cpp) files <-> cst.Model: reads "llama" (Llama, Mistral, SOLAR) and "qwen2" files with gguf.GGUFReader after a
 bounded structural check, dequantises with cst._core, un-permutes Q/K rows; writes F32/F16 files with
 gguf.GGUFWriter. Not a general GGUF tool: other architectures and quantised export are out of scope."""
-import mmap
 import os
 import struct
 
@@ -24,10 +23,15 @@ def _ggml_sizes():
 
 
 class _Walker:
-    """Bounds-checked little-endian reads over the file's bytes; every failure is a FormatError."""
+    """Bounds-checked little-endian reads of the file's header through ordinary reads (not a memory
+    map: a file truncated meanwhile gives a short read, not SIGBUS); every failure is a FormatError.
+    need() only checks a size against the file; data skipped over is never read."""
 
-    def __init__(self, buf, path):
-        self.buf, self.path, self.off, self.size = buf, path, 0, len(buf)
+    _WINDOW = 1 << 20
+
+    def __init__(self, fd, size, path):
+        self.fd, self.path, self.off, self.size = fd, path, 0, size
+        self.win_start, self.win = 0, b""
 
     def fail(self, what):
         raise FormatError(f"{self.path}: {what} (at byte {self.off} of {self.size})")
@@ -36,36 +40,39 @@ class _Walker:
         if n < 0 or self.off + n > self.size:
             self.fail(f"truncated: {what} needs {n} bytes")
 
+    def read(self, n, what):
+        self.need(n, what)
+        a = self.off - self.win_start
+        if a < 0 or a + n > len(self.win):
+            self.win_start, self.win = self.off, os.pread(self.fd, max(n, self._WINDOW), self.off)
+            a = 0
+            if len(self.win) < n:
+                self.fail(f"the file shrank while being read ({what})")
+        self.off += n
+        return self.win[a:a + n]
+
     def u32(self, what):
-        self.need(4, what)
-        v = struct.unpack_from("<I", self.buf, self.off)[0]
-        self.off += 4
-        return v
+        return struct.unpack("<I", self.read(4, what))[0]
 
     def u64(self, what):
-        self.need(8, what)
-        v = struct.unpack_from("<Q", self.buf, self.off)[0]
-        self.off += 8
-        return v
+        return struct.unpack("<Q", self.read(8, what))[0]
 
     def string(self, what, decode=False):
         n = self.u64(what + " length")
-        self.need(n, what)
-        s = bytes(self.buf[self.off:self.off + n]) if decode else None
-        self.off += n
-        if decode:
-            try:
-                return s.decode("utf-8")
-            except UnicodeDecodeError:
-                self.fail(f"{what} is not valid UTF-8")
-        return None
+        if not decode:
+            self.need(n, what)
+            self.off += n
+            return None
+        if n > 1 << 16:  # keys and tensor names are short; no need to read a damaged length's worth
+            self.fail(f"{what} is {n} bytes long (at most 65536)")
+        try:
+            return self.read(n, what).decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(f"{what} is not valid UTF-8")
 
     def value(self, vtype, what, depth=0):
         if vtype in _VT_SIZE:
-            self.need(_VT_SIZE[vtype], what)
-            v = self.buf[self.off:self.off + _VT_SIZE[vtype]]
-            self.off += _VT_SIZE[vtype]
-            return v
+            return self.read(_VT_SIZE[vtype], what)
         if vtype == _VT_STRING:
             return self.string(what)
         if vtype == _VT_ARRAY:
@@ -98,18 +105,16 @@ def check_gguf(path):
         raise FileNotFoundError(f"{path}: {e.strerror}") from None
     if size < 24:
         raise FormatError(f"{path}: too small to be a GGUF file ({size} bytes)")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        w = _Walker(mm, path)
-        try:
-            return _walk(w)
-        finally:
-            w.buf = None
+    with open(path, "rb") as f:
+        info = _walk(_Walker(f.fileno(), size, path))
+    info["size"] = size
+    return info
 
 
 def _walk(w):
-    if bytes(w.buf[0:4]) != b"GGUF":
-        w.fail(f"bad magic {bytes(w.buf[0:4])!r} (expected b'GGUF')")
-    w.off = 4
+    magic = w.read(4, "magic")
+    if magic != b"GGUF":
+        w.fail(f"bad magic {magic!r} (expected b'GGUF')")
     version = w.u32("version")
     if version not in (2, 3):
         w.fail(f"unsupported GGUF version {version} (expected 2 or 3)")
@@ -153,6 +158,9 @@ def _walk(w):
             n *= d
         if n == 0 or dims[0] % block:
             w.fail(f"tensor {name!r} has shape {dims}, not a whole number of {block}-value blocks")
+        if offset % alignment:
+            # The reader would take it at face value and load the bytes of a neighbour: refuse.
+            w.fail(f"tensor {name!r} has data offset {offset}, not a multiple of the file's alignment {alignment}")
         infos.append((name, dims, ttype, offset, n // block * tsize))
     data_start = (w.off + alignment - 1) // alignment * alignment
     for name, dims, ttype, offset, nbytes in infos:
@@ -163,14 +171,30 @@ def _walk(w):
 
 
 def _reader(path):
-    check_gguf(path)
+    """gguf.GGUFReader over a file check_gguf has walked. The reader memory-maps the file; a file cut
+    short by another process while it is mapped would kill this one with SIGBUS, so the size is checked
+    again just before mapping, and tensor data is read with ordinary reads (_tensor_bytes)."""
+    size = check_gguf(path)["size"]
     import gguf
     try:
+        if os.path.getsize(path) != size:
+            raise FormatError(f"{path}: the file changed size while being checked (another process writing it?)")
         return gguf.GGUFReader(path)
     except (FormatError, MemoryError):
         raise
     except Exception as e:  # the reader raises ValueError/KeyError/IndexError on damage we did not foresee
         raise FormatError(f"{path}: unreadable GGUF ({type(e).__name__}: {e})") from None
+
+
+def _tensor_bytes(f, t, path):
+    """The raw bytes of reader tensor t, read from file object f (not through the reader's map)."""
+    buf = np.empty(int(t.n_bytes), dtype=np.uint8)
+    f.seek(int(t.data_offset))
+    got = f.readinto(memoryview(buf))
+    if got != buf.size:
+        raise FormatError(f"{path}: tensor {t.name!r} is truncated ({got} of {buf.size} bytes): the file "
+                          "shrank while being read (another process writing it?)")
+    return buf
 
 
 def _field(reader, path, key, kind, default=None, required=False):
@@ -224,7 +248,8 @@ def gguf_name(hf_name):
 
 def _f32(x):
     """The shortest decimal of a float32 metadata value (GGUF's 1e-5 reads back as 9.9999997e-06)."""
-    return float(str(np.float32(x)))
+    with np.errstate(over="ignore"):  # a damaged 1e300 becomes inf, which ModelConfig refuses
+        return float(str(np.float32(x)))
 
 
 # GGUF architectures cst reads. llama.cpp writes Llama 2/3, Mistral and SOLAR as "llama" (Q/K rows
@@ -354,23 +379,27 @@ def load_gguf(path, with_tokenizer=True):
         if got != tuple(shape):
             raise FormatError(f"{path}: tensor {gname!r} has shape {got}, expected {tuple(shape)} (from the metadata)")
     model = Model(cfg, init=False)  # the weights are read next: no random initialisation
-    for name, shape in model.layout:
-        gname = names[name]
-        t = tensors[gname]
-        raw = np.asarray(t.data).reshape(-1).view(np.uint8)
-        dst = model.params[name]
-        n_head = permuted.get(name)
-        try:
-            if n_head is None:
-                _core.dequantize(dst, raw, int(t.tensor_type))
-            else:
-                tmp = np.empty(shape, dtype=np.float32)
-                _core.dequantize(tmp, raw, int(t.tensor_type))
-                dst[...] = _unpermute(tmp, n_head)
-        except ValueError as e:
-            raise FormatError(f"{path}: tensor {gname!r}: {e}") from None
+    with open(path, "rb") as f:
+        for name, shape in model.layout:
+            _load_tensor(model, f, path, name, shape, tensors[names[name]], permuted.get(name))
     model.tokenizer = _tokenizer(reader, path) if with_tokenizer else None
     return model
+
+
+def _load_tensor(model, f, path, name, shape, t, n_head):
+    """Reads tensor t's blocks (checked against the file's size first) into model.params[name],
+    dequantised, with llama.cpp's Q/K row permutation undone when n_head is not None."""
+    raw = _tensor_bytes(f, t, path)
+    dst = model.params[name]
+    try:
+        if n_head is None:
+            _core.dequantize(dst, raw, int(t.tensor_type))
+        else:
+            tmp = np.empty(shape, dtype=np.float32)
+            _core.dequantize(tmp, raw, int(t.tensor_type))
+            dst[...] = _unpermute(tmp, n_head)
+    except ValueError as e:
+        raise FormatError(f"{path}: tensor {t.name!r}: {e}") from None
 
 
 def save_gguf(model, tokenizer, path, dtype="f32"):

@@ -34,6 +34,8 @@ def read_safetensors_header(path):
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise FormatError(f"{path}: header is not valid JSON ({e})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: header JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise FormatError(f"{path}: header is not a JSON object")
     data_start, data_size = 8 + n, size - 8 - n
@@ -54,7 +56,7 @@ def read_safetensors_header(path):
         if not 0 <= b <= e <= data_size:
             raise FormatError(f"{path}: tensor {name!r} bytes [{b}, {e}) lie outside the data section "
                               f"({data_size} bytes): corrupt or truncated")
-        if dtype not in _ST_DTYPES:
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
             raise FormatError(f"{path}: tensor {name!r} has dtype {dtype!r} (supported: F32, F16, BF16)")
         count = 1
         for d in shape:
@@ -89,6 +91,8 @@ def _load_json(path):
         raise FileNotFoundError(f"{path} not found") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise FormatError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: JSON nested too deeply") from None
     if not isinstance(d, dict):
         raise FormatError(f"{path}: expected a JSON object")
     return d
@@ -101,18 +105,31 @@ _REFUSED = {"mlp_bias": (None, False), "quantization_config": (None,), "pretrain
             "attention_dropout": (None, 0, 0.0), "rope_local_base_freq": (None,)}
 
 
+def _typed(d, key, kind, path):
+    """d[key] when it is absent, null or a `kind`; else FormatError naming the file and the key."""
+    v = d.get(key)
+    if v is not None and not isinstance(v, kind):
+        raise FormatError(f"{path}: {key!r} must be {'an object' if kind is dict else 'a list'} or null, "
+                          f"got {type(v).__name__} {v!r:.60}")
+    return v
+
+
 def config_from_hf(d, path="config.json"):
     """ModelConfig from a Hugging Face config.json dict: Llama (2, 3.x, SOLAR), Mistral or Qwen2/2.5.
     Anything cst does not compute (other architectures, RoPE types, biases, activations) raises an
-    error naming the field."""
+    error naming the field; a field of the wrong JSON type raises FormatError naming it."""
     kind = d.get("model_type")
-    archs = d.get("architectures") or []
-    if kind not in _HF_CLASSES or (archs and _HF_CLASSES[kind] not in archs):
+    archs = _typed(d, "architectures", list, path) or []
+    if not all(isinstance(a, str) for a in archs):
+        raise FormatError(f"{path}: 'architectures' must be a list of strings, got {archs!r:.60}")
+    if not isinstance(kind, str) or kind not in _HF_CLASSES or (archs and _HF_CLASSES[kind] not in archs):
         raise ValueError(f"{path}: model_type {kind!r} / architectures {archs} is not supported (cst loads "
                          f"{', '.join(_HF_CLASSES.values())})")
     for key, ok in _REFUSED.items():
         if d.get(key) not in ok:
             raise ValueError(f"{path}: {key} = {d.get(key)!r} is not supported")
+    for key in ("rope_parameters", "rope_scaling"):
+        _typed(d, key, dict, path)
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: hidden_act {d.get('hidden_act')!r} is not supported (only silu)")
     # transformers 5 writes rope_parameters (with rope_theta inside); older files rope_scaling + rope_theta.

@@ -593,10 +593,12 @@ class Model:
             kwargs["tokenizer"] = self.tokenizer
         return generate(self.merged(), prompts, **kwargs)
 
-    def chat(self, conversations, max_new_tokens=256, **kwargs):
+    def chat(self, conversations, max_new_tokens=256, trust_content=False, **kwargs):
         """Replies to chat conversations (lists of {"role", "content"} messages) rendered with the
         model's own chat template; one conversation gives a str, a list of them a list of str.
-        `last_truncated` then says, per conversation, whether max_new_tokens cut the reply."""
+        `last_truncated` then says, per conversation, whether max_new_tokens cut the reply.
+        Special-token text inside message contents stays plain text (a user cannot forge a system
+        turn); trust_content=True lets it become control tokens (Tokenizer.encode_chat)."""
         if self.tokenizer is None:
             raise ValueError("chat: this model has no tokenizer (load one with cst.load)")
         single = isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict)
@@ -607,7 +609,8 @@ class Model:
             if not isinstance(c, (list, tuple)) or not c or not all(isinstance(m, dict) for m in c):
                 raise ValueError(f"chat: conversation {i} must be a non-empty list of message dicts")
         tok = self.tokenizer
-        prompts = [tok.encode_chat(list(c), add_generation_prompt=True) for c in convs]
+        prompts = [tok.encode_chat(list(c), add_generation_prompt=True, trust_content=trust_content)
+                   for c in convs]
         outs = self.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)
         eos = tok.eos_token_id
         self.last_truncated = [len(o) >= max_new_tokens and (not o or o[-1] != eos) for o in outs]

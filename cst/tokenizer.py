@@ -2,10 +2,10 @@
 and Qwen2; SentencePiece-style BPE with byte fallback as in Llama 2, Mistral and SOLAR; Unigram), and
 GGUF vocabularies of type "gpt2" (with llama.cpp's pre-tokenizer names) and "llama" (SentencePiece:
 scores, token types, byte tokens); plus the model's own Jinja chat template rendered the way
-transformers renders it. Not a trainer."""
+transformers renders it, except that text inside message contents never becomes a control token
+(cst/chat_render.py). Not a trainer."""
 import json
 import os
-from datetime import datetime
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
@@ -146,7 +146,8 @@ def _token_str(tok):
 class Tokenizer:
     """Text <-> token ids for one model, plus its chat template.
 
-    encode() never adds BOS/EOS; special-token strings inside the text become their ids."""
+    encode() never adds BOS/EOS. On a plain str, special-token strings become their ids (trusted text);
+    on a chat render (render_chat) only the template's markup does, and encode_chat is that by default."""
 
     def __init__(self, backend: _Backend, *, eos_token: str, bos_token=None, pad_token=None,
                  unk_token=None, chat_template=None, pre="gpt2"):
@@ -177,13 +178,65 @@ class Tokenizer:
                                      if t.special}
         self._template = None
         self._system_role = None  # probed on first use (system_role)
+        self._plain = None  # a copy of the backend that encodes special-token strings as text
+        self._max_token_chars = None
+        self._control = None
 
     # ---- text <-> ids ----
 
     def encode(self, text: str) -> list:
+        """Token ids of `text`. A RenderedChat (what render_chat returns, or a slice of it) keeps
+        special-token strings inside message contents as plain text; any other str is trusted: every
+        special-token string in it becomes its control id (use encode_plain for untrusted text)."""
         if not isinstance(text, str):
             raise TypeError(f"Tokenizer.encode: text must be str, got {type(text).__name__}")
+        from .chat_render import RenderedChat, encode_rendered
+        if isinstance(text, RenderedChat):
+            return encode_rendered(text, self._encode_with_offsets, self.encode_plain,
+                                   set(self.control_tokens.values()))
         return self._backend.encode(text, add_special_tokens=False).ids
+
+    def _encode_with_offsets(self, text):
+        e = self._backend.encode(text, add_special_tokens=False)
+        return e.ids, e.offsets
+
+    def encode_plain(self, text: str) -> list:
+        """Token ids of `text` with every control-token string in it (control_tokens) encoded as
+        ordinary text (like transformers' split_special_tokens=True)."""
+        if not isinstance(text, str):
+            raise TypeError(f"Tokenizer.encode_plain: text must be str, got {type(text).__name__}")
+        if self._plain is None:
+            # A copy of the backend in which every control token is special, set to encode specials as
+            # text (non-special added tokens would still be split out).
+            data = json.loads(self._backend.to_str())
+            control = self.control_tokens
+            for t in data.get("added_tokens", []):
+                if t.get("content") in control:
+                    t["special"] = True
+            self._plain = _Backend.from_str(json.dumps(data))
+            self._plain.encode_special_tokens = True
+        return self._plain.encode(str(text), add_special_tokens=False).ids
+
+    @property
+    def control_tokens(self) -> dict:
+        """{text: id} of the tokens that only the chat template's markup may produce: the special added
+        tokens, and any other added token the chat template spells out (some tokenizer.json files add
+        `<|im_start|>` without marking it special)."""
+        if self._control is None:
+            added = {t.content: i for i, t in self._backend.get_added_tokens_decoder().items()}
+            template = self.chat_template or ""
+            # Whitespace runs and short pieces some vocabularies add are text, not markup.
+            self._control = {c: i for c, i in added.items() if c in self.special_tokens or (
+                len(c) >= 3 and not any(ch.isspace() for ch in c) and c in template)}
+        return self._control
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token can stand for (the longest vocabulary entry): a text of n
+        characters has at least n / max_token_chars tokens."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max(map(len, self._backend.get_vocab(with_added_tokens=True)))
+        return self._max_token_chars
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]
@@ -204,40 +257,36 @@ class Tokenizer:
         if self._template is None:
             if not self.chat_template:
                 raise ValueError("Tokenizer: this tokenizer has no chat template")
-            import jinja2
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(message):
-                raise jinja2.exceptions.TemplateError(message)
-
-            def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-                return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                                  sort_keys=sort_keys)
-
-            def strftime_now(fmt):
-                return datetime.now().strftime(fmt)
-
-            # Same environment settings as transformers' apply_chat_template, so templates render alike.
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=["jinja2.ext.loopcontrols"])
-            env.filters["tojson"] = tojson
-            env.globals["raise_exception"] = raise_exception
-            env.globals["strftime_now"] = strftime_now
-            self._template = env.from_string(self.chat_template)
+            from .chat_render import compile_template
+            self._template = compile_template(self.chat_template)
         return self._template
 
-    def render_chat(self, messages, add_generation_prompt: bool = False) -> str:
+    def render_chat(self, messages, add_generation_prompt: bool = False, trust_content: bool = False) -> str:
+        """The conversation rendered with the chat template (as transformers renders it), in a bounded
+        sandbox. Returns a cst.chat_render.RenderedChat: a str that remembers which characters came from
+        message contents, so that encode() keeps special-token text typed into a message as plain text.
+        trust_content=True returns a plain str instead (every special-token string in it, contents
+        included, then becomes a control token: for trusted pipelines only)."""
         if not isinstance(messages, (list, tuple)) or not all(isinstance(m, dict) for m in messages):
             raise TypeError("Tokenizer.render_chat: messages must be a list of {'role', 'content'} dicts")
+        from .chat_render import render
         messages = self._fold_system(messages)
+        return render(self._compiled_template(), messages, self._render_context(add_generation_prompt),
+                      list(self.control_tokens), trust_content=trust_content)
+
+    def _render_context(self, add_generation_prompt):
+        """The variables a chat template sees besides `messages`, as transformers passes them."""
         specials = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
                                       ("unk_token", self.unk_token), ("pad_token", self.pad_token))
                     if v is not None}
-        return self._compiled_template().render(messages=list(messages), tools=None, documents=None,
-                                                add_generation_prompt=add_generation_prompt, **specials)
+        return dict(tools=None, documents=None, add_generation_prompt=add_generation_prompt, **specials)
 
-    def encode_chat(self, messages, add_generation_prompt: bool = False) -> list:
-        return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt))
+    def encode_chat(self, messages, add_generation_prompt: bool = False, trust_content: bool = False) -> list:
+        """Token ids of the rendered conversation. Only the template's markup yields special tokens;
+        special-token strings in message contents are encoded as plain text, unless trust_content=True
+        (the opt-out for trusted pipelines that put raw control tokens into contents on purpose)."""
+        return self.encode(self.render_chat(messages, add_generation_prompt=add_generation_prompt,
+                                            trust_content=trust_content))
 
     # ---- templates without a system role ----
 
@@ -247,12 +296,11 @@ class Tokenizer:
         one, raises on it or drops it)."""
         if self._system_role is None:
             probe = "cst-system-probe-5b1e"
-            try:
-                text = self._compiled_template().render(
-                    messages=[{"role": "system", "content": probe}, {"role": "user", "content": "hi"}],
-                    tools=None, documents=None, add_generation_prompt=True,
-                    **{k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token))
-                       if v is not None})
+            from .chat_render import render
+            try:  # through the bounded renderer: a template's own budget holds for the probe too
+                text = render(self._compiled_template(),
+                              [{"role": "system", "content": probe}, {"role": "user", "content": "hi"}],
+                              self._render_context(True), [], trust_content=True)
                 self._system_role = probe in text
             except Exception:  # the template refused the system turn (raise_exception or an error)
                 self._system_role = False
@@ -297,6 +345,11 @@ class Tokenizer:
         token_types = list(token_types) if token_types is not None else [1] * len(tokens)
         if len(token_types) != len(tokens):
             raise ValueError(f"Tokenizer: {len(token_types)} token types for {len(tokens)} tokens")
+        merges = list(merges or [])
+        for what, items, kind in (("token", tokens, str), ("merge", merges, str), ("token type", token_types, int)):
+            bad = next((i for i, x in enumerate(items) if not isinstance(x, kind) or isinstance(x, bool)), None)
+            if bad is not None:
+                raise ValueError(f"Tokenizer: {what} {bad} is a {type(items[bad]).__name__}, not a {kind.__name__}")
         alphabet = set(_bytes_to_unicode().values())
         b2u = _bytes_to_unicode()
         vocab = {}
@@ -304,11 +357,16 @@ class Tokenizer:
             # A token outside the byte alphabet (rare; llama.cpp writes some specials raw) is respelled.
             key = t if set(t) <= alphabet or token_types[i] in (3, 4) else "".join(b2u[b] for b in t.encode())
             vocab.setdefault(key, i)
-        backend = _Backend(models.BPE(vocab=vocab, merges=_parse_merges(merges or []), fuse_unk=False,
-                                      byte_fallback=False))
-        backend.pre_tokenizer = _pre_tokenizer(pre)
-        backend.decoder = decoders.ByteLevel()
-        _add_gguf_specials(backend, tokens, token_types, vocab)
+        try:  # `tokenizers` raises a bare Exception on a merge of unknown tokens and the like
+            backend = _Backend(models.BPE(vocab=vocab, merges=_parse_merges(merges or []), fuse_unk=False,
+                                          byte_fallback=False))
+            backend.pre_tokenizer = _pre_tokenizer(pre)
+            backend.decoder = decoders.ByteLevel()
+            _add_gguf_specials(backend, tokens, token_types, vocab)
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f"Tokenizer: the vocabulary or merges are damaged ({e})") from None
         if eos_token_id is None:
             raise ValueError("Tokenizer: GGUF has no tokenizer.ggml.eos_token_id")
         tok = lambda i: _gguf_token(tokens, i)  # noqa: E731
@@ -387,19 +445,28 @@ class Tokenizer:
                 cfg.update(d)
         template = cfg.get("chat_template")
         if isinstance(template, list):  # [{"name": ..., "template": ...}]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            named = {t.get("name"): t.get("template") for t in template
+                     if isinstance(t, dict) and isinstance(t.get("name"), (str, type(None)))}
             template = named.get("default") or next(iter(named.values()), None)
         jinja_path = os.path.join(path, "chat_template.jinja")
         if template is None and os.path.isfile(jinja_path):
             with open(jinja_path, encoding="utf-8") as f:
                 template = f.read()
-        eos = _token_str(cfg.get("eos_token"))
-        if eos is None:
+        if template is not None and not isinstance(template, str):
+            raise FormatError(f"{cfg_path}: chat_template must be a string, got {type(template).__name__}")
+        tokens = {}
+        for key in ("eos_token", "bos_token", "pad_token", "unk_token"):
+            t = _token_str(cfg.get(key))
+            if t is not None and not isinstance(t, str):
+                raise FormatError(f"{cfg_path}: {key} must be a string, got {type(t).__name__} {t!r:.40}")
+            tokens[key] = t
+        if tokens["eos_token"] is None:
             raise FormatError(f"{cfg_path}: no eos_token")
-        return cls(backend, eos_token=eos, bos_token=_token_str(cfg.get("bos_token")),
-                   pad_token=_token_str(cfg.get("pad_token")), unk_token=_token_str(cfg.get("unk_token")),
-                   chat_template=template,
-                   pre="llama-spm" if _is_spm_bpe(tj_data) else _pre_name(tj_data.get("pre_tokenizer")))
+        try:
+            return cls(backend, **tokens, chat_template=template,
+                       pre="llama-spm" if _is_spm_bpe(tj_data) else _pre_name(tj_data.get("pre_tokenizer")))
+        except ValueError as e:
+            raise FormatError(f"{cfg_path}: {e}") from None
 
     # ---- export ----
 

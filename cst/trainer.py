@@ -20,7 +20,7 @@ from .optim import AdamW, clip_grad_norm
 from .runtime import interactive, set_num_threads
 from .schedule import lr_at, resolve_total_steps, resolve_warmup
 from .training_config import DPOConfig
-from .atomic import atomic_open, honour_umask, write_json, write_text
+from .atomic import atomic_open, fsync_dir, fsync_tree, honour_umask, write_json, write_text
 from .data import collate
 
 
@@ -168,8 +168,10 @@ class Trainer:
             if self.tokenizer is None:
                 raise ValueError(f"Trainer: {name} holds records, but the model has no tokenizer; pass tokenizer=")
             records = list(dataset) if isinstance(first, PreferenceRecord) else load_records(list(dataset))
-            # Tokenised without any limit; the limits are applied below, the same way for both kinds.
-            raw, _ = tokenize_dataset(records, self.tokenizer, max_length=1 << 40, max_prompt_length=None)
+            # Tokenised without truncation (the limits are applied below, the same way for both kinds),
+            # but no further than max_length + 1 tokens can reach, which is all the limits below look at.
+            raw, _ = tokenize_dataset(records, self.tokenizer, max_length=1 << 40, max_prompt_length=None,
+                                      max_tokens=self.config.max_length + 1)
             texts = records
         cfg, V = self.config, self.model.config.vocab_size
         out, skipped, first_skipped, p_trunc, c_trunc = [], 0, None, 0, 0
@@ -431,20 +433,42 @@ class Trainer:
                     os.replace(os.path.join(tmp, "adapter", f), os.path.join(tmp, f))
                 os.rmdir(os.path.join(tmp, "adapter"))
             honour_umask(tmp)
+            # Every byte on disk before the rename makes the directory visible, and the rename itself
+            # on disk before the next step: a power cut leaves the old checkpoint or the new one.
+            fsync_tree(tmp)
             if os.path.exists(path):
                 old = path + ".old"
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(path, old)
                 os.replace(tmp, path)
+                fsync_dir(parent)
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, path)
+                fsync_dir(parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.last_checkpoint = path
         self._prune_checkpoints(path)
         return path
+
+    def _clean_stale(self):
+        """What a run killed inside save_checkpoint leaves in output_dir: .tmp-ckpt-* directories
+        (removed) and checkpoint-N.old (put back when checkpoint-N is missing, else removed). Assumes
+        one run per output_dir, as resuming does."""
+        d = self.config.output_dir
+        for name in sorted(os.listdir(d)):
+            p = os.path.join(d, name)
+            if not os.path.isdir(p) or os.path.islink(p):
+                continue
+            if name.startswith(".tmp-ckpt-"):
+                shutil.rmtree(p, ignore_errors=True)
+            elif name.startswith("checkpoint-") and name.endswith(".old"):
+                if os.path.exists(p[:-4]):
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    os.replace(p, p[:-4])
 
     def _checkpoints(self):
         """The checkpoint-N directories of output_dir, oldest first."""
@@ -544,6 +568,9 @@ class Trainer:
 
         cfg = self.config
         os.makedirs(cfg.output_dir, exist_ok=True)
+        if self.dist.rank == 0:
+            self._clean_stale()
+        self.dist.barrier()  # no rank looks for checkpoints while rank 0 tidies them
         # The references come first: for full fine-tuning they are the weights before any update,
         # which a resumed run only has before its checkpoint is loaded (else they come from the cache).
         self._ensure_references()

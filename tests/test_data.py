@@ -146,10 +146,17 @@ def test_load_from_list_records_and_duck_typed_dataset():
         column_names = ["system", "prompt", "chosen", "rejected", "task", "id"]
 
         def __iter__(self):
-            yield {"system": None, "prompt": "a", "chosen": "b", "rejected": "c", "task": "t", "id": 7}
+            yield {"system": "", "prompt": "a", "chosen": "b", "rejected": "c", "task": "t", "id": 7}
 
     (r,) = D.load_records(FakeDataset())
     assert (r.system, r.prompt, r.task, r.metadata) == ("", "a", "t", {"id": 7})
+
+    class NullSystem(FakeDataset):
+        def __iter__(self):
+            yield {"system": None, "prompt": "a", "chosen": "b", "rejected": "c"}
+    with pytest.raises(D.DataError, match="'system' is null") as e:
+        D.load_records(NullSystem())
+    assert e.value.field == "system" and e.value.index == 0
 
     class NoChosen(FakeDataset):
         column_names = ["system", "prompt", "rejected"]
