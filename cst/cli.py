@@ -444,8 +444,8 @@ def _phrasings(s):
 
 def cmd_data_build(args):
     from . import data as D
-    if not args.output.lower().endswith((".json", ".jsonl")):
-        raise UsageError(f"--output: expected a .json or .jsonl file, got {args.output!r}")
+    if not args.output.lower().endswith((".json", ".jsonl", ".parquet")):
+        raise UsageError(f"--output: expected a .json, .jsonl or .parquet file, got {args.output!r}")
     if args.system is not None and not args.vanilla_dpo:
         raise UsageError("--system only applies with --vanilla-dpo")
     configurations = _configurations(args.configurations)
@@ -456,7 +456,7 @@ def cmd_data_build(args):
         records = D.vanilla_dpo(pairs, system=args.system, task=args.task)
     else:
         records = D.build_records(pairs, configurations, phrasings=args.phrasings, task=args.task)
-    D.save_records(records, args.output)
+    D.save_records(records, args.output, format=args.format)
     print(f"read {len(pairs)} pair(s) ({kind}) from {args.pairs}")
     if args.vanilla_dpo:
         print(f"wrote {len(records)} vanilla DPO record(s) (safe preferred, system prompt "
@@ -548,6 +548,12 @@ def cmd_train(args):
     config = build_config(args)
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+        return 0
+    if args.print_trl_config:
+        try:
+            print(json.dumps(config.to_trl(), indent=2))
+        except ValueError as e:
+            raise UsageError(f"--print-trl-config: {e}") from None
         return 0
     _check_model_source(args.model)
     records = D.load_records(args.data)
@@ -994,6 +1000,9 @@ def build_parser():
                                "\"rejected\"?, \"held_out\"?} objects (docs/cli.md).")
     b.add_argument("--pairs", required=True, metavar="PAIRS.jsonl", help="behaviour pairs (see below)")
     b.add_argument("--output", "-o", required=True, metavar="RECORDS.json[l]", help="records file to write")
+    b.add_argument("--format", choices=("cst", "trl"), default="cst",
+                   help="cst: {system, prompt, chosen, rejected} records; trl: TRL's conversational preference "
+                        "format, which trl.DPOTrainer reads unchanged (docs/interop.md)")
     b.add_argument("--configurations", default="paper", metavar="paper|paraphrased|FILE.json",
                    help="system-prompt configurations: the paper's two, four paraphrased phrasings each, or a file")
     b.add_argument("--phrasings", type=_phrasings, default="all", metavar="all|first|K",
@@ -1057,6 +1066,9 @@ def build_parser():
                    help="after training, write the tuned model (LoRA merged) in that format to PATH")
     t.add_argument("--print-config", action="store_true",
                    help="print the resolved DPOConfig as JSON and exit (loads neither model nor data)")
+    t.add_argument("--print-trl-config", action="store_true",
+                   help="print the same recipe for TRL as JSON, {\"DPOConfig\": trl.DPOConfig arguments, "
+                        "\"LoraConfig\": peft.LoraConfig arguments, \"not_mapped\": ...}, and exit (docs/interop.md)")
     t.set_defaults(func=_cmd_train_checked)
 
     # eval
@@ -1145,7 +1157,8 @@ def build_parser():
 
 
 def _cmd_train_checked(args):
-    missing = [f for f, v in (("--model", args.model), ("--data", args.data)) if v is None and not args.print_config]
+    missing = [f for f, v in (("--model", args.model), ("--data", args.data))
+               if v is None and not (args.print_config or args.print_trl_config)]
     if missing:
         raise UsageError(f"the following arguments are required: {', '.join(missing)} (see 'cst train --help')")
     return cmd_train(args)
