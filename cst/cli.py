@@ -288,8 +288,9 @@ def _run_info(ckpt_path):
     return None
 
 
-def _model_from_args(args, need_tokenizer=True):
-    """--model (and --checkpoint, merged) -> a Model ready for generation or export."""
+def _model_from_args(args, need_tokenizer=True, merge=True):
+    """--model (and --checkpoint, merged; merge=False: a LoRA checkpoint stays attached as
+    model.adapter) -> a Model ready for generation or export."""
     source = args.model
     ckpt = getattr(args, "checkpoint", None)
     if source is None:
@@ -305,9 +306,9 @@ def _model_from_args(args, need_tokenizer=True):
     _check_model_source(source)
     model = _load_model(source, need_tokenizer)
     if ckpt:
-        res = load_checkpoint_into(model, ckpt, merge=True)
+        res = load_checkpoint_into(model, ckpt, merge=merge)
         _say(f"applied {res['kind']} checkpoint {res['path']} (step {res['step']})"
-             + (f", LoRA r={res['lora'].r} merged" if res["lora"] is not None else ""))
+             + (f", LoRA r={res['lora'].r} {'merged' if merge else 'attached'}" if res["lora"] is not None else ""))
     return model
 
 
@@ -813,6 +814,23 @@ def cmd_chat(args):
 
 _DTYPES = {"hf": {"float32": "float32", "f32": "float32", "float16": "float16", "f16": "float16"},
            "gguf": {"float32": "f32", "f32": "f32", "float16": "f16", "f16": "f16"}}
+_DTYPES["gguf-lora"] = _DTYPES["gguf"]
+
+
+def _export_gguf_lora(args, dtype):
+    """The LoRA adapters of a `cst train` checkpoint as a llama.cpp GGUF LoRA adapter."""
+    from .gguf import save_gguf_lora
+    if not args.checkpoint:
+        raise UsageError("--format gguf-lora needs --checkpoint (a LoRA run of `cst train`)")
+    model = _model_from_args(args, need_tokenizer=False, merge=False)
+    if model.adapter is None:
+        raise CliError(f"--checkpoint {args.checkpoint}: a full fine-tuning checkpoint has no LoRA adapter; "
+                       "use --format gguf")
+    save_gguf_lora(model.adapter, args.output, dtype=dtype or "f32")
+    print(f"wrote {args.output} (llama.cpp LoRA adapter, r={model.adapter.r}, alpha={model.adapter.alpha:g}, "
+          f"{dtype or 'f32'}, {_size(os.path.getsize(args.output))}); apply it to the base model's GGUF, e.g. "
+          f"llama-cli -m BASE.gguf --lora {args.output}")
+    return 0
 
 
 def cmd_export(args):
@@ -822,6 +840,8 @@ def cmd_export(args):
         if dtype is None:
             raise UsageError(f"--dtype: {args.dtype!r} is not available for --format {args.format}; "
                              "use float32 (f32) or float16 (f16)")
+    if args.format == "gguf-lora":
+        return _export_gguf_lora(args, dtype)
     model = _model_from_args(args, need_tokenizer=False)
     if model.tokenizer is None:
         _say("warning: the model has no tokenizer; the export will not have one either")
@@ -1138,9 +1158,12 @@ def build_parser():
                        epilog="examples:\n"
                               "  cst export --checkpoint runs/cst --format hf tuned_model\n"
                               "  cst export -m smollm2-135m-instruct --checkpoint runs/cst/checkpoint-50 --format "
-                              "gguf --dtype f16 tuned.gguf")
+                              "gguf --dtype f16 tuned.gguf\n"
+                              "  cst export --checkpoint runs/cst --format gguf-lora adapter.gguf")
     _add_model_args(x, required=False)
-    x.add_argument("--format", "-f", required=True, choices=("hf", "gguf"), help="output format")
+    x.add_argument("--format", "-f", required=True, choices=("hf", "gguf", "gguf-lora"),
+                   help="output format; gguf-lora: only the LoRA adapter of --checkpoint, as a llama.cpp GGUF "
+                        "LoRA adapter for the base model's GGUF")
     x.add_argument("--dtype", metavar="float32|float16",
                    help="weight type: float32 (default) or float16 (f32/f16 also accepted)")
     x.add_argument("output", metavar="OUTPUT", help="directory (hf) or .gguf file (gguf) to write")
