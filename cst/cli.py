@@ -109,6 +109,24 @@ def _add_model_args(p, checkpoint=True, required=True):
         p.add_argument("--checkpoint", metavar="CKPT",
                        help="a `cst train` checkpoint (checkpoint-N directory, or a run's output dir: its "
                             "latest checkpoint) to apply to the model; LoRA adapters are merged")
+    _add_chat_template(p)
+
+
+def _add_chat_template(p):
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="render chats with this Jinja template instead of the model's own (a .jinja file, or a "
+                        "tokenizer_config.json with a chat_template entry)")
+
+
+def _use_chat_template(model, path):
+    """--chat-template FILE: replaces the model's template (the GGUF's or the HF directory's)."""
+    if path is None:
+        return
+    from .tokenizer import read_chat_template
+    if model.tokenizer is None:
+        raise CliError(f"--chat-template {path}: the model has no tokenizer to give it to")
+    model.tokenizer.set_chat_template(read_chat_template(path))
+    _say(f"chat template: {path}")
 
 
 def _add_threads(p):
@@ -305,6 +323,10 @@ def _model_from_args(args, need_tokenizer=True, merge=True):
         find_checkpoint(ckpt)  # fail on a bad path before loading the model
     _check_model_source(source)
     model = _load_model(source, need_tokenizer)
+    template = getattr(args, "chat_template", None)
+    if template is None and ckpt:  # the template the run trained with, if it was given one
+        template = (_run_info(ckpt) or {}).get("chat_template")
+    _use_chat_template(model, template)
     if ckpt:
         res = load_checkpoint_into(model, ckpt, merge=merge)
         _say(f"applied {res['kind']} checkpoint {res['path']} (step {res['step']})"
@@ -570,6 +592,7 @@ def cmd_train(args):
             raise CliError(f"--resume: no checkpoint in {where}" if args.resume == "latest"
                            else f"--resume: {where} is not a checkpoint of `cst train`") from None
     model = _load_model(args.model)
+    _use_chat_template(model, args.chat_template)
     trainer = Trainer(model, config, train_dataset=records, eval_dataset=eval_records)
     if resume is not None:
         # Loaded here rather than by train(resume_from_checkpoint=...) (the same call), so that a checkpoint
@@ -586,6 +609,8 @@ def cmd_train(args):
     model_src = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
     run = {"model": model_src, "data": os.path.abspath(args.data),
            "eval_data": os.path.abspath(args.eval_data) if args.eval_data else None}
+    if args.chat_template:
+        run["chat_template"] = os.path.abspath(args.chat_template)
     write_text(os.path.join(config.output_dir, RUN_FILE), json.dumps(run, indent=2) + "\n")
     t0 = time.perf_counter()
     try:
@@ -1051,6 +1076,7 @@ def build_parser():
                               "\"lora_alpha\": 48, \"learning_rate\": 5e-5}; unknown keys are an error.")
     t.add_argument("--model", "-m", metavar="M",
                    help="the model to tune: 'smollm2-135m-instruct', a .gguf file, or a Hugging Face directory")
+    _add_chat_template(t)
     t.add_argument("--data", metavar="RECORDS.json[l]", help="training records (cst data build output)")
     t.add_argument("--eval-data", metavar="RECORDS.json[l]",
                    help="held-out records: evaluated every --eval-steps and at the end")
