@@ -53,13 +53,23 @@ def test_every_format_from_every_source(tmp_path, row, want):
     import pyarrow.parquet as pq
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "r.parquet")
     sources.append(tmp_path / "r.parquet")
-    datasets = pytest.importorskip("datasets")
-    sources.append(datasets.Dataset.from_list(rows))
     for src in sources:
         got = D.load_records(src)
         assert [fields(r) for r in got] == [want, want], src
 
 
+@pytest.mark.slow  # importing datasets takes seconds
+def test_every_format_from_a_datasets_dataset():
+    datasets = pytest.importorskip("datasets")
+    for row in (CST_ROW, CONV_EXPLICIT, CONV_IMPLICIT, STD_EXPLICIT):
+        (r,) = D.load_records(datasets.Dataset.from_list([row]))
+        assert fields(r) == (fields(D.PreferenceRecord(**CST_ROW)) if row is not STD_EXPLICIT
+                             else ("", CST_ROW["prompt"], CST_ROW["chosen"], CST_ROW["rejected"]))
+    with pytest.raises(D.DataError, match="lacks column"):
+        D.load_records(datasets.Dataset.from_list([{"prompt": "p", "chosen": "c"}]))
+
+
+@pytest.mark.slow  # importing trl takes seconds
 def test_matches_trl_extract_prompt():
     trl = pytest.importorskip("trl")
     for row in (STD_IMPLICIT, {"chosen": "Say it: yes", "rejected": "Say it: no"}, CONV_IMPLICIT):
@@ -209,6 +219,7 @@ def _trl_config(d):
     return trl.DPOConfig(**d)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [
     dict(lora_r=24, lora_alpha=48, lora_dropout=0.05, rpo_alpha=1.0, learning_rate=5e-4, warmup_ratio=0.1,
          lr_scheduler_type="cosine", num_train_epochs=3, eval_steps=5, group_by="prompt"),
@@ -252,6 +263,7 @@ def test_to_trl_refuses_what_trl_cannot_do():
             DPOConfig(**kw).to_trl()
 
 
+@pytest.mark.slow
 def test_cli_print_trl_config(capsys, tmp_path):
     from cst.cli import main
     cfg = tmp_path / "cfg.json"
@@ -362,6 +374,7 @@ CONFIG_T = "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}{{ eos_toke
 JINJA_T = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}a:{% endif %}"
 
 
+@pytest.mark.slow  # importing transformers takes seconds
 def test_chat_template_precedence_matches_transformers(tmp_path):
     """An HF directory whose chat_template.jinja and tokenizer_config.json disagree: the .jinja file wins,
     as in transformers; a GGUF exported from it carries that template, and a GGUF's own template is the
