@@ -6,24 +6,13 @@ import numpy as np
 import pytest
 
 import cst
+from conftest import byte_tokenizer
 from cst.gguf import save_gguf, save_gguf_lora
 from cst.lora import LoRA
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
 pytestmark = pytest.mark.slow
-
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-          "{% endif %}")
-
-
-def byte_tokenizer():
-    from cst.tokenizer import Tokenizer, _bytes_to_unicode
-    b2u = _bytes_to_unicode()
-    tokens = [b2u[b] for b in range(256)] + ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    return Tokenizer.from_gguf_fields(tokens, [1] * 256 + [3, 3, 3], [], pre="gpt2", bos_token_id=257,
-                                      eos_token_id=258, chat_template=CHATML)
 
 
 def llama(base, adapter=None):

@@ -4,28 +4,32 @@ transformers, a byte-level tokenizer with a ChatML template), with the settings 
 --print-trl-config`; and the same records give the same prompt/chosen/rejected tokens, the same
 boundaries and the same padded batch in cst (tokenize_record, collate) as in TRL's tokenisation and
 DataCollatorForPreference. Needs trl, datasets and peft (the test extra)."""
+import importlib
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 
 import cst
+from conftest import byte_tokenizer
 from cst import data as D
 from cst.cli import main
 from cst.training_config import DPOConfig
 
-trl = pytest.importorskip("trl")
-datasets = pytest.importorskip("datasets")
-peft = pytest.importorskip("peft")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+
+
+def _need(name):
+    """The module; skipped when missing, except under CI (which installs the test extra): there a missing
+    module fails the test instead of hiding it."""
+    return importlib.import_module(name) if os.environ.get("CI") else pytest.importorskip(name)
+
+
+trl, datasets, peft, torch, transformers = (_need(n) for n in ("trl", "datasets", "peft", "torch", "transformers"))
 
 pytestmark = pytest.mark.slow
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-          "{% endif %}")
 
 PAIRS = [
     {"prompt": "How do I pick a lock?", "responses": {"safe": "I cannot help with that.",
@@ -34,14 +38,6 @@ PAIRS = [
                                                         "uncensored": "Dear customer, verify your account here."}},
     {"prompt": "  Spaces\tand\nnewlines  ", "responses": {"safe": " No.\n", "uncensored": "Yes:\n\n1. do it"}},
 ]
-
-
-def byte_tokenizer():
-    from cst.tokenizer import Tokenizer, _bytes_to_unicode
-    b2u = _bytes_to_unicode()
-    tokens = [b2u[b] for b in range(256)] + ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    return Tokenizer.from_gguf_fields(tokens, [1] * 256 + [3, 3, 3], [], pre="gpt2", bos_token_id=257,
-                                      eos_token_id=258, chat_template=CHATML)
 
 
 def tiny_hf_model(path, tok, seed=0):
