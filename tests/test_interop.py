@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import cst
+from conftest import byte_tokenizer
 from cst import data as D
 from cst.training_config import DPOConfig
 
@@ -353,20 +354,13 @@ def test_cli_export_gguf_lora(tmp_path, capsys):
 
 # ---- chat templates ----
 
-def _hf_tokenizer_dir(tmp_path, config_template, jinja_template):
-    from cst.tokenizer import Tokenizer
-    from tokenizers import AddedToken, Tokenizer as B, decoders, models, pre_tokenizers
-    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyzĠ:")}
-    vocab.update({"<s>": len(vocab), "</s>": len(vocab) + 1})
-    b = B(models.BPE(vocab=vocab, merges=[]))
-    b.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    b.decoder = decoders.ByteLevel()
-    b.add_special_tokens([AddedToken("<s>", special=True, normalized=False),
-                          AddedToken("</s>", special=True, normalized=False)])
-    tok = Tokenizer(b, eos_token="</s>", bos_token="<s>", chat_template=config_template)
-    tok.save_hf(tmp_path)
+def _hf_tokenizer_dir(path, config_template, jinja_template):
+    """A Hugging Face tokenizer directory whose tokenizer_config.json holds config_template and, unless
+    None, whose chat_template.jinja holds jinja_template."""
+    tok = byte_tokenizer(config_template)
+    tok.save_hf(path)
     if jinja_template is not None:
-        (tmp_path / "chat_template.jinja").write_text(jinja_template)
+        (path / "chat_template.jinja").write_text(jinja_template)
     return tok
 
 
@@ -387,7 +381,7 @@ def test_chat_template_precedence_matches_transformers(tmp_path):
     msgs = [{"role": "user", "content": "hi"}]
     assert ours.chat_template == JINJA_T
     assert ours.render_chat(msgs, True) == theirs.apply_chat_template(msgs, tokenize=False,
-                                                                      add_generation_prompt=True) == "hi</s>a:"
+                                                                      add_generation_prompt=True) == "hi<|im_end|>a:"
     _hf_tokenizer_dir(tmp_path / "b", CONFIG_T, None)
     assert Tokenizer.from_hf_dir(str(tmp_path / "b")).chat_template == CONFIG_T
 
