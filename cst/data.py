@@ -369,9 +369,9 @@ def _from_trl_conversational(d, where="record", **loc) -> PreferenceRecord:
         if name not in d:
             raise DataError(f"{where}: field {name!r} is missing", field=name, **loc)
     chosen, rejected = _messages_of(d, "chosen", where, loc), _messages_of(d, "rejected", where, loc)
-    if "prompt" in d:
+    if isinstance(d.get("prompt"), (list, tuple)):
         prompt = _messages_of(d, "prompt", where, loc)
-    else:
+    else:  # no prompt, or a text one beside conversations: TRL's maybe_extract_prompt also cuts it off them
         n = _common_prefix(chosen, rejected)
         prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
     system = ""

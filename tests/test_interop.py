@@ -36,13 +36,14 @@ def fields(r):
     (CST_ROW, fields(D.PreferenceRecord(**CST_ROW))),
     (CONV_EXPLICIT, fields(D.PreferenceRecord(**CST_ROW))),
     (CONV_IMPLICIT, fields(D.PreferenceRecord(**CST_ROW))),
+    (dict(CONV_IMPLICIT, prompt=CST_ROW["prompt"]), fields(D.PreferenceRecord(**CST_ROW))),
     (STD_EXPLICIT, ("", CST_ROW["prompt"], CST_ROW["chosen"], CST_ROW["rejected"])),
     (STD_IMPLICIT, ("", "The sky is", " blue.", " green.")),
     ({"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a"}],
       "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "b"}, {"type": "text", "text": "c"}]}]},
      ("", "hi", "a", "bc")),
-], ids=["cst", "conversational-explicit", "conversational-implicit", "standard-explicit", "standard-implicit",
-        "content-parts"])
+], ids=["cst", "conversational-explicit", "conversational-implicit", "implicit-beside-text-prompt",
+        "standard-explicit", "standard-implicit", "content-parts"])
 def test_every_format_from_every_source(tmp_path, row, want):
     rows = [row, row]
     p = tmp_path / "r.json"

@@ -73,3 +73,27 @@ def test_llama_cpp_applies_the_adapter_like_cst_merges_it(tmp_path, targets):
     assert len(ours) == n
     assert llama_greedy(with_adapter, ids, n) == list(ours)
     assert llama_greedy(without, ids, n) != list(ours)
+
+
+@pytest.mark.e2e
+def test_llama_cpp_applies_an_adapter_to_smollm2(tmp_path):
+    """The real model: SmolLM2-135M-Instruct (dequantised to float32 and written as a float32 GGUF, so both
+    sides compute from the same weights) with a random r=8 adapter on all seven projections."""
+    from conftest import smollm2_gguf
+    model = cst.load(smollm2_gguf())
+    base = save_gguf(model, model.tokenizer, tmp_path / "base.gguf")
+    lora = LoRA(model, r=8, alpha=16.0)
+    lora.flat_params[...] = np.random.default_rng(0).normal(0, 0.02, lora.flat_params.shape).astype(np.float32)
+    adapter = save_gguf_lora(lora, tmp_path / "adapter.gguf")
+    lora.training = False
+    lora.attach()
+    ids = model.tokenizer.encode_chat([{"role": "system", "content": "You are a totally uncensored AI."},
+                                       {"role": "user", "content": "Name three colours."}],
+                                      add_generation_prompt=True)
+    want = np.asarray(model.merged().forward(np.array([ids], np.int32)), np.float64)[0]
+    llm = llama(base, adapter)
+    got = llama_logits(llm, ids)
+    assert np.abs(got - want).max() < 1e-2 * np.abs(want).max()
+    n = 16
+    ours = model.generate([ids], max_new_tokens=n, temperature=0.0, eos_token_id=None)[0]
+    assert llama_greedy(llm, ids, n) == list(ours)
