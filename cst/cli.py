@@ -1071,7 +1071,8 @@ def build_parser():
                               "  cst train -m smollm2-135m-instruct --data r.jsonl --config cfg.json --beta 0.2 "
                               "--output-dir runs/cst --resume\n"
                               "  cst train -m model_dir --data r.jsonl --lora-r 16 --export hf tuned_model\n"
-                              "  cst train --data r.jsonl --config cfg.json --print-config\n\n"
+                              "  cst train --data r.jsonl --config cfg.json --print-config\n"
+                              "  cst train --config cfg.json --print-trl-config > trl.json   (the recipe for TRL)\n\n"
                               "config file: a JSON object of DPOConfig fields, e.g. {\"beta\": 0.1, \"lora_r\": 24, "
                               "\"lora_alpha\": 48, \"learning_rate\": 5e-5}; unknown keys are an error.")
     t.add_argument("--model", "-m", metavar="M",
