@@ -385,6 +385,12 @@ def test_chat_template_precedence_matches_transformers(tmp_path):
                                                                       add_generation_prompt=True) == "hi<|im_end|>a:"
     _hf_tokenizer_dir(tmp_path / "b", CONFIG_T, None)
     assert Tokenizer.from_hf_dir(str(tmp_path / "b")).chat_template == CONFIG_T
+    # exported to GGUF, the model keeps the template it rendered with; loading the GGUF uses the GGUF's
+    m = cst.Model(cst.ModelConfig(vocab_size=ours.vocab_size, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                  ffn_dim=16), seed=0)
+    m.tokenizer = ours
+    cst.io.save(m, str(tmp_path / "m.gguf"), format="gguf")
+    assert cst.load(str(tmp_path / "m.gguf")).tokenizer.render_chat(msgs, True) == "hi<|im_end|>a:"
 
 
 def test_read_chat_template_and_cli_override(tmp_path, capsys):
