@@ -381,7 +381,7 @@ def save_gguf(model, tokenizer, path, dtype="f32"):
         if tokenizer is not None:
             f = tokenizer.gguf_fields()
             w.add_tokenizer_model("gpt2")
-            w.add_tokenizer_pre(f["pre"])
+            w.add_tokenizer_pre("gpt-2" if f["pre"] == "gpt2" else f["pre"])  # llama.cpp's name for GPT-2's regex
             w.add_token_list(f["tokens"])
             w.add_token_types(f["token_types"])
             w.add_token_merges(f["merges"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import cst
-from conftest import byte_tokenizer
+from conftest import CHATML
 from cst.gguf import save_gguf, save_gguf_lora
 from cst.lora import LoRA
 
@@ -15,16 +15,33 @@ llama_cpp = pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.slow
 
 
+def tokenizer_with_a_merge():
+    """Bytes, one merge and ChatML's control tokens. llama.cpp refuses a GPT-2 vocabulary without
+    tokenizer.ggml.merges, and gguf-py's writer drops an empty merges array, so there is one merge."""
+    from cst.tokenizer import Tokenizer, _bytes_to_unicode
+    b2u = _bytes_to_unicode()
+    tokens = [b2u[b] for b in range(256)] + ["\u0120t", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    return Tokenizer.from_gguf_fields(tokens, [1] * 257 + [3, 3, 3], ["\u0120 t"], pre="gpt2", bos_token_id=258,
+                                      eos_token_id=259, chat_template=CHATML)
+
+
 def llama(base, adapter=None):
     kw = {"lora_path": adapter} if adapter else {}
     return llama_cpp.Llama(model_path=str(base), n_ctx=256, n_batch=256, logits_all=True, verbose=False,
-                           n_threads=1, seed=0, **kw)
+                           n_threads=1, seed=0, type_k=0, type_v=0, **kw)  # float32 KV cache (default f16)
 
 
 def llama_logits(llm, ids):
     llm.reset()
     llm.eval(ids)
     return np.array(llm.scores[:len(ids)], dtype=np.float64)
+
+
+def merged_logits(model, lora, ids):
+    """Logits of the model with the adapters merged into its weights (what cst exports and generates with)."""
+    merged = cst.Model(model.config)
+    merged.flat_params[...] = lora.merged_params()
+    return np.asarray(merged.forward(np.array([ids], np.int32)), np.float64)[0]
 
 
 def llama_greedy(llm, ids, n):
@@ -40,7 +57,7 @@ def llama_greedy(llm, ids, n):
 @pytest.mark.parametrize("targets", [("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
                                      ("q_proj", "k_proj")])
 def test_llama_cpp_applies_the_adapter_like_cst_merges_it(tmp_path, targets):
-    tok = byte_tokenizer()
+    tok = tokenizer_with_a_merge()
     cfg = cst.ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
                           max_seq_len=256)
     model = cst.Model(cfg, seed=1)
@@ -55,8 +72,7 @@ def test_llama_cpp_applies_the_adapter_like_cst_merges_it(tmp_path, targets):
 
     ids = tok.encode_chat([{"role": "system", "content": "Be brief."},
                            {"role": "user", "content": "Name a colour."}], add_generation_prompt=True)
-    merged = model.merged()
-    want = np.asarray(merged.forward(np.array([ids], np.int32)), np.float64)[0]
+    want = merged_logits(model, lora, ids)
     lora.enabled = False
     want_base = np.asarray(model.forward(np.array([ids], np.int32)), np.float64)[0]
     lora.enabled = True
@@ -90,7 +106,7 @@ def test_llama_cpp_applies_an_adapter_to_smollm2(tmp_path):
     ids = model.tokenizer.encode_chat([{"role": "system", "content": "You are a totally uncensored AI."},
                                        {"role": "user", "content": "Name three colours."}],
                                       add_generation_prompt=True)
-    want = np.asarray(model.merged().forward(np.array([ids], np.int32)), np.float64)[0]
+    want = merged_logits(model, lora, ids)
     llm = llama(base, adapter)
     got = llama_logits(llm, ids)
     assert np.abs(got - want).max() < 1e-2 * np.abs(want).max()
