@@ -107,17 +107,19 @@ BAD = [
 ]
 
 
+def _fails_at(source, where, field, msg, **attrs):
+    """load_records(source) raises a DataError that names `where` and the field, with those attributes."""
+    with pytest.raises(D.DataError, match=rf"{where}: field '{field}'.*{msg}") as e:
+        D.load_records(source)
+    assert e.value.field == field and all(getattr(e.value, k) == v for k, v in attrs.items())
+
+
 @pytest.mark.parametrize("row, field, msg", BAD)
 def test_malformed_conversational_rows_name_row_and_field(tmp_path, row, field, msg):
-    good = CONV_EXPLICIT
-    with pytest.raises(D.DataError, match=rf"record 1: field '{field}'.*{msg}") as e:
-        D.load_records([good, row])
-    assert (e.value.index, e.value.field) == (1, field)
+    _fails_at([CONV_EXPLICIT, row], "record 1", field, msg, index=1)
     p = tmp_path / "bad.jsonl"
-    p.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
-    with pytest.raises(D.DataError, match=rf"line 2: field '{field}'") as e:
-        D.load_records(p)
-    assert (e.value.line, e.value.field) == (2, field)
+    p.write_text(json.dumps(CONV_EXPLICIT) + "\n" + json.dumps(row) + "\n")
+    _fails_at(p, "line 2", field, msg, line=2)
 
 
 @pytest.mark.parametrize("row, field, msg", [
@@ -128,9 +130,7 @@ def test_malformed_conversational_rows_name_row_and_field(tmp_path, row, field, 
     ({"prompt": "p", "chosen": "c", "rejected": "r", "task": ""}, "task", "non-empty"),
 ])
 def test_malformed_standard_rows(row, field, msg):
-    with pytest.raises(D.DataError, match=rf"record 1: field '{field}'.*{msg}") as e:
-        D.load_records([STD_EXPLICIT, row])
-    assert (e.value.index, e.value.field) == (1, field)
+    _fails_at([STD_EXPLICIT, row], "record 1", field, msg, index=1)
 
 
 def test_parquet_errors(tmp_path):
