@@ -111,6 +111,24 @@ def _add_model_args(p, checkpoint=True, required=True):
         p.add_argument("--checkpoint", metavar="CKPT",
                        help="a `cst train` checkpoint (checkpoint-N directory, or a run's output dir: its "
                             "latest checkpoint) to apply to the model; LoRA adapters are merged")
+    _add_chat_template(p)
+
+
+def _add_chat_template(p):
+    p.add_argument("--chat-template", metavar="FILE",
+                   help="render chats with this Jinja template instead of the model's own (a .jinja file, or a "
+                        "tokenizer_config.json with a chat_template entry)")
+
+
+def _use_chat_template(model, path):
+    """--chat-template FILE: replaces the model's template (the GGUF's or the HF directory's)."""
+    if path is None:
+        return
+    from .tokenizer import read_chat_template
+    if model.tokenizer is None:
+        raise CliError(f"--chat-template {path}: the model has no tokenizer to give it to")
+    model.tokenizer.set_chat_template(read_chat_template(path))
+    _say(f"chat template: {path}")
 
 
 def _add_threads(p):
@@ -290,8 +308,9 @@ def _run_info(ckpt_path):
     return None
 
 
-def _model_from_args(args, need_tokenizer=True):
-    """--model (and --checkpoint, merged) -> a Model ready for generation or export."""
+def _model_from_args(args, need_tokenizer=True, merge=True):
+    """--model (and --checkpoint, merged; merge=False: a LoRA checkpoint stays attached as
+    model.adapter) -> a Model ready for generation or export."""
     source = args.model
     ckpt = getattr(args, "checkpoint", None)
     if source is None:
@@ -306,10 +325,14 @@ def _model_from_args(args, need_tokenizer=True):
         find_checkpoint(ckpt)  # fail on a bad path before loading the model
     _check_model_source(source)
     model = _load_model(source, need_tokenizer)
+    template = getattr(args, "chat_template", None)
+    if template is None and ckpt:  # the template the run trained with, if it was given one
+        template = (_run_info(ckpt) or {}).get("chat_template")
+    _use_chat_template(model, template)
     if ckpt:
-        res = load_checkpoint_into(model, ckpt, merge=True)
+        res = load_checkpoint_into(model, ckpt, merge=merge)
         _say(f"applied {res['kind']} checkpoint {res['path']} (step {res['step']})"
-             + (f", LoRA r={res['lora'].r} merged" if res["lora"] is not None else ""))
+             + (f", LoRA r={res['lora'].r} {'merged' if merge else 'attached'}" if res["lora"] is not None else ""))
     return model
 
 
@@ -448,8 +471,8 @@ def _phrasings(s):
 
 def cmd_data_build(args):
     from . import data as D
-    if not args.output.lower().endswith((".json", ".jsonl")):
-        raise UsageError(f"--output: expected a .json or .jsonl file, got {args.output!r}")
+    if not args.output.lower().endswith((".json", ".jsonl", ".parquet")):
+        raise UsageError(f"--output: expected a .json, .jsonl or .parquet file, got {args.output!r}")
     if args.system is not None and not args.vanilla_dpo:
         raise UsageError("--system only applies with --vanilla-dpo")
     configurations = _configurations(args.configurations)
@@ -461,7 +484,7 @@ def cmd_data_build(args):
     else:
         records = D.build_records(pairs, configurations, phrasings=args.phrasings, task=args.task,
                                   safe_default=args.safe_default)
-    D.save_records(records, args.output)
+    D.save_records(records, args.output, format=args.format)
     print(f"read {len(pairs)} pair(s) ({kind}) from {args.pairs}")
     if args.vanilla_dpo:
         print(f"wrote {len(records)} vanilla DPO record(s) (safe preferred, system prompt "
@@ -554,6 +577,12 @@ def cmd_train(args):
     if args.print_config:
         print(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         return 0
+    if args.print_trl_config:
+        try:
+            print(json.dumps(config.to_trl(), indent=2))
+        except ValueError as e:
+            raise UsageError(f"--print-trl-config: {e}") from None
+        return 0
     _check_model_source(args.model)
     records = D.load_records(args.data)
     if not records:
@@ -568,6 +597,7 @@ def cmd_train(args):
             raise CliError(f"--resume: no checkpoint in {where}" if args.resume == "latest"
                            else f"--resume: {where} is not a checkpoint of `cst train`") from None
     model = _load_model(args.model)
+    _use_chat_template(model, args.chat_template)
     trainer = Trainer(model, config, train_dataset=records, eval_dataset=eval_records)
     if resume is not None:
         # Loaded here rather than by train(resume_from_checkpoint=...) (the same call), so that a checkpoint
@@ -588,6 +618,8 @@ def cmd_train(args):
         model_src = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
         run = {"model": model_src, "data": os.path.abspath(args.data),
                "eval_data": os.path.abspath(args.eval_data) if args.eval_data else None}
+        if args.chat_template:
+            run["chat_template"] = os.path.abspath(args.chat_template)
         write_text(os.path.join(config.output_dir, RUN_FILE), json.dumps(run, indent=2) + "\n")
     t0 = time.perf_counter()
     try:
@@ -812,6 +844,23 @@ def cmd_chat(args):
 
 _DTYPES = {"hf": {"float32": "float32", "f32": "float32", "float16": "float16", "f16": "float16"},
            "gguf": {"float32": "f32", "f32": "f32", "float16": "f16", "f16": "f16"}}
+_DTYPES["gguf-lora"] = _DTYPES["gguf"]
+
+
+def _export_gguf_lora(args, dtype):
+    """The LoRA adapters of a `cst train` checkpoint as a llama.cpp GGUF LoRA adapter."""
+    from .gguf import save_gguf_lora
+    if not args.checkpoint:
+        raise UsageError("--format gguf-lora needs --checkpoint (a LoRA run of `cst train`)")
+    model = _model_from_args(args, need_tokenizer=False, merge=False)
+    if model.adapter is None:
+        raise CliError(f"--checkpoint {args.checkpoint}: a full fine-tuning checkpoint has no LoRA adapter; "
+                       "use --format gguf")
+    save_gguf_lora(model.adapter, args.output, dtype=dtype or "f32")
+    print(f"wrote {args.output} (llama.cpp LoRA adapter, r={model.adapter.r}, alpha={model.adapter.alpha:g}, "
+          f"{dtype or 'f32'}, {_size(os.path.getsize(args.output))}); apply it to the base model's GGUF, e.g. "
+          f"llama-cli -m BASE.gguf --lora {args.output}")
+    return 0
 
 
 def cmd_export(args):
@@ -821,6 +870,8 @@ def cmd_export(args):
         if dtype is None:
             raise UsageError(f"--dtype: {args.dtype!r} is not available for --format {args.format}; "
                              "use float32 (f32) or float16 (f16)")
+    if args.format == "gguf-lora":
+        return _export_gguf_lora(args, dtype)
     out = os.path.abspath(args.output)
     if args.format == "gguf" and os.path.isdir(out):
         raise UsageError(f"OUTPUT {args.output}: is a directory; --format gguf writes one file (e.g. "
@@ -1010,6 +1061,9 @@ def build_parser():
                                "\"rejected\"?, \"held_out\"?} objects (docs/cli.md).")
     b.add_argument("--pairs", required=True, metavar="PAIRS.jsonl", help="behaviour pairs (see below)")
     b.add_argument("--output", "-o", required=True, metavar="RECORDS.json[l]", help="records file to write")
+    b.add_argument("--format", choices=("cst", "trl"), default="cst",
+                   help="cst: {system, prompt, chosen, rejected} records; trl: TRL's conversational preference "
+                        "format, which trl.DPOTrainer reads unchanged (docs/interop.md)")
     b.add_argument("--configurations", default="paper", metavar="paper|paraphrased|FILE.json",
                    help="system-prompt configurations: the paper's two, four paraphrased phrasings each, or a file")
     b.add_argument("--phrasings", type=_phrasings, default="all", metavar="all|first|K",
@@ -1036,11 +1090,13 @@ def build_parser():
                               "  cst train -m smollm2-135m-instruct --data r.jsonl --config cfg.json --beta 0.2 "
                               "--output-dir runs/cst --resume\n"
                               "  cst train -m model_dir --data r.jsonl --lora-r 16 --export hf tuned_model\n"
-                              "  cst train --data r.jsonl --config cfg.json --print-config\n\n"
+                              "  cst train --data r.jsonl --config cfg.json --print-config\n"
+                              "  cst train --config cfg.json --print-trl-config > trl.json   (the recipe for TRL)\n\n"
                               "config file: a JSON object of DPOConfig fields, e.g. {\"beta\": 0.1, \"lora_r\": 24, "
                               "\"lora_alpha\": 48, \"learning_rate\": 5e-5}; unknown keys are an error.")
     t.add_argument("--model", "-m", metavar="M",
                    help="the model to tune: 'smollm2-135m-instruct', a .gguf file, or a Hugging Face directory")
+    _add_chat_template(t)
     t.add_argument("--data", metavar="RECORDS.json[l]", help="training records (cst data build output)")
     t.add_argument("--eval-data", metavar="RECORDS.json[l]",
                    help="held-out records: evaluated every --eval-steps and at the end")
@@ -1076,6 +1132,9 @@ def build_parser():
                    help="after training, write the tuned model (LoRA merged) in that format to PATH")
     t.add_argument("--print-config", action="store_true",
                    help="print the resolved DPOConfig as JSON and exit (loads neither model nor data)")
+    t.add_argument("--print-trl-config", action="store_true",
+                   help="print the same recipe for TRL as JSON, {\"DPOConfig\": trl.DPOConfig arguments, "
+                        "\"LoraConfig\": peft.LoraConfig arguments, \"not_mapped\": ...}, and exit (docs/interop.md)")
     t.set_defaults(func=_cmd_train_checked)
 
     # eval
@@ -1147,9 +1206,12 @@ def build_parser():
                        epilog="examples:\n"
                               "  cst export --checkpoint runs/cst --format hf tuned_model\n"
                               "  cst export -m smollm2-135m-instruct --checkpoint runs/cst/checkpoint-50 --format "
-                              "gguf --dtype f16 tuned.gguf")
+                              "gguf --dtype f16 tuned.gguf\n"
+                              "  cst export --checkpoint runs/cst --format gguf-lora adapter.gguf")
     _add_model_args(x, required=False)
-    x.add_argument("--format", "-f", required=True, choices=("hf", "gguf"), help="output format")
+    x.add_argument("--format", "-f", required=True, choices=("hf", "gguf", "gguf-lora"),
+                   help="output format; gguf-lora: only the LoRA adapter of --checkpoint, as a llama.cpp GGUF "
+                        "LoRA adapter for the base model's GGUF")
     x.add_argument("--dtype", metavar="float32|float16",
                    help="weight type: float32 (default) or float16 (f32/f16 also accepted)")
     x.add_argument("output", metavar="OUTPUT", help="directory (hf) or .gguf file (gguf) to write")
@@ -1166,7 +1228,8 @@ def build_parser():
 
 
 def _cmd_train_checked(args):
-    missing = [f for f, v in (("--model", args.model), ("--data", args.data)) if v is None and not args.print_config]
+    missing = [f for f, v in (("--model", args.model), ("--data", args.data))
+               if v is None and not (args.print_config or args.print_trl_config)]
     if missing:
         raise UsageError(f"the following arguments are required: {', '.join(missing)} (see 'cst train --help')")
     return cmd_train(args)

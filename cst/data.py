@@ -1,7 +1,8 @@
 """Preference data for CST: records, files, splits, the CST augmentation and tokenisation into examples.
 
-Model-independent and pure Python (NumPy for `collate`); it never imports torch, transformers or
-datasets. Tokenisation codes against a small tokenizer interface (render_chat/encode/eos/pad ids).
+Model-independent and pure Python (NumPy only for `collate`, pyarrow only for Parquet files); it never
+imports torch, transformers or datasets. Tokenisation codes against a small tokenizer interface
+(render_chat/encode/eos/pad ids).
 """
 import json
 import os
@@ -20,6 +21,7 @@ __all__ = [
     "HARMLESS_SYSTEM_PROMPT", "UNCENSORED_SYSTEM_PROMPT", "PAPER_EVAL_SYSTEM_PROMPTS", "PAPER_CONFIGURATIONS",
     "SAFE_DEFAULT", "VALIDATION_SYSTEM_PROMPTS", "evaluation_configurations",
     "PARAPHRASED_CONFIGURATIONS", "TokenizedExample", "tokenize_record", "tokenize_dataset", "truncate", "Batch", "collate",
+    "to_trl",
 ]
 
 
@@ -132,20 +134,24 @@ def _check_text(v, bad, name):
 
 def _records_from_iterable(items: Iterable, where: str) -> list:
     out = []
+    parse = None
     for i, item in enumerate(items):
         if isinstance(item, PreferenceRecord):
             item = item.to_dict()
-        out.append(PreferenceRecord.from_dict(item, f"{where} record {i}", index=i))
+        parse = parse or _row_parser(item)  # the first row decides the format of the whole source
+        out.append(parse(item, f"{where} record {i}", index=i))
     return out
 
 
 def load_records(source) -> list:
     """Load and validate preference records.
 
-    source: a path to a .json file (a list of objects) or a .jsonl/.ndjson file (one object a line,
-    blank lines ignored); a list of dicts or PreferenceRecords; or a Hugging Face `datasets.Dataset`
-    (duck-typed: anything with `column_names` that iterates over dicts). Raises DataError naming the
-    index (JSON, lists) or the line number (JSONL) and the field.
+    source: a path to a .json file (a list of objects), a .jsonl/.ndjson file (one object a line,
+    blank lines ignored) or a .parquet file (needs pyarrow); a list of dicts or PreferenceRecords; or a
+    Hugging Face `datasets.Dataset` (duck-typed: anything with `column_names` that iterates over dicts).
+    Rows are cst's records {system, prompt, chosen, rejected} or any of TRL's preference formats
+    (standard or conversational, explicit or implicit prompt); the first row decides the format of
+    all. Raises DataError naming the index (JSON, Parquet, lists) or the line number (JSONL) and the field.
     """
     if isinstance(source, (str, os.PathLike)):
         return _load_path(Path(source))
@@ -154,7 +160,8 @@ def load_records(source) -> list:
             raise DataError(f"load_records: got a dataset dictionary with splits {list(source.keys())}; "
                             "pass one split, e.g. ds['train']")
         cols = set(source.column_names)
-        missing = [c for c in ("system", "prompt", "chosen", "rejected") if c not in cols]
+        needed = ("system", "prompt", "chosen", "rejected") if "system" in cols else ("chosen", "rejected")
+        missing = [c for c in needed if c not in cols]  # without "system": TRL's formats (see _row_parser)
         if missing:
             raise DataError(f"load_records: dataset lacks column(s) {missing}; has {sorted(cols)}",
                             field=missing[0])
@@ -168,11 +175,13 @@ def load_records(source) -> list:
 def _load_path(path: Path) -> list:
     suffix = path.suffix.lower()
     if path.is_dir():
-        raise DataError(f"{path}: is a directory; expected a records file, .json (a list) or .jsonl (one "
-                        "record a line)")
+        raise DataError(f"{path}: is a directory; expected a records file, .json (a list), .jsonl (one "
+                        "record a line) or .parquet")
+    if suffix == ".parquet":
+        return _records_from_iterable(_read_parquet(path), str(path))
     if suffix not in (".json", ".jsonl", ".ndjson"):
         kind = f"unknown file type {suffix!r}" if suffix else "no file extension"
-        raise DataError(f"{path}: {kind}; use .json (a list) or .jsonl (one record a line)")
+        raise DataError(f"{path}: {kind}; use .json (a list), .jsonl (one record a line) or .parquet")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -192,6 +201,7 @@ def _load_path(path: Path) -> list:
                             f"{type(data).__name__} (for one record a line, name the file .jsonl)")
         return _records_from_iterable(data, str(path))
     out = []
+    parse = None
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -202,25 +212,33 @@ def _load_path(path: Path) -> list:
                             line=lineno) from None
         except RecursionError:
             raise DataError(f"{path} line {lineno}: JSON nested too deeply to be a record", line=lineno) from None
-        out.append(PreferenceRecord.from_dict(d, f"{path} line {lineno}", line=lineno))
+        parse = parse or _row_parser(d)
+        out.append(parse(d, f"{path} line {lineno}", line=lineno))
     return out
 
 
-def save_records(records: Sequence, path) -> None:
-    """Write records as .json (an indented list) or .jsonl (one a line), chosen by the suffix.
+def save_records(records: Sequence, path, format: str = "cst") -> None:
+    """Write records as .json (an indented list), .jsonl (one a line) or .parquet, chosen by the suffix.
 
-    Atomic: written to a temporary file in the same directory, then moved over `path` with os.replace,
-    so a crash never leaves a half-written file under the final name.
+    format "cst": {system, prompt, chosen, rejected, task, metadata?}; "trl": TRL's conversational
+    preference format (see to_trl), which TRL's DPOTrainer reads unchanged. Atomic: written to a
+    temporary file in the same directory, then moved over `path` with os.replace, so a crash never
+    leaves a half-written file under the final name.
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in (".json", ".jsonl", ".ndjson"):
-        raise DataError(f"save_records: unknown file type {suffix!r} for {path}; use .json or .jsonl")
+    if suffix not in (".json", ".jsonl", ".ndjson", ".parquet"):
+        raise DataError(f"save_records: unknown file type {suffix!r} for {path}; use .json, .jsonl or .parquet")
+    if format not in ("cst", "trl"):
+        raise DataError(f"save_records: format must be 'cst' or 'trl', got {format!r}")
     dicts = []
     for i, r in enumerate(records):
         if not isinstance(r, PreferenceRecord):
             r = PreferenceRecord.from_dict(r, f"save_records record {i}", index=i)
-        dicts.append(r.to_dict())
+        dicts.append(r.to_dict() if format == "cst" else to_trl(r))
+    if suffix == ".parquet":
+        _write_parquet(path, dicts)
+        return
     if suffix == ".json":
         text = json.dumps(dicts, ensure_ascii=False, indent=2) + "\n"
     else:
@@ -271,6 +289,170 @@ def shuffle(records: Sequence, seed: int) -> list:
     out = list(records)
     random.Random(seed).shuffle(out)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# TRL's preference formats and Parquet files
+#
+# TRL (https://huggingface.co/docs/trl/dataset_formats) stores a preference pair in one of four shapes:
+#   standard,       explicit prompt: {"prompt": str, "chosen": str, "rejected": str}
+#   standard,       implicit prompt: {"chosen": str, "rejected": str}  (the prompt is their common prefix)
+#   conversational, explicit prompt: {"prompt": [messages], "chosen": [assistant], "rejected": [assistant]}
+#   conversational, implicit prompt: {"chosen": [messages + assistant], "rejected": [...]}
+# cst's own record is the standard explicit one plus a "system" field. A conversation's system message
+# becomes the record's system prompt. cst always renders records with the model's chat template, so a
+# standard (plain-text) prompt is read as the user's message.
+
+_ROLES = ("system", "user", "assistant")
+
+
+def _row_parser(d):
+    """The parser for a source whose first row is d: cst's records (a "system" field, strings) or
+    one of TRL's formats. Every later row must have the same format."""
+    if not isinstance(d, Mapping):
+        return PreferenceRecord.from_dict  # raises the "expected an object" error
+    if any(isinstance(d.get(k), (list, tuple)) for k in _TEXT_FIELDS):
+        return _from_trl_conversational
+    if "system" in d:
+        return PreferenceRecord.from_dict
+    return _from_trl_standard
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _extra(d, skip) -> dict:
+    """Row keys outside the format's own fields, kept as metadata (as PreferenceRecord.from_dict does)."""
+    meta = d.get("metadata") or {}
+    if not isinstance(meta, Mapping):
+        meta = {"metadata": meta}
+    meta = dict(meta)
+    meta.update({k: v for k, v in d.items() if k not in skip and k != "metadata"})
+    return meta
+
+
+def _from_trl_standard(d, where="record", **loc) -> PreferenceRecord:
+    """TRL's standard format; an implicit prompt is the common prefix of chosen and rejected, cut as TRL's
+    extract_prompt cuts it (a space just before the split point stays with the completions)."""
+    if not isinstance(d, Mapping):
+        raise DataError(f"{where}: expected an object, got {type(d).__name__}", **loc)
+    if "system" in d:
+        raise DataError(f"{where}: field 'system' is present, but the source's first record has none (TRL's "
+                        "standard format); give every record a system field or none", field="system", **loc)
+    for name in ("chosen", "rejected") + (("prompt",) if "prompt" in d else ()):
+        if name not in d:
+            raise DataError(f"{where}: field {name!r} is missing", field=name, **loc)
+        if not isinstance(d[name], str):
+            raise DataError(f"{where}: field {name!r} must be a string like the source's first record "
+                            f"(TRL's standard format), got {type(d[name]).__name__}", field=name, **loc)
+    prompt, chosen, rejected = d.get("prompt"), d["chosen"], d["rejected"]
+    if prompt is None:
+        n = _common_prefix(chosen, rejected)
+        if n == min(len(chosen), len(rejected)):
+            raise DataError(f"{where}: field 'prompt' is missing and chosen and rejected do not part (one is a "
+                            "prefix of the other), so no implicit prompt can be cut off", field="prompt", **loc)
+        if n > 0 and chosen[n - 1] == " ":
+            n -= 1
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    fields = {"system": "", "prompt": prompt, "chosen": chosen, "rejected": rejected,
+              "task": d.get("task", "default"), "metadata": _extra(d, ("prompt", "chosen", "rejected", "task"))}
+    return PreferenceRecord.from_dict(fields, where, **loc)
+
+
+def _content(m, where, name, k, loc) -> str:
+    c = m.get("content")
+    if isinstance(c, (list, tuple)):  # [{"type": "text", "text": ...}, ...]
+        parts = []
+        for part in c:
+            if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise DataError(f"{where}: field {name!r} message {k}: only text content parts are supported, got "
+                                f"{part!r:.80}", field=name, **loc)
+            parts.append(part["text"])
+        c = "".join(parts)
+    if not isinstance(c, str):
+        raise DataError(f"{where}: field {name!r} message {k}: 'content' must be a string, got "
+                        f"{type(c).__name__}", field=name, **loc)
+    return c
+
+
+def _messages_of(d, name, where, loc) -> list:
+    v = d.get(name)
+    if not isinstance(v, (list, tuple)):
+        raise DataError(f"{where}: field {name!r} must be a list of messages like the source's first record "
+                        f"(TRL's conversational format), got {type(v).__name__}", field=name, **loc)
+    out = []
+    for k, m in enumerate(v):
+        if not isinstance(m, Mapping) or m.get("role") not in _ROLES:
+            raise DataError(f"{where}: field {name!r} message {k}: expected {{'role': one of {list(_ROLES)}, "
+                            f"'content': ...}}, got {m!r:.80}", field=name, **loc)
+        out.append((m["role"], _content(m, where, name, k, loc)))
+    return out
+
+
+def _from_trl_conversational(d, where="record", **loc) -> PreferenceRecord:
+    """TRL's conversational format, explicit or implicit prompt. The prompt must be an optional system
+    message and one user message, each completion one assistant message: cst's records are single-turn."""
+    if not isinstance(d, Mapping):
+        raise DataError(f"{where}: expected an object, got {type(d).__name__}", **loc)
+    for name in ("chosen", "rejected"):
+        if name not in d:
+            raise DataError(f"{where}: field {name!r} is missing", field=name, **loc)
+    chosen, rejected = _messages_of(d, "chosen", where, loc), _messages_of(d, "rejected", where, loc)
+    if isinstance(d.get("prompt"), (list, tuple)):
+        prompt = _messages_of(d, "prompt", where, loc)
+    else:  # no prompt, or a text one beside conversations: TRL's maybe_extract_prompt also cuts it off them
+        n = _common_prefix(chosen, rejected)
+        prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+    system = ""
+    if prompt and prompt[0][0] == "system":
+        system, prompt = prompt[0][1], prompt[1:]
+    if [r for r, _ in prompt] != ["user"]:
+        raise DataError(f"{where}: field 'prompt' must be an optional system message and one user message (cst "
+                        f"trains single-turn records), got roles {[r for r, _ in prompt]}", field="prompt", **loc)
+    for name, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if [r for r, _ in msgs] != ["assistant"]:
+            raise DataError(f"{where}: field {name!r} must hold one assistant message after the prompt, got roles "
+                            f"{[r for r, _ in msgs]}", field=name, **loc)
+    fields = {"system": system, "prompt": prompt[0][1], "chosen": chosen[0][1], "rejected": rejected[0][1],
+              "task": d.get("task", "default"), "metadata": _extra(d, ("prompt", "chosen", "rejected", "task"))}
+    return PreferenceRecord.from_dict(fields, where, **loc)
+
+
+def to_trl(record: PreferenceRecord) -> dict:
+    """The record in TRL's conversational preference format (explicit prompt; a system message when the
+    record has a system prompt), plus its task."""
+    return {"prompt": _messages(record), "chosen": [{"role": "assistant", "content": record.chosen}],
+            "rejected": [{"role": "assistant", "content": record.rejected}], "task": record.task}
+
+
+def _pyarrow_parquet():
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("Parquet files need pyarrow: pip install pyarrow (or pip install 'cst[interop]')") from None
+    return pq
+
+
+def _read_parquet(path: Path) -> list:
+    pq = _pyarrow_parquet()
+    if not path.is_file():
+        raise FileNotFoundError(f"load_records: no such file: {path}")
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... on damaged files
+        raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+
+
+def _write_parquet(path: Path, dicts: list) -> None:
+    pq = _pyarrow_parquet()
+    import pyarrow as pa
+    from .atomic import atomic_path
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(dicts), tmp)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -444,7 +444,7 @@ def save_gguf(model, tokenizer, path, dtype="f32"):
         if tokenizer is not None:
             f = tokenizer.gguf_fields()
             w.add_tokenizer_model(f["model"])
-            w.add_tokenizer_pre(f["pre"])
+            w.add_tokenizer_pre("gpt-2" if f["pre"] == "gpt2" else f["pre"])  # llama.cpp's name for GPT-2's regex
             w.add_token_list(f["tokens"])
             w.add_token_types(f["token_types"])
             if f["scores"] is not None:
@@ -464,6 +464,43 @@ def save_gguf(model, tokenizer, path, dtype="f32"):
                 a = _permute(a, permuted[name])
             a = np.ascontiguousarray(a, dtype=np.float16 if (dtype == "f16" and a.ndim == 2) else np.float32)
             w.add_tensor(names[name], a)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    return path
+
+
+def save_gguf_lora(lora, path, dtype="f32"):
+    """Writes LoRA adapters as a llama.cpp GGUF LoRA adapter (general.type "adapter", adapter.type "lora",
+    adapter.lora.alpha), which llama.cpp applies at run time on the base model's GGUF (`--lora FILE`,
+    llama_adapter_lora_init). Tensors blk.N.<name>.weight.lora_a hold A (R, in) and .lora_b hold B
+    (out, R), i.e. ggml shapes [in, R] and [R, out], as llama.cpp checks them; llama.cpp scales by
+    alpha / R like PEFT. B of q/k gets the Q/K row permutation of the base weights (the permuted
+    weight W + s B A is W_p + s B_p A). dtype "f32" or "f16". Written atomically."""
+    import gguf
+    from .atomic import atomic_path
+    if dtype not in ("f32", "f16"):
+        raise ValueError(f"save_gguf_lora: dtype must be 'f32' or 'f16', got {dtype!r}")
+    cfg = lora.model.config
+    path = os.fspath(path)
+    with atomic_path(path) as tmp:
+        w = gguf.GGUFWriter(tmp, "llama")
+        w.add_type("adapter")
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(lora.alpha))
+        w.add_file_type(0 if dtype == "f32" else 1)
+        for name, arr in lora.params.items():
+            # base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight
+            module, ab = name[len("base_model.model."):].rsplit(".lora_", 1)
+            module_name = gguf_name(module + ".weight")
+            a = arr
+            if ab == "B.weight" and module.endswith("q_proj"):
+                a = _permute(a, cfg.n_heads)
+            elif ab == "B.weight" and module.endswith("k_proj"):
+                a = _permute(a, cfg.n_kv_heads)
+            a = np.ascontiguousarray(a, dtype=np.float16 if dtype == "f16" else np.float32)
+            w.add_tensor(module_name + (".lora_a" if ab == "A.weight" else ".lora_b"), a)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()

@@ -137,6 +137,46 @@ def _bytes_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 
+def _named_default(template):
+    """tokenizer_config.json's chat_template: a string, or [{"name", "template"}] (the "default" one)."""
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template
+                 if isinstance(t, dict) and isinstance(t.get("name"), (str, type(None)))}
+        template = named.get("default") or next(iter(named.values()), None)
+    return template
+
+
+def read_chat_template(path) -> str:
+    """A chat template from a file, for overriding a model's own (as llama.cpp's --chat-template-file and
+    transformers' apply_chat_template(chat_template=...) allow): a Jinja file as it is, or a .json file
+    holding a "chat_template" entry (a tokenizer_config.json). Raises ValueError naming the file when
+    it is empty or not valid Jinja."""
+    import jinja2
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"chat template {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"chat template {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.lower().endswith(".json"):
+        try:
+            d = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"chat template {path}: not valid JSON ({e})") from None
+        text = _named_default(d.get("chat_template")) if isinstance(d, dict) else None
+        if not isinstance(text, str):
+            raise ValueError(f"chat template {path}: no \"chat_template\" string in this JSON file")
+    if not text.strip():
+        raise ValueError(f"chat template {path}: empty")
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat template {path}: not a valid Jinja template (line {e.lineno}: {e.message})") from None
+    return text
+
+
 def _token_str(tok):
     if isinstance(tok, dict):
         return tok.get("content")
@@ -260,6 +300,14 @@ class Tokenizer:
             from .chat_render import compile_template
             self._template = compile_template(self.chat_template)
         return self._template
+
+    def set_chat_template(self, template: str) -> None:
+        """Replaces the chat template (e.g. with read_chat_template(FILE)); exports then carry it."""
+        if not isinstance(template, str) or not template.strip():
+            raise ValueError("Tokenizer.set_chat_template: template must be a non-empty string")
+        self.chat_template = template
+        # What was derived from the old template goes with it.
+        self._template = self._system_role = self._control = None
 
     def render_chat(self, messages, add_generation_prompt: bool = False, trust_content: bool = False) -> str:
         """The conversation rendered with the chat template (as transformers renders it), in a bounded
@@ -443,13 +491,9 @@ class Tokenizer:
                 if not isinstance(d, dict):
                     raise FormatError(f"{p}: expected a JSON object")
                 cfg.update(d)
-        template = cfg.get("chat_template")
-        if isinstance(template, list):  # [{"name": ..., "template": ...}]
-            named = {t.get("name"): t.get("template") for t in template
-                     if isinstance(t, dict) and isinstance(t.get("name"), (str, type(None)))}
-            template = named.get("default") or next(iter(named.values()), None)
+        template = _named_default(cfg.get("chat_template"))
         jinja_path = os.path.join(path, "chat_template.jinja")
-        if template is None and os.path.isfile(jinja_path):
+        if os.path.isfile(jinja_path):  # wins over tokenizer_config.json's entry, as in transformers
             with open(jinja_path, encoding="utf-8") as f:
                 template = f.read()
         if template is not None and not isinstance(template, str):

@@ -5,7 +5,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple, Union
 from .atomic import write_json
 from .losses import LOSS_TYPES
 LR_SCHEDULERS = ("constant", "linear", "cosine")
@@ -38,14 +38,19 @@ class DPOConfig:
     label_smoothing (cDPO) only exists for loss_type "sigmoid" and is rejected for the others.
     rpo_alpha (TRL's name, "RPO"): adds rpo_alpha times the mean negative log-likelihood of the chosen
     completions' tokens to the DPO loss, so the policy keeps writing the preferred answers instead of
-    only pushing both sides down (None or 0: plain DPO).
+    only pushing both sides down (None or 0: plain DPO). loss_type also takes TRL's list form with
+    loss_weights, e.g. ["sigmoid", "sft"] with [1.0, 0.5]: one DPO loss at weight 1 plus optionally
+    "sft", folded on construction into loss_type "sigmoid" and rpo_alpha 0.5. to_trl() gives the
+    recipe back as keyword arguments of trl.DPOConfig and peft.LoraConfig (the LoRA fields carry the
+    names of TRL's ModelConfig: lora_r, lora_alpha, lora_dropout, lora_target_modules).
     group_by "prompt": each micro-batch keeps together the records that share a user prompt (CST's two
     versions of a pair, under the safe and the uncensored system prompt, with opposite preferences), so
     their shared "refuse more" / "comply more" gradients cancel inside a step and what is left depends on
     the system prompt; needs text records. None: seeded random batches bucketed by length.
     """
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: Union[str, List[str]] = "sigmoid"
+    loss_weights: Optional[List[float]] = None
     label_smoothing: float = 0.0
     rpo_alpha: Optional[float] = None
     learning_rate: float = 5e-5
@@ -105,6 +110,7 @@ class DPOConfig:
                 fail(name, f"must be one of {options}")
 
         real("beta", 0.0, lo_open=True)
+        self._fold_loss_list()
         choice("loss_type", LOSS_TYPES)
         real("label_smoothing", 0.0, 0.5)
         real("rpo_alpha", 0.0, optional=True)
@@ -155,6 +161,99 @@ class DPOConfig:
         choice("mode", MODES)
         integer("num_threads", 1, optional=True)
 
+    def _fold_loss_list(self):
+        """TRL's form, loss_type ["sigmoid", "sft"] with loss_weights [1.0, a], into cst's: loss_type
+        "sigmoid" plus rpo_alpha a (TRL's "sft" term is the same mean NLL of the chosen tokens). cst
+        trains one DPO loss, weighted 1, plus optionally "sft"."""
+        types, weights = self.loss_type, self.loss_weights
+        if isinstance(types, str) and weights is None:
+            return
+        types = [types] if isinstance(types, str) else types
+        if not isinstance(types, (list, tuple)) or not all(isinstance(t, str) for t in types):
+            raise ValueError(f"DPOConfig: loss_type must be a loss name or a list of them, got {self.loss_type!r}")
+        if weights is None:
+            weights = [1.0] * len(types)
+        if not isinstance(weights, (list, tuple)) or not all(_is_number(w) and math.isfinite(w) for w in weights):
+            raise ValueError(f"DPOConfig: loss_weights must be a list of finite numbers, got {weights!r}")
+        if len(weights) != len(types):
+            raise ValueError(f"DPOConfig: loss_weights has {len(weights)} weight(s) for {len(types)} loss type(s) "
+                             f"{list(types)}")
+        unknown = [t for t in types if t not in LOSS_TYPES + ("sft",)]
+        if unknown or len(set(types)) != len(types):
+            raise ValueError(f"DPOConfig: loss_type {list(types)}: each of {LOSS_TYPES + ('sft',)} at most once "
+                             f"(unknown: {unknown})")
+        dpo = [(t, w) for t, w in zip(types, weights) if t != "sft"]
+        if len(dpo) != 1:
+            raise ValueError(f"DPOConfig: loss_type {list(types)}: cst trains exactly one DPO loss (one of "
+                             f"{LOSS_TYPES}), optionally with 'sft'; use mode='sft' for SFT alone")
+        if dpo[0][1] != 1.0:
+            raise ValueError(f"DPOConfig: loss_weights: the {dpo[0][0]!r} term must have weight 1.0 in cst "
+                             f"(got {dpo[0][1]}); scale the 'sft' weight relative to it")
+        sft = [w for t, w in zip(types, weights) if t == "sft"]
+        if sft and self.rpo_alpha not in (None, 0, 0.0, sft[0]):
+            raise ValueError(f"DPOConfig: rpo_alpha={self.rpo_alpha} and an 'sft' loss weight {sft[0]} both set "
+                             "the same term; give one")
+        self.loss_type, self.loss_weights = dpo[0][0], None
+        if sft:
+            self.rpo_alpha = sft[0]
+
+    def to_trl(self) -> dict:
+        """The same recipe for TRL: {"DPOConfig": keyword arguments of trl.DPOConfig (TRL >= 1.0),
+        "LoraConfig": keyword arguments of peft.LoraConfig (None for full fine-tuning), "not_mapped":
+        {field: why} for settings TRL has no name for}. Raises ValueError for settings whose maths
+        TRL cannot reproduce (mode "sft": that is TRL's SFTTrainer; cDPO label smoothing, which TRL 1.x's
+        sigmoid loss ignores; a warmup_ratio of 1, which transformers reads as one step)."""
+        if self.mode != "dpo":
+            raise ValueError("DPOConfig.to_trl: mode 'sft' is TRL's SFTTrainer, not DPOConfig")
+        if self.label_smoothing > 0:
+            raise ValueError("DPOConfig.to_trl: label_smoothing (cDPO) has no equivalent in TRL >= 1.0, whose "
+                             "sigmoid loss ignores it")
+        types, weights = [self.loss_type], [1.0]
+        if self.rpo_alpha:
+            types.append("sft")
+            weights.append(self.rpo_alpha)
+        if self.warmup_steps > 0:
+            warmup = self.warmup_steps
+        elif self.warmup_ratio < 1.0:
+            warmup = self.warmup_ratio  # transformers >= 5: a float below 1 is a share of the steps
+        else:
+            raise ValueError("DPOConfig.to_trl: warmup_ratio 1.0 has no equivalent (transformers reads "
+                             "warmup_steps >= 1 as a number of steps); give warmup_steps instead")
+        scheduler = self.lr_scheduler_type
+        if scheduler == "constant" and warmup:
+            scheduler = "constant_with_warmup"  # cst's "constant" honours a warmup; transformers' ignores it
+        trl = {
+            "output_dir": self.output_dir, "beta": self.beta, "loss_type": types, "loss_weights": weights,
+            "learning_rate": self.learning_rate, "lr_scheduler_type": scheduler, "warmup_steps": warmup,
+            "num_train_epochs": self.num_train_epochs, "max_steps": self.max_steps,
+            "per_device_train_batch_size": self.per_device_train_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps, "max_length": self.max_length,
+            "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm or 0.0,
+            "adam_beta1": self.adam_beta1, "adam_beta2": self.adam_beta2, "adam_epsilon": self.adam_epsilon,
+            "seed": self.seed, "logging_steps": self.logging_steps,
+            "bf16": False,  # cst trains in float32; on a GPU, bf16=True is TRL's faster default
+            # TRL's disable_dropout also zeroes PEFT's lora_dropout: keep dropout when the recipe has it.
+            "disable_dropout": not (self.lora_r is not None and self.lora_dropout > 0),
+        }
+        if self.save_steps is None:
+            trl["save_strategy"] = "no"
+        else:
+            trl["save_steps"] = self.save_steps
+        if self.eval_steps is None:
+            trl["eval_strategy"] = "no"
+        else:
+            trl.update(eval_strategy="steps", eval_steps=self.eval_steps)
+        lora = None
+        if self.lora_r is not None:
+            lora = {"r": self.lora_r, "lora_alpha": self.lora_alpha, "lora_dropout": self.lora_dropout,
+                    "target_modules": list(self.lora_target_modules), "bias": "none", "task_type": "CAUSAL_LM"}
+        not_mapped = {"max_prompt_length": "TRL >= 1.0 does not cut prompts: it cuts whole sequences to max_length, "
+                                           "keeping their start",
+                      "num_threads": "cst's OpenMP threads"}
+        if self.group_by is not None:
+            not_mapped["group_by"] = "TRL samples batches at random"
+        return {"DPOConfig": trl, "LoraConfig": lora, "not_mapped": not_mapped}
+
     @property
     def effective_batch_size(self) -> int:
         """Examples per optimizer step (per device batch x gradient accumulation)."""
@@ -164,6 +263,7 @@ class DPOConfig:
         """Plain JSON-ready dict (lora_target_modules as a list)."""
         d = asdict(self)
         d["lora_target_modules"] = list(self.lora_target_modules)
+        del d["loss_weights"]  # always folded into loss_type and rpo_alpha (see _fold_loss_list)
         return d
 
     @classmethod

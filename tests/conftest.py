@@ -84,3 +84,18 @@ def smollm2_tokenizer():
     """SmolLM2's tokenizer and chat template, read from its GGUF once per session."""
     from cst.gguf import load_gguf_tokenizer
     return load_gguf_tokenizer(smollm2_gguf())
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+          "{% endif %}")
+
+
+def byte_tokenizer(chat_template=CHATML):
+    """A real byte-level BPE tokenizer without merges (every byte a token) plus ChatML's three control
+    tokens: ids 0..255 bytes, 256 <|endoftext|>, 257 <|im_start|> (bos), 258 <|im_end|> (eos, pad)."""
+    from cst.tokenizer import Tokenizer, _bytes_to_unicode
+    b2u = _bytes_to_unicode()
+    tokens = [b2u[b] for b in range(256)] + ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    return Tokenizer.from_gguf_fields(tokens, [1] * 256 + [3, 3, 3], [], pre="gpt2", bos_token_id=257,
+                                      eos_token_id=258, chat_template=chat_template)

@@ -254,7 +254,7 @@ def test_kill_before_the_first_checkpoint(tmp_path):
 def test_stale_checkpoint_leftovers_are_cleaned_on_start_and_resume(tmp_path):
     from test_trainer import config, cst_pairs, toy_model
     from cst.trainer import Trainer
-    cfg = config(tmp_path, "run", max_steps=2, save_steps=1, logging_steps=1)
+    cfg = config(tmp_path, "run", max_steps=2, save_steps=1, logging_steps=1, save_total_limit=None)
     first = Trainer(toy_model(0), cfg, cst_pairs(8, 1)).train()
     run = tmp_path / "run"
     # What kills inside save_checkpoint leave: a half-written temp dir; a renamed-away old checkpoint
@@ -263,8 +263,8 @@ def test_stale_checkpoint_leftovers_are_cleaned_on_start_and_resume(tmp_path):
     (run / ".tmp-ckpt-abc123" / "weights.npy").write_bytes(b"\x93NUMPY half")
     os.replace(run / "checkpoint-2", run / "checkpoint-2.old")
     (run / "checkpoint-1.old").mkdir()
-    tr = Trainer(toy_model(0), config(tmp_path, "run", max_steps=3, save_steps=1, logging_steps=1),
-                 cst_pairs(8, 1))
+    tr = Trainer(toy_model(0), config(tmp_path, "run", max_steps=3, save_steps=1, logging_steps=1,
+                                      save_total_limit=None), cst_pairs(8, 1))
     tr.train(resume_from_checkpoint=True)
     names = os.listdir(run)
     assert not any(n.startswith(".tmp-ckpt-") or n.endswith(".old") for n in names), names
