@@ -12,7 +12,9 @@
  * the KC blocks in ascending k; the split between threads only decides who computes a tile. */
 #include "gemm.h"
 #include "simd.h"
+#include "avx512.h"
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -581,6 +583,193 @@ void cst_gemv_nt(float *out, const float *x, const float *w, int64_t N, int64_t 
             gemv_scalar(out, x, w, N, C, OC, o0, o1, accumulate);
     }
     (void)p;
+}
+
+/* ---- thin products: few output columns (LoRA's h = x A^T and dB = dy^T h at rank 8-64) ----
+ * The packed GEMM wastes most of its 8 x 48 tile on 8-64 columns and packs the whole wide operand
+ * for little arithmetic; these kernels read both operands in place instead. Each output element is
+ * still reduced by one thread in a fixed order, so results do not depend on the thread count (they
+ * differ in rounding from cst_gemm's order, as the GEMV path's do). */
+
+/* Rows of x per parallel chunk of cst_gemm_thin_nt: whole 6- and 3-row tiles, enough chunks to balance. */
+#define THIN_ROWS 48
+
+#if defined(__x86_64__)
+/* 6 x 4 dot products (24 accumulators, 10 loads per 24 FMAs) whose four sums per row come out of one
+ * shuffle tree: a quarter of the reduction work of the GEMV tile's four separate sums, which would cost
+ * ~20% at C = 576. Rows past nx / nw repeat the last valid one and are not stored. */
+T512 static inline __attribute__((always_inline)) void thin_nt_tile512(float *out, const float *x,
+    const float *w, int64_t C, int64_t OC, int64_t n0, int nx, int64_t o0, int nw, int accumulate) {
+    const float *xp[6], *wp[4];
+    __m512 acc[6][4];
+    _Pragma("GCC unroll 6") for (int i = 0; i < 6; i++) xp[i] = x + (n0 + (i < nx ? i : nx - 1)) * C;
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) wp[j] = w + (o0 + (j < nw ? j : nw - 1)) * C;
+    _Pragma("GCC unroll 6") for (int i = 0; i < 6; i++)
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= C; k += 16) {
+        __m512 wv[4];
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) wv[j] = _mm512_loadu_ps(wp[j] + k);
+        _Pragma("GCC unroll 6") for (int i = 0; i < 6; i++) {
+            const __m512 xv = _mm512_loadu_ps(xp[i] + k);
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    if (k < C) {
+        const __mmask16 m = mk_mask16((int)(C - k));
+        __m512 wv[4];
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) wv[j] = _mm512_maskz_loadu_ps(m, wp[j] + k);
+        _Pragma("GCC unroll 6") for (int i = 0; i < 6; i++) {
+            const __m512 xv = _mm512_maskz_loadu_ps(m, xp[i] + k);
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    const __mmask8 sm = (__mmask8)((1u << nw) - 1);
+    _Pragma("GCC unroll 6") for (int i = 0; i < 6; i++) if (i < nx) {
+        float *y = out + (n0 + i) * OC + o0;
+        __m128 s = hsum4_avx512(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+        if (accumulate) s = _mm_add_ps(_mm_maskz_loadu_ps(sm, y), s);
+        _mm_mask_storeu_ps(y, sm, s);
+    }
+}
+
+/* Rows [n0, n1) of out: 6 x 4 (AVX-512) or 3 x 4 (AVX2, the GEMV path's tile) dot-product tiles. */
+T512 static void thin_nt_avx512(float *out, const float *x, const float *w, int64_t C, int64_t OC, int64_t n0,
+                                int64_t n1, int accumulate) {
+    for (int64_t n = n0; n < n1; n += 6)
+        for (int64_t o = 0; o < OC; o += 4)
+            thin_nt_tile512(out, x, w, C, OC, n, (int)min64(6, n1 - n), o, (int)min64(4, OC - o), accumulate);
+}
+
+T256 static void thin_nt_avx2(float *out, const float *x, const float *w, int64_t C, int64_t OC, int64_t n0,
+                              int64_t n1, int accumulate) {
+    for (int64_t n = n0; n < n1; n += 3)
+        for (int64_t o = 0; o < OC; o += 4)
+            gemv_tile256(out, x, w, C, OC, n, (int)min64(3, n1 - n), o, (int)min64(4, OC - o), 3, 4, accumulate);
+}
+#endif
+
+static void thin_nt(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
+                    int accumulate) {
+    const cst_simd_path p = cst_simd_current();
+    const int64_t nchunk = (N + THIN_ROWS - 1) / THIN_ROWS;
+    int nt = max_threads();
+    if ((double)N * C * OC < 1e6) nt = 1;
+    (void)nt;
+    /* Row-outer order (the GEMV path's is weight-outer): a tile's rows of x stay in L1 while the few
+     * weight rows stream from L1/L2, so x, the big operand, is read from memory once. */
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t ch = 0; ch < nchunk; ch++) {
+        const int64_t n0 = ch * THIN_ROWS, n1 = min64(n0 + THIN_ROWS, N);
+#if defined(__x86_64__)
+        if (p == CST_SIMD_AVX512) thin_nt_avx512(out, x, w, C, OC, n0, n1, accumulate);
+        else if (p == CST_SIMD_AVX2) thin_nt_avx2(out, x, w, C, OC, n0, n1, accumulate);
+        else
+#endif
+            gemv_scalar(out + n0 * OC, x + n0 * C, w, n1 - n0, C, OC, 0, OC, accumulate);
+    }
+    (void)p;
+}
+
+/* cst_gemm_thin_tn tiles: TM rows of c (vectors along M, contiguous in each row of a) x TJ columns
+ * (broadcast from a row of b), one accumulator per element for all of K. The tile is stored through a
+ * small buffer since its vectors run down columns of c. Tails repeat a valid column and are not stored. */
+#define THIN_TN_TILE(NAME, TGT, VEC, W, NV, TJ, LOAD, MLOAD, MASKT, MKMASK, SET1, FMA, ZERO, STORE)       \
+    TGT static void NAME(float *c, const float *a, const float *b, int64_t M, int64_t R, int64_t K,        \
+                         int64_t m0, int64_t j0, int accumulate) {                                        \
+        const int nm = (int)min64(NV * W, M - m0), nj = (int)min64(TJ, R - j0);                           \
+        MASKT mk[NV];                                                                                     \
+        int jo[TJ];                                                                                       \
+        VEC acc[TJ][NV];                                                                                  \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) mk[v] = MKMASK(nm > W * v ? nm - W * v : 0); \
+        _Pragma("GCC unroll 8") for (int j = 0; j < TJ; j++) jo[j] = j < nj ? j : nj - 1;                 \
+        _Pragma("GCC unroll 8") for (int j = 0; j < TJ; j++)                                              \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[j][v] = ZERO();                      \
+        const float *ak = a + m0, *bk = b + j0;                                                           \
+        if (nm == NV * W && nj == TJ) {                                                                   \
+            for (int64_t k = 0; k < K; k++, ak += M, bk += R) {                                           \
+                VEC av[NV];                                                                               \
+                _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) av[v] = LOAD(ak + W * v);            \
+                _Pragma("GCC unroll 8") for (int j = 0; j < TJ; j++) {                                    \
+                    const VEC bb = SET1(bk[j]);                                                           \
+                    _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[j][v] = FMA(av[v], bb, acc[j][v]); \
+                }                                                                                         \
+            }                                                                                             \
+        } else {                                                                                          \
+            for (int64_t k = 0; k < K; k++, ak += M, bk += R) {                                           \
+                VEC av[NV];                                                                               \
+                _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) av[v] = MLOAD(ak + W * v, mk[v]);    \
+                _Pragma("GCC unroll 8") for (int j = 0; j < TJ; j++) {                                    \
+                    const VEC bb = SET1(bk[jo[j]]);                                                       \
+                    _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[j][v] = FMA(av[v], bb, acc[j][v]); \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+        float t[NV * W];                                                                                  \
+        for (int j = 0; j < nj; j++) {                                                                    \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) STORE(t + W * v, acc[j][v]);             \
+            float *cj = c + m0 * R + j0 + j;                                                              \
+            for (int i = 0; i < nm; i++) cj[i * R] = accumulate ? cj[i * R] + t[i] : t[i];                \
+        }                                                                                                 \
+    }
+
+#if defined(__x86_64__)
+/* AVX-512: 48 x 8, 24 accumulators, 3 loads + 8 broadcasts per 24 FMAs. */
+THIN_TN_TILE(thin_tn_tile512, T512, __m512, 16, 3, 8, _mm512_loadu_ps, mload16, __mmask16, mk_mask16,
+             _mm512_set1_ps, _mm512_fmadd_ps, _mm512_setzero_ps, _mm512_storeu_ps)
+/* AVX2: 24 x 4, 12 accumulators + 3 loads + 1 broadcast = 16 ymm registers. */
+THIN_TN_TILE(thin_tn_tile256, T256, __m256, 8, 3, 4, _mm256_loadu_ps, mload8, __m256i, mk_mask8,
+             _mm256_set1_ps, _mm256_fmadd_ps, _mm256_setzero_ps, _mm256_storeu_ps)
+#endif
+
+void cst_gemm_thin_nt(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
+                      int accumulate) {
+    if (N <= 0 || OC <= 0) return;
+    /* The few rows of w are reread for every tile of x: a 64-byte aligned copy (at most 64 x C floats)
+     * saves the split cache-line loads of NumPy's 16-byte alignment, ~10% at rank 32-64. */
+    int cached = 0;
+    float *wa = ((uintptr_t)w & 63) ? scratch_get((size_t)(OC * C), &cached) : NULL;
+    if (wa) memcpy(wa, w, (size_t)(OC * C) * sizeof(float));
+    thin_nt(out, x, wa ? wa : w, N, C, OC, accumulate);
+    if (wa) scratch_put(wa, cached);
+}
+
+void cst_gemm_thin_nn(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
+                      int accumulate) {
+    if (N <= 0 || OC <= 0) return;
+    int cached;
+    float *wt = scratch_get((size_t)(C * OC), &cached);
+    if (!wt) { /* no memory for w^T: the packed GEMM reads w (C, OC) as it is */
+        cst_gemm(out, OC, x, C, 1, w, OC, 1, N, OC, C, accumulate);
+        return;
+    }
+    for (int64_t k = 0; k < C; k++) /* w^T (OC, C): a few KiB to a few hundred, next to the product */
+        for (int64_t o = 0; o < OC; o++) wt[o * C + k] = w[k * OC + o];
+    thin_nt(out, x, wt, N, C, OC, accumulate);
+    scratch_put(wt, cached);
+}
+
+void cst_gemm_thin_tn(float *c, const float *a, const float *b, int64_t M, int64_t R, int64_t K,
+                      int accumulate) {
+    if (M <= 0 || R <= 0) return;
+    const cst_simd_path p = cst_simd_current();
+    if (K <= 0 || p == CST_SIMD_SCALAR) { /* the packed GEMM's portable kernel; a (K, M) read transposed */
+        cst_gemm(c, R, a, 1, M, b, R, 1, M, R, K, accumulate);
+        return;
+    }
+#if defined(__x86_64__)
+    const int TM = p == CST_SIMD_AVX512 ? 48 : 24, TJ = p == CST_SIMD_AVX512 ? 8 : 4;
+    const int64_t ntile = (M + TM - 1) / TM;
+    int nt = max_threads();
+    if ((double)M * R * K < 1e6) nt = 1;
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t tm = 0; tm < ntile; tm++)
+        for (int64_t j0 = 0; j0 < R; j0 += TJ) {
+            if (p == CST_SIMD_AVX512) thin_tn_tile512(c, a, b, M, R, K, tm * TM, j0, accumulate);
+            else thin_tn_tile256(c, a, b, M, R, K, tm * TM, j0, accumulate);
+        }
+#endif
 }
 
 /* ---- prepacked weights: y = x W^T against W packed once into the B panels of the current path ----

@@ -16,6 +16,19 @@ void cst_gemm(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, c
 void cst_gemv_nt(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
                  int accumulate);
 
+/* Thin products (LoRA at rank <= CST_THIN_MAX_COLS): outputs of few columns, operands read in place.
+ * cst_gemm_thin_nt: out (N, OC) (+)= x (N, C) @ w (OC, C)^T, dot-product tiles, parallel over rows.
+ * cst_gemm_thin_nn: out (N, OC) (+)= x (N, C) @ w (C, OC): w transposed into scratch, then thin_nt.
+ * cst_gemm_thin_tn: c (M, R) (+)= a (K, M)^T @ b (K, R), vectors along M, parallel over M.
+ * Each element is reduced by one thread in a fixed order (not cst_gemm's). */
+#define CST_THIN_MAX_COLS 64
+void cst_gemm_thin_nt(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
+                      int accumulate);
+void cst_gemm_thin_nn(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
+                      int accumulate);
+void cst_gemm_thin_tn(float *c, const float *a, const float *b, int64_t M, int64_t R, int64_t K,
+                      int accumulate);
+
 /* Prepacked weights (generation packs each weight once and multiplies it many times). The layout is the
  * same on every SIMD path: panels of CST_PACK_NR rows of w, k-major, zero-padded —
  * dst[p*NR*C + k*NR + j] = w[(p*NR + j)*C + k]. cst_gemm_packed_size: floats of w (OC, C) packed.
