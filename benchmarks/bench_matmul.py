@@ -76,12 +76,16 @@ def _operands(lib, M, N, K, kind, rng):
     c = np.zeros((M, N), np.float32)
     if lib in ("cst", "cst-bf16"):
         from cst import _core
-        bf = lib == "cst-bf16"
-        if bf and not hasattr(_core, "matmul_bf16"):
-            return None
-        if bf:
-            a16, b16 = _core.to_bf16(a), _core.to_bf16(b)
-            return lambda: _core.matmul_bf16(c, a16, b16, kind)
+        if lib == "cst-bf16":  # weights stored in bf16, activations fp32 (rounded inside, timed)
+            from cst.bf16 import to_bf16
+            if kind == "nt":
+                w16 = to_bf16(b)
+                return lambda: _core.matmul_bf16_forward(c, a, w16)
+            if kind == "nn":
+                w16, x = to_bf16(b), np.empty((M, N), np.float32)
+                return lambda: _core.matmul_bf16_backward(c, None, a, x, w16)
+            w16 = np.zeros((M, N), np.uint16)
+            return lambda: _core.matmul_bf16_backward(None, c, a, b, w16)
         if kind == "nt":  # y = x W^T
             return lambda: _core.matmul_forward(c, a, b)
         if kind == "nn":  # dinp += dout @ W with W (K, N) = (OC, C)

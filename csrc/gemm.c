@@ -11,6 +11,7 @@
  * Determinism: KC is a per-path constant and every output element is owned by one thread, which adds
  * the KC blocks in ascending k; the split between threads only decides who computes a tile. */
 #include "gemm.h"
+#include "bf16.h"
 #include "simd.h"
 #include "avx512.h"
 #include <stdatomic.h>
@@ -298,33 +299,38 @@ static gemm_cfg cfg_for(cst_simd_path p) {
     return g;
 }
 
-/* ---- scratch: one cached aligned block reused across calls (page-faulting a fresh 3 MiB each call
- * costs ~5% on mid-size products). A second concurrent caller gets its own malloc. ---- */
+/* ---- scratch: a few cached aligned blocks reused across calls (page-faulting a fresh 3 MiB each call
+ * costs ~5% on mid-size products). A caller takes the first free block (the bf16 products hold two for
+ * their converted operands while the GEMM takes a third); past those it gets its own malloc. ---- */
 
-static atomic_flag scratch_busy = ATOMIC_FLAG_INIT;
-static float *scratch_cache;
-static size_t scratch_cache_len;
+#define SCRATCH_SLOTS 3
+static atomic_flag scratch_busy[SCRATCH_SLOTS] = {ATOMIC_FLAG_INIT, ATOMIC_FLAG_INIT, ATOMIC_FLAG_INIT};
+static float *scratch_cache[SCRATCH_SLOTS];
+static size_t scratch_cache_len[SCRATCH_SLOTS];
 
+/* *cached: 1 + the block's slot, or 0 for a private malloc. */
 static float *scratch_get(size_t nfloat, int *cached) {
     size_t bytes = (nfloat * sizeof(float) + 63) & ~(size_t)63;
-    if (!atomic_flag_test_and_set_explicit(&scratch_busy, memory_order_acquire)) {
-        if (scratch_cache_len < bytes) {
-            free(scratch_cache);
-            scratch_cache = aligned_alloc(64, bytes);
-            scratch_cache_len = scratch_cache ? bytes : 0;
+    for (int s = 0; s < SCRATCH_SLOTS; s++) {
+        if (atomic_flag_test_and_set_explicit(&scratch_busy[s], memory_order_acquire)) continue;
+        if (scratch_cache_len[s] < bytes) {
+            free(scratch_cache[s]);
+            scratch_cache[s] = aligned_alloc(64, bytes);
+            scratch_cache_len[s] = scratch_cache[s] ? bytes : 0;
         }
-        if (scratch_cache) {
-            *cached = 1;
-            return scratch_cache;
+        if (scratch_cache[s]) {
+            *cached = 1 + s;
+            return scratch_cache[s];
         }
-        atomic_flag_clear_explicit(&scratch_busy, memory_order_release);
+        atomic_flag_clear_explicit(&scratch_busy[s], memory_order_release);
+        break;
     }
     *cached = 0;
     return aligned_alloc(64, bytes);
 }
 
 static void scratch_put(float *p, int cached) {
-    if (cached) atomic_flag_clear_explicit(&scratch_busy, memory_order_release);
+    if (cached) atomic_flag_clear_explicit(&scratch_busy[cached - 1], memory_order_release);
     else free(p);
 }
 
@@ -395,16 +401,18 @@ static int max_threads(void) {
 #endif
 }
 
-void cst_gemm(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, const float *b,
-              int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t K, int accumulate) {
-    if (M <= 0 || N <= 0) return;
+/* The blocked product with the tiles and microkernel of g (fp32 elements, or bf16 k pairs); -1 when no
+ * memory for the packing buffers. */
+static int gemm_run(const gemm_cfg *gp, float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa,
+                     const float *b, int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t K, int accumulate) {
+    if (M <= 0 || N <= 0) return 0;
     if (K <= 0) {
         if (!accumulate)
             for (int64_t i = 0; i < M; i++) memset(c + i * ldc, 0, (size_t)N * sizeof(float));
-        return;
+        return 0;
     }
     const gemm_args x = {c, ldc, a, rsa, csa, b, rsb, csb, K, accumulate};
-    const gemm_cfg g = cfg_for(cst_simd_current());
+    const gemm_cfg g = *gp;
     const int64_t pm = (M + g.mr - 1) / g.mr, pn = (N + g.nr - 1) / g.nr;
     /* Split output tiles along the dimension with more panels; tiny products stay on one thread. */
     const int split_rows = pm > pn;
@@ -414,10 +422,7 @@ void cst_gemm(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, c
     const size_t abuf_len = (size_t)g.mcp * g.mr * KC, bbuf_len = (size_t)g.ncp * g.nr * KC;
     int cached;
     float *scratch = scratch_get((abuf_len + bbuf_len) * (size_t)nt, &cached);
-    if (!scratch) {
-        gemm_naive(&x, M, N);
-        return;
-    }
+    if (!scratch) return -1;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int t = 0; t < nt; t++) {
         float *abuf = scratch + (size_t)t * (abuf_len + bbuf_len), *bbuf = abuf + abuf_len;
@@ -429,6 +434,16 @@ void cst_gemm(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, c
             gemm_region(&g, &x, abuf, bbuf, 0, M, p0 * g.nr, min64(p1 * g.nr, N));
     }
     scratch_put(scratch, cached);
+    return 0;
+}
+
+void cst_gemm(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, const float *b,
+              int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t K, int accumulate) {
+    const gemm_cfg g = cfg_for(cst_simd_current());
+    if (gemm_run(&g, c, ldc, a, rsa, csa, b, rsb, csb, M, N, K, accumulate) < 0) {
+        const gemm_args x = {c, ldc, a, rsa, csa, b, rsb, csb, K, accumulate};
+        gemm_naive(&x, M, N);
+    }
 }
 
 /* ---- GEMV-like path: out (N, OC) (+)= x (N, C) @ w (OC, C)^T for small N ----
@@ -770,6 +785,182 @@ void cst_gemm_thin_tn(float *c, const float *a, const float *b, int64_t M, int64
             else thin_tn_tile256(c, a, b, M, R, K, tm * TM, j0, accumulate);
         }
 #endif
+}
+
+/* ---- bf16 inputs, fp32 accumulation ----
+ * Two ways, chosen per CPU. Both round the inputs to bf16 and sum exact products (a product of two bf16
+ * values fits in fp32) in fp32, so they differ only in the order and blocking of the sums:
+ * - "dot" (vdpbf16ps, AVX512_BF16): operands in the k-pair layout of bf16.h, each 32-bit element
+ *   holding the bf16 values at k = 2p and 2p + 1. Packing is pure 32-bit data movement, so the fp32
+ *   driver (gemm_run) runs unchanged on K/2 pair elements with a microkernel that takes pairs; it adds
+ *   a[2p+1] b[2p+1], then a[2p] b[2p] into each fp32 lane, and flushes denormals to zero. Twice the fp32
+ *   rate where vdpbf16ps issues like an FMA (AMD Zen 4/5, family >= 25); half of it on the Intel Xeon
+ *   with AMX this was measured on (1 thread, 576 x 576 x 1024: 78 vs 145 GFLOP/s), so Intel CPUs and
+ *   CPUs without AVX512_BF16 use
+ * - "convert": the bf16 operands expanded to fp32 (activations rounded to bf16 and back) into scratch,
+ *   then the fp32 GEMM of the current path. The weights still live in bf16 (half the memory). */
+
+#if defined(__x86_64__)
+#define T512BF __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
+
+/* 8 x 48 as the fp32 kernel: 24 accumulators, 3 loads (48 columns x one k pair) + 8 pair broadcasts per
+ * 24 vdpbf16ps, each worth two fp32 FMAs. */
+T512BF static void ukr512_bf16_8x48(int64_t kc, const float *ap_, const float *b_, int64_t ldb, float *c,
+                                    int64_t ldc, int mr, int nr, int beta) {
+    enum { MR = 8, NV = 3 };
+    const int32_t *ap = (const int32_t *)ap_;
+    const int32_t *b = (const int32_t *)b_;
+    __m512 acc[MR][NV];
+    __mmask16 m[NV];
+    _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) {
+        int r = nr - 16 * v;
+        m[v] = r >= 16 ? (__mmask16)0xFFFF : r <= 0 ? 0 : (__mmask16)((1u << r) - 1);
+    }
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++)
+        _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
+    for (int i = 0; i < mr; i++) _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T0);
+    for (int64_t k = 0; k < kc; k++, ap += MR, b += ldb) {
+        __m512i bv[NV];
+        _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) bv[v] = _mm512_maskz_loadu_epi32(m[v], b + 16 * v);
+        _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {
+            const __m512i a_ = _mm512_set1_epi32(ap[i]);
+            _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++)
+                acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)a_, (__m512bh)bv[v]);
+        }
+    }
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) if (i < mr) {
+        float *cr = c + i * ldc;
+        _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) {
+            __m512 r = acc[i][v];
+            if (beta) r = _mm512_add_ps(_mm512_maskz_loadu_ps(m[v], cr + 16 * v), r);
+            _mm512_mask_storeu_ps(cr + 16 * v, m[v], r);
+        }
+    }
+}
+#endif
+
+/* -1 until first use, then CST_BF16_CONVERT or CST_BF16_DOT. */
+static int bf16_way = -1;
+
+static int cpu_family(void) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    unsigned a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0u), "c"(0u));
+    if (!(b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u)) return 0; /* not "AuthenticAMD" */
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1u), "c"(0u));
+    return (int)(((a >> 8) & 0xf) + ((a >> 20) & 0xff)); /* family + extended family */
+#else
+    return 0;
+#endif
+}
+
+int cst_gemm_bf16_way(void) {
+    if (bf16_way < 0) bf16_way = cst_bf16_dot_supported() && cpu_family() >= 25 ? CST_BF16_DOT : CST_BF16_CONVERT;
+    return (bf16_way == CST_BF16_DOT && cst_simd_current() == CST_SIMD_AVX512) ? CST_BF16_DOT : CST_BF16_CONVERT;
+}
+
+int cst_gemm_bf16_set_way(int way) {
+    if (way == CST_BF16_DOT && !cst_bf16_dot_supported()) return -1;
+    if (way != CST_BF16_DOT && way != CST_BF16_CONVERT) return -1;
+    bf16_way = way;
+    return 0;
+}
+
+static const gemm_cfg bf16_dot_cfg = {
+#if defined(__x86_64__)
+    /* KC counts k pairs here: 256 pairs = 512 k, an A micro-panel of 8 KiB and a B block of 576 KiB. */
+    8, 48, 128, 12, ukr512_bf16_8x48, 1
+#else
+    0
+#endif
+};
+
+/* Scratch for the converted operands, released on every path out. */
+typedef struct {
+    void *p[2];
+    int cached[2];
+} bf16_bufs;
+
+static void *bufs_get(bf16_bufs *s, int i, int64_t bytes) {
+    s->p[i] = scratch_get((size_t)((bytes + 3) / 4), &s->cached[i]);
+    return s->p[i];
+}
+
+static int bufs_put(bf16_bufs *s, int status) {
+    for (int i = 0; i < 2; i++)
+        if (s->p[i]) scratch_put(s->p[i], s->cached[i]);
+    return status;
+}
+
+int cst_gemm_bf16_nt(float *out, const float *x, const uint16_t *w, int64_t N, int64_t C, int64_t OC,
+                     int accumulate) {
+    bf16_bufs s = {{NULL, NULL}, {0, 0}};
+    if (cst_gemm_bf16_way() == CST_BF16_CONVERT) {
+        float *xr = bufs_get(&s, 0, N * C * 4), *wf = bufs_get(&s, 1, OC * C * 4);
+        if (!xr || !wf) return bufs_put(&s, -1);
+        cst_bf16_round_f32(xr, x, N * C);
+        cst_bf16_to_f32_n(wf, w, OC * C);
+        cst_gemm(out, OC, xr, C, 1, wf, 1, C, N, OC, C, accumulate);
+        return bufs_put(&s, 0);
+    }
+    const int64_t Cp = C + (C & 1);
+    uint16_t *xa = bufs_get(&s, 0, N * Cp * 2);
+    const uint16_t *wa = w;
+    if (!xa) return bufs_put(&s, -1);
+    cst_bf16_rows_f32(xa, x, C, N, C, Cp);
+    if (Cp != C) { /* odd C: rows of w padded to whole pairs */
+        uint16_t *wp = bufs_get(&s, 1, OC * Cp * 2);
+        if (!wp) return bufs_put(&s, -1);
+        cst_bf16_rows_bf16(wp, w, C, OC, C, Cp);
+        wa = wp;
+    }
+    /* A (N, Cp/2 pairs) row-major; B(k, j) = pair k of row j of w. */
+    const int st = gemm_run(&bf16_dot_cfg, out, OC, (const float *)xa, Cp / 2, 1, (const float *)wa, 1, Cp / 2,
+                            N, OC, Cp / 2, accumulate);
+    return bufs_put(&s, st);
+}
+
+int cst_gemm_bf16_nn(float *out, const float *dy, const uint16_t *w, int64_t N, int64_t OC, int64_t C,
+                     int accumulate) {
+    bf16_bufs s = {{NULL, NULL}, {0, 0}};
+    if (cst_gemm_bf16_way() == CST_BF16_CONVERT) {
+        float *dr = bufs_get(&s, 0, N * OC * 4), *wf = bufs_get(&s, 1, OC * C * 4);
+        if (!dr || !wf) return bufs_put(&s, -1);
+        cst_bf16_round_f32(dr, dy, N * OC);
+        cst_bf16_to_f32_n(wf, w, OC * C);
+        cst_gemm(out, C, dr, OC, 1, wf, C, 1, N, C, OC, accumulate);
+        return bufs_put(&s, 0);
+    }
+    const int64_t OCp = OC + (OC & 1);
+    uint16_t *da = bufs_get(&s, 0, N * OCp * 2);
+    uint32_t *wp = bufs_get(&s, 1, OCp / 2 * C * 4);
+    if (!da || !wp) return bufs_put(&s, -1);
+    cst_bf16_rows_f32(da, dy, OC, N, OC, OCp);
+    cst_bf16_pairs_bf16(wp, w, C, OC, C); /* rows 2p and 2p+1 of w interleaved */
+    const int st = gemm_run(&bf16_dot_cfg, out, C, (const float *)da, OCp / 2, 1, (const float *)wp, C, 1, N, C,
+                            OCp / 2, accumulate);
+    return bufs_put(&s, st);
+}
+
+int cst_gemm_bf16_tn(float *out, const float *dy, const float *x, int64_t N, int64_t OC, int64_t C,
+                     int accumulate) {
+    bf16_bufs s = {{NULL, NULL}, {0, 0}};
+    if (cst_gemm_bf16_way() == CST_BF16_CONVERT) {
+        float *dr = bufs_get(&s, 0, N * OC * 4), *xr = bufs_get(&s, 1, N * C * 4);
+        if (!dr || !xr) return bufs_put(&s, -1);
+        cst_bf16_round_f32(dr, dy, N * OC);
+        cst_bf16_round_f32(xr, x, N * C);
+        cst_gemm(out, C, dr, 1, OC, xr, C, 1, OC, C, N, accumulate);
+        return bufs_put(&s, 0);
+    }
+    const int64_t NP = (N + 1) / 2;
+    uint32_t *dp = bufs_get(&s, 0, NP * OC * 4), *xp = bufs_get(&s, 1, NP * C * 4);
+    if (!dp || !xp) return bufs_put(&s, -1);
+    cst_bf16_pairs_f32(dp, dy, OC, N, OC); /* A(o, p) = pair p of column o of dy */
+    cst_bf16_pairs_f32(xp, x, C, N, C);
+    const int st = gemm_run(&bf16_dot_cfg, out, C, (const float *)dp, 1, OC, (const float *)xp, C, 1, OC, C, NP,
+                            accumulate);
+    return bufs_put(&s, st);
 }
 
 /* ---- prepacked weights: y = x W^T against W packed once into the B panels of the current path ----
