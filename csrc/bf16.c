@@ -39,7 +39,6 @@ BF16_PAIRS(pairs_f32_scalar, , float, cst_bf16_round)
 BF16_PAIRS(pairs_bf16_scalar, , uint16_t, SAME)
 #if defined(__x86_64__)
 BF16_FROM(from_avx2, CST_TARGET_AVX2)
-BF16_FROM(from_avx512, CST_TARGET_AVX512)
 BF16_ROUND(round_avx2, CST_TARGET_AVX2)
 BF16_ROUND(round_avx512, CST_TARGET_AVX512)
 BF16_TO(to_avx2, CST_TARGET_AVX2)
@@ -49,10 +48,30 @@ BF16_PAIRS(pairs_f32_avx512, CST_TARGET_AVX512, float, cst_bf16_round)
 BF16_PAIRS(pairs_bf16_avx512, CST_TARGET_AVX512, uint16_t, SAME)
 #endif
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+/* cst_bf16_round on 16 lanes with integer ops (the compiler does not vectorise its NaN branch well):
+ * u + 0x7fff + lsb, the top half kept; NaN lanes get their top half with the quiet bit set. */
+CST_TARGET_AVX512 static inline __m256i round16(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+CST_TARGET_AVX512 static void from_avx512_v(uint16_t *dst, const float *src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i *)(dst + i), round16(_mm512_loadu_ps(src + i)));
+    for (; i < n; i++) dst[i] = cst_bf16_round(src[i]);
+}
+#endif
+
 void cst_bf16_from_f32(uint16_t *dst, const float *src, int64_t n) {
 #if defined(__x86_64__)
     const cst_simd_path p = cst_simd_current();
-    if (p == CST_SIMD_AVX512) return from_avx512(dst, src, n);
+    if (p == CST_SIMD_AVX512) return from_avx512_v(dst, src, n);
     if (p == CST_SIMD_AVX2) return from_avx2(dst, src, n);
 #endif
     from_scalar(dst, src, n);

@@ -10,6 +10,7 @@
  *         jr over NR-column panels: microkernel MR x NR, kc rank-1 updates in registers.
  * Determinism: KC is a per-path constant and every output element is owned by one thread, which adds
  * the KC blocks in ascending k; the split between threads only decides who computes a tile. */
+#define _DEFAULT_SOURCE /* syscall() under -std=c11, for the AMX permission request */
 #include "gemm.h"
 #include "bf16.h"
 #include "simd.h"
@@ -839,7 +840,150 @@ T512BF static void ukr512_bf16_8x48(int64_t kc, const float *ap_, const float *b
 }
 #endif
 
-/* -1 until first use, then CST_BF16_CONVERT or CST_BF16_DOT. */
+/* ---- AMX (Intel Sapphire Rapids and later): tdpbf16ps multiplies a 16 x 32 bf16 tile of A by a
+ * 32 x 16 tile of B (k pairs, the layout of bf16.h) into a 16 x 16 fp32 tile, ~16x the fp32 FMA rate.
+ * A is read in place as row-major pairs padded to 32 rows and 16 pairs (the caller converts it so);
+ * B is packed per thread into 16-column panels (pack_b, whose panel IS a stack of B tiles) of up to
+ * AMX_PANELS panels. Each thread owns a contiguous range of panels, and every 16 x 16 output tile is
+ * summed over all of k in ascending 32-k steps by one thread. ---- */
+#if defined(__x86_64__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define TAMX __attribute__((target("amx-tile,amx-bf16")))
+#define AMX_PANELS 8
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_tilecfg;
+
+/* Linux hands out the 8 KiB of tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA). */
+static int amx_usable(void) {
+    static int ok = -1;
+    if (ok < 0) {
+        __builtin_cpu_init();
+        ok = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+             syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    }
+    return ok;
+}
+
+/* c (mr x nr of a 16 x 16 tile t) = t, or += t. */
+TAMX __attribute__((target("avx512f"))) static void amx_store_tile(float *c, int64_t ldc, const float *t, int mr,
+                                                                   int nr, int accumulate) {
+    const __mmask16 m = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
+    for (int i = 0; i < mr; i++) {
+        __m512 v = _mm512_loadu_ps(t + 16 * i);
+        if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, c + i * ldc), v);
+        _mm512_mask_storeu_ps(c + i * ldc, m, v);
+    }
+}
+
+/* Tiles 0-3: the 2 x 2 output tiles; 4-5: two 16-row A tiles; 6-7: two B panels' tiles. */
+TAMX static void amx_panels(float *c, int64_t ldc, const uint32_t *a, int64_t lda, const uint32_t *bp,
+                            int64_t M, int64_t N, int64_t KPp, int64_t jp0, int npan, int accumulate) {
+    float t[16 * 16];
+    /* Panel pair outer: its two B panels (2 x 64 bytes per k pair) stay in L1 while A's tiles stream
+     * from L2; A-outer order measured 1.5-2x slower (A and B blocks together overflow L1). */
+    for (int q = 0; q < npan; q += 2)
+        for (int64_t i0 = 0; i0 < M; i0 += 32) {
+            const uint32_t *b0 = bp + (int64_t)q * 16 * KPp, *b1 = b0 + 16 * KPp;
+            const uint32_t *a0 = a + i0 * lda, *a1 = a0 + 16 * lda;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t p = 0; p < KPp; p += 16) {
+                _tile_loadd(4, a0 + p, lda * 4);
+                _tile_loadd(5, a1 + p, lda * 4);
+                _tile_loadd(6, b0 + p * 16, 64);
+                _tile_loadd(7, b1 + p * 16, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+#define AMX_STORE(T, DI, DJ)                                                                        \
+            {                                                                                       \
+                _tile_stored(T, t, 64);                                                             \
+                const int64_t r0 = i0 + DI, c0 = (jp0 + q) * 16 + DJ;                               \
+                if (c0 < N) amx_store_tile(c + r0 * ldc + c0, ldc, t, (int)min64(16, M - r0),       \
+                                           (int)min64(16, N - c0), accumulate);                     \
+            }
+            AMX_STORE(0, 0, 0)
+            AMX_STORE(1, 0, 16)
+            AMX_STORE(2, 16, 0)
+            AMX_STORE(3, 16, 16)
+#undef AMX_STORE
+        }
+}
+
+TAMX static void amx_thread(float *c, int64_t ldc, const uint32_t *a, int64_t lda, const uint32_t *b,
+                            int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t KP, int64_t KPp,
+                            int64_t j0, int64_t j1, uint32_t *bp, int accumulate) {
+    amx_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.rows[i] = 16;
+        cfg.colsb[i] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    for (int64_t jc = j0; jc < j1; jc += AMX_PANELS) {
+        const int npan = (int)min64(AMX_PANELS, j1 - jc);
+        for (int q = 0; q < npan + (npan & 1); q++) { /* an odd count gets an all-zero partner panel */
+            uint32_t *d = bp + (int64_t)q * 16 * KPp;
+            const int64_t col = (jc + q) * 16;
+            if (q < npan)
+                pack_b((float *)d, (const float *)b, rsb, csb, 0, KP, col, min64(16, N - col), 16, 1);
+            memset(d + (q < npan ? KP : 0) * 16, 0, (size_t)((q < npan ? KPp - KP : KPp) * 16) * 4);
+        }
+        amx_panels(c, ldc, a, lda, bp, M, N, KPp, jc, npan, accumulate);
+    }
+    _tile_release();
+}
+
+/* c (M, N) (+)= a @ b: a (>= ceil(M/32)*32 rows, lda = KPp = KP rounded up to 16 pairs, zero-padded),
+ * b (KP, N) pair elements at b[k*rsb + j*csb]. -1 when no memory for the B panels. */
+static int amx_gemm(float *c, int64_t ldc, const uint32_t *a, int64_t lda, const uint32_t *b, int64_t rsb,
+                    int64_t csb, int64_t M, int64_t N, int64_t KP, int accumulate) {
+    const int64_t KPp = (KP + 15) / 16 * 16, np = (N + 15) / 16;
+    int nt = max_threads();
+    if ((double)M * N * KP < 5e5) nt = 1;
+    if (nt > np) nt = (int)np;
+    const size_t per = (size_t)(AMX_PANELS + 1) * 16 * (size_t)KPp;
+    int cached;
+    uint32_t *scratch = (uint32_t *)scratch_get(per * (size_t)nt, &cached);
+    if (!scratch) return -1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int t = 0; t < nt; t++)
+        amx_thread(c, ldc, a, lda, b, rsb, csb, M, N, KP, KPp, np * t / nt, np * (t + 1) / nt,
+                   scratch + (size_t)t * per, accumulate);
+    scratch_put((float *)scratch, cached);
+    return 0;
+}
+#else
+static int amx_usable(void) { return 0; }
+static int amx_gemm(float *c, int64_t ldc, const uint32_t *a, int64_t lda, const uint32_t *b, int64_t rsb,
+                    int64_t csb, int64_t M, int64_t N, int64_t KP, int accumulate) {
+    (void)c; (void)ldc; (void)a; (void)lda; (void)b; (void)rsb; (void)csb; (void)M; (void)N; (void)KP;
+    (void)accumulate;
+    return -1;
+}
+#endif
+
+/* x (N, C) fp32 -> bf16 rows of KPp pairs (2 KPp bf16, zero beyond C) and ceil(N/32)*32 rows (zero
+ * beyond N): the A operand amx_gemm reads in place. Returns the buffer's size in bytes for given sizes. */
+static int64_t amx_a_bytes(int64_t N, int64_t C) { return (N + 31) / 32 * 32 * ((C + 31) / 32 * 32) * 2; }
+
+static void amx_a_from_f32(uint16_t *dst, const float *x, int64_t N, int64_t C) {
+    const int64_t Cpp = (C + 31) / 32 * 32, Np = (N + 31) / 32 * 32;
+    cst_bf16_rows_f32(dst, x, C, N, C, Cpp);
+    memset(dst + N * Cpp, 0, (size_t)((Np - N) * Cpp) * 2);
+}
+
+/* -1 until first use, then the CST_BF16_* way chosen (or set). */
 static int bf16_way = -1;
 
 static int cpu_family(void) {
@@ -855,13 +999,16 @@ static int cpu_family(void) {
 }
 
 int cst_gemm_bf16_way(void) {
-    if (bf16_way < 0) bf16_way = cst_bf16_dot_supported() && cpu_family() >= 25 ? CST_BF16_DOT : CST_BF16_CONVERT;
-    return (bf16_way == CST_BF16_DOT && cst_simd_current() == CST_SIMD_AVX512) ? CST_BF16_DOT : CST_BF16_CONVERT;
+    if (bf16_way < 0)
+        bf16_way = amx_usable() ? CST_BF16_AMX
+                   : cst_bf16_dot_supported() && cpu_family() >= 25 ? CST_BF16_DOT : CST_BF16_CONVERT;
+    return cst_simd_current() == CST_SIMD_AVX512 ? bf16_way : CST_BF16_CONVERT;
 }
 
 int cst_gemm_bf16_set_way(int way) {
     if (way == CST_BF16_DOT && !cst_bf16_dot_supported()) return -1;
-    if (way != CST_BF16_DOT && way != CST_BF16_CONVERT) return -1;
+    if (way == CST_BF16_AMX && !amx_usable()) return -1;
+    if (way != CST_BF16_DOT && way != CST_BF16_CONVERT && way != CST_BF16_AMX) return -1;
     bf16_way = way;
     return 0;
 }
@@ -903,17 +1050,24 @@ int cst_gemm_bf16_nt(float *out, const float *x, const uint16_t *w, int64_t N, i
         cst_gemm(out, OC, xr, C, 1, wf, 1, C, N, OC, C, accumulate);
         return bufs_put(&s, 0);
     }
+    const int amx = cst_gemm_bf16_way() == CST_BF16_AMX;
     const int64_t Cp = C + (C & 1);
-    uint16_t *xa = bufs_get(&s, 0, N * Cp * 2);
+    uint16_t *xa = bufs_get(&s, 0, amx ? amx_a_bytes(N, C) : N * Cp * 2);
     const uint16_t *wa = w;
     if (!xa) return bufs_put(&s, -1);
-    cst_bf16_rows_f32(xa, x, C, N, C, Cp);
     if (Cp != C) { /* odd C: rows of w padded to whole pairs */
         uint16_t *wp = bufs_get(&s, 1, OC * Cp * 2);
         if (!wp) return bufs_put(&s, -1);
         cst_bf16_rows_bf16(wp, w, C, OC, C, Cp);
         wa = wp;
     }
+    if (amx) {
+        amx_a_from_f32(xa, x, N, C);
+        const int st = amx_gemm(out, OC, (const uint32_t *)xa, (C + 31) / 32 * 16, (const uint32_t *)wa, 1, Cp / 2,
+                                N, OC, Cp / 2, accumulate);
+        return bufs_put(&s, st);
+    }
+    cst_bf16_rows_f32(xa, x, C, N, C, Cp);
     /* A (N, Cp/2 pairs) row-major; B(k, j) = pair k of row j of w. */
     const int st = gemm_run(&bf16_dot_cfg, out, OC, (const float *)xa, Cp / 2, 1, (const float *)wa, 1, Cp / 2,
                             N, OC, Cp / 2, accumulate);
@@ -931,12 +1085,19 @@ int cst_gemm_bf16_nn(float *out, const float *dy, const uint16_t *w, int64_t N, 
         cst_gemm(out, C, dr, OC, 1, wf, C, 1, N, C, OC, accumulate);
         return bufs_put(&s, 0);
     }
+    const int amx = cst_gemm_bf16_way() == CST_BF16_AMX;
     const int64_t OCp = OC + (OC & 1);
-    uint16_t *da = bufs_get(&s, 0, N * OCp * 2);
+    uint16_t *da = bufs_get(&s, 0, amx ? amx_a_bytes(N, OC) : N * OCp * 2);
     uint32_t *wp = bufs_get(&s, 1, OCp / 2 * C * 4);
     if (!da || !wp) return bufs_put(&s, -1);
-    cst_bf16_rows_f32(da, dy, OC, N, OC, OCp);
     cst_bf16_pairs_bf16(wp, w, C, OC, C); /* rows 2p and 2p+1 of w interleaved */
+    if (amx) {
+        amx_a_from_f32(da, dy, N, OC);
+        const int st = amx_gemm(out, C, (const uint32_t *)da, (OC + 31) / 32 * 16, wp, C, 1, N, C, OCp / 2,
+                                accumulate);
+        return bufs_put(&s, st);
+    }
+    cst_bf16_rows_f32(da, dy, OC, N, OC, OCp);
     const int st = gemm_run(&bf16_dot_cfg, out, C, (const float *)da, OCp / 2, 1, (const float *)wp, C, 1, N, C,
                             OCp / 2, accumulate);
     return bufs_put(&s, st);
@@ -945,7 +1106,7 @@ int cst_gemm_bf16_nn(float *out, const float *dy, const uint16_t *w, int64_t N, 
 int cst_gemm_bf16_tn(float *out, const float *dy, const float *x, int64_t N, int64_t OC, int64_t C,
                      int accumulate) {
     bf16_bufs s = {{NULL, NULL}, {0, 0}};
-    if (cst_gemm_bf16_way() == CST_BF16_CONVERT) {
+    if (cst_gemm_bf16_way() != CST_BF16_DOT) { /* AMX would need dy transposed: the fp32 GEMM instead */
         float *dr = bufs_get(&s, 0, N * OC * 4), *xr = bufs_get(&s, 1, N * C * 4);
         if (!dr || !xr) return bufs_put(&s, -1);
         cst_bf16_round_f32(dr, dy, N * OC);

@@ -36,9 +36,10 @@ void cst_gemm_thin_tn(float *c, const float *a, const float *b, int64_t M, int64
  * cst_gemm_bf16_tn: out (OC, C) (+)= dy (N, OC)^T @ x (N, C)   (its weight gradient)
  * Each element is summed in fixed blocks of k by one thread (thread-count independent). Two ways
  * (gemm.c): CST_BF16_DOT, vdpbf16ps on k pairs (AVX-512 path, AVX512_BF16, default on AMD family >= 25);
+ * CST_BF16_AMX, tile products (forward and input gradient; default where the CPU and Linux allow AMX);
  * CST_BF16_CONVERT, operands expanded to fp32 and the fp32 GEMM (everywhere else). cst_gemm_bf16_way:
  * the way the current SIMD path uses; cst_gemm_bf16_set_way: choose one (-1 if the CPU lacks it). */
-enum { CST_BF16_CONVERT = 0, CST_BF16_DOT = 1 };
+enum { CST_BF16_CONVERT = 0, CST_BF16_DOT = 1, CST_BF16_AMX = 2 };
 int cst_gemm_bf16_nt(float *out, const float *x, const uint16_t *w, int64_t N, int64_t C, int64_t OC,
                      int accumulate);
 int cst_gemm_bf16_nn(float *out, const float *dy, const uint16_t *w, int64_t N, int64_t OC, int64_t C,

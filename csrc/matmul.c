@@ -182,12 +182,15 @@ static PyObject *py_bf16_gemm_way(PyObject *self, PyObject *args) {
     const char *way = NULL;
     if (!PyArg_ParseTuple(args, "|z:bf16_gemm_way", &way)) return NULL;
     if (way) {
-        const int w = !strcmp(way, "dot") ? CST_BF16_DOT : !strcmp(way, "convert") ? CST_BF16_CONVERT : -2;
-        if (w == -2) return PyErr_Format(PyExc_ValueError, "bf16_gemm_way: unknown way '%s' (dot or convert)", way);
+        const int w = !strcmp(way, "dot") ? CST_BF16_DOT : !strcmp(way, "amx") ? CST_BF16_AMX
+                      : !strcmp(way, "convert") ? CST_BF16_CONVERT : -2;
+        if (w == -2)
+            return PyErr_Format(PyExc_ValueError, "bf16_gemm_way: unknown way '%s' (amx, dot or convert)", way);
         if (cst_gemm_bf16_set_way(w) < 0)
-            return PyErr_Format(PyExc_ValueError, "bf16_gemm_way: this CPU has no AVX512_BF16 for 'dot'");
+            return PyErr_Format(PyExc_ValueError, "bf16_gemm_way: this CPU (or OS) cannot run '%s'", way);
     }
-    return PyUnicode_FromString(cst_gemm_bf16_way() == CST_BF16_DOT ? "dot" : "convert");
+    const int w = cst_gemm_bf16_way();
+    return PyUnicode_FromString(w == CST_BF16_DOT ? "dot" : w == CST_BF16_AMX ? "amx" : "convert");
 }
 
 PyMethodDef cst_matmul_methods[] = {
@@ -207,7 +210,8 @@ PyMethodDef cst_matmul_methods[] = {
     {"bf16_to_f32", (PyCFunction)(void (*)(void))py_bf16_to_f32, METH_VARARGS | METH_KEYWORDS,
      "bf16_to_f32(dst, src): dst (n,) float32 = src (n,) bf16 (uint16), exact."},
     {"bf16_gemm_way", py_bf16_gemm_way, METH_VARARGS,
-     "bf16_gemm_way(way=None): sets 'dot' (vdpbf16ps) or 'convert' (fp32 GEMM on bf16-rounded inputs) if "
+     "bf16_gemm_way(way=None): sets 'amx' (tiles), 'dot' (vdpbf16ps) or 'convert' (fp32 GEMM on bf16-rounded "
+     "inputs) if "
      "given; returns the way the current SIMD path uses."},
     {NULL, NULL, 0, NULL},
 };

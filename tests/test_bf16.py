@@ -1,6 +1,8 @@
 """bf16 storage and the bf16 GEMMs (bf16 inputs, fp32 accumulation) against float64 on the bf16-rounded
 inputs, against torch's bf16 matmul (what torch.autocast("cpu", bfloat16) runs) and against cst's fp32
-products; on every SIMD path and both ways ("dot": vdpbf16ps, where the CPU has it; "convert")."""
+products; on every SIMD path and every way this machine runs ("amx": tiles, "dot": vdpbf16ps, where the
+CPU has them; "convert": the fp32 GEMM on bf16-rounded inputs). "amx" and "dot" apply on the AVX-512
+path only; the others fall back to "convert"."""
 import numpy as np
 import pytest
 import torch
@@ -13,11 +15,12 @@ from conftest import rel_err, with_threads
 def _ways():
     before = _core.bf16_gemm_way()
     ways = ["convert"]
-    try:
-        _core.bf16_gemm_way("dot")
-        ways.append("dot")
-    except ValueError:
-        pass
+    for way in ("dot", "amx"):
+        try:
+            _core.bf16_gemm_way(way)
+            ways.append(way)
+        except ValueError:  # the CPU (or the OS, for AMX) cannot run it
+            pass
     _core.bf16_gemm_way(before)
     return ways
 
@@ -51,7 +54,9 @@ def test_to_bf16_matches_torch_bitwise(simd, rng):
         from_bf16(np.zeros(3, np.float32))
 
 
-SHAPES = [(1024, 576, 576), (64, 576, 192), (33, 17, 5), (100, 31, 63), (7, 1, 3), (1, 40, 50), (130, 513, 97)]
+# Tails of every tile (AMX: 32 rows, 32 columns, 32 k; vdpbf16ps: 8 x 48, odd k), model shapes, one row.
+SHAPES = [(1024, 576, 576), (64, 576, 192), (33, 17, 5), (100, 31, 63), (7, 1, 3), (1, 40, 50), (130, 513, 97),
+          (47, 1536, 200)]
 
 
 def _r(a):
