@@ -237,3 +237,25 @@ def test_thin_products_bitwise_independent_of_thread_count(simd, rng, N, C, R):
     one, two = with_threads(1, products), with_threads(2, products)
     for p, q in zip(one, two):
         assert np.array_equal(p, q)
+
+
+def test_release_blas_threads_stops_openblas_workers_and_numpy_still_works(rng):
+    import os
+    from cst.runtime import release_blas_threads
+    x = rng.standard_normal((512, 256)).astype(np.float32)
+    np.matmul(x, x.T)  # starts OpenBLAS's pool (if OpenBLAS and more than one thread)
+    before = len(os.listdir("/proc/self/task"))
+    n = release_blas_threads()
+    if n == 0:
+        pytest.skip("no OpenBLAS with blas_thread_shutdown_ in this process")
+    after = len(os.listdir("/proc/self/task"))
+    try:
+        from threadpoolctl import threadpool_info
+        workers = max(p["num_threads"] for p in threadpool_info() if p["internal_api"] == "openblas") - 1
+    except ImportError:
+        workers = None
+    if workers:
+        assert after <= before - workers  # the pool's worker threads are gone
+    ref = x.astype(np.float64) @ x.astype(np.float64).T
+    assert rel_err(np.matmul(x, x.T), ref) < 1e-5  # and OpenBLAS restarts them by itself
+    assert release_blas_threads() == n
