@@ -10,7 +10,8 @@ threadpoolctl's report of those kernels is printed. The whole sweep is repeated 
 table gives the min and median over runs of each shape's best time, and `ratio` lines compare cst
 with the fastest anchor of the same precision, run by run. Not a test: it prints numbers.
 
-    python3 benchmarks/bench_matmul.py [--runs 3] [--threads 2] [--only model,lora] [--quick]
+    python3 benchmarks/bench_matmul.py [--runs 3] [--threads 2] [--only model,lora] [--min-time 0.3]
+                                       [--clock wall|cpu] [--libs cst,openblas,torch,cst-bf16,torch-bf16] [--quick]
 """
 import argparse
 import json
@@ -108,7 +109,7 @@ def _operands(lib, M, N, K, kind, rng):
     return lambda: torch.mm(ta.t(), tb, out=tc)
 
 
-def worker(lib, threads, only, min_time):
+def worker(lib, threads, only, min_time, clock):
     """Prints one JSON line: {"info": ..., "best": {product name: seconds}}."""
     import numpy as np
     info = {}
@@ -118,6 +119,8 @@ def worker(lib, threads, only, min_time):
         from cst import _core
         cst.set_num_threads(threads)
         info = {"cst": cst.__file__, "simd": _core.simd_path(), "threads": _core.get_num_threads()}
+        if lib == "cst-bf16":
+            info["bf16_way"] = _core.bf16_gemm_way()
     elif lib == "openblas":
         try:
             from threadpoolctl import threadpool_info
@@ -132,6 +135,7 @@ def worker(lib, threads, only, min_time):
         info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                 "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     rng = np.random.default_rng(0)
+    now = time.process_time if clock == "cpu" else time.perf_counter
     best = {}
     for group, name, M, N, K, kind in products():
         if group not in only:
@@ -142,9 +146,9 @@ def worker(lib, threads, only, min_time):
         fn()  # warm-up: page faults, packing buffers, thread pool
         t_best, total, reps = float("inf"), 0.0, 0
         while reps < 3 or (total < min_time and reps < 200):
-            t = time.perf_counter()
+            t = now()
             fn()
-            dt = time.perf_counter() - t
+            dt = now() - t
             t_best, total, reps = min(t_best, dt), total + dt, reps + 1
         best[name] = t_best
     print(json.dumps({"info": info, "best": best}))
@@ -158,7 +162,7 @@ def run_worker(lib, args):
         env.pop("OPENBLAS_CORETYPE", None)
         env.pop("OPENBLAS_L2_SIZE", None)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", lib, "--threads", str(args.threads),
-           "--only", args.only, "--min-time", str(args.min_time)]
+           "--only", args.only, "--min-time", str(args.min_time), "--clock", args.clock]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         print(f"{lib}: worker failed ({p.returncode}):\n{p.stderr[-2000:]}", file=sys.stderr)
@@ -174,16 +178,19 @@ def main():
     ap.add_argument("--libs", default=",".join(LIBS))
     ap.add_argument("--min-time", type=float, default=0.3, help="seconds of repeats per product and process")
     ap.add_argument("--quick", action="store_true", help="one run, 0.1 s per product")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: the process's CPU time instead of wall time; with --threads 1 it ignores time spent "
+                         "descheduled on a loaded machine (with more threads it would count spinning threads too)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker, args.threads, args.only.split(","), args.min_time)
+        return worker(args.worker, args.threads, args.only.split(","), args.min_time, args.clock)
     if args.quick:
         args.runs, args.min_time = 1, 0.1
     model, family, simd = cpu_info()
     print(f"CPU: {model}, cpu family {family}, {os.cpu_count()} logical CPUs; flags: {' '.join(simd)}")
     print(f"threads per library: {args.threads}; N = {N_TOKENS} tokens; {args.runs} runs, each library in "
-          "its own process, one after another")
+          f"its own process, one after another; {args.clock} clock")
     libs = [lb for lb in args.libs.split(",") if lb]
     runs = []  # runs[i][lib] = {name: seconds}
     for i in range(args.runs):

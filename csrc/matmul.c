@@ -142,40 +142,31 @@ static PyObject *py_matmul_bf16_backward(PyObject *self, PyObject *args, PyObjec
     Py_RETURN_NONE;
 }
 
-static PyObject *py_bf16_from_f32(PyObject *self, PyObject *args, PyObject *kw) {
-    static const char *fn = "bf16_from_f32";
+/* bf16_from_f32 / bf16_to_f32: one (n,) array converted into another; to_bf16 picks the direction. */
+static PyObject *bf16_convert(PyObject *args, PyObject *kw, const char *fn, const char *format, int to_bf16) {
     static char *kwlist[] = {"dst", "src", NULL};
     PyObject *o_dst, *o_src;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO:bf16_from_f32", kwlist, &o_dst, &o_src)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, format, kwlist, &o_dst, &o_src)) return NULL;
     cst_dims d;
     cst_dims_init(&d);
     void *dst, *src;
-    if (cst_arg(fn, "src", o_src, NPY_FLOAT32, "N", &d, 0, &src) < 0 ||
-        cst_arg(fn, "dst", o_dst, NPY_UINT16, "N", &d, CST_WRITE, &dst) < 0)
+    if (cst_arg(fn, "src", o_src, to_bf16 ? NPY_FLOAT32 : NPY_UINT16, "N", &d, 0, &src) < 0 ||
+        cst_arg(fn, "dst", o_dst, to_bf16 ? NPY_UINT16 : NPY_FLOAT32, "N", &d, CST_WRITE, &dst) < 0)
         return NULL;
     int64_t n = cst_dim(&d, 'N');
     Py_BEGIN_ALLOW_THREADS
-    cst_bf16_rows_f32(dst, src, n, 1, n, n);
+    if (to_bf16) cst_bf16_rows_f32(dst, src, n, 1, n, n);
+    else cst_bf16_to_f32_n(dst, src, n);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
+static PyObject *py_bf16_from_f32(PyObject *self, PyObject *args, PyObject *kw) {
+    return bf16_convert(args, kw, "bf16_from_f32", "OO:bf16_from_f32", 1);
+}
+
 static PyObject *py_bf16_to_f32(PyObject *self, PyObject *args, PyObject *kw) {
-    static const char *fn = "bf16_to_f32";
-    static char *kwlist[] = {"dst", "src", NULL};
-    PyObject *o_dst, *o_src;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO:bf16_to_f32", kwlist, &o_dst, &o_src)) return NULL;
-    cst_dims d;
-    cst_dims_init(&d);
-    void *dst, *src;
-    if (cst_arg(fn, "src", o_src, NPY_UINT16, "N", &d, 0, &src) < 0 ||
-        cst_arg(fn, "dst", o_dst, NPY_FLOAT32, "N", &d, CST_WRITE, &dst) < 0)
-        return NULL;
-    int64_t n = cst_dim(&d, 'N');
-    Py_BEGIN_ALLOW_THREADS
-    cst_bf16_to_f32_n(dst, src, n);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return bf16_convert(args, kw, "bf16_to_f32", "OO:bf16_to_f32", 0);
 }
 
 static PyObject *py_bf16_gemm_way(PyObject *self, PyObject *args) {
