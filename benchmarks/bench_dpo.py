@@ -61,7 +61,8 @@ def _data(cfg, P, T, prompt):
 
 def run_ours(cfg, P, T, prompt, r, dropout, steps, threads, profile, q):
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import _srcpath
+    _srcpath.prefer_built_source_tree()
     import numpy as np
     import cst
     from cst import losses

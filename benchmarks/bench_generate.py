@@ -12,7 +12,8 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import _srcpath
+_srcpath.prefer_built_source_tree()
 import cst  # noqa: E402
 from cst.generate import generate  # noqa: E402
 

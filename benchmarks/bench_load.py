@@ -6,7 +6,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _srcpath
+_srcpath.prefer_built_source_tree()
 
 
 def best_of(fn, n):

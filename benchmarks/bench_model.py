@@ -35,7 +35,8 @@ def _peak_rss_mb():
 
 def run_ours(cfg, B, T, iters, threads, path, q):
     os.environ["OMP_NUM_THREADS"] = str(threads)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import _srcpath
+    _srcpath.prefer_built_source_tree()
     import numpy as np
     import cst
     from cst.model import Model

@@ -6,6 +6,7 @@ import numpy as np
 from . import _core
 from .config import ModelConfig
 from .ops import rope_tables
+from .runtime import _release_blas_threads_if_allowed
 
 
 # The one parameter layout: every tensor of a layer, in memory order, as (role, Hugging Face name under
@@ -344,6 +345,7 @@ class Model:
 
     def _trunk(self, tokens):
         """Embedding, every layer and the final norm; leaves the normed hidden states in lnf."""
+        _release_blas_threads_if_allowed()  # OpenBLAS threads left spinning would halve our GEMMs
         cfg = self.config
         B, T = tokens.shape
         N, C, L, eps = B * T, cfg.dim, cfg.n_layers, cfg.norm_eps
@@ -525,6 +527,7 @@ class Model:
 
     def _backward_trunk(self, a, B, T):
         """From d lnf (in a.dln) down to the embedding, adding into grads unless frozen."""
+        _release_blas_threads_if_allowed()
         cfg = self.config
         N, C, L, eps = B * T, cfg.dim, cfg.n_layers, cfg.norm_eps
         QD, KD = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim

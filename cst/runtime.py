@@ -40,6 +40,46 @@ def interactive() -> bool:
     ipython = sys.modules.get("IPython")  # a Jupyter kernel's shell (importing ipykernel is not running one)
     shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
     return type(shell).__name__ == "ZMQInteractiveShell"
+_blas = {"modules": -1, "calls": []}
+
+
+def _openblas_shutdowns():
+    """blas_thread_shutdown_ of every OpenBLAS loaded in this process (NumPy's, SciPy's, ...), found in
+    /proc/self/maps; looked up again whenever more modules have been imported. Linux only."""
+    import ctypes
+    import sys
+    if _blas["modules"] == len(sys.modules):
+        return _blas["calls"]
+    calls, seen = [], set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rsplit(None, 1)[-1] if "/" in line else ""
+                if "openblas" in os.path.basename(path).lower() and path not in seen:
+                    seen.add(path)
+                    fn = getattr(ctypes.CDLL(path), "blas_thread_shutdown_", None)
+                    if fn is not None:
+                        calls.append(fn)
+    except OSError:
+        pass
+    _blas["modules"], _blas["calls"] = len(sys.modules), calls
+    return calls
+
+
+def release_blas_threads() -> int:
+    """Stops the worker threads of every OpenBLAS in the process (NumPy's matmul leaves them spinning for
+    a while after each call, on the cores cst's OpenMP threads need: measured to halve cst's GEMMs). The
+    next BLAS call starts them again (OpenBLAS does so itself). Model calls this before its forward and
+    backward passes unless CST_KEEP_BLAS_THREADS=1. Returns the number of libraries told."""
+    calls = _openblas_shutdowns()
+    for fn in calls:
+        fn()
+    return len(calls)
+
+
+def _release_blas_threads_if_allowed():
+    if os.environ.get("CST_KEEP_BLAS_THREADS") != "1":
+        release_blas_threads()
 
 
 # Default: the cores this process may run on, unless OMP_NUM_THREADS says otherwise.

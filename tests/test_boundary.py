@@ -12,12 +12,13 @@ ENTRIES = ["matmul_forward", "matmul_backward", "embedding_forward", "embedding_
            "logprobs_forward", "logprobs_backward", "logprobs_backward_inplace", "attention_forward",
            "attention_backward", "seq_logps_forward", "seq_logps_backward", "dpo_loss_forward",
            "dpo_loss_backward", "dpo_loss", "adamw_step", "sum_squares", "dequantize",
+           "matmul_bf16_forward", "matmul_bf16_backward", "bf16_from_f32", "bf16_to_f32",
            "gen_scratch_size", "gen_packed_size", "gen_pack", "gen_forward"]
 
 
 def test_every_entry_has_its_rows_signature():
     plain = {"set_num_threads", "get_num_threads", "has_openmp", "simd_path", "simd_supported", "set_simd_path",
-             "quant_block_info"}
+             "quant_block_info", "bf16_gemm_way"}
     public = {n for n in dir(_core) if not n.startswith("_") and callable(getattr(_core, n))}
     assert public - plain == set(ENTRIES)
     for name in ENTRIES:  # the signature (from the row) names what the docstring's argument lines list

@@ -180,3 +180,88 @@ def test_simd_path_control():
         _core.set_simd_path(before)
     with pytest.raises(ValueError, match="unknown path"):
         _core.set_simd_path("sse9")
+
+
+# LoRA's thin products (rank R <= 64 columns: cst_gemm_thin_*): h = x A^T, dh = dy B, dB += dy^T h, at
+# the model's C = 576 and N = 1024 and at odd sizes that leave tails in every tile (6 x 4 / 3 x 4 dot
+# products, 48 x 8 / 24 x 4 outer products), with R on both sides of the 64-column switch.
+THIN_SHAPES = [(1024, 576, 8), (1024, 576, 16), (1024, 576, 32), (1024, 576, 64), (33, 17, 1), (35, 576, 5),
+               (100, 31, 63), (47, 1536, 13), (61, 40, 65), (300, 9, 27)]
+
+
+@pytest.mark.parametrize("N,C,R", THIN_SHAPES)
+def test_thin_lora_products_match_float64(simd, rng, N, C, R):
+    x = rng.standard_normal((N, C)).astype(np.float32)
+    a = rng.standard_normal((R, C)).astype(np.float32)   # lora_A (R, in): h = x A^T
+    b = rng.standard_normal((C, R)).astype(np.float32)   # lora_B (out, R) with out = C
+    dy = rng.standard_normal((N, C)).astype(np.float32)
+    h0 = rng.standard_normal((N, R)).astype(np.float32)
+    h = h0.copy()
+    _core.matmul_forward(h, x, a)
+    x64 = x.astype(np.float64)
+    assert rel_err(h, x64 @ a.astype(np.float64).T) < 1e-5
+    h2 = h0.copy()
+    _core.matmul_forward(h2, x, a, accumulate=True)
+    assert rel_err(h2 - h0, x64 @ a.astype(np.float64).T) < 1e-5
+    dh, db = h0.copy(), b.copy()
+    _core.matmul_backward(dh, db, dy, h, b)       # dh += dy B;  dB += dy^T h
+    d64 = dy.astype(np.float64)
+    assert rel_err(dh - h0, d64 @ b.astype(np.float64)) < 1e-5
+    assert rel_err(db - b, d64.T @ h.astype(np.float64)) < 1e-5
+
+
+def test_thin_products_unaligned_and_special_values(simd, rng):
+    # A weight that is not 64-byte aligned (a view one float into a buffer) and NaN/inf confined to their rows.
+    N, C, R = 200, 37, 12
+    buf = rng.standard_normal(R * C + 1).astype(np.float32)
+    a = buf[1:].reshape(R, C)
+    x = rng.standard_normal((N, C)).astype(np.float32)
+    x[7, 3], x[150, 36] = np.nan, np.inf
+    h = np.zeros((N, R), np.float32)
+    _core.matmul_forward(h, x, a)
+    ref = x.astype(np.float64) @ a.astype(np.float64).T
+    np.testing.assert_array_equal(np.isfinite(h), np.isfinite(ref))
+    ok = np.isfinite(ref)
+    assert rel_err(h[ok], ref[ok]) < 1e-5
+
+
+@pytest.mark.parametrize("N,C,R", [(1024, 576, 16), (300, 70, 64), (97, 600, 9)])
+def test_thin_products_bitwise_independent_of_thread_count(simd, rng, N, C, R):
+    x = rng.standard_normal((N, C)).astype(np.float32)
+    a = rng.standard_normal((R, C)).astype(np.float32)
+    b = rng.standard_normal((C, R)).astype(np.float32)
+    dy = rng.standard_normal((N, C)).astype(np.float32)
+
+    def products():
+        h = np.zeros((N, R), np.float32)
+        _core.matmul_forward(h, x, a)
+        dh, db = np.ones((N, R), np.float32), np.ones((C, R), np.float32)
+        _core.matmul_backward(dh, db, dy, h, b)
+        return h, dh, db
+
+    from conftest import with_threads
+    one, two = with_threads(1, products), with_threads(2, products)
+    for p, q in zip(one, two):
+        assert np.array_equal(p, q)
+
+
+def test_release_blas_threads_stops_openblas_workers_and_numpy_still_works(rng):
+    import os
+    from cst.runtime import release_blas_threads
+    x = rng.standard_normal((512, 256)).astype(np.float32)
+    np.matmul(x, x.T)  # starts OpenBLAS's pool (if OpenBLAS and more than one thread)
+    before = len(os.listdir("/proc/self/task"))
+    n = release_blas_threads()
+    if n == 0:
+        pytest.skip("no OpenBLAS with blas_thread_shutdown_ in this process")
+    after = len(os.listdir("/proc/self/task"))
+    try:
+        from threadpoolctl import threadpool_info
+        workers = max(p["num_threads"] for p in threadpool_info() if p["internal_api"] == "openblas") - 1
+    except ImportError:
+        workers = None
+    if workers:
+        assert after <= before - workers  # the pool's worker threads are gone
+    ref = x.astype(np.float64) @ x.astype(np.float64).T
+    assert rel_err(np.matmul(x, x.T), ref) < 1e-5  # and OpenBLAS restarts them by itself
+    assert release_blas_threads() == n

@@ -10,9 +10,13 @@
  *         jr over NR-column panels: microkernel MR x NR, kc rank-1 updates in registers.
  * Determinism: KC is a per-path constant and every output element is owned by one thread, which adds
  * the KC blocks in ascending k; the split between threads only decides who computes a tile. */
+#define _DEFAULT_SOURCE /* syscall() under -std=c11, for the AMX permission request */
 #include "gemm.h"
+#include "bf16.h"
 #include "simd.h"
+#include "avx512.h"
 #include <stdatomic.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -296,33 +300,38 @@ static gemm_cfg cfg_for(cst_simd_path p) {
     return g;
 }
 
-/* ---- scratch: one cached aligned block reused across calls (page-faulting a fresh 3 MiB each call
- * costs ~5% on mid-size products). A second concurrent caller gets its own malloc. ---- */
+/* ---- scratch: a few cached aligned blocks reused across calls (page-faulting a fresh 3 MiB each call
+ * costs ~5% on mid-size products). A caller takes the first free block (the bf16 products hold two for
+ * their converted operands while the GEMM takes a third); past those it gets its own malloc. ---- */
 
-static atomic_flag scratch_busy = ATOMIC_FLAG_INIT;
-static float *scratch_cache;
-static size_t scratch_cache_len;
+#define SCRATCH_SLOTS 3
+static atomic_flag scratch_busy[SCRATCH_SLOTS] = {ATOMIC_FLAG_INIT, ATOMIC_FLAG_INIT, ATOMIC_FLAG_INIT};
+static float *scratch_cache[SCRATCH_SLOTS];
+static size_t scratch_cache_len[SCRATCH_SLOTS];
 
+/* *cached: 1 + the block's slot, or 0 for a private malloc. */
 static float *scratch_get(size_t nfloat, int *cached) {
     size_t bytes = (nfloat * sizeof(float) + 63) & ~(size_t)63;
-    if (!atomic_flag_test_and_set_explicit(&scratch_busy, memory_order_acquire)) {
-        if (scratch_cache_len < bytes) {
-            free(scratch_cache);
-            scratch_cache = aligned_alloc(64, bytes);
-            scratch_cache_len = scratch_cache ? bytes : 0;
+    for (int s = 0; s < SCRATCH_SLOTS; s++) {
+        if (atomic_flag_test_and_set_explicit(&scratch_busy[s], memory_order_acquire)) continue;
+        if (scratch_cache_len[s] < bytes) {
+            free(scratch_cache[s]);
+            scratch_cache[s] = aligned_alloc(64, bytes);
+            scratch_cache_len[s] = scratch_cache[s] ? bytes : 0;
         }
-        if (scratch_cache) {
-            *cached = 1;
-            return scratch_cache;
+        if (scratch_cache[s]) {
+            *cached = 1 + s;
+            return scratch_cache[s];
         }
-        atomic_flag_clear_explicit(&scratch_busy, memory_order_release);
+        atomic_flag_clear_explicit(&scratch_busy[s], memory_order_release);
+        break;
     }
     *cached = 0;
     return aligned_alloc(64, bytes);
 }
 
 static void scratch_put(float *p, int cached) {
-    if (cached) atomic_flag_clear_explicit(&scratch_busy, memory_order_release);
+    if (cached) atomic_flag_clear_explicit(&scratch_busy[cached - 1], memory_order_release);
     else free(p);
 }
 
@@ -393,16 +402,18 @@ static int max_threads(void) {
 #endif
 }
 
-void cst_gemm(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, const float *b,
-              int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t K, int accumulate) {
-    if (M <= 0 || N <= 0) return;
+/* The blocked product with the tiles and microkernel of g (fp32 elements, or bf16 k pairs); -1 when no
+ * memory for the packing buffers. */
+static int gemm_run(const gemm_cfg *gp, float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa,
+                     const float *b, int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t K, int accumulate) {
+    if (M <= 0 || N <= 0) return 0;
     if (K <= 0) {
         if (!accumulate)
             for (int64_t i = 0; i < M; i++) memset(c + i * ldc, 0, (size_t)N * sizeof(float));
-        return;
+        return 0;
     }
     const gemm_args x = {c, ldc, a, rsa, csa, b, rsb, csb, K, accumulate};
-    const gemm_cfg g = cfg_for(cst_simd_current());
+    const gemm_cfg g = *gp;
     const int64_t pm = (M + g.mr - 1) / g.mr, pn = (N + g.nr - 1) / g.nr;
     /* Split output tiles along the dimension with more panels; tiny products stay on one thread. */
     const int split_rows = pm > pn;
@@ -412,10 +423,7 @@ void cst_gemm(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, c
     const size_t abuf_len = (size_t)g.mcp * g.mr * KC, bbuf_len = (size_t)g.ncp * g.nr * KC;
     int cached;
     float *scratch = scratch_get((abuf_len + bbuf_len) * (size_t)nt, &cached);
-    if (!scratch) {
-        gemm_naive(&x, M, N);
-        return;
-    }
+    if (!scratch) return -1;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int t = 0; t < nt; t++) {
         float *abuf = scratch + (size_t)t * (abuf_len + bbuf_len), *bbuf = abuf + abuf_len;
@@ -427,6 +435,16 @@ void cst_gemm(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, c
             gemm_region(&g, &x, abuf, bbuf, 0, M, p0 * g.nr, min64(p1 * g.nr, N));
     }
     scratch_put(scratch, cached);
+    return 0;
+}
+
+void cst_gemm(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, const float *b,
+              int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t K, int accumulate) {
+    const gemm_cfg g = cfg_for(cst_simd_current());
+    if (gemm_run(&g, c, ldc, a, rsa, csa, b, rsb, csb, M, N, K, accumulate) < 0) {
+        const gemm_args x = {c, ldc, a, rsa, csa, b, rsb, csb, K, accumulate};
+        gemm_naive(&x, M, N);
+    }
 }
 
 /* ---- GEMV-like path: out (N, OC) (+)= x (N, C) @ w (OC, C)^T for small N ----
@@ -576,6 +594,529 @@ void cst_gemv_nt(float *out, const float *x, const float *w, int64_t N, int64_t 
         const int64_t o0 = ch * 64, o1 = min64(o0 + 64, OC);
         gemv(out, x, w, N, C, OC, o0, o1, accumulate);
     }
+}
+
+/* ---- thin products: few output columns (LoRA's h = x A^T and dB = dy^T h at rank 8-64) ----
+ * The packed GEMM wastes most of its 8 x 48 tile on 8-64 columns and packs the whole wide operand
+ * for little arithmetic; these kernels read both operands in place instead. Each output element is
+ * still reduced by one thread in a fixed order, so results do not depend on the thread count (they
+ * differ in rounding from cst_gemm's order, as the GEMV path's do). */
+
+/* Rows of x per parallel chunk of cst_gemm_thin_nt: whole 6- and 3-row tiles, enough chunks to balance. */
+#define THIN_ROWS 48
+
+#if defined(__x86_64__)
+/* 6 x 4 dot products (24 accumulators, 10 loads per 24 FMAs) whose four sums per row come out of one
+ * shuffle tree: a quarter of the reduction work of the GEMV tile's four separate sums, which would cost
+ * ~20% at C = 576. Rows past nx / nw repeat the last valid one and are not stored. */
+T512 static inline __attribute__((always_inline)) void thin_nt_tile512(float *out, const float *x,
+    const float *w, int64_t C, int64_t OC, int64_t n0, int nx, int64_t o0, int nw, int accumulate) {
+    const float *xp[6], *wp[4];
+    __m512 acc[6][4];
+    _Pragma("GCC unroll 6") for (int i = 0; i < 6; i++) xp[i] = x + (n0 + (i < nx ? i : nx - 1)) * C;
+    _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) wp[j] = w + (o0 + (j < nw ? j : nw - 1)) * C;
+    _Pragma("GCC unroll 6") for (int i = 0; i < 6; i++)
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= C; k += 16) {
+        __m512 wv[4];
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) wv[j] = _mm512_loadu_ps(wp[j] + k);
+        _Pragma("GCC unroll 6") for (int i = 0; i < 6; i++) {
+            const __m512 xv = _mm512_loadu_ps(xp[i] + k);
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    if (k < C) {
+        const __mmask16 m = mk_mask16((int)(C - k));
+        __m512 wv[4];
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) wv[j] = _mm512_maskz_loadu_ps(m, wp[j] + k);
+        _Pragma("GCC unroll 6") for (int i = 0; i < 6; i++) {
+            const __m512 xv = _mm512_maskz_loadu_ps(m, xp[i] + k);
+            _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+        }
+    }
+    const __mmask8 sm = (__mmask8)((1u << nw) - 1);
+    _Pragma("GCC unroll 6") for (int i = 0; i < 6; i++) if (i < nx) {
+        float *y = out + (n0 + i) * OC + o0;
+        __m128 s = hsum4_avx512(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+        if (accumulate) s = _mm_add_ps(_mm_maskz_loadu_ps(sm, y), s);
+        _mm_mask_storeu_ps(y, sm, s);
+    }
+}
+
+/* Rows [n0, n1) of out: 6 x 4 (AVX-512) or 3 x 4 (AVX2, the GEMV path's tile) dot-product tiles. */
+T512 static void thin_nt_avx512(float *out, const float *x, const float *w, int64_t C, int64_t OC, int64_t n0,
+                                int64_t n1, int accumulate) {
+    for (int64_t n = n0; n < n1; n += 6)
+        for (int64_t o = 0; o < OC; o += 4)
+            thin_nt_tile512(out, x, w, C, OC, n, (int)min64(6, n1 - n), o, (int)min64(4, OC - o), accumulate);
+}
+
+T256 static void thin_nt_avx2(float *out, const float *x, const float *w, int64_t C, int64_t OC, int64_t n0,
+                              int64_t n1, int accumulate) {
+    for (int64_t n = n0; n < n1; n += 3)
+        for (int64_t o = 0; o < OC; o += 4)
+            gemv_tile256(out, x, w, C, OC, n, (int)min64(3, n1 - n), o, (int)min64(4, OC - o), 3, 4, accumulate);
+}
+#endif
+
+static void thin_nt(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
+                    int accumulate) {
+    const cst_simd_path p = cst_simd_current();
+    const int64_t nchunk = (N + THIN_ROWS - 1) / THIN_ROWS;
+    int nt = max_threads();
+    if ((double)N * C * OC < 1e6) nt = 1;
+    (void)nt;
+    /* Row-outer order (the GEMV path's is weight-outer): a tile's rows of x stay in L1 while the few
+     * weight rows stream from L1/L2, so x, the big operand, is read from memory once. */
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t ch = 0; ch < nchunk; ch++) {
+        const int64_t n0 = ch * THIN_ROWS, n1 = min64(n0 + THIN_ROWS, N);
+#if defined(__x86_64__)
+        if (p == CST_SIMD_AVX512) thin_nt_avx512(out, x, w, C, OC, n0, n1, accumulate);
+        else if (p == CST_SIMD_AVX2) thin_nt_avx2(out, x, w, C, OC, n0, n1, accumulate);
+        else
+#endif
+            gemv_scalar(out + n0 * OC, x + n0 * C, w, n1 - n0, C, OC, 0, OC, accumulate);
+    }
+    (void)p;
+}
+
+/* cst_gemm_thin_tn tiles: TM rows of c (vectors along M, contiguous in each row of a) x TJ columns
+ * (broadcast from a row of b), one accumulator per element for all of K. The tile is stored through a
+ * small buffer since its vectors run down columns of c. Tails repeat a valid column and are not stored. */
+#define THIN_TN_TILE(NAME, TGT, VEC, W, NV, TJ, LOAD, MLOAD, MASKT, MKMASK, SET1, FMA, ZERO, STORE)       \
+    TGT static void NAME(float *c, const float *a, const float *b, int64_t M, int64_t R, int64_t K,        \
+                         int64_t m0, int64_t j0, int accumulate) {                                        \
+        const int nm = (int)min64(NV * W, M - m0), nj = (int)min64(TJ, R - j0);                           \
+        MASKT mk[NV];                                                                                     \
+        int jo[TJ];                                                                                       \
+        VEC acc[TJ][NV];                                                                                  \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) mk[v] = MKMASK(nm > W * v ? nm - W * v : 0); \
+        _Pragma("GCC unroll 8") for (int j = 0; j < TJ; j++) jo[j] = j < nj ? j : nj - 1;                 \
+        _Pragma("GCC unroll 8") for (int j = 0; j < TJ; j++)                                              \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[j][v] = ZERO();                      \
+        const float *ak = a + m0, *bk = b + j0;                                                           \
+        if (nm == NV * W && nj == TJ) {                                                                   \
+            for (int64_t k = 0; k < K; k++, ak += M, bk += R) {                                           \
+                VEC av[NV];                                                                               \
+                _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) av[v] = LOAD(ak + W * v);            \
+                _Pragma("GCC unroll 8") for (int j = 0; j < TJ; j++) {                                    \
+                    const VEC bb = SET1(bk[j]);                                                           \
+                    _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[j][v] = FMA(av[v], bb, acc[j][v]); \
+                }                                                                                         \
+            }                                                                                             \
+        } else {                                                                                          \
+            for (int64_t k = 0; k < K; k++, ak += M, bk += R) {                                           \
+                VEC av[NV];                                                                               \
+                _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) av[v] = MLOAD(ak + W * v, mk[v]);    \
+                _Pragma("GCC unroll 8") for (int j = 0; j < TJ; j++) {                                    \
+                    const VEC bb = SET1(bk[jo[j]]);                                                       \
+                    _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[j][v] = FMA(av[v], bb, acc[j][v]); \
+                }                                                                                         \
+            }                                                                                             \
+        }                                                                                                 \
+        float t[NV * W];                                                                                  \
+        for (int j = 0; j < nj; j++) {                                                                    \
+            _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) STORE(t + W * v, acc[j][v]);             \
+            float *cj = c + m0 * R + j0 + j;                                                              \
+            for (int i = 0; i < nm; i++) cj[i * R] = accumulate ? cj[i * R] + t[i] : t[i];                \
+        }                                                                                                 \
+    }
+
+#if defined(__x86_64__)
+/* AVX-512: 48 x 8, 24 accumulators, 3 loads + 8 broadcasts per 24 FMAs. */
+THIN_TN_TILE(thin_tn_tile512, T512, __m512, 16, 3, 8, _mm512_loadu_ps, mload16, __mmask16, mk_mask16,
+             _mm512_set1_ps, _mm512_fmadd_ps, _mm512_setzero_ps, _mm512_storeu_ps)
+/* AVX2: 24 x 4, 12 accumulators + 3 loads + 1 broadcast = 16 ymm registers. */
+THIN_TN_TILE(thin_tn_tile256, T256, __m256, 8, 3, 4, _mm256_loadu_ps, mload8, __m256i, mk_mask8,
+             _mm256_set1_ps, _mm256_fmadd_ps, _mm256_setzero_ps, _mm256_storeu_ps)
+#endif
+
+void cst_gemm_thin_nt(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
+                      int accumulate) {
+    if (N <= 0 || OC <= 0) return;
+    /* The few rows of w are reread for every tile of x: a 64-byte aligned copy (at most 64 x C floats)
+     * saves the split cache-line loads of NumPy's 16-byte alignment, ~10% at rank 32-64. */
+    int cached = 0;
+    float *wa = ((uintptr_t)w & 63) ? scratch_get((size_t)(OC * C), &cached) : NULL;
+    if (wa) memcpy(wa, w, (size_t)(OC * C) * sizeof(float));
+    thin_nt(out, x, wa ? wa : w, N, C, OC, accumulate);
+    if (wa) scratch_put(wa, cached);
+}
+
+void cst_gemm_thin_nn(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
+                      int accumulate) {
+    if (N <= 0 || OC <= 0) return;
+    int cached;
+    float *wt = scratch_get((size_t)(C * OC), &cached);
+    if (!wt) { /* no memory for w^T: the packed GEMM reads w (C, OC) as it is */
+        cst_gemm(out, OC, x, C, 1, w, OC, 1, N, OC, C, accumulate);
+        return;
+    }
+    for (int64_t k = 0; k < C; k++) /* w^T (OC, C): a few KiB to a few hundred, next to the product */
+        for (int64_t o = 0; o < OC; o++) wt[o * C + k] = w[k * OC + o];
+    thin_nt(out, x, wt, N, C, OC, accumulate);
+    scratch_put(wt, cached);
+}
+
+void cst_gemm_thin_tn(float *c, const float *a, const float *b, int64_t M, int64_t R, int64_t K,
+                      int accumulate) {
+    if (M <= 0 || R <= 0) return;
+    const cst_simd_path p = cst_simd_current();
+    if (K <= 0 || p == CST_SIMD_SCALAR) { /* the packed GEMM's portable kernel; a (K, M) read transposed */
+        cst_gemm(c, R, a, 1, M, b, R, 1, M, R, K, accumulate);
+        return;
+    }
+#if defined(__x86_64__)
+    const int TM = p == CST_SIMD_AVX512 ? 48 : 24, TJ = p == CST_SIMD_AVX512 ? 8 : 4;
+    const int64_t ntile = (M + TM - 1) / TM;
+    int nt = max_threads();
+    if ((double)M * R * K < 1e6) nt = 1;
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t tm = 0; tm < ntile; tm++)
+        for (int64_t j0 = 0; j0 < R; j0 += TJ) {
+            if (p == CST_SIMD_AVX512) thin_tn_tile512(c, a, b, M, R, K, tm * TM, j0, accumulate);
+            else thin_tn_tile256(c, a, b, M, R, K, tm * TM, j0, accumulate);
+        }
+#endif
+}
+
+/* ---- bf16 inputs, fp32 accumulation ----
+ * Two ways, chosen per CPU. Both round the inputs to bf16 and sum exact products (a product of two bf16
+ * values fits in fp32) in fp32, so they differ only in the order and blocking of the sums:
+ * - "dot" (vdpbf16ps, AVX512_BF16): operands in the k-pair layout of bf16.h, each 32-bit element
+ *   holding the bf16 values at k = 2p and 2p + 1. Packing is pure 32-bit data movement, so the fp32
+ *   driver (gemm_run) runs unchanged on K/2 pair elements with a microkernel that takes pairs; it adds
+ *   a[2p+1] b[2p+1], then a[2p] b[2p] into each fp32 lane, and flushes denormals to zero. Twice the fp32
+ *   rate where vdpbf16ps issues like an FMA (AMD Zen 4/5, family >= 25); half of it on the Intel Xeon
+ *   with AMX this was measured on (1 thread, 576 x 576 x 1024: 78 vs 145 GFLOP/s), so Intel CPUs and
+ *   CPUs without AVX512_BF16 use
+ * - "convert": the bf16 operands expanded to fp32 (activations rounded to bf16 and back) into scratch,
+ *   then the fp32 GEMM of the current path. The weights still live in bf16 (half the memory). */
+
+#if defined(__x86_64__)
+#define T512BF __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
+
+/* 8 x 48 as the fp32 kernel: 24 accumulators, 3 loads (48 columns x one k pair) + 8 pair broadcasts per
+ * 24 vdpbf16ps, each worth two fp32 FMAs. */
+T512BF static void ukr512_bf16_8x48(int64_t kc, const float *ap_, const float *b_, int64_t ldb, float *c,
+                                    int64_t ldc, int mr, int nr, int beta) {
+    enum { MR = 8, NV = 3 };
+    const int32_t *ap = (const int32_t *)ap_;
+    const int32_t *b = (const int32_t *)b_;
+    __m512 acc[MR][NV];
+    __mmask16 m[NV];
+    _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) {
+        int r = nr - 16 * v;
+        m[v] = r >= 16 ? (__mmask16)0xFFFF : r <= 0 ? 0 : (__mmask16)((1u << r) - 1);
+    }
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++)
+        _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
+    for (int i = 0; i < mr; i++) _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T0);
+    for (int64_t k = 0; k < kc; k++, ap += MR, b += ldb) {
+        __m512i bv[NV];
+        _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) bv[v] = _mm512_maskz_loadu_epi32(m[v], b + 16 * v);
+        _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) {
+            const __m512i a_ = _mm512_set1_epi32(ap[i]);
+            _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++)
+                acc[i][v] = _mm512_dpbf16_ps(acc[i][v], (__m512bh)a_, (__m512bh)bv[v]);
+        }
+    }
+    _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++) if (i < mr) {
+        float *cr = c + i * ldc;
+        _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) {
+            __m512 r = acc[i][v];
+            if (beta) r = _mm512_add_ps(_mm512_maskz_loadu_ps(m[v], cr + 16 * v), r);
+            _mm512_mask_storeu_ps(cr + 16 * v, m[v], r);
+        }
+    }
+}
+#endif
+
+/* ---- AMX (Intel Sapphire Rapids and later): tdpbf16ps multiplies a 16 x 32 bf16 tile of A by a
+ * 32 x 16 tile of B (k pairs, the layout of bf16.h) into a 16 x 16 fp32 tile, ~16x the fp32 FMA rate.
+ * A is read in place as row-major pairs padded to 32 rows and 16 pairs (the caller converts it so);
+ * B is packed per thread into 16-column panels (pack_b, whose panel IS a stack of B tiles) of up to
+ * AMX_PANELS panels. Each thread owns a contiguous range of panels, and every 16 x 16 output tile is
+ * summed over all of k in ascending 32-k steps by one thread. ---- */
+#if defined(__x86_64__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define TAMX __attribute__((target("amx-tile,amx-bf16")))
+#define AMX_PANELS 8
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_tilecfg;
+
+/* Linux hands out the 8 KiB of tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA). */
+static int amx_usable(void) {
+    static int ok = -1;
+    if (ok < 0) {
+        __builtin_cpu_init();
+        ok = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+             syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    }
+    return ok;
+}
+
+/* c (mr x nr of a 16 x 16 tile t) = t, or += t. */
+TAMX __attribute__((target("avx512f"))) static void amx_store_tile(float *c, int64_t ldc, const float *t, int mr,
+                                                                   int nr, int accumulate) {
+    const __mmask16 m = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
+    for (int i = 0; i < mr; i++) {
+        __m512 v = _mm512_loadu_ps(t + 16 * i);
+        if (accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, c + i * ldc), v);
+        _mm512_mask_storeu_ps(c + i * ldc, m, v);
+    }
+}
+
+/* Tiles 0-3: the 2 x 2 output tiles; 4-5: two 16-row A tiles; 6-7: two B panels' tiles. */
+TAMX static void amx_panels(float *c, int64_t ldc, const uint32_t *a, int64_t lda, const uint32_t *bp,
+                            int64_t M, int64_t N, int64_t KPp, int64_t jp0, int npan, int accumulate) {
+    float t[16 * 16];
+    /* Panel pair outer: its two B panels (2 x 64 bytes per k pair) stay in L1 while A's tiles stream
+     * from L2; A-outer order measured 1.5-2x slower (A and B blocks together overflow L1). */
+    for (int q = 0; q < npan; q += 2)
+        for (int64_t i0 = 0; i0 < M; i0 += 32) {
+            const uint32_t *b0 = bp + (int64_t)q * 16 * KPp, *b1 = b0 + 16 * KPp;
+            const uint32_t *a0 = a + i0 * lda, *a1 = a0 + 16 * lda;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t p = 0; p < KPp; p += 16) {
+                _tile_loadd(4, a0 + p, lda * 4);
+                _tile_loadd(5, a1 + p, lda * 4);
+                _tile_loadd(6, b0 + p * 16, 64);
+                _tile_loadd(7, b1 + p * 16, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+#define AMX_STORE(T, DI, DJ)                                                                        \
+            {                                                                                       \
+                _tile_stored(T, t, 64);                                                             \
+                const int64_t r0 = i0 + DI, c0 = (jp0 + q) * 16 + DJ;                               \
+                if (c0 < N) amx_store_tile(c + r0 * ldc + c0, ldc, t, (int)min64(16, M - r0),       \
+                                           (int)min64(16, N - c0), accumulate);                     \
+            }
+            AMX_STORE(0, 0, 0)
+            AMX_STORE(1, 0, 16)
+            AMX_STORE(2, 16, 0)
+            AMX_STORE(3, 16, 16)
+#undef AMX_STORE
+        }
+}
+
+TAMX static void amx_thread(float *c, int64_t ldc, const uint32_t *a, int64_t lda, const uint32_t *b,
+                            int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t KP, int64_t KPp,
+                            int64_t j0, int64_t j1, uint32_t *bp, int accumulate) {
+    amx_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) {
+        cfg.rows[i] = 16;
+        cfg.colsb[i] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    for (int64_t jc = j0; jc < j1; jc += AMX_PANELS) {
+        const int npan = (int)min64(AMX_PANELS, j1 - jc);
+        for (int q = 0; q < npan + (npan & 1); q++) { /* an odd count gets an all-zero partner panel */
+            uint32_t *d = bp + (int64_t)q * 16 * KPp;
+            const int64_t col = (jc + q) * 16;
+            if (q < npan)
+                pack_b((float *)d, (const float *)b, rsb, csb, 0, KP, col, min64(16, N - col), 16, 1);
+            memset(d + (q < npan ? KP : 0) * 16, 0, (size_t)((q < npan ? KPp - KP : KPp) * 16) * 4);
+        }
+        amx_panels(c, ldc, a, lda, bp, M, N, KPp, jc, npan, accumulate);
+    }
+    _tile_release();
+}
+
+/* c (M, N) (+)= a @ b: a (>= ceil(M/32)*32 rows, lda = KPp = KP rounded up to 16 pairs, zero-padded),
+ * b (KP, N) pair elements at b[k*rsb + j*csb]. -1 when no memory for the B panels. */
+static int amx_gemm(float *c, int64_t ldc, const uint32_t *a, int64_t lda, const uint32_t *b, int64_t rsb,
+                    int64_t csb, int64_t M, int64_t N, int64_t KP, int accumulate) {
+    const int64_t KPp = (KP + 15) / 16 * 16, np = (N + 15) / 16;
+    int nt = max_threads();
+    if ((double)M * N * KP < 5e5) nt = 1;
+    if (nt > np) nt = (int)np;
+    const size_t per = (size_t)(AMX_PANELS + 1) * 16 * (size_t)KPp;
+    int cached;
+    uint32_t *scratch = (uint32_t *)scratch_get(per * (size_t)nt, &cached);
+    if (!scratch) return -1;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int t = 0; t < nt; t++)
+        amx_thread(c, ldc, a, lda, b, rsb, csb, M, N, KP, KPp, np * t / nt, np * (t + 1) / nt,
+                   scratch + (size_t)t * per, accumulate);
+    scratch_put((float *)scratch, cached);
+    return 0;
+}
+#else
+static int amx_usable(void) { return 0; }
+static int amx_gemm(float *c, int64_t ldc, const uint32_t *a, int64_t lda, const uint32_t *b, int64_t rsb,
+                    int64_t csb, int64_t M, int64_t N, int64_t KP, int accumulate) {
+    (void)c; (void)ldc; (void)a; (void)lda; (void)b; (void)rsb; (void)csb; (void)M; (void)N; (void)KP;
+    (void)accumulate;
+    return -1;
+}
+#endif
+
+/* x (N, C) fp32 -> bf16 rows of KPp pairs (2 KPp bf16, zero beyond C) and ceil(N/32)*32 rows (zero
+ * beyond N): the A operand amx_gemm reads in place. Returns the buffer's size in bytes for given sizes. */
+static int64_t amx_a_bytes(int64_t N, int64_t C) { return (N + 31) / 32 * 32 * ((C + 31) / 32 * 32) * 2; }
+
+static void amx_a_from_f32(uint16_t *dst, const float *x, int64_t N, int64_t C) {
+    const int64_t Cpp = (C + 31) / 32 * 32, Np = (N + 31) / 32 * 32;
+    cst_bf16_rows_f32(dst, x, C, N, C, Cpp);
+    memset(dst + N * Cpp, 0, (size_t)((Np - N) * Cpp) * 2);
+}
+
+/* -1 until first use, then the CST_BF16_* way chosen (or set). */
+static int bf16_way = -1;
+
+static int cpu_family(void) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    unsigned a, b, c, d;
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(0u), "c"(0u));
+    if (!(b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u)) return 0; /* not "AuthenticAMD" */
+    __asm__ volatile("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1u), "c"(0u));
+    return (int)(((a >> 8) & 0xf) + ((a >> 20) & 0xff)); /* family + extended family */
+#else
+    return 0;
+#endif
+}
+
+int cst_gemm_bf16_way(void) {
+    if (bf16_way < 0)
+        bf16_way = amx_usable() ? CST_BF16_AMX
+                   : cst_bf16_dot_supported() && cpu_family() >= 25 ? CST_BF16_DOT : CST_BF16_CONVERT;
+    return cst_simd_current() == CST_SIMD_AVX512 ? bf16_way : CST_BF16_CONVERT;
+}
+
+int cst_gemm_bf16_set_way(int way) {
+    if (way == CST_BF16_DOT && !cst_bf16_dot_supported()) return -1;
+    if (way == CST_BF16_AMX && !amx_usable()) return -1;
+    if (way != CST_BF16_DOT && way != CST_BF16_CONVERT && way != CST_BF16_AMX) return -1;
+    bf16_way = way;
+    return 0;
+}
+
+static const gemm_cfg bf16_dot_cfg = {
+#if defined(__x86_64__)
+    /* KC counts k pairs here: 256 pairs = 512 k, an A micro-panel of 8 KiB and a B block of 576 KiB. */
+    8, 48, 128, 12, ukr512_bf16_8x48, 1
+#else
+    0
+#endif
+};
+
+/* Scratch for the converted operands, released on every path out. */
+typedef struct {
+    void *p[2];
+    int cached[2];
+} bf16_bufs;
+
+static void *bufs_get(bf16_bufs *s, int i, int64_t bytes) {
+    s->p[i] = scratch_get((size_t)((bytes + 3) / 4), &s->cached[i]);
+    return s->p[i];
+}
+
+static int bufs_put(bf16_bufs *s, int status) {
+    for (int i = 0; i < 2; i++)
+        if (s->p[i]) scratch_put(s->p[i], s->cached[i]);
+    return status;
+}
+
+int cst_gemm_bf16_nt(float *out, const float *x, const uint16_t *w, int64_t N, int64_t C, int64_t OC,
+                     int accumulate) {
+    bf16_bufs s = {{NULL, NULL}, {0, 0}};
+    if (cst_gemm_bf16_way() == CST_BF16_CONVERT) {
+        float *xr = bufs_get(&s, 0, N * C * 4), *wf = bufs_get(&s, 1, OC * C * 4);
+        if (!xr || !wf) return bufs_put(&s, -1);
+        cst_bf16_round_f32(xr, x, N * C);
+        cst_bf16_to_f32_n(wf, w, OC * C);
+        cst_gemm(out, OC, xr, C, 1, wf, 1, C, N, OC, C, accumulate);
+        return bufs_put(&s, 0);
+    }
+    const int amx = cst_gemm_bf16_way() == CST_BF16_AMX;
+    const int64_t Cp = C + (C & 1);
+    uint16_t *xa = bufs_get(&s, 0, amx ? amx_a_bytes(N, C) : N * Cp * 2);
+    const uint16_t *wa = w;
+    if (!xa) return bufs_put(&s, -1);
+    if (Cp != C) { /* odd C: rows of w padded to whole pairs */
+        uint16_t *wp = bufs_get(&s, 1, OC * Cp * 2);
+        if (!wp) return bufs_put(&s, -1);
+        cst_bf16_rows_bf16(wp, w, C, OC, C, Cp);
+        wa = wp;
+    }
+    if (amx) {
+        amx_a_from_f32(xa, x, N, C);
+        const int st = amx_gemm(out, OC, (const uint32_t *)xa, (C + 31) / 32 * 16, (const uint32_t *)wa, 1, Cp / 2,
+                                N, OC, Cp / 2, accumulate);
+        return bufs_put(&s, st);
+    }
+    cst_bf16_rows_f32(xa, x, C, N, C, Cp);
+    /* A (N, Cp/2 pairs) row-major; B(k, j) = pair k of row j of w. */
+    const int st = gemm_run(&bf16_dot_cfg, out, OC, (const float *)xa, Cp / 2, 1, (const float *)wa, 1, Cp / 2,
+                            N, OC, Cp / 2, accumulate);
+    return bufs_put(&s, st);
+}
+
+int cst_gemm_bf16_nn(float *out, const float *dy, const uint16_t *w, int64_t N, int64_t OC, int64_t C,
+                     int accumulate) {
+    bf16_bufs s = {{NULL, NULL}, {0, 0}};
+    if (cst_gemm_bf16_way() == CST_BF16_CONVERT) {
+        float *dr = bufs_get(&s, 0, N * OC * 4), *wf = bufs_get(&s, 1, OC * C * 4);
+        if (!dr || !wf) return bufs_put(&s, -1);
+        cst_bf16_round_f32(dr, dy, N * OC);
+        cst_bf16_to_f32_n(wf, w, OC * C);
+        cst_gemm(out, C, dr, OC, 1, wf, C, 1, N, C, OC, accumulate);
+        return bufs_put(&s, 0);
+    }
+    const int amx = cst_gemm_bf16_way() == CST_BF16_AMX;
+    const int64_t OCp = OC + (OC & 1);
+    uint16_t *da = bufs_get(&s, 0, amx ? amx_a_bytes(N, OC) : N * OCp * 2);
+    uint32_t *wp = bufs_get(&s, 1, OCp / 2 * C * 4);
+    if (!da || !wp) return bufs_put(&s, -1);
+    cst_bf16_pairs_bf16(wp, w, C, OC, C); /* rows 2p and 2p+1 of w interleaved */
+    if (amx) {
+        amx_a_from_f32(da, dy, N, OC);
+        const int st = amx_gemm(out, C, (const uint32_t *)da, (OC + 31) / 32 * 16, wp, C, 1, N, C, OCp / 2,
+                                accumulate);
+        return bufs_put(&s, st);
+    }
+    cst_bf16_rows_f32(da, dy, OC, N, OC, OCp);
+    const int st = gemm_run(&bf16_dot_cfg, out, C, (const float *)da, OCp / 2, 1, (const float *)wp, C, 1, N, C,
+                            OCp / 2, accumulate);
+    return bufs_put(&s, st);
+}
+
+int cst_gemm_bf16_tn(float *out, const float *dy, const float *x, int64_t N, int64_t OC, int64_t C,
+                     int accumulate) {
+    bf16_bufs s = {{NULL, NULL}, {0, 0}};
+    if (cst_gemm_bf16_way() != CST_BF16_DOT) { /* AMX would need dy transposed: the fp32 GEMM instead */
+        float *dr = bufs_get(&s, 0, N * OC * 4), *xr = bufs_get(&s, 1, N * C * 4);
+        if (!dr || !xr) return bufs_put(&s, -1);
+        cst_bf16_round_f32(dr, dy, N * OC);
+        cst_bf16_round_f32(xr, x, N * C);
+        cst_gemm(out, C, dr, 1, OC, xr, C, 1, OC, C, N, accumulate);
+        return bufs_put(&s, 0);
+    }
+    const int64_t NP = (N + 1) / 2;
+    uint32_t *dp = bufs_get(&s, 0, NP * OC * 4), *xp = bufs_get(&s, 1, NP * C * 4);
+    if (!dp || !xp) return bufs_put(&s, -1);
+    cst_bf16_pairs_f32(dp, dy, OC, N, OC); /* A(o, p) = pair p of column o of dy */
+    cst_bf16_pairs_f32(xp, x, C, N, C);
+    const int st = gemm_run(&bf16_dot_cfg, out, C, (const float *)dp, 1, OC, (const float *)xp, C, 1, OC, C, NP,
+                            accumulate);
+    return bufs_put(&s, st);
 }
 
 /* ---- prepacked weights: y = x W^T against W packed once into the B panels of the current path ----

@@ -16,6 +16,39 @@ void cst_gemm(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, c
 void cst_gemv_nt(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
                  int accumulate);
 
+/* Thin products (LoRA at rank <= CST_THIN_MAX_COLS): outputs of few columns, operands read in place.
+ * cst_gemm_thin_nt: out (N, OC) (+)= x (N, C) @ w (OC, C)^T, dot-product tiles, parallel over rows.
+ * cst_gemm_thin_nn: out (N, OC) (+)= x (N, C) @ w (C, OC): w transposed into scratch, then thin_nt.
+ * cst_gemm_thin_tn: c (M, R) (+)= a (K, M)^T @ b (K, R), vectors along M, parallel over M.
+ * Each element is reduced by one thread in a fixed order (not cst_gemm's). */
+#define CST_THIN_MAX_COLS 64
+void cst_gemm_thin_nt(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
+                      int accumulate);
+void cst_gemm_thin_nn(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
+                      int accumulate);
+void cst_gemm_thin_tn(float *c, const float *a, const float *b, int64_t M, int64_t R, int64_t K,
+                      int accumulate);
+
+/* bf16 inputs, fp32 accumulation and outputs (bf16 stored as uint16_t; fp32 inputs are rounded to bf16
+ * first, as torch's autocast does). Each returns 0, or -1 when no memory for its converted operands.
+ * cst_gemm_bf16_nt: out (N, OC) (+)= x (N, C) @ w (OC, C)^T   (a linear layer's forward)
+ * cst_gemm_bf16_nn: out (N, C) (+)= dy (N, OC) @ w (OC, C)     (its input gradient)
+ * cst_gemm_bf16_tn: out (OC, C) (+)= dy (N, OC)^T @ x (N, C)   (its weight gradient)
+ * Each element is summed in fixed blocks of k by one thread (thread-count independent). Two ways
+ * (gemm.c): CST_BF16_DOT, vdpbf16ps on k pairs (AVX-512 path, AVX512_BF16, default on AMD family >= 25);
+ * CST_BF16_AMX, tile products (forward and input gradient; default where the CPU and Linux allow AMX);
+ * CST_BF16_CONVERT, operands expanded to fp32 and the fp32 GEMM (everywhere else). cst_gemm_bf16_way:
+ * the way the current SIMD path uses; cst_gemm_bf16_set_way: choose one (-1 if the CPU lacks it). */
+enum { CST_BF16_CONVERT = 0, CST_BF16_DOT = 1, CST_BF16_AMX = 2 };
+int cst_gemm_bf16_nt(float *out, const float *x, const uint16_t *w, int64_t N, int64_t C, int64_t OC,
+                     int accumulate);
+int cst_gemm_bf16_nn(float *out, const float *dy, const uint16_t *w, int64_t N, int64_t OC, int64_t C,
+                     int accumulate);
+int cst_gemm_bf16_tn(float *out, const float *dy, const float *x, int64_t N, int64_t OC, int64_t C,
+                     int accumulate);
+int cst_gemm_bf16_way(void);
+int cst_gemm_bf16_set_way(int way);
+
 /* Prepacked weights (generation packs each weight once and multiplies it many times). The layout is the
  * same on every SIMD path: panels of CST_PACK_NR rows of w, k-major, zero-padded —
  * dst[p*NR*C + k*NR + j] = w[(p*NR + j)*C + k]. cst_gemm_packed_size: floats of w (OC, C) packed.

@@ -1,5 +1,7 @@
 /* matmul.c: linear-layer products (see matmul.h) mapped onto the packed GEMM / GEMV kernels of
- * gemm.c. No arithmetic of its own; the Python boundary is in python/matmul.c. */
+ * gemm.c and bf16.c. No arithmetic of its own; the Python boundary is in python/matmul.c. */
+#include "bf16.h"
+#include <string.h>
 #include "gemm.h"
 #include "matmul.h"
 
@@ -12,6 +14,8 @@ void cst_matmul_forward(float *out, const float *inp, const float *weight, int64
                         int64_t OC, int accumulate) {
     if (N <= GEMV_MAX_ROWS)
         cst_gemv_nt(out, inp, weight, N, C, OC, accumulate);
+    else if (OC <= CST_THIN_MAX_COLS) /* LoRA's h = x A^T */
+        cst_gemm_thin_nt(out, inp, weight, N, C, OC, accumulate);
     else /* out = inp @ B with B(k, j) = weight[j*C + k] */
         cst_gemm(out, OC, inp, C, 1, weight, 1, C, N, OC, C, accumulate);
 }
@@ -19,7 +23,25 @@ void cst_matmul_forward(float *out, const float *inp, const float *weight, int64
 void cst_matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
                          const float *weight, int64_t N, int64_t C, int64_t OC) {
     /* dinp (N, C) += dout (N, OC) @ weight (OC, C): both operands row-major. */
-    if (dinp) cst_gemm(dinp, C, dout, OC, 1, weight, C, 1, N, C, OC, 1);
+    if (dinp && C <= CST_THIN_MAX_COLS && N > GEMV_MAX_ROWS) /* LoRA's dh = dy B */
+        cst_gemm_thin_nn(dinp, dout, weight, N, OC, C, 1);
+    else if (dinp)
+        cst_gemm(dinp, C, dout, OC, 1, weight, C, 1, N, C, OC, 1);
     /* dweight (OC, C) += dout^T @ inp: A(o, n) = dout[n*OC + o] is read transposed while packing. */
-    if (dweight) cst_gemm(dweight, C, dout, 1, OC, inp, C, 1, OC, C, N, 1);
+    if (dweight && C <= CST_THIN_MAX_COLS) /* LoRA's dB = dy^T h */
+        cst_gemm_thin_tn(dweight, dout, inp, OC, C, N, 1);
+    else if (dweight)
+        cst_gemm(dweight, C, dout, 1, OC, inp, C, 1, OC, C, N, 1);
+}
+
+int cst_matmul_bf16_forward(float *out, const float *inp, const uint16_t *weight, int64_t N, int64_t C,
+                            int64_t OC, int accumulate) {
+    return cst_gemm_bf16_nt(out, inp, weight, N, C, OC, accumulate);
+}
+
+int cst_matmul_bf16_backward(float *dinp, float *dweight, const float *dout, const float *inp,
+                             const uint16_t *weight, int64_t N, int64_t C, int64_t OC) {
+    if (dinp && cst_gemm_bf16_nn(dinp, dout, weight, N, OC, C, 1) < 0) return -1;
+    if (dweight && cst_gemm_bf16_tn(dweight, dout, inp, N, OC, C, 1) < 0) return -1;
+    return 0;
 }

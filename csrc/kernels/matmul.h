@@ -14,4 +14,11 @@ void cst_matmul_forward(float *out, const float *inp, const float *weight, int64
 void cst_matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
                          const float *weight, int64_t N, int64_t C, int64_t OC);
 
+/* The same products with bf16 inputs and fp32 accumulation (gemm.h's cst_gemm_bf16_*): weight is bf16
+ * (uint16_t), inp / dout are fp32 rounded to bf16 on the way in; outputs fp32. 0, or -1 without memory. */
+int cst_matmul_bf16_forward(float *out, const float *inp, const uint16_t *weight, int64_t N, int64_t C,
+                            int64_t OC, int accumulate);
+int cst_matmul_bf16_backward(float *dinp, float *dweight, const float *dout, const float *inp,
+                             const uint16_t *weight, int64_t N, int64_t C, int64_t OC);
+
 #endif

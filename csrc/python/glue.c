@@ -102,7 +102,8 @@ static const struct {
     const char *name;
 } dtypes[] = {{CST_F32, NPY_FLOAT32, "float32"}, {CST_F64, NPY_FLOAT64, "float64"},
               {CST_I32, NPY_INT32, "int32"},     {CST_U8, NPY_UINT8, "uint8"},
-              {CST_BOOL, NPY_BOOL, "bool"},      {CST_I64, NPY_INT64, "int64"}};
+              {CST_BOOL, NPY_BOOL, "bool"},      {CST_I64, NPY_INT64, "int64"},
+              {CST_U16, NPY_UINT16, "uint16"}};
 #define N_DTYPES (int)(sizeof dtypes / sizeof dtypes[0])
 
 static int is_array(int kind) { return kind < CST_DOUBLE; }
@@ -415,8 +416,10 @@ PyObject *cst_entry_call(const cst_entry *e, PyObject *args, PyObject *kw) {
         }
     if (check_aliasing(&c, e, n) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
+    c.failed = 0;
     e->run(&c);
     Py_END_ALLOW_THREADS
+    if (c.failed) return PyErr_NoMemory();
     if (e->ret == CST_RET_FLOAT) return PyFloat_FromDouble(c.ret.f);
     if (e->ret == CST_RET_INT) return PyLong_FromLongLong(c.ret.i);
     Py_RETURN_NONE;

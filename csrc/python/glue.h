@@ -44,7 +44,7 @@ int cst_check_range_i32(const char *fn, const char *name, const int32_t *ids, np
  * Scalars: converted from Python like PyArg_ParseTuple's d, L, p, s and O; a CST_CHOICE is a str
  * that must be one of the words of its range, stored as the word's index (v.i). */
 enum {
-    CST_F32 = 1, CST_F64 = 2, CST_I32 = 4, CST_U8 = 8, CST_BOOL = 16, CST_I64 = 32, /* arrays */
+    CST_F32 = 1, CST_F64 = 2, CST_I32 = 4, CST_U8 = 8, CST_BOOL = 16, CST_I64 = 32, CST_U16 = 64, /* arrays */
     CST_DOUBLE = 256, CST_INT64, CST_FLAG, CST_STR, CST_CHOICE, CST_OBJECT /* scalars */
 };
 /* Argument flags.
@@ -86,6 +86,7 @@ typedef struct {
     npy_intp size[CST_MAX_ARGS]; /* arrays: element count */
     int dtype[CST_MAX_ARGS];     /* arrays: the CST_F32 ... bit of the array passed (0 for None) */
     union { double f; long long i; } ret;
+    int failed; /* set by a run function whose kernel ran out of memory: MemoryError */
     _Alignas(16) unsigned char state[256]; /* per-call state of the hooks (a parsed config, an enum) */
 } cst_call;
 
@@ -122,6 +123,7 @@ extern const cst_entry cst_attention_entries[];
 
 /* Plain functions that are not kernel entry points (a NULL-name terminated PyMethodDef table). */
 extern PyMethodDef cst_quant_methods[];
+extern PyMethodDef cst_matmul_methods[];
 
 /* Calls entry e with Python arguments: the one parser every entry point goes through. */
 PyObject *cst_entry_call(const cst_entry *e, PyObject *args, PyObject *kw);

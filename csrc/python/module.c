@@ -110,6 +110,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     }
     PyObject *m = PyModule_Create(&core_module);
     if (m && PyModule_AddFunctions(m, cst_quant_methods) < 0) Py_CLEAR(m);
+    if (m && PyModule_AddFunctions(m, cst_matmul_methods) < 0) Py_CLEAR(m);
     for (size_t t = 0; m && t < sizeof entry_tables / sizeof entry_tables[0]; t++)
         if (cst_add_entries(m, entry_tables[t]) < 0) Py_CLEAR(m);
     return m;

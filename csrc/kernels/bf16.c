@@ -1,0 +1,152 @@
+/* bf16.c: conversions between fp32 and bf16 storage, and the k-pair layout of bf16 GEMM operands.
+ * Pure data movement with round-to-nearest-even; no products (those are in gemm.c). */
+#include "bf16.h"
+#include "simd.h"
+
+/* One loop body per SIMD path: the compiler vectorises the integer rounding; results are identical. */
+#define BF16_FROM(NAME, TGT)                                                                  \
+    TGT static void NAME(uint16_t *dst, const float *src, int64_t n) {                        \
+        for (int64_t i = 0; i < n; i++) dst[i] = cst_bf16_round(src[i]);                      \
+    }
+#define BF16_PAIRS(NAME, TGT, T, CONV)                                                               \
+    TGT static void NAME(uint32_t *dst, const T *src, int64_t lds, int64_t R, int64_t C) {           \
+        _Pragma("omp parallel for schedule(static) if ((double)R * C >= 1e5)")                       \
+        for (int64_t p = 0; p < R / 2; p++) {                                                        \
+            const T *r0 = src + 2 * p * lds, *r1 = r0 + lds;                                         \
+            uint32_t *d = dst + p * C;                                                               \
+            for (int64_t j = 0; j < C; j++) d[j] = (uint32_t)CONV(r0[j]) | (uint32_t)CONV(r1[j]) << 16; \
+        }                                                                                            \
+        if (R % 2) {                                                                                 \
+            const T *r0 = src + (R - 1) * lds;                                                       \
+            uint32_t *d = dst + (R / 2) * C;                                                         \
+            for (int64_t j = 0; j < C; j++) d[j] = (uint32_t)CONV(r0[j]);                            \
+        }                                                                                            \
+    }
+#define SAME(x) (x)
+#define BF16_ROUND(NAME, TGT)                                                                 \
+    TGT static void NAME(float *dst, const float *src, int64_t n) {                           \
+        for (int64_t i = 0; i < n; i++) dst[i] = cst_bf16_to_f32(cst_bf16_round(src[i]));     \
+    }
+#define BF16_TO(NAME, TGT)                                                                    \
+    TGT static void NAME(float *dst, const uint16_t *src, int64_t n) {                        \
+        for (int64_t i = 0; i < n; i++) dst[i] = cst_bf16_to_f32(src[i]);                     \
+    }
+
+BF16_FROM(from_scalar, )
+BF16_ROUND(round_scalar, )
+BF16_TO(to_scalar, )
+BF16_PAIRS(pairs_f32_scalar, , float, cst_bf16_round)
+BF16_PAIRS(pairs_bf16_scalar, , uint16_t, SAME)
+#if defined(__x86_64__)
+BF16_FROM(from_avx2, CST_TARGET_AVX2)
+BF16_ROUND(round_avx2, CST_TARGET_AVX2)
+BF16_ROUND(round_avx512, CST_TARGET_AVX512)
+BF16_TO(to_avx2, CST_TARGET_AVX2)
+BF16_TO(to_avx512, CST_TARGET_AVX512)
+BF16_PAIRS(pairs_f32_avx2, CST_TARGET_AVX2, float, cst_bf16_round)
+BF16_PAIRS(pairs_f32_avx512, CST_TARGET_AVX512, float, cst_bf16_round)
+BF16_PAIRS(pairs_bf16_avx512, CST_TARGET_AVX512, uint16_t, SAME)
+#endif
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+/* cst_bf16_round on 16 lanes with integer ops (the compiler does not vectorise its NaN branch well):
+ * u + 0x7fff + lsb, the top half kept; NaN lanes get their top half with the quiet bit set. */
+CST_TARGET_AVX512 static inline __m256i round16(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+CST_TARGET_AVX512 static void from_avx512_v(uint16_t *dst, const float *src, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i *)(dst + i), round16(_mm512_loadu_ps(src + i)));
+    for (; i < n; i++) dst[i] = cst_bf16_round(src[i]);
+}
+#endif
+
+void cst_bf16_from_f32(uint16_t *dst, const float *src, int64_t n) {
+#if defined(__x86_64__)
+    const cst_simd_path p = cst_simd_current();
+    if (p == CST_SIMD_AVX512) return from_avx512_v(dst, src, n);
+    if (p == CST_SIMD_AVX2) return from_avx2(dst, src, n);
+#endif
+    from_scalar(dst, src, n);
+}
+
+/* Large arrays in parallel chunks of 64 Ki elements (elementwise, so any split gives the same bits). */
+#define BF16_CHUNKED(FN, DST, SRC, N)                                                          \
+    do {                                                                                       \
+        const int64_t nch_ = ((N) + 65535) / 65536;                                            \
+        _Pragma("omp parallel for schedule(static) if (nch_ > 1)")                             \
+        for (int64_t ch = 0; ch < nch_; ch++) {                                                \
+            const int64_t i0 = ch * 65536, n_ = (N) - i0 < 65536 ? (N) - i0 : 65536;           \
+            FN((DST) + i0, (SRC) + i0, n_);                                                    \
+        }                                                                                      \
+    } while (0)
+
+static void to_path(float *dst, const uint16_t *src, int64_t n) {
+#if defined(__x86_64__)
+    const cst_simd_path p = cst_simd_current();
+    if (p == CST_SIMD_AVX512) return to_avx512(dst, src, n);
+    if (p == CST_SIMD_AVX2) return to_avx2(dst, src, n);
+#endif
+    to_scalar(dst, src, n);
+}
+
+static void round_path(float *dst, const float *src, int64_t n) {
+#if defined(__x86_64__)
+    const cst_simd_path p = cst_simd_current();
+    if (p == CST_SIMD_AVX512) return round_avx512(dst, src, n);
+    if (p == CST_SIMD_AVX2) return round_avx2(dst, src, n);
+#endif
+    round_scalar(dst, src, n);
+}
+
+void cst_bf16_to_f32_n(float *dst, const uint16_t *src, int64_t n) { BF16_CHUNKED(to_path, dst, src, n); }
+
+void cst_bf16_round_f32(float *dst, const float *src, int64_t n) { BF16_CHUNKED(round_path, dst, src, n); }
+
+void cst_bf16_pairs_f32(uint32_t *dst, const float *src, int64_t lds, int64_t R, int64_t C) {
+#if defined(__x86_64__)
+    const cst_simd_path p = cst_simd_current();
+    if (p == CST_SIMD_AVX512) return pairs_f32_avx512(dst, src, lds, R, C);
+    if (p == CST_SIMD_AVX2) return pairs_f32_avx2(dst, src, lds, R, C);
+#endif
+    pairs_f32_scalar(dst, src, lds, R, C);
+}
+
+void cst_bf16_pairs_bf16(uint32_t *dst, const uint16_t *src, int64_t lds, int64_t R, int64_t C) {
+#if defined(__x86_64__)
+    if (cst_simd_current() == CST_SIMD_AVX512) return pairs_bf16_avx512(dst, src, lds, R, C);
+#endif
+    pairs_bf16_scalar(dst, src, lds, R, C);
+}
+
+void cst_bf16_rows_f32(uint16_t *dst, const float *src, int64_t lds, int64_t R, int64_t C, int64_t Cp) {
+    if (lds == C && Cp == C && (double)R * C < 1e5) return cst_bf16_from_f32(dst, src, R * C);
+#pragma omp parallel for schedule(static) if ((double)R * C >= 1e5)
+    for (int64_t r = 0; r < R; r++) {
+        cst_bf16_from_f32(dst + r * Cp, src + r * lds, C);
+        for (int64_t j = C; j < Cp; j++) dst[r * Cp + j] = 0;
+    }
+}
+
+void cst_bf16_rows_bf16(uint16_t *dst, const uint16_t *src, int64_t lds, int64_t R, int64_t C, int64_t Cp) {
+    for (int64_t r = 0; r < R; r++) {
+        memcpy(dst + r * Cp, src + r * lds, (size_t)C * sizeof(uint16_t));
+        for (int64_t j = C; j < Cp; j++) dst[r * Cp + j] = 0;
+    }
+}
+
+int cst_bf16_dot_supported(void) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && cst_simd_detect() == CST_SIMD_AVX512;
+#else
+    return 0;
+#endif
+}
