@@ -40,6 +40,10 @@ DEFAULTS = {
     # configurations whose training phrasings the benign pairs (helpful answer over a refusal) are used
     # under; "default" = no system prompt. Over-refusal is the risk of the safe configuration.
     "benign_under": ("safe",),
+    # judge of the synthesis filters (cst.judges.judge_by_name): "default" = the four-way default judge,
+    # which keeps an uncensored answer only as a compliance and drops loops; "refusal" = the phrase judge
+    # the recipe below was tuned with (docs/demo.md, runs a0-c2)
+    "synth_judge": "default",
     # training (DPO with LoRA on all seven projections)
     "lora_r": 16,
     "lora_alpha": 32.0,
@@ -500,7 +504,7 @@ def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int 
     s = settings_for(quick, **overrides)
     import cst
     from . import data as D
-    from .judges import default_judge, describe_judge
+    from .judges import default_judge, describe_judge, judge_by_name
     if threads is not None:
         cst.set_num_threads(threads)
     out = Path(output_dir)
@@ -560,7 +564,8 @@ def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int 
         chat = _TrimmedChat(model)
         res = synthesize(chat, harmful, configurations=cfgs, output=out / "synth_harmful.jsonl",
                          max_new_tokens=s["synth_max_new_tokens"], batch_size=s["gen_batch_size"], seed=seed,
-                         judge=judge, refusal_fallback=True, resume=True, progress=progress,
+                         judge=judge_by_name(s["synth_judge"]), refusal_fallback=True, resume=True,
+                         progress=progress,
                          temperature=s["temperature"])
         h_stats = {k: v for k, v in res.stats.items() if k != "resumed"}
         # stats["fallback_refusals"] also counts pairs dropped afterwards; these two split the kept ones.
