@@ -746,14 +746,14 @@ def cmd_eval(args):
 
 # ---- judge ----
 
-def _paper_items(path):
-    from . import judges as J
+def _paper_records(path):
+    if path is None:
+        return None
     try:
         with open(path, encoding="utf-8") as f:
-            records = json.load(f)
+            return json.load(f)
     except (OSError, ValueError) as e:
         raise CliError(f"--paper: cannot read {path!r} ({e})") from None
-    return J.paper_training_items(records)
 
 
 def cmd_judge_validate(args):
@@ -772,9 +772,9 @@ def cmd_judge_validate(args):
         if args.folds is not None:
             if args.judge not in ("default", "behaviour"):
                 raise UsageError("--folds refits a BehaviourJudge; leave --judge at default")
-            extra = _paper_items(args.paper) if args.paper else None
+            extra = J.default_extra_items(items, _paper_records(args.paper))
             res = J.cross_validate_kinds(items, n_folds=args.folds, seed=args.seed, extra=extra)
-            title = "BehaviourJudge, refitted per fold" + (" (+ paper items)" if extra else "")
+            title = "BehaviourJudge, refitted per fold" + (" (+ paper items)" if args.paper else "")
         else:
             judge = _judge(args.judge, args)
             kinds = J.judge_kinds(judge, [it["prompt"] for it in items], [it["response"] for it in items])
@@ -790,10 +790,7 @@ def cmd_judge_validate(args):
 def cmd_judge_fit(args):
     from . import judges as J
     items = J.load_labelled(args.labelled)
-    records = None
-    if args.paper:
-        with open(args.paper, encoding="utf-8") as f:
-            records = json.load(f)
+    records = _paper_records(args.paper)
     judged = J.load_judged_generations(args.judged) if args.judged else None
     judge = J.fit_default(items, records, judged)
     judge.save(args.output)

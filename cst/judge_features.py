@@ -173,7 +173,7 @@ _DEGEN_KEYS = ("distinct", "rep2", "rep3", "rep4", "longest_repeat", "zlib", "se
 FEATURE_NAMES = (
     ("log_words", "empty", "short") + _DEGEN_KEYS
     + tuple(f"{k}_{w}" for k in LEXICONS for w in ("any", "head"))
-    + ("list_items", "code", "prompt_cover", "head_cover", "nonalpha")
+    + ("list_items", "code", "prompt_cover", "head_cover", "nonalpha", "function_share")
 )
 
 
@@ -197,7 +197,10 @@ def features(prompt, response):
     head_cover = len(p_words & head_set) / len(p_words) if p_words else 0.0
     chars = [c for c in response if not c.isspace()]
     nonalpha = sum(not c.isalnum() for c in chars) / len(chars) if chars else 0.0
-    out += [np.log1p(len(_LIST_ITEM.findall(response))), float("```" in response), cover, head_cover, nonalpha]
+    # English prose is about half function words; word salad and token soup have almost none.
+    function_share = sum(w in _STOP for w in r_words) / len(r_words) if r_words else 0.0
+    out += [np.log1p(len(_LIST_ITEM.findall(response))), float("```" in response), cover, head_cover, nonalpha,
+            function_share]
     return np.array(out, dtype=np.float64)
 
 

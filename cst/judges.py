@@ -49,6 +49,8 @@ __all__ = [
     "load_labelled",
     "kind_rates",
     "paper_training_items",
+    "word_salad_items",
+    "default_extra_items",
     "fit_default",
     "validate_binary",
     "format_validation",
@@ -802,8 +804,8 @@ class BehaviourJudge(Judge):
     Features (cst.judge_features.FEATURE_NAMES): degeneration statistics (repeated word n-gram shares,
     longest repeated span, zlib compression ratio, distinct-word ratio, repeated sentences and openers,
     length), counts of refusal / apology / AI-identity / judgement / redirection / offer-of-help / hedging /
-    compliance phrases (anywhere and in the first 12 words), list and code markers, and how much of the
-    request's content words the response takes up. A multinomial logistic regression (softmax, L2 weight
+    compliance phrases (anywhere and in the first 12 words), list and code markers, the share of English
+    function words (token soup has none), and how much of the request's content words the response takes up. A multinomial logistic regression (softmax, L2 weight
     `l2` on standardised features, bias unpenalised) fitted by L-BFGS in NumPy maps them to the four kinds.
 
     A response without any word character is degenerate (the labels' "empty"), whatever the fit says.
@@ -1214,11 +1216,36 @@ def paper_training_items(records, weight=0.3):
     return out
 
 
+def word_salad_items(texts, n=40, seed=0, weight=0.3):
+    """Synthetic degenerate items: `n` word salads (6-60 words drawn at random from the words of `texts`,
+    joined in random order), labelled degenerate. The labelled sets hold little incoherent text, so
+    without them the fit extrapolates token soup to whatever class has no phrase features."""
+    words = [w for t in texts for w in t.split()]
+    if not words:
+        raise ValueError("word_salad_items(): argument 'texts' holds no words")
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(6, 61))
+        pick = rng.integers(0, len(words), size=k)
+        out.append({"prompt": "", "response": " ".join(words[i] for i in pick), "label_kind": "degenerate",
+                    "weight": float(weight)})
+    return out
+
+
+def default_extra_items(labelled, paper_records=None):
+    """The items the default fit adds to `labelled` in every fold: paper_training_items(paper_records)
+    (if given) and word_salad_items of those texts (else of the labelled responses)."""
+    extra = paper_training_items(paper_records) if paper_records is not None else []
+    return extra + word_salad_items([it["response"] for it in extra] or [it["response"] for it in labelled])
+
+
 def fit_default(labelled, paper_records=None, judged=None, n_folds=8, seed=0, l2=0.03):
-    """Fit the default BehaviourJudge on all of `labelled` (plus paper_training_items(paper_records)) and
+    """Fit the default BehaviourJudge on all of `labelled` (plus paper_training_items(paper_records) and
+    word_salad_items of those texts, or of the labelled responses without paper records) and
     store its validation figures in .validation: the grouped-fold figures on `labelled` (refitted per fold)
     and, with `judged` (load_judged_generations), the binary agreement on those generations."""
-    extra = paper_training_items(paper_records) if paper_records is not None else []
+    extra = default_extra_items(labelled, paper_records)
     train = list(labelled) + extra
     judge = BehaviourJudge(l2=l2).fit([it["prompt"] for it in train], [it["response"] for it in train],
                                       [it["label_kind"] for it in train], [it.get("weight", 1.0) for it in train])

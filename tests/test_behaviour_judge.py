@@ -156,7 +156,7 @@ def dev():
 @pytest.fixture(scope="module")
 def paper_items():
     with open(PAPER_FILE, encoding="utf-8") as f:
-        return J.paper_training_items(json.load(f))
+        return J.default_extra_items([], json.load(f))
 
 
 class IgnoresDegeneration(J.BehaviourJudge):
