@@ -75,7 +75,10 @@ QUICK = dict(
     eval_benign_per_category=1, eval_phrasings="rotate", eval_max_new_tokens=8, temperature=1.0, n_boot=200, gen_batch_size=16,
     synth_max_new_tokens=8, benign_max_new_tokens=8, lora_r=4, lora_alpha=8.0, num_train_epochs=1.0,
     per_device_train_batch_size=4, gradient_accumulation_steps=1, max_length=80, max_prompt_length=64, benign_under=("safe", "uncensored", "default"),
-    logging_steps=1, save_steps=5, n_examples=2)
+    logging_steps=1, save_steps=5, n_examples=2,
+    # a random model writes token soup, which the default judge rightly calls degenerate (no pair would
+    # survive its filters); the phrase judge keeps the pipeline fed
+    synth_judge="refusal")
 
 # The tiny model of quick mode: SmolLM2's vocabulary (so its tokenizer and chat template work), nothing else.
 TINY_CONFIG = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=64, max_seq_len=1024)
@@ -561,18 +564,18 @@ def run(output_dir="cst-demo", quick: bool = False, seed: int = 0, threads: int 
         from .synth import synthesize
         cfgs = _configurations(s)
         harmful = _per_category(default_prompts("train", "harmful"), s["train_harmful_per_category"])
+        synth_judge = judge_by_name(s["synth_judge"])
         chat = _TrimmedChat(model)
         res = synthesize(chat, harmful, configurations=cfgs, output=out / "synth_harmful.jsonl",
                          max_new_tokens=s["synth_max_new_tokens"], batch_size=s["gen_batch_size"], seed=seed,
-                         judge=judge_by_name(s["synth_judge"]), refusal_fallback=True, resume=True,
-                         progress=progress,
+                         judge=synth_judge, refusal_fallback=True, resume=True, progress=progress,
                          temperature=s["temperature"])
         h_stats = {k: v for k, v in res.stats.items() if k != "resumed"}
         # stats["fallback_refusals"] also counts pairs dropped afterwards; these two split the kept ones.
         h_stats["kept_template_refusal"] = sum(1 for p in res.pairs if p.metadata.get("fallback"))
         h_stats["kept_own_revision"] = h_stats["kept"] - h_stats["kept_template_refusal"]
         h_records = res.records(phrasings=s["train_phrasings"], task="harmless")
-        b_pairs, b_stats = _benign_pairs(model, s, seed, judge, out, progress)
+        b_pairs, b_stats = _benign_pairs(model, s, seed, synth_judge, out, progress)
         b_cfgs = [D.Configuration(c.name, c.train_prompts, "helpful", "refusal") for c in cfgs
                   if c.name in s["benign_under"]]
         if "default" in s["benign_under"]:
