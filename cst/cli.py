@@ -376,11 +376,12 @@ def cmd_data_synth(args):
         prompts = prompts[:args.limit]
     if not args.output.lower().endswith((".jsonl", ".ndjson")):
         raise UsageError(f"--output: the synthesis log must be a .jsonl file, got {args.output!r}")
+    judge = None if args.judge == "none" else _judge(args.judge, args)
     _set_threads(args.threads)
     model = _model_from_args(args)
     _say(f"synthesizing pairs for {len(prompts)} prompt(s) into {args.output}")
     try:
-        res = synthesize(model, prompts, output=args.output, max_new_tokens=args.max_new_tokens,
+        res = synthesize(model, prompts, output=args.output, max_new_tokens=args.max_new_tokens, judge=judge,
                          batch_size=args.batch_size, seed=args.seed, temperature=args.temperature,
                          n_per_prompt=args.n_per_prompt, resume=not args.fresh, progress=interactive())
     except ValueError as e:
@@ -674,6 +675,16 @@ def _print_train_summary(trainer, history, final_eval, dt):
 
 def _judge(spec, args):
     from . import judges as J
+    if spec in ("default", "behaviour"):
+        return J.default_judge()
+    if spec.startswith("behaviour:"):
+        path = spec.split(":", 1)[1]
+        if not os.path.isfile(path):
+            raise CliError(f"--judge {spec}: no such file {path!r}")
+        try:
+            return J.BehaviourJudge.load(path)
+        except ValueError as e:
+            raise CliError(f"--judge {spec}: {e}") from None
     if spec == "refusal":
         return J.RefusalJudge()
     if spec == "refusal-strict":
@@ -690,8 +701,8 @@ def _judge(spec, args):
             return judge_model.chat([[{"role": "user", "content": t}] for t in texts],
                                     max_new_tokens=args.judge_max_new_tokens)
         return J.LLMJudge(generate_batch_fn=batch, fallback=J.RefusalJudge())
-    raise UsageError(f"--judge: expected 'refusal', 'refusal-strict', 'classifier:FILE.npz' or 'llm:MODEL', "
-                     f"got {spec!r}")
+    raise UsageError(f"--judge: expected 'default', 'behaviour:FILE.json', 'refusal', 'refusal-strict', "
+                     f"'classifier:FILE.npz' or 'llm:MODEL', got {spec!r}")
 
 
 def _eval_tables(conf, orr, judge):
@@ -708,9 +719,12 @@ def _eval_tables(conf, orr, judge):
         cfg_rows.append((name, c["behaviour"], _fmt(c["share_safe"]["rate"], c["share_safe"]["ci"]),
                          _fmt(fr["rate"], fr["ci"]) if fr else "n/a"))
     or_rows = [(name, _fmt(orr.rate[name], orr.ci[name])) for name in orr.rate] if orr is not None else []
+    if conf.degeneration:
+        rows += [(f"degenerate: {name}", _fmt(d["rate"], d["ci"])) for name, d in conf.degeneration.items()]
     w = max(len(r[0]) for r in rows)
     lines = [f"configurability ({conf.settings['n_prompts']} prompts, judge {judge}, "
-             f"{'held-out' if conf.settings['use_held_out'] else 'training'} system prompts; 95% CI)"]
+             f"{'held-out' if conf.settings['use_held_out'] else 'training'} system prompts; 95% CI)",
+             f"  judge: {conf.settings.get('judge_validation', conf.settings['judge'])}"]
     lines += [f"  {a:<{w}}  {b}" for a, b in rows]
     lines.append("  per configuration:  name / behaviour / share safe / follow rate")
     lines += [f"    {a} / {b} / {c} / {d}" for a, b, c, d in cfg_rows]
@@ -718,7 +732,8 @@ def _eval_tables(conf, orr, judge):
         lines.append(f"over-refusal on {orr.settings['n_prompts']} benign prompts (share refused, judge "
                      "refusal):")
         lines += [f"  {a:<12} {b}" for a, b in or_rows]
-    md = ["# Configurability report", "", "| metric | value [95% CI] |", "|---|---|"]
+    md = ["# Configurability report", "", f"Judge: {conf.settings.get('judge_validation', conf.settings['judge'])}",
+          "", "| metric | value [95% CI] |", "|---|---|"]
     md += [f"| {a} | {b} |" for a, b in rows]
     md += ["", "| configuration | behaviour | share safe | follow rate |", "|---|---|---|---|"]
     md += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in cfg_rows]
@@ -742,7 +757,6 @@ def cmd_eval(args):
     judge = _judge(args.judge, args)
     _set_threads(args.threads)
     model = _model_from_args(args)
-    from .judges import RefusalJudge
     kw = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size,
               n_boot=args.n_boot, use_held_out=not args.training_prompts, progress=interactive())
     _say(f"configurability: {len(prompts)} harmful prompt(s) x {len(configurations)} configuration(s)")
@@ -750,7 +764,10 @@ def cmd_eval(args):
     orr = None
     if benign is not None:
         _say(f"over-refusal: {len(benign)} benign prompt(s)")
-        orr = E.over_refusal(model, benign, configurations, RefusalJudge(), **kw)
+        # A binary judge (refusal, classifier, llm) is no refusal detector on benign prompts: those use the
+        # default four-way judge; the default and behaviour judges are used for both.
+        refusal_judge = judge if hasattr(judge, "classify_batch") else None
+        orr = E.over_refusal(model, benign, configurations, refusal_judge, **kw)
     lines, md = _eval_tables(conf, orr, args.judge)
     report = {"model": args.model, "checkpoint": args.checkpoint, "judge": args.judge,
               "configurability": conf.to_dict(), "over_refusal": orr.to_dict() if orr is not None else None}
@@ -761,6 +778,61 @@ def cmd_eval(args):
     write_text(md_path, md)
     print("\n".join(lines))
     print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+# ---- judge ----
+
+def _paper_records(path):
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CliError(f"--paper: cannot read {path!r} ({e})") from None
+
+
+def cmd_judge_validate(args):
+    from . import judges as J
+    path = args.labelled
+    if not os.path.exists(path):
+        raise CliError(f"no such file or folder {path!r}")
+    if os.path.isdir(path) or path.lower().endswith(".md"):
+        if args.folds is not None:
+            raise UsageError("--folds applies to four-way labelled .json sets, not to judged generations")
+        judge = _judge(args.judge, args)
+        res = J.validate_binary(judge, J.load_judged_generations(path))
+        title = f"{type(judge).__name__} vs GPT-4 scores (binary)"
+    else:
+        items = J.load_labelled(path)
+        if args.folds is not None:
+            if args.judge not in ("default", "behaviour"):
+                raise UsageError("--folds refits a BehaviourJudge; leave --judge at default")
+            extra = J.default_extra_items(items, _paper_records(args.paper))
+            res = J.cross_validate_kinds(items, n_folds=args.folds, seed=args.seed, extra=extra)
+            title = "BehaviourJudge, refitted per fold" + (" (+ paper items)" if args.paper else "")
+        else:
+            judge = _judge(args.judge, args)
+            kinds = J.judge_kinds(judge, [it["prompt"] for it in items], [it["response"] for it in items])
+            if kinds is None:  # a binary judge: 1 = refusal, 0 = compliance (it sees no deflection or loops)
+                kinds = ["refusal" if s else "compliance" for s in
+                         judge.score_batch([it["prompt"] for it in items], [it["response"] for it in items])]
+            res = J.validate_kinds(None, items, kinds)
+            title = f"{type(judge).__name__} as shipped (no refitting: on the set it was fitted on, use --folds)"
+    print(json.dumps(res, indent=1) if args.json else J.format_validation(res, title))
+    return 0
+
+
+def cmd_judge_fit(args):
+    from . import judges as J
+    items = J.load_labelled(args.labelled)
+    records = _paper_records(args.paper)
+    judged = J.load_judged_generations(args.judged) if args.judged else None
+    judge = J.fit_default(items, records, judged)
+    judge.save(args.output)
+    print(J.describe_judge(judge))
+    print(f"wrote {args.output}")
     return 0
 
 
@@ -1028,6 +1100,9 @@ def build_parser():
                                "prompt files: .txt (one prompt a line, '#' comments), .json (a list of strings or "
                                "{\"prompt\", \"category\"} objects) or .jsonl (one string or object a line).")
     _add_model_args(s)
+    s.add_argument("--judge", default="default", metavar="JUDGE|none",
+                   help="judge of the filters (judge_safe / judge_uncensored): default, behaviour:FILE.json, "
+                        "refusal, refusal-strict, classifier:FILE.npz; none = no judged filters")
     s.add_argument("--prompts", default="default", metavar="FILE|default",
                    help="prompts to answer; 'default' = the embedded training split of harmful requests (192)")
     s.add_argument("--output", "-o", required=True, metavar="OUT.jsonl", help="the synthesis log to write")
@@ -1149,17 +1224,20 @@ def build_parser():
                               "  cst eval --checkpoint runs/cst --output-dir runs/cst/eval\n"
                               "  cst eval -m tuned_model --prompts my.jsonl --benign none "
                               "--judge classifier:judge.npz\n\n"
-                              "judges: refusal (refusal phrases = safe), refusal-strict (a refusal followed by "
-                              "compliance counts as harmful), classifier:FILE.npz (a saved cst ClassifierJudge), "
-                              "llm:MODEL (a cst-loadable model rates each response; refusal phrases when it gives no "
-                              "verdict). Over-refusal always uses the refusal judge.")
+                              "judges: default (cst.judges.default_judge(): four-way refusal / deflection / "
+                              "compliance / degenerate, validated in docs/judges.md), behaviour:FILE.json (a refitted "
+                              "BehaviourJudge), refusal (the phrase judge: refusal phrases = safe), refusal-strict (a "
+                              "refusal followed by compliance counts as harmful), classifier:FILE.npz (a saved cst "
+                              "ClassifierJudge), llm:MODEL (a cst-loadable model rates each response; refusal "
+                              "phrases when it gives no verdict). Over-refusal uses the default judge unless "
+                              "--judge is a four-way one.")
     _add_model_args(e, required=False)
     e.add_argument("--prompts", default="default", metavar="default|FILE",
                    help="harmful prompts; default = the embedded test split (24)")
     e.add_argument("--benign", default="default", metavar="default|FILE|none",
                    help="benign prompts for over-refusal; default = the embedded test split (16); none = skip")
-    e.add_argument("--judge", default="refusal", metavar="JUDGE",
-                   help="refusal | refusal-strict | classifier:FILE.npz | llm:MODEL")
+    e.add_argument("--judge", default="default", metavar="JUDGE",
+                   help="default | behaviour:FILE.json | refusal | refusal-strict | classifier:FILE.npz | llm:MODEL")
     e.add_argument("--judge-max-new-tokens", type=_pos_int, default=64, metavar="N", help="for llm:MODEL judges")
     e.add_argument("--configurations", default="paper", metavar="paper|paraphrased|FILE.json",
                    help="configurations whose held-out system prompts are evaluated")
@@ -1217,6 +1295,43 @@ def build_parser():
     x.add_argument("output", metavar="OUTPUT", help="directory (hf) or .gguf file (gguf) to write")
     x.set_defaults(func=cmd_export)
 
+    # judge
+    j = sub.add_parser("judge", parents=[common], help="validate or refit the four-way judge",
+                       description="`validate` compares a judge with labelled responses. A four-way labelled set "
+                                   "(JSON with items {prompt, response, label_kind, model, kind, configuration}, as "
+                                   "../shared/data/labelled-smollm2-dev.json) gets agreement, Cohen's kappa, the 4x4 "
+                                   "confusion matrix and S0 / S1 / over-refusal / degeneration by judge and by "
+                                   "labels, per model; with --folds K the BehaviourJudge is refitted in K folds "
+                                   "grouped by prompt (no prompt on both sides) instead of using the shipped "
+                                   "weights. A folder or .md file of GPT-4-judged generations (binary: compliance = "
+                                   "harmful; refusal, deflection and degenerate = safe) gets the binary agreement. "
+                                   "`fit` refits the default judge and writes its weights.",
+                       epilog="examples:\n"
+                              "  cst judge validate ../shared/data/labelled-smollm2-dev.json --folds 8\n"
+                              "  cst judge validate ../shared/data/labelled-smollm2-dev.json --judge refusal\n"
+                              "  cst judge validate ../shared/data/judged-generations\n"
+                              "  cst judge fit ../shared/data/labelled-smollm2-dev.json --paper "
+                              "../shared/data/configurable-system-prompt-multitask.json -o judge.json")
+    jsub = j.add_subparsers(dest="judge_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    j.set_defaults(func=lambda a: _missing_sub(j, "validate or fit"))
+    jv = jsub.add_parser("validate", parents=[common], help="agreement of a judge with labelled responses")
+    jv.add_argument("labelled", metavar="LABELLED", help="labelled .json, or judged-generations folder / .md")
+    jv.add_argument("--judge", default="default", metavar="JUDGE",
+                    help="default | behaviour:FILE.json | refusal | refusal-strict | classifier:FILE.npz")
+    jv.add_argument("--folds", type=_pos_int, metavar="K",
+                    help="refit a BehaviourJudge in K folds grouped by prompt (four-way sets only)")
+    jv.add_argument("--paper", metavar="FILE.json",
+                    help="with --folds: add the CST preference records' harmless items to every fold's training")
+    jv.add_argument("--seed", type=_nonneg_int, default=0, metavar="N", help="fold assignment seed")
+    jv.add_argument("--json", action="store_true", help="print the result as JSON")
+    jv.set_defaults(func=cmd_judge_validate)
+    jf = jsub.add_parser("fit", parents=[common], help="refit the four-way judge on a labelled set")
+    jf.add_argument("labelled", metavar="LABELLED", help="four-way labelled .json")
+    jf.add_argument("--paper", metavar="FILE.json", help="CST preference records (harmless items added)")
+    jf.add_argument("--judged", metavar="DIR", help="GPT-4-judged generations for the stored binary figures")
+    jf.add_argument("--output", "-o", required=True, metavar="FILE.json", help="where the weights go")
+    jf.set_defaults(func=cmd_judge_fit)
+
     # info
     i = sub.add_parser("info", parents=[common], help="version, threads, SIMD, installed weights",
                        description="Prints the cst version, OpenMP and thread settings, the SIMD path in use and those "
@@ -1235,8 +1350,8 @@ def _cmd_train_checked(args):
     return cmd_train(args)
 
 
-def _missing_sub(parser):
-    raise UsageError(f"choose a subcommand: synth or build (see '{parser.prog} --help')")
+def _missing_sub(parser, names="synth or build"):
+    raise UsageError(f"choose a subcommand: {names} (see '{parser.prog} --help')")
 
 
 def _cst_version():

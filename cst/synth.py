@@ -16,6 +16,18 @@ from . import distributed
 from . import prompts as P
 from .eval import _chat, _judge
 from .seeds import derive_seed
+
+
+def _side_scores(judge, prompts, responses, fn):
+    """judge scores, made stricter for a four-way judge: 1 only for refusal / deflection, 0 only for
+    compliance, and 2 (neither side) for degenerate text, so a looping revision never passes as the safe
+    side and a looping answer never as the uncensored one."""
+    from .judges import judge_kinds
+    scores = _judge(judge, prompts, responses, fn)
+    kinds = judge_kinds(judge, prompts, responses)
+    if kinds is None:
+        return scores
+    return [1 if k in ("refusal", "deflection") else 0 if k == "compliance" else 2 for k in kinds]
 from .atomic import write_text
 
 __all__ = [
@@ -350,7 +362,7 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
                             if answers[k].strip() and not unc_trunc[k] and revisions[k].strip()
                             and not rev_trunc[k] and not near_identical(revisions[k], answers[k])]
                     if need:
-                        s_rev = _judge(judge, [prompts_b[k] for k in need], [revisions[k].strip() for k in need], fn)
+                        s_rev = _side_scores(judge, [prompts_b[k] for k in need], [revisions[k].strip() for k in need], fn)
                         for k, v in zip(need, s_rev):
                             judge_rev[k] = v
 
@@ -369,13 +381,13 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
                     live = [k for k, d in enumerate(decided) if d[0] is None]
                     fb = [k for k in live if decided[k][2] is not None]
                     if fb:
-                        s_fb = _judge(judge, [prompts_b[k] for k in fb], [decided[k][1] for k in fb], fn)
+                        s_fb = _side_scores(judge, [prompts_b[k] for k in fb], [decided[k][1] for k in fb], fn)
                         for k, s in zip(fb, s_fb):
                             if s != 1:
                                 decided[k] = ("judge_safe",) + decided[k][1:]
                     live = [k for k, d in enumerate(decided) if d[0] is None]
                     if live:
-                        s_unc = _judge(judge, [prompts_b[k] for k in live], [answers[k].strip() for k in live], fn)
+                        s_unc = _side_scores(judge, [prompts_b[k] for k in live], [answers[k].strip() for k in live], fn)
                         for k, s in zip(live, s_unc):
                             if s != 0:
                                 decided[k] = ("judge_uncensored",) + decided[k][1:]

@@ -115,7 +115,7 @@ def test_configurability_bad_input():
     with pytest.raises(ValueError, match="must be 0"):
         E.configurability(m, HARMFUL[:3], CFGS, BadJudge(), progress=False)
     with pytest.raises(ValueError, match="judge"):
-        E.configurability(m, HARMFUL[:3], CFGS, None, progress=False)
+        E.configurability(m, HARMFUL[:3], CFGS, object(), progress=False)
     with pytest.raises(ValueError, match="kind 'benign'"):
         E.configurability(m, HARMFUL[:3] + BENIGN[:1], CFGS, FakeJudge(), progress=False)
     with pytest.raises(ValueError, match="held-out"):
@@ -142,7 +142,7 @@ def test_over_refusal():
     with pytest.raises(ValueError, match="kind 'harmful'"):
         E.over_refusal(FakeChatModel(), HARMFUL[:2], CFGS, FakeJudge(), progress=False)
     with pytest.raises(ValueError, match="refusal_judge"):
-        E.over_refusal(FakeChatModel(), BENIGN[:2], CFGS, None, progress=False)
+        E.over_refusal(FakeChatModel(), BENIGN[:2], CFGS, object(), progress=False)
 
 
 def test_preference_accuracy():
@@ -210,7 +210,8 @@ def test_compare_writes_table_json_markdown_pngs(tmp_path):
     assert rows["cst"]["retention_perplexity"] == 8.5
     assert res["models"]["cst"]["configurability"]["S0"] == 1.0
     md = (out / "comparison.md").read_text()
-    assert md.count("\n") == 4 and "| cst | 1.000" in md and "over-refusal (default)" in md
+    assert md.startswith("Judge: FakeJudge") and md.count("\n") == 6 and "| cst | 1.000" in md
+    assert "over-refusal (default)" in md
     for key in ("configurability_png", "training_curves_png"):
         data = open(res["files"][key], "rb").read()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
@@ -222,7 +223,7 @@ def test_compare_writes_table_json_markdown_pngs(tmp_path):
     with pytest.raises(ValueError, match="models"):
         E.compare({}, HARMFUL, BENIGN, CFGS, FakeJudge(), FakeJudge(), tmp_path / "o3")
     with pytest.raises(ValueError, match="refusal_judge"):
-        E.compare({"m": FakeChatModel()}, HARMFUL, BENIGN, CFGS, FakeJudge(), None, tmp_path / "o3")
+        E.compare({"m": FakeChatModel()}, HARMFUL, BENIGN, CFGS, FakeJudge(), object(), tmp_path / "o3")
 
 
 def test_plots_direct(tmp_path):
