@@ -944,9 +944,10 @@ TAMX static void amx_thread(float *c, int64_t ldc, const uint32_t *a, int64_t ld
 static int amx_gemm(float *c, int64_t ldc, const uint32_t *a, int64_t lda, const uint32_t *b, int64_t rsb,
                     int64_t csb, int64_t M, int64_t N, int64_t KP, int accumulate) {
     const int64_t KPp = (KP + 15) / 16 * 16, np = (N + 15) / 16;
-    int nt = max_threads();
-    if ((double)M * N * KP < 5e5) nt = 1;
-    if (nt > np) nt = (int)np;
+    /* One thread: with two, the 2-thread results were wrong on a 130x513x97 product (tests/test_bf16.py,
+     * seen 2026-12-01, not yet understood), so the AMX way stays single-threaded until that is found. */
+    int nt = 1;
+    (void)max_threads;
     const size_t per = (size_t)(AMX_PANELS + 1) * 16 * (size_t)KPp;
     int cached;
     uint32_t *scratch = (uint32_t *)scratch_get(per * (size_t)nt, &cached);
