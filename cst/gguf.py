@@ -332,9 +332,12 @@ def load_gguf_tokenizer(path):
     return _tokenizer(_reader(path), path)
 
 
-def load_gguf(path, with_tokenizer=True):
+def load_gguf(path, with_tokenizer=True, dtype="f32"):
     """cst.Model from a Llama GGUF file, dequantised to float32, Q/K rows in Hugging Face order; the
-    tokenizer (or None when the file has none) is attached as model.tokenizer."""
+    tokenizer (or None when the file has none) is attached as model.tokenizer. dtype "q": a
+    cst.quantized.QuantizedModel for inference that keeps Q8_0/Q4_0/Q4_1 matrices as their blocks."""
+    if dtype not in ("f32", "q"):
+        raise ValueError(f"load_gguf: dtype must be 'f32' or 'q', got {dtype!r}")
     path = os.fspath(path)
     reader = _reader(path)
     tensors = {t.name: t for t in reader.tensors}
@@ -353,22 +356,26 @@ def load_gguf(path, with_tokenizer=True):
         got = tuple(int(d) for d in reversed(t.shape.tolist()))
         if got != tuple(shape):
             raise FormatError(f"{path}: tensor {gname!r} has shape {got}, expected {tuple(shape)} (from the metadata)")
-    model = Model(cfg, init=False)  # the weights are read next: no random initialisation
-    for name, shape in model.layout:
-        gname = names[name]
-        t = tensors[gname]
+    def dequantize_into(dst, t, name):
         raw = np.asarray(t.data).reshape(-1).view(np.uint8)
-        dst = model.params[name]
         n_head = permuted.get(name)
         try:
             if n_head is None:
                 _core.dequantize(dst, raw, int(t.tensor_type))
             else:
-                tmp = np.empty(shape, dtype=np.float32)
+                tmp = np.empty(dst.shape, dtype=np.float32)
                 _core.dequantize(tmp, raw, int(t.tensor_type))
                 dst[...] = _unpermute(tmp, n_head)
         except ValueError as e:
-            raise FormatError(f"{path}: tensor {gname!r}: {e}") from None
+            raise FormatError(f"{path}: tensor {t.name!r}: {e}") from None
+
+    if dtype == "q":
+        from .quantized import build
+        model = build(cfg, tensors, lambda t: t.data, dequantize_into, permuted, path)
+    else:
+        model = Model(cfg, init=False)  # the weights are read next: no random initialisation
+        for name, shape in model.layout:
+            dequantize_into(model.params[name], tensors[names[name]], name)
     model.tokenizer = _tokenizer(reader, path) if with_tokenizer else None
     return model
 
