@@ -42,9 +42,8 @@ static inline uint16_t ld16(const uint8_t *p) {
 }
 
 /* Bytes per block and where the quantised values start. */
-static void block_layout(int type, int64_t *bytes, int64_t *qoff) {
-    int64_t be;
-    cst_quant_block_info(type, &be, bytes);
+static inline void block_layout(int type, int64_t *bytes, int64_t *qoff) {
+    *bytes = type == CST_GGML_Q8_0 ? 34 : type == CST_GGML_Q4_1 ? 20 : 18;
     *qoff = type == CST_GGML_Q4_1 ? 4 : 2;
 }
 
@@ -135,8 +134,8 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void pair_operan
 /* One weight row against one input row, two blocks per iteration (the last alone when nb is odd: its
  * pair's upper half reads zeros and gets scale 0). DOT(u, v) gives the 16 int32 sums of 4 products. */
 #define ROW_DOT_AVX512(NAME, TGT, DOT)                                                                  \
-    TGT static float NAME(const uint8_t *w, int type, const int8_t *q, const float *d, const float *s,   \
-                          int64_t nb) {                                                                 \
+    static inline __attribute__((always_inline)) TGT float NAME##_of(                                   \
+        const uint8_t *w, const int type, const int8_t *q, const float *d, const float *s, int64_t nb) { \
         int64_t bb, qo;                                                                                 \
         block_layout(type, &bb, &qo);                                                                   \
         const __m512i ones = _mm512_set1_epi16(1);                                                      \
@@ -163,6 +162,13 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void pair_operan
             }                                                                                           \
         }                                                                                               \
         return _mm512_reduce_add_ps(acc) + macc;                                                        \
+    }                                                                                                   \
+    /* One copy per type, so that the block layout and the branches on it are constants. */            \
+    TGT static float NAME(const uint8_t *w, int type, const int8_t *q, const float *d, const float *s,   \
+                          int64_t nb) {                                                                 \
+        if (type == CST_GGML_Q4_1) return NAME##_of(w, CST_GGML_Q4_1, q, d, s, nb);                     \
+        if (type == CST_GGML_Q4_0) return NAME##_of(w, CST_GGML_Q4_0, q, d, s, nb);                     \
+        return NAME##_of(w, CST_GGML_Q8_0, q, d, s, nb);                                                \
     }
 #define DOT_BW(u, v) _mm512_madd_epi16(_mm512_maddubs_epi16(u, v), ones)
 #define DOT_VNNI(u, v) _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, v)
