@@ -120,3 +120,27 @@ def test_qmatvec_rejects_bad_input(rng):
     with pytest.raises(ValueError, match="multiple of 32"):
         _core.q8_quantize(np.empty((1, 40), np.uint8), np.empty((1, 1), np.float32), np.empty((1, 1), np.float32),
                           np.ones((1, 40), np.float32))
+
+
+def test_avx512_without_vnni_gives_the_same_bits(rng, tmp_path):
+    """The AVX512BW kernel (vpmaddubsw + vpmaddwd, for AVX-512 CPUs without VNNI) against the VNNI one:
+    the same exact integers and float order, so the same bits. CST_NO_VNNI=1 selects it in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    if "avx512" not in _core.simd_supported():
+        pytest.skip("no AVX-512 on this CPU")
+    for type_id in (Q8_0, Q4_0, Q4_1):
+        raw = random_blocks(rng, 33, 160, type_id)
+        q, d, s = quantize(rng.normal(size=(2, 160)).astype(np.float32))
+        np.savez(tmp_path / "in.npz", raw=raw, q=q, d=d, s=s)
+        code = ("import numpy as np, sys; from cst import _core; _core.set_simd_path('avx512'); "
+                "z = np.load(sys.argv[1]); out = np.empty((2, 33), np.float32); "
+                f"_core.qmatvec(out, z['raw'], z['q'], z['d'], z['s'], {type_id}); np.save(sys.argv[2], out)")
+        outs = []
+        for flag in ("0", "1"):
+            env = dict(os.environ, CST_NO_VNNI=flag, PYTHONPATH=os.pathsep.join(sys.path))
+            subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.npz"), str(tmp_path / f"o{flag}.npy")],
+                           check=True, env=env, timeout=120)
+            outs.append(np.load(tmp_path / f"o{flag}.npy"))
+        np.testing.assert_array_equal(outs[0], outs[1])

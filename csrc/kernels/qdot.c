@@ -7,6 +7,7 @@
 #include "quant.h"
 #include "simd.h"
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -178,11 +179,16 @@ ROW_DOT_AVX512(row_dot_vnni, QDOT_TARGET_VNNI, DOT_VNNI)
 
 typedef float (*row_dot_fn)(const uint8_t *, int, const int8_t *, const float *, const float *, int64_t);
 
-/* The row kernel of the current SIMD path (AVX-512 with VNNI when the CPU has it). */
+/* The row kernel of the current SIMD path (AVX-512 with VNNI when the CPU has it; CST_NO_VNNI=1 in the
+ * environment at the first call takes the AVX512BW kernel, so that tests reach it on VNNI machines). */
 static row_dot_fn pick_row_dot(void) {
 #if defined(__x86_64__)
-    if (cst_simd_current() == CST_SIMD_AVX512)
-        return __builtin_cpu_supports("avx512vnni") ? row_dot_vnni : row_dot_avx512bw;
+    static int vnni = -1;
+    if (vnni < 0) {
+        const char *off = getenv("CST_NO_VNNI");
+        vnni = __builtin_cpu_supports("avx512vnni") && !(off && off[0] == '1');
+    }
+    if (cst_simd_current() == CST_SIMD_AVX512) return vnni ? row_dot_vnni : row_dot_avx512bw;
     if (cst_simd_current() == CST_SIMD_AVX2) return row_dot_avx2;
 #endif
     return row_dot_scalar;
