@@ -4,6 +4,14 @@ bandwidth of this machine and how close batch-1 decoding comes to the weight-str
 Not a test: it prints numbers. Keep it short on shared machines (--new-tokens, --batches, --no-hf).
 
     OMP_NUM_THREADS=2 python3 benchmarks/bench_generate.py [--new-tokens 128] [--batches 1 16]
+
+--quantized: batch-1 decoding on the real SmolLM2 Q4_1 GGUF instead: cst on the GGUF blocks
+(cst.load(path, dtype="q")), cst on the dequantised float32 weights, and llama.cpp (llama-cpp-python,
+in its own process, same file) when it is installed, interleaved --repeats times; prints min and median
+tok/s of each, the weight-streaming bound of the blocks, greedy-token agreement of the quantised and
+float32 paths, and a final `ratio ...` line.
+
+    OMP_NUM_THREADS=2 python3 benchmarks/bench_generate.py --quantized [--new-tokens 128] [--repeats 3]
 """
 import argparse
 import os
@@ -50,6 +58,85 @@ def hf_model(model):
     return hm.float().eval()
 
 
+LLAMA_CPP = r"""
+import sys, time
+from llama_cpp import Llama
+path, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+llm = Llama(model_path=path, n_threads=threads, n_ctx=512, verbose=False)
+prompt = llm.tokenize(b"<|im_start|>user\nWrite a short story about a robot.<|im_end|>\n<|im_start|>assistant\n",
+                      special=True)
+def run(k):
+    llm.reset()
+    t = time.perf_counter()
+    for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True)):
+        if i + 1 == k:
+            break
+    return time.perf_counter() - t
+run(4)
+t1, tn = run(1), run(n)
+print((n - 1) / (tn - t1))
+"""
+
+
+def _decode_rate(fn, n):
+    """Decode tok/s of fn(k) (k new tokens, prefill included): (n - 1) / (time(n) - time(1))."""
+    t1 = _timed(lambda: fn(1))
+    tn = _timed(lambda: fn(n))
+    return (n - 1) / max(tn - t1, 1e-9)
+
+
+def quantized(args):
+    import statistics
+    import subprocess
+    path = cst.io.smollm2_path()
+    mq = cst.load(path, dtype="q")
+    mf = cst.load(path)
+    tok = mq.tokenizer
+    prompt = tok.encode_chat([{"role": "user", "content": "Write a short story about a robot."}],
+                             add_generation_prompt=True)
+    N = args.new_tokens
+    bw = copy_bandwidth()
+    print(f"SmolLM2-135M-Instruct Q4_1 GGUF; threads {args.threads}; SIMD {cst.simd_path()}; prompt "
+          f"{len(prompt)} tokens, {N} new tokens, greedy; load average {os.getloadavg()[0]:.1f}")
+    print(f"blocks held: {mq.gen_quant['qweights'].nbytes / 1e6:.0f} MB (float32 model: {mf.flat_params.nbytes / 1e6:.0f} MB); "
+          f"memory bandwidth {bw:.1f} GB/s -> streaming bounds {bw * 1e9 / mq.nbytes:.0f} tok/s (blocks), "
+          f"{bw * 1e9 / mf.flat_params.nbytes:.0f} tok/s (float32)")
+    a = generate(mq, [prompt], max_new_tokens=N)[0]
+    b = generate(mf, [prompt], max_new_tokens=N)[0]
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    same = sum(x == y for x, y in zip(a, b))
+    print(f"greedy tokens: quantised and float32 agree on the first {first} of {N} "
+          f"({same} equal by position)")
+    try:
+        import llama_cpp  # noqa: F401
+        have_lcp = True
+    except ImportError:
+        have_lcp = False
+        print("llama-cpp-python not installed: no llama.cpp anchor (pip install llama-cpp-python)")
+    rates = {"cst q": [], "cst f32": [], "llama.cpp": []}
+    for r in range(args.repeats):
+        rates["cst q"].append(_decode_rate(lambda k: generate(mq, [prompt], max_new_tokens=k), N))
+        rates["cst f32"].append(_decode_rate(lambda k: generate(mf, [prompt], max_new_tokens=k), N))
+        if have_lcp:
+            out = subprocess.run([sys.executable, "-c", LLAMA_CPP, path, str(N), str(args.threads)],
+                                 capture_output=True, text=True, timeout=600)
+            if out.returncode == 0:
+                rates["llama.cpp"].append(float(out.stdout.strip().splitlines()[-1]))
+            else:
+                print("llama.cpp run failed:", out.stderr[-500:])
+        print(f"run {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items() if v) +
+              f" tok/s (load {os.getloadavg()[0]:.1f})", flush=True)
+    for k, v in rates.items():
+        if v:
+            print(f"{k:10s} decode tok/s: min {min(v):.1f}, median {statistics.median(v):.1f}, max {max(v):.1f}")
+    q = statistics.median(rates["cst q"])
+    if rates["llama.cpp"]:
+        print(f"ratio cst_q/llama.cpp {q / statistics.median(rates['llama.cpp']):.2f} (medians)")
+    else:
+        print(f"ratio cst_q/cst_f32 {q / statistics.median(rates['cst f32']):.2f} (medians; no llama.cpp), "
+              f"cst_q at {100 * q / (bw * 1e9 / mq.nbytes):.0f}% of the blocks' streaming bound")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -57,9 +144,13 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers.generate")
+    ap.add_argument("--quantized", action="store_true", help="batch-1 decode on the SmolLM2 GGUF's blocks")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
     cst.set_num_threads(args.threads)
+    if args.quantized:
+        return quantized(args)
     model = cst.Model(SMOLLM2_135M, seed=0)
     weight_bytes = model.flat_params.nbytes  # every matrix, the tied LM head included, is read per step
     print(f"model: SmolLM2-135M shape, random weights, {model.num_parameters / 1e6:.1f}M params "

@@ -82,7 +82,11 @@ class KVCache:
         self.scratch = np.empty(_core.gen_scratch_size(cfg, batch_size, max_chunk, max_len), dtype=np.float32)
         self.logits = np.zeros((batch_size, cfg.vocab_size), dtype=np.float32)
         self.rope_cos, self.rope_sin = rope_tables(max_len, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.layout = gen_offsets(cfg)
+        # A QuantizedModel (cst.quantized) brings its own layout and its GGUF blocks.
+        self.layout = getattr(model, "gen_layout", None)
+        if self.layout is None:
+            self.layout = gen_offsets(cfg)
+        self.quant = getattr(model, "gen_quant", None) or {}
         self.lengths = np.zeros(batch_size, dtype=np.int32)  # positions filled per sequence
         self.packed = packed  # optional: the weights packed by _core.gen_pack
 
@@ -96,7 +100,7 @@ class KVCache:
                              f"{self.max_chunk}")
         _core.gen_forward(self.config, self.model.flat_params, self.layout, tokens, self.lengths, n_new,
                           self.rope_cos, self.rope_sin, self.k, self.v, self.scratch, self.logits,
-                          packed=self.packed)
+                          packed=self.packed, **self.quant)
         self.lengths += n_new
         return self.logits
 
@@ -108,6 +112,8 @@ def _check_model(model) -> ModelConfig:
     flat = getattr(model, "flat_params", None)
     if not isinstance(flat, np.ndarray) or flat.dtype != np.float32 or flat.ndim != 1:
         raise TypeError("generate: model.flat_params must be a 1-D float32 numpy array")
+    if getattr(model, "gen_quant", None) is not None:  # quantised: gen_forward checks its own layout
+        return cfg
     need = num_params(cfg)
     if flat.size != need:
         raise ValueError(f"generate: model.flat_params has {flat.size} floats, the config needs {need}")
@@ -248,7 +254,7 @@ def generate(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p
     longest = int(lens.max())
     chunk = min(longest, PREFILL_CHUNK)
     packed, owned = None, False
-    if B >= PACK_MIN_BATCH:
+    if B >= PACK_MIN_BATCH and getattr(model, "gen_quant", None) is None:  # quantised weights: never packed
         packed, owned = _pack_buffer.acquire(_core.gen_packed_size(cfg))
     try:
         if packed is not None:

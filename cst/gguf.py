@@ -357,9 +357,12 @@ def load_gguf_tokenizer(path):
     return _tokenizer(_reader(path), path)
 
 
-def load_gguf(path, with_tokenizer=True):
+def load_gguf(path, with_tokenizer=True, dtype="f32"):
     """cst.Model from a Llama GGUF file, dequantised to float32, Q/K rows in Hugging Face order; the
-    tokenizer (or None when the file has none) is attached as model.tokenizer."""
+    tokenizer (or None when the file has none) is attached as model.tokenizer. dtype "q": a
+    cst.quantized.QuantizedModel for inference that keeps Q8_0/Q4_0/Q4_1 matrices as their blocks."""
+    if dtype not in ("f32", "q"):
+        raise ValueError(f"load_gguf: dtype must be 'f32' or 'q', got {dtype!r}")
     path = os.fspath(path)
     reader = _reader(path)
     tensors = {t.name: t for t in reader.tensors}
@@ -378,24 +381,31 @@ def load_gguf(path, with_tokenizer=True):
         got = tuple(int(d) for d in reversed(t.shape.tolist()))
         if got != tuple(shape):
             raise FormatError(f"{path}: tensor {gname!r} has shape {got}, expected {tuple(shape)} (from the metadata)")
-    model = Model(cfg, init=False)  # the weights are read next: no random initialisation
     with open(path, "rb") as f:
-        for name, shape in model.layout:
-            _load_tensor(model, f, path, name, shape, tensors[names[name]], permuted.get(name))
+        if dtype == "q":
+            from .quantized import build
+
+            def dequantize_into(dst, t, name):
+                _load_into(dst, f, path, t, permuted.get(name))
+
+            model = build(cfg, tensors, lambda t: _tensor_bytes(f, t, path), dequantize_into, permuted, path)
+        else:
+            model = Model(cfg, init=False)  # the weights are read next: no random initialisation
+            for name, shape in model.layout:
+                _load_into(model.params[name], f, path, tensors[names[name]], permuted.get(name))
     model.tokenizer = _tokenizer(reader, path) if with_tokenizer else None
     return model
 
 
-def _load_tensor(model, f, path, name, shape, t, n_head):
-    """Reads tensor t's blocks (checked against the file's size first) into model.params[name],
-    dequantised, with llama.cpp's Q/K row permutation undone when n_head is not None."""
+def _load_into(dst, f, path, t, n_head):
+    """Reads tensor t's blocks (with ordinary reads, checked against the file's size) into the float32
+    array dst, dequantised, with llama.cpp's Q/K row permutation undone when n_head is not None."""
     raw = _tensor_bytes(f, t, path)
-    dst = model.params[name]
     try:
         if n_head is None:
             _core.dequantize(dst, raw, int(t.tensor_type))
         else:
-            tmp = np.empty(shape, dtype=np.float32)
+            tmp = np.empty(dst.shape, dtype=np.float32)
             _core.dequantize(tmp, raw, int(t.tensor_type))
             dst[...] = _unpermute(tmp, n_head)
     except ValueError as e:

@@ -27,14 +27,20 @@ def smollm2_path() -> str:
     raise FileNotFoundError(f"SmolLM2-135M-Instruct GGUF not found; install it with: {_SMOLLM2_HINT}")
 
 
-def load(source):
+def load(source, dtype=None):
     """Model from a .gguf file, a Hugging Face Llama/Mistral/Qwen2 checkpoint directory, or
     "smollm2-135m-instruct".
-    model.tokenizer is the matching cst.tokenizer.Tokenizer (None when the source has no tokenizer)."""
+    model.tokenizer is the matching cst.tokenizer.Tokenizer (None when the source has no tokenizer).
+    dtype None/"f32": float32 weights (training and inference). dtype "q" (GGUF only): a
+    cst.quantized.QuantizedModel for generation that keeps Q8_0/Q4_0/Q4_1 matrices as their GGUF blocks."""
+    if dtype not in (None, "f32", "q"):
+        raise ValueError(f"cst.io.load: dtype must be None, 'f32' or 'q', got {dtype!r}")
     source = os.fspath(source)
     if source.lower() == SMOLLM2_NAME and not os.path.exists(source):
         source = smollm2_path()
     if os.path.isdir(source):
+        if dtype == "q":
+            raise ValueError(f"cst.io.load: dtype='q' reads GGUF blocks; {source} is a Hugging Face directory")
         from .hf import load_hf
         return load_hf(source)
     if os.path.isfile(source):
@@ -42,7 +48,7 @@ def load(source):
             magic = f.read(4)
         if magic == b"GGUF" or source.lower().endswith(".gguf"):
             from .gguf import load_gguf
-            return load_gguf(source)
+            return load_gguf(source, dtype=dtype or "f32")
         raise FormatError(f"{source}: not a GGUF file (magic {magic!r}) and not a directory")
     raise FileNotFoundError(f"cst.io.load: {source!r} is not a file, a directory, or {SMOLLM2_NAME!r}")
 

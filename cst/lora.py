@@ -44,6 +44,8 @@ class LoRA:
     (base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight, ...)."""
 
     def __init__(self, model, r=16, alpha=32.0, dropout=0.0, target_modules=TARGETS, seed=0):
+        from .quantized import check_trainable
+        check_trainable(model, "LoRA")
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
             raise ValueError(f"LoRA: r must be a positive int, got {r!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating, np.integer)) \

@@ -95,6 +95,8 @@ class Trainer:
     have fewer micro-batches (as the HF Trainer does)."""
 
     def __init__(self, model, config=None, train_dataset=None, eval_dataset=None, tokenizer=None, lora=None):
+        from .quantized import check_trainable
+        check_trainable(model, "Trainer")
         self.config = config = config if config is not None else DPOConfig()
         if not isinstance(config, DPOConfig):
             raise TypeError(f"Trainer: config must be a cst.DPOConfig, got {type(config).__name__}")

@@ -5,6 +5,8 @@
 #include "gen.h"
 #include "matmul.h"
 #include "ops.h"
+#include "qdot.h"
+#include "quant.h"
 #include "simd.h"
 #include "vexp.h"
 #include "avx512.h"
@@ -151,10 +153,21 @@ CST_TARGET_AVX512 static void attend_avx512(float *att, float *sc, const float *
 }
 #endif
 
+/* The widest input of any product, and the floats per row of its int8 blocks (qdot.h): K int8 and
+ * two scales per 32 values. */
+static int64_t qin_kmax(const cst_gen_config *cfg) {
+    const int64_t K = cfg->C > cfg->NH * cfg->HS ? cfg->C : cfg->NH * cfg->HS;
+    return K > cfg->F ? K : cfg->F;
+}
+static int64_t qin_floats(const cst_gen_config *cfg) {
+    return (qin_kmax(cfg) + 3) / 4 + 2 * (qin_kmax(cfg) / CST_Q8_BLOCK + 1);
+}
+
 int64_t cst_gen_scratch_size(const cst_gen_config *cfg, int64_t B, int64_t S, int64_t maxT) {
     const int64_t N = B * S, C = cfg->C, F = cfg->F, HS = cfg->HS;
     const int64_t QKV = (cfg->NH + 2 * cfg->NKV) * HS;
-    return N * (2 * C + 2 * QKV + cfg->NH * HS + 3 * F + HS + 1 + cfg->NH * maxT) + B * (C + cfg->V);
+    return N * (2 * C + 2 * QKV + cfg->NH * HS + 3 * F + HS + 1 + cfg->NH * maxT) + B * (C + cfg->V) +
+           N * qin_floats(cfg);
 }
 
 /* The matrices of one layer as packed, (rows, cols) of y = x W^T: q|k|v fused (they are adjacent in
@@ -192,19 +205,46 @@ void cst_gen_pack(float *dst, const float *params, const cst_gen_config *cfg, cs
  * rows (a long prefill) amortise packing B and run faster through cst_gemm's 8 x 48 kernel. */
 #define GEN_PACKED_MAX_ROWS 64
 
-/* y = x W^T from the packed copy when there is one and N is small, else from the weight itself; *wp
- * always moves past this matrix's packed copy. */
-static void linear(float *out, const float *x, const float *w, const float **wp, int64_t N, int64_t C,
-                   int64_t OC, int accumulate) {
-    if (*wp && N <= GEN_PACKED_MAX_ROWS) cst_gemm_packed_nt(out, x, *wp, N, C, OC, accumulate);
-    else cst_matmul_forward(out, x, w, N, C, OC, accumulate);
+/* One weight matrix of a product: float32 (w) or GGUF blocks (q, of ggml type `type`). */
+typedef struct {
+    const float *w;
+    const uint8_t *q;
+    int type;
+} gen_mat;
+
+/* Layout cell (row l, role r): the matrix from the quantised blocks when quant has it, else params. */
+static gen_mat gen_matrix(const float *params, cst_gen_layout layout, const cst_gen_quant *quant, int64_t l, int r) {
+    const int64_t i = l * CST_GEN_NROLES + r;
+    gen_mat m = {NULL, NULL, 0};
+    if (quant && quant->offsets[i] >= 0) m.q = quant->raw + quant->offsets[i], m.type = (int)quant->types[i];
+    else m.w = params + layout[i];
+    return m;
+}
+
+/* Scratch for the int8 blocks of a quantised product's N input rows of up to K values. */
+typedef struct {
+    int8_t *q;
+    float *d, *s;
+} gen_qin;
+
+/* y = x W^T: from the GGUF blocks (inputs quantised once per product), from the packed copy when
+ * there is one and N is small, else from the weight itself; *wp always moves past this matrix's
+ * packed copy. */
+static void linear(float *out, const float *x, gen_mat m, const float **wp, const gen_qin *qin, int64_t N,
+                   int64_t C, int64_t OC, int accumulate) {
+    if (m.q) {
+        cst_q8_quantize(qin->q, qin->d, qin->s, x, N, C);
+        cst_qmatvec(out, m.q, m.type, qin->q, qin->d, qin->s, N, C, OC, accumulate);
+    } else if (*wp && N <= GEN_PACKED_MAX_ROWS) cst_gemm_packed_nt(out, x, *wp, N, C, OC, accumulate);
+    else cst_matmul_forward(out, x, m.w, N, C, OC, accumulate);
     if (*wp) *wp += cst_gemm_packed_size(OC, C);
 }
 
 void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch, const float *params,
                      const float *packed, const int32_t *tokens, const int32_t *start_pos,
                      const int32_t *n_new, const float *rope_cos, const float *rope_sin,
-                     const cst_gen_config *cfg, cst_gen_layout layout, int64_t B, int64_t S, int64_t maxT) {
+                     const cst_gen_config *cfg, cst_gen_layout layout, int64_t B, int64_t S, int64_t maxT,
+                     const cst_gen_quant *quant) {
     const float *wp = packed;
     const int64_t V = cfg->V, C = cfg->C, L = cfg->L, NH = cfg->NH, NKV = cfg->NKV, F = cfg->F;
     const int64_t HS = cfg->HS, half = HS / 2, QD = NH * HS, KVD = NKV * HS, group = NH / NKV;
@@ -235,15 +275,27 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
     float *qkv = scores + R * NH * maxT; /* (N,NH*HS+2*NKV*HS) fused q|k|v */
     float *lastx = qkv + R * (QD + 2 * KVD); /* (nact,C) last new token of each active sequence */
     float *lastlog = lastx + B * C;      /* (nact,V) their logits */
+    float *qin_base = lastlog + B * V;   /* (N, qin_floats) int8 input blocks of quantised products */
 
     /* Embeddings, and the rotary table rows of each row's position: gathered per row, the packed
      * rows look like one sequence at positions 0..N-1 to cst_rope_forward. */
-    const int64_t *glob = layout + L * CST_GEN_NROLES;
-    const float *embed = params + glob[CST_GEN_EMBED];
+    const int64_t kmax = qin_kmax(cfg);
+    gen_qin qin;
+    qin.q = (int8_t *)qin_base;
+    qin.d = qin_base + R * ((kmax + 3) / 4);
+    qin.s = qin.d + R * (kmax / CST_Q8_BLOCK + 1);
+    const gen_mat embed = gen_matrix(params, layout, quant, L, CST_GEN_EMBED);
+    int64_t emb_blocks = 0, emb_row_bytes = 0;
+    if (embed.q) {
+        int64_t be, bb;
+        cst_quant_block_info(embed.type, &be, &bb);
+        emb_blocks = C / be, emb_row_bytes = emb_blocks * bb;
+    }
     for (int64_t b = 0, off = 0; b < B; off += n_new[b], b++) {
         for (int64_t i = 0; i < n_new[b]; i++) {
-            const int64_t r = off + i, pos = start_pos[b] + i;
-            memcpy(x + r * C, embed + (int64_t)tokens[b * S + i] * C, (size_t)C * sizeof(float));
+            const int64_t r = off + i, pos = start_pos[b] + i, tok = tokens[b * S + i];
+            if (embed.q) cst_dequantize(x + r * C, embed.q + tok * emb_row_bytes, emb_blocks, embed.type);
+            else memcpy(x + r * C, embed.w + tok * C, (size_t)C * sizeof(float));
             memcpy(rc + r * half, rope_cos + pos * half, (size_t)half * sizeof(float));
             memcpy(rs + r * half, rope_sin + pos * half, (size_t)half * sizeof(float));
         }
@@ -252,15 +304,17 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
     const float scale = (float)(1.0 / sqrt((double)HS));
     for (int64_t l = 0; l < L; l++) {
         const int64_t *at = layout + l * CST_GEN_NROLES;
-        const float *w_in = params + at[CST_GEN_ATTN_NORM], *w_qkv = params + at[CST_GEN_QKV];
+        const float *w_in = params + at[CST_GEN_ATTN_NORM], *w_post = params + at[CST_GEN_FFN_NORM];
         const float *b_qkv = at[CST_GEN_QKV_BIAS] < 0 ? NULL : params + at[CST_GEN_QKV_BIAS];
-        const float *w_o = params + at[CST_GEN_O], *w_post = params + at[CST_GEN_FFN_NORM];
-        const float *w_gu = params + at[CST_GEN_GU], *w_down = params + at[CST_GEN_DOWN];
+        const gen_mat w_qkv = gen_matrix(params, layout, quant, l, CST_GEN_QKV);
+        const gen_mat w_o = gen_matrix(params, layout, quant, l, CST_GEN_O);
+        const gen_mat w_gu = gen_matrix(params, layout, quant, l, CST_GEN_GU);
+        const gen_mat w_down = gen_matrix(params, layout, quant, l, CST_GEN_DOWN);
         float *kl = kcache + l * B * maxT * KVD, *vl = vcache + l * B * maxT * KVD;
 
         cst_rmsnorm_forward(xn, rstd, x, w_in, N, C, cfg->norm_eps);
         /* q|k|v as one product, then split: RoPE and the cache copy want q, k and v contiguous. */
-        linear(qkv, xn, w_qkv, &wp, N, C, QD + 2 * KVD, 0);
+        linear(qkv, xn, w_qkv, &wp, &qin, N, C, QD + 2 * KVD, 0);
         for (int64_t r = 0; r < N; r++) {
             float *row = qkv + r * (QD + 2 * KVD);
             if (b_qkv)
@@ -292,19 +346,20 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
                    start_pos[b], n_new[b], group, HS, QD, NH * maxT, KVD, maxT, scale);
         }
 
-        linear(x, att, w_o, &wp, N, QD, C, 1); /* residual add */
+        linear(x, att, w_o, &wp, &qin, N, QD, C, 1); /* residual add */
         cst_rmsnorm_forward(xn, rstd, x, w_post, N, C, cfg->norm_eps);
-        linear(gu, xn, w_gu, &wp, N, C, 2 * F, 0);
+        linear(gu, xn, w_gu, &wp, &qin, N, C, 2 * F, 0);
         cst_swiglu_forward(hb, gu, N, F);
-        linear(x, hb, w_down, &wp, N, F, C, 1); /* residual add */
+        linear(x, hb, w_down, &wp, &qin, N, F, C, 1); /* residual add */
     }
 
     /* LM head on the last new token of each active sequence only. */
-    const float *w_norm = params + glob[CST_GEN_NORM], *w_head = params + glob[CST_GEN_HEAD];
+    const float *w_norm = params + layout[L * CST_GEN_NROLES + CST_GEN_NORM];
+    const gen_mat w_head = gen_matrix(params, layout, quant, L, CST_GEN_HEAD);
     for (int64_t b = 0, off = 0, j = 0; b < B; off += n_new[b], b++)
         if (n_new[b] > 0) memcpy(lastx + (j++) * C, x + (off + n_new[b] - 1) * C, (size_t)C * sizeof(float));
     cst_rmsnorm_forward(xn, rstd, lastx, w_norm, nact, C, cfg->norm_eps);
-    linear(lastlog, xn, w_head, &wp, nact, C, V, 0);
+    linear(lastlog, xn, w_head, &wp, &qin, nact, C, V, 0);
     for (int64_t b = 0, j = 0; b < B; b++)
         if (n_new[b] > 0) memcpy(logits + b * V, lastlog + (j++) * V, (size_t)V * sizeof(float));
 }

@@ -20,6 +20,16 @@ enum { CST_GEN_ATTN_NORM, CST_GEN_QKV, CST_GEN_QKV_BIAS, CST_GEN_O, CST_GEN_FFN_
 enum { CST_GEN_EMBED, CST_GEN_NORM, CST_GEN_HEAD };
 typedef const int64_t *cst_gen_layout; /* (L + 1, CST_GEN_NROLES) */
 
+/* Weight matrices kept in GGUF blocks (qdot.h) instead of float32 params, for cst_gen_forward: per
+ * layout cell, offsets[i] >= 0 is the byte offset in raw of that matrix (rows in the order the fused
+ * product wants, HF's q/k order), of ggml type types[i]; -1 reads the cell from params. Only the
+ * matrix roles (QKV, O, GU, DOWN) and the embedding and head may be quantised: the embedding row of a
+ * token is dequantised (any cst_quant_block_info type), products use cst_qmatvec (its types). */
+typedef struct {
+    const uint8_t *raw;
+    const int64_t *offsets, *types; /* (L + 1, CST_GEN_NROLES) */
+} cst_gen_quant;
+
 /* Floats of scratch cst_gen_forward needs for B sequences of up to S new tokens each and caches of
  * maxT positions (the attention scores of every new token against every cached position dominate). */
 int64_t cst_gen_scratch_size(const cst_gen_config *cfg, int64_t B, int64_t S, int64_t maxT);
@@ -32,11 +42,13 @@ int64_t cst_gen_scratch_size(const cst_gen_config *cfg, int64_t B, int64_t S, in
  * tokens (B,S) in [0,V) where used; start_pos (B) >= 0; n_new (B) in [0,S]; start_pos+n_new <= maxT.
  * rope_cos, rope_sin (>= maxT, HS/2): rotary tables by position (cst.ops.rope_tables).
  * Positions below start_pos[b] must already hold sequence b's keys and values.
- * packed: NULL, or cst_gen_pack's output for these params. */
+ * packed: NULL, or cst_gen_pack's output for these params. quant: NULL, or the matrices read from their
+ * GGUF blocks (with packed NULL); their layout cells are not read. */
 void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch, const float *params,
                      const float *packed, const int32_t *tokens, const int32_t *start_pos,
                      const int32_t *n_new, const float *rope_cos, const float *rope_sin,
-                     const cst_gen_config *cfg, cst_gen_layout layout, int64_t B, int64_t S, int64_t maxT);
+                     const cst_gen_config *cfg, cst_gen_layout layout, int64_t B, int64_t S, int64_t maxT,
+                     const cst_gen_quant *quant);
 
 /* The weight matrices packed once (cst_gemm_pack_nt's layout, the same on every SIMD path): q|k|v, o,
  * gate|up and down of each layer, then the LM head. cst_gen_forward with packed != NULL reads products of

@@ -1,6 +1,6 @@
 /* quant.c: decodes ggml/GGUF tensor blocks (F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K,
- * Q6_K) to float32, one OpenMP iteration per block. No quantisation and no matmul on packed data:
- * cst dequantises once at load time. Arithmetic mirrors gguf-py's reference (same products, same
+ * Q6_K) to float32, one OpenMP iteration per block: training dequantises once at load time (the
+ * products that read Q8_0/Q4_0/Q4_1 blocks directly for generation are in qdot.c). Arithmetic mirrors gguf-py's reference (same products, same
  * order, no fused multiply-add) so results are bit-identical to gguf.quants.dequantize. */
 #include "quant.h"
 #include <string.h>

@@ -1,5 +1,5 @@
-/* quant.h: GGUF/ggml block formats decoded to float32. Decoding only: cst never quantises, it reads
- * llama.cpp files and trains in float32. Layouts follow ggml-quants.c; type ids are ggml's. */
+/* quant.h: GGUF/ggml block formats decoded to float32. Decoding only: cst never quantises weights, it
+ * reads llama.cpp files and trains in float32 (qdot.h reads some block types directly for generation). Layouts follow ggml-quants.c; type ids are ggml's. */
 #ifndef CST_QUANT_H
 #define CST_QUANT_H
 

@@ -2,6 +2,8 @@
  * checks of caches, scratch and positions. Boundary only: no arithmetic. */
 #include "glue.h"
 #include "gen.h"
+#include "qdot.h"
+#include "quant.h"
 #include <math.h>
 #include <stddef.h>
 
@@ -62,7 +64,8 @@ static int read_config(const char *fn, PyObject *o, cst_gen_config *c) {
 static int scratch_size_fits(const cst_gen_config *c, double B, double S, double maxT) {
     const double HS = (double)c->HS;
     const double n = B * S * (2.0 * c->C + 2.0 * (c->NH + 2.0 * c->NKV) * HS + c->NH * HS + 3.0 * c->F + HS +
-                              1.0 + c->NH * maxT) + B * ((double)c->C + c->V);
+                              1.0 + c->NH * maxT) + B * ((double)c->C + c->V) +
+                     B * S * (0.5 * ((double)c->C + c->NH * HS + c->F) + 8.0); /* int8 inputs, generously */
     return n < 4.0e18;
 }
 
@@ -99,8 +102,8 @@ static void run_gen_scratch_size(cst_call *c) {
 }
 
 /* The layout (argument 2, cst.model.gen_offsets) must place every tensor inside params' P floats; only
- * a layer's q|k|v bias may be absent (-1). */
-static int check_layout(cst_call *c) {
+ * a layer's q|k|v bias may be absent (-1), and the cells qoff (NULL: none) marks quantised. */
+static int check_layout_cells(cst_call *c, const int64_t *qoff) {
     const cst_gen_config *cfg = CST_STATE(c, const cst_gen_config);
     const int64_t *a = c->v[2].p, P = cst_n(c, 'P');
     const int64_t C = cfg->C, QKV = (cfg->NH + 2 * cfg->NKV) * cfg->HS, F = cfg->F;
@@ -110,10 +113,61 @@ static int check_layout(cst_call *c) {
         for (int r = 0; r < (l < cfg->L ? CST_GEN_NROLES : 3); r++) {
             const int64_t off = a[l * CST_GEN_NROLES + r], n = l < cfg->L ? size[r] : gsize[r];
             if (off == -1 && l < cfg->L && r == CST_GEN_QKV_BIAS) continue;
+            if (qoff && qoff[l * CST_GEN_NROLES + r] >= 0) continue;
             if (off < 0 || off > P || n > P - off) {
                 PyErr_Format(PyExc_ValueError,
                              "%s: 'layout'[%lld, %d] = %lld places %lld floats outside 'params' (%lld floats)",
                              c->fn, (long long)l, r, (long long)off, (long long)n, (long long)P);
+                return -1;
+            }
+        }
+    return 0;
+}
+
+static int check_layout(cst_call *c) { return check_layout_cells(c, NULL); }
+
+/* gen_forward's quantised matrices (arguments 13-15, all or none): each marked cell is a matrix role
+ * (or the embedding / head) of a type it can read, whose whole rows lie inside 'qweights'. */
+static int check_quant(cst_call *c) {
+    const cst_gen_config *cfg = CST_STATE(c, const cst_gen_config);
+    const int given = (c->v[13].p != NULL) + (c->v[14].p != NULL) + (c->v[15].p != NULL);
+    if (given == 0) return 0;
+    if (given != 3) {
+        PyErr_Format(PyExc_ValueError, "%s: 'qweights', 'qoffsets' and 'qtypes' go together", c->fn);
+        return -1;
+    }
+    if (c->v[12].p) {
+        PyErr_Format(PyExc_ValueError, "%s: 'packed' and 'qweights' exclude each other", c->fn);
+        return -1;
+    }
+    const int64_t *off = c->v[14].p, *types = c->v[15].p, nbytes = (int64_t)c->size[13];
+    const int64_t C = cfg->C, QD = cfg->NH * cfg->HS, QKV = QD + 2 * cfg->NKV * cfg->HS, F = cfg->F;
+    /* (rows, cols) of each role's matrix; 0 rows: not a matrix. */
+    const int64_t rows[CST_GEN_NROLES] = {0, QKV, 0, C, 0, 2 * F, C}, cols[CST_GEN_NROLES] = {0, C, 0, QD, 0, C, F};
+    for (int64_t l = 0; l <= cfg->L; l++)
+        for (int r = 0; r < CST_GEN_NROLES; r++) {
+            const int64_t i = l * CST_GEN_NROLES + r, o = off[i];
+            if (o < 0) continue;
+            const int glob = l == cfg->L, embed = glob && r == CST_GEN_EMBED;
+            const int64_t nr = glob ? cfg->V : rows[r], nc = glob ? C : cols[r];
+            int64_t be = 0, bb = 0;
+            const int type = types[i] < 0 || types[i] > 1024 ? -1 : (int)types[i];
+            const int known = type >= 0 && cst_quant_block_info(type, &be, &bb);
+            if ((glob && r != CST_GEN_EMBED && r != CST_GEN_HEAD) || (!glob && nr == 0)) {
+                PyErr_Format(PyExc_ValueError, "%s: 'qoffsets'[%lld, %d] marks a tensor that is not a weight matrix",
+                             c->fn, (long long)l, r);
+                return -1;
+            }
+            if (!known || type == CST_GGML_F32 || (!embed && !cst_qdot_supported(type)) || nc % be) {
+                PyErr_Format(PyExc_ValueError, "%s: 'qtypes'[%lld, %d] = %lld cannot be read here (products: Q4_0 2, "
+                             "Q4_1 3, Q8_0 8; the embedding: any ggml block type dequantize reads, in whole rows)",
+                             c->fn, (long long)l, r, (long long)types[i]);
+                return -1;
+            }
+            const int64_t need = nr * (nc / be) * bb;
+            if (o > nbytes || need > nbytes - o) {
+                PyErr_Format(PyExc_ValueError, "%s: 'qoffsets'[%lld, %d] = %lld places %lld bytes outside 'qweights' "
+                             "(%lld bytes)", c->fn, (long long)l, r, (long long)o, (long long)need, (long long)nbytes);
                 return -1;
             }
         }
@@ -128,7 +182,7 @@ static void run_gen_pack(cst_call *c) {
  * sequence's new tokens fit its cache and the vocabulary. */
 static int check_gen_forward(cst_call *c) {
     const cst_gen_config *cfg = CST_STATE(c, const cst_gen_config);
-    if (check_layout(c) < 0) return -1;
+    if (check_quant(c) < 0 || check_layout_cells(c, c->v[13].p ? c->v[14].p : NULL) < 0) return -1;
     if (cst_n(c, 'R') < cst_n(c, 'M')) {
         PyErr_Format(PyExc_ValueError, "%s: 'rope_cos' and 'rope_sin' have %lld positions, the caches %lld",
                      c->fn, (long long)cst_n(c, 'R'), (long long)cst_n(c, 'M'));
@@ -168,9 +222,10 @@ static int check_gen_forward(cst_call *c) {
 }
 
 static void run_gen_forward(cst_call *c) {
+    const cst_gen_quant q = {c->v[13].p, c->v[14].p, c->v[15].p};
     cst_gen_forward(c->v[11].p, c->v[8].p, c->v[9].p, c->v[10].p, c->v[1].p, c->v[12].p, c->v[3].p, c->v[4].p,
                     c->v[5].p, c->v[6].p, c->v[7].p, CST_STATE(c, const cst_gen_config), c->v[2].p, cst_n(c, 'B'),
-                    cst_n(c, 'S'), cst_n(c, 'M'));
+                    cst_n(c, 'S'), cst_n(c, 'M'), c->v[13].p ? &q : NULL);
 }
 
 #define CONFIG {"config", CST_OBJECT}
@@ -206,12 +261,17 @@ const cst_entry cst_gen_entries[] = {
       OUT("vcache", "LBMK"),
       OUT("scratch", "Z"),
       OUT("logits", "BV"),
-      {"packed", CST_F32, "W", CST_NONE, .def = "None"}},
+      {"packed", CST_F32, "W", CST_NONE, .def = "None"},
+      {"qweights", CST_U8, "*", CST_NONE, .def = "None"},
+      {"qoffsets", CST_I64, "YX", CST_NONE, .def = "None"},
+      {"qtypes", CST_I64, "YX", CST_NONE, .def = "None"}},
      .prepare = prepare_config, .check = check_gen_forward,
      .doc = "layout (L+1, 7) int64 from cst.model.gen_offsets places each tensor in params; appends tokens (B,S) int32 [b, :n_new[b]] at positions start_pos[b].. of each sequence's "
             "KV cache, rotary tables (>=maxT, HS/2) from cst.ops.rope_tables, "
             "(L,B,maxT,NKV*HS) and writes the logits of each active sequence's last new token into logits "
             "(B,V); rows with n_new 0 are untouched. packed (from gen_pack, optional): the weights "
-            "packed once, so that products of few rows run through the GEMM microkernel."},
+            "packed once, so that products of few rows run through the GEMM microkernel. qweights (uint8), qoffsets and "
+            "qtypes ((L+1, 7) int64, optional, together): matrices read from GGUF blocks at those byte offsets "
+            "(-1: from params), rows in the fused order; their layout cells are ignored."},
     {NULL},
 };

@@ -117,6 +117,7 @@ extern const cst_entry cst_matmul_entries[];
 extern const cst_entry cst_ops_entries[];
 extern const cst_entry cst_optim_entries[];
 extern const cst_entry cst_quant_entries[];
+extern const cst_entry cst_qdot_entries[];
 extern const cst_entry cst_dpo_entries[];
 extern const cst_entry cst_gen_entries[];
 extern const cst_entry cst_attention_entries[];

@@ -86,7 +86,7 @@ static PyMethodDef module_methods[] = {
 
 static const cst_entry *entry_tables[] = {cst_matmul_entries, cst_ops_entries,  cst_attention_entries,
                                           cst_dpo_entries,    cst_optim_entries, cst_gen_entries,
-                                          cst_quant_entries};
+                                          cst_quant_entries, cst_qdot_entries};
 
 static struct PyModuleDef core_module = {PyModuleDef_HEAD_INIT, "_core",
                                          "cst native core: kernels for Llama-family models.", -1,

@@ -1,0 +1,146 @@
+"""Products against raw GGUF Q8_0 / Q4_0 / Q4_1 blocks (csrc/kernels/qdot.c): the int8 quantisation of
+the inputs against NumPy, and every product against a float64 NumPy reference of the same arithmetic
+(dequantised weights times the dequantised int8 inputs), on every SIMD path, odd sizes included."""
+import numpy as np
+import pytest
+
+from cst import _core
+from conftest import with_threads
+
+Q8_0, Q4_0, Q4_1 = 8, 2, 3
+BLOCK_BYTES = {Q8_0: 34, Q4_0: 18, Q4_1: 20}
+
+
+def random_blocks(rng, rows, k, type_id):
+    """rows x k weights as raw GGUF blocks with random (finite) f16 scales and random quants."""
+    nb = rows * k // 32
+    raw = rng.integers(0, 256, size=(nb, BLOCK_BYTES[type_id]), dtype=np.uint8)
+    raw[:, 0:2] = (rng.uniform(-0.02, 0.02, nb).astype(np.float16)).view(np.uint8).reshape(nb, 2)
+    if type_id == Q4_1:
+        raw[:, 2:4] = (rng.uniform(-0.1, 0.1, nb).astype(np.float16)).view(np.uint8).reshape(nb, 2)
+    return raw.reshape(-1)
+
+
+def dequantized(raw, rows, k, type_id):
+    out = np.empty(rows * k, np.float32)
+    _core.dequantize(out, raw, type_id)
+    return out.reshape(rows, k).astype(np.float64)
+
+
+def reference_quantize(x):
+    """The int8 blocks of cst_q8_quantize, in NumPy (float32 scale arithmetic, round half away)."""
+    n, k = x.shape
+    xb = x.reshape(n, k // 32, 32).astype(np.float32)
+    d = (np.abs(xb).max(axis=2) / np.float32(127.0)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d > 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
+    v = (xb * inv[:, :, None]).astype(np.float32).astype(np.float64)
+    q = np.clip(np.sign(v) * np.floor(np.abs(v) + 0.5), -127, 127).astype(np.int8)
+    s = (d * q.astype(np.int32).sum(axis=2).astype(np.float32)).astype(np.float32)
+    return q.reshape(n, k), d, s
+
+
+def quantize(x):
+    n, k = x.shape
+    q = np.empty((n, k), np.uint8)
+    d, s = np.empty((n, k // 32), np.float32), np.empty((n, k // 32), np.float32)
+    _core.q8_quantize(q, d, s, x)
+    return q, d, s
+
+
+def test_q8_quantize_matches_numpy(rng):
+    x = rng.normal(size=(5, 96)).astype(np.float32) * rng.uniform(0.01, 10, size=(5, 1)).astype(np.float32)
+    x[1, 32:64] = 0.0  # an all-zero block: scale 0, quants 0
+    x[2, 5] = 1e-30
+    q, d, s = quantize(x)
+    rq, rd, rs = reference_quantize(x)
+    np.testing.assert_array_equal(q.view(np.int8), rq)
+    np.testing.assert_array_equal(d, rd)
+    np.testing.assert_array_equal(s, rs)
+    assert d[1, 1] == 0 and not q[1, 32:64].any()
+    # dequantised blocks are within half a step of the input
+    err = np.abs(q.view(np.int8).reshape(5, 3, 32) * d[:, :, None] - x.reshape(5, 3, 32))
+    assert (err <= 0.5001 * d[:, :, None] + 1e-37).all()
+
+
+@pytest.mark.parametrize("type_id", [Q8_0, Q4_0, Q4_1])
+@pytest.mark.parametrize("n,k,o", [(1, 32, 1), (1, 576, 37), (3, 96, 17), (2, 1536, 5), (7, 160, 9)])
+def test_qmatvec_matches_float64_reference(simd, rng, type_id, n, k, o):
+    raw = random_blocks(rng, o, k, type_id)
+    x = rng.normal(size=(n, k)).astype(np.float32)
+    q, d, s = quantize(x)
+    xd = q.view(np.int8).reshape(n, k // 32, 32).astype(np.float64) * d[:, :, None]
+    want = xd.reshape(n, k) @ dequantized(raw, o, k, type_id).T
+    out = np.full((n, o), np.nan, np.float32)
+    _core.qmatvec(out, raw, q, d, s, type_id)
+    scale = np.abs(xd.reshape(n, k)) @ np.abs(dequantized(raw, o, k, type_id)).T
+    assert (np.abs(out - want) <= 2e-6 * scale + 1e-30).all(), np.abs(out - want).max()
+    acc = np.ones((n, o), np.float32)
+    _core.qmatvec(acc, raw, q, d, s, type_id, accumulate=True)
+    np.testing.assert_allclose(acc, out + 1.0, rtol=1e-6, atol=1e-6)
+
+
+def test_qmatvec_extreme_quants(simd):
+    """-128 weights (Q8_0) and saturating magnitudes: the u8 x s8 sign trick and int16 pair sums."""
+    k = 64
+    raw = np.zeros((2, 34), np.uint8)
+    raw[:, 0:2] = np.full(2, 1.0, np.float16).view(np.uint8).reshape(2, 2)
+    raw[:, 2:] = np.frombuffer(np.full(32, -128, np.int8).tobytes(), np.uint8)
+    x = np.full((1, k), -1.0, np.float32)
+    q, d, s = quantize(x)
+    out = np.zeros((1, 1), np.float32)
+    _core.qmatvec(out, raw.reshape(-1), q, d, s, Q8_0)
+    assert out[0, 0] == pytest.approx(64 * 128 * 127 * float(d[0, 0]), rel=1e-6)
+
+
+def test_qmatvec_independent_of_threads_and_rows(rng):
+    raw = random_blocks(rng, 301, 576, Q4_1)
+    x = rng.normal(size=(4, 576)).astype(np.float32)
+    q, d, s = quantize(x)
+    outs = []
+    for t in (1, 2, 3):
+        out = np.empty((4, 301), np.float32)
+        with_threads(t, lambda: _core.qmatvec(out, raw, q, d, s, Q4_1))
+        outs.append(out)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    np.testing.assert_array_equal(outs[0], outs[2])
+    one = np.empty((1, 301), np.float32)
+    _core.qmatvec(one, raw, q[2:3], d[2:3], s[2:3], Q4_1)
+    np.testing.assert_array_equal(one[0], outs[0][2])  # a row's result does not depend on the others
+
+
+def test_qmatvec_rejects_bad_input(rng):
+    raw = random_blocks(rng, 3, 64, Q4_1)
+    q, d, s = quantize(rng.normal(size=(1, 64)).astype(np.float32))
+    out = np.empty((1, 3), np.float32)
+    with pytest.raises(ValueError, match="type_id 12"):
+        _core.qmatvec(out, raw, q, d, s, 12)
+    with pytest.raises(ValueError, match="'w' has"):
+        _core.qmatvec(out, raw[:-1], q, d, s, Q4_1)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _core.q8_quantize(np.empty((1, 40), np.uint8), np.empty((1, 1), np.float32), np.empty((1, 1), np.float32),
+                          np.ones((1, 40), np.float32))
+
+
+def test_avx512_without_vnni_gives_the_same_bits(rng, tmp_path):
+    """The AVX512BW kernel (vpmaddubsw + vpmaddwd, for AVX-512 CPUs without VNNI) against the VNNI one:
+    the same exact integers and float order, so the same bits. CST_NO_VNNI=1 selects it in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    if "avx512" not in _core.simd_supported():
+        pytest.skip("no AVX-512 on this CPU")
+    for type_id in (Q8_0, Q4_0, Q4_1):
+        raw = random_blocks(rng, 33, 160, type_id)
+        q, d, s = quantize(rng.normal(size=(2, 160)).astype(np.float32))
+        np.savez(tmp_path / "in.npz", raw=raw, q=q, d=d, s=s)
+        code = ("import numpy as np, sys; from cst import _core; _core.set_simd_path('avx512'); "
+                "z = np.load(sys.argv[1]); out = np.empty((2, 33), np.float32); "
+                f"_core.qmatvec(out, z['raw'], z['q'], z['d'], z['s'], {type_id}); np.save(sys.argv[2], out)")
+        outs = []
+        for flag in ("0", "1"):
+            env = dict(os.environ, CST_NO_VNNI=flag, PYTHONPATH=os.pathsep.join(sys.path))
+            subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.npz"), str(tmp_path / f"o{flag}.npy")],
+                           check=True, env=env, timeout=120)
+            outs.append(np.load(tmp_path / f"o{flag}.npy"))
+        np.testing.assert_array_equal(outs[0], outs[1])
