@@ -194,3 +194,38 @@ def test_bad_skip_spans(rng):
         m.forward_logprobs(b.tokens, b.targets, None, skip=b.skip)
     with pytest.raises(ValueError, match="non-empty"):
         collate([{"prompt_ids": [1], "chosen_ids": [], "rejected_ids": [2]}], share_prompt=True)
+
+
+# ---- the Trainer option ----
+
+@pytest.mark.parametrize("kind", ["lora", "full", "ipo_rpo"])
+def test_trainer_share_prompt_equals_two_rows(tmp_path, kind):
+    from test_trainer import config as tconfig, toy_model, varied_pairs
+    from cst.trainer import Trainer
+    extra = {"lora": dict(lora_r=4, lora_alpha=8.0), "full": {},
+             "ipo_rpo": dict(lora_r=4, lora_alpha=8.0, loss_type="ipo", rpo_alpha=0.5)}[kind]
+    data = varied_pairs(12, 3)
+    runs = {}
+    for share in (False, True):
+        m = toy_model(1)
+        seen = []
+        orig = m.forward_logprobs
+        m.forward_logprobs = lambda *a: seen.append(a[3] if len(a) > 3 else None) or orig(*a)
+        tr = Trainer(m, tconfig(tmp_path, f"{kind}{share}", max_steps=3, eval_steps=3, share_prompt=share,
+                                **extra), data, eval_dataset=varied_pairs(4, 9))
+        with_threads(1, tr.train)
+        assert all((s is not None) == share for s in seen) and seen  # references, steps and eval alike
+        runs[share] = (tr._params.copy(), tr._ref.copy(), [h.get("loss", h.get("eval_loss")) for h in tr.history])
+    (p0, r0, h0), (p1, r1, h1) = runs[False], runs[True]
+    np.testing.assert_allclose(r1, r0, rtol=1e-6, atol=1e-5)
+    assert rel_err(p1, p0) < 1e-5
+    np.testing.assert_allclose(h1, h0, rtol=1e-5)
+
+
+def test_share_prompt_config_checked():
+    from cst.training_config import DPOConfig
+    assert DPOConfig().share_prompt is True
+    with pytest.raises(ValueError, match="share_prompt"):
+        DPOConfig(share_prompt=1)
+    b = collate([{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]}], sft=True, share_prompt=True)
+    assert b.skip is None and b.tokens.tolist() == [[1, 2, 3]]  # SFT has no pairs to share
