@@ -80,7 +80,9 @@ class SkipPlan:
     def head_src(self, rows):
         """rows: sorted flat positions whose target is scored -> the positions whose hidden states score them."""
         src = rows.copy()
-        src[np.searchsorted(rows, self.slot)] = self.slot_src
+        i = np.minimum(np.searchsorted(rows, self.slot), len(rows) - 1)
+        hit = rows[i] == self.slot  # a caller's targets may leave a slot unscored (-1)
+        src[i[hit]] = self.slot_src[hit]
         return src
 
     def head_backward(self, dlnf):

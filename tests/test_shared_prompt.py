@@ -229,3 +229,21 @@ def test_share_prompt_config_checked():
         DPOConfig(share_prompt=1)
     b = collate([{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5]}], sft=True, share_prompt=True)
     assert b.skip is None and b.tokens.tolist() == [[1, 2, 3]]  # SFT has no pairs to share
+
+
+def test_unscored_slot_is_left_alone(rng):
+    """Targets that ignore the rejected side's first token: the remaining positions still equal the
+    two-row computation (the remapping touches only scored slots)."""
+    m = Model(config(), seed=2)
+    ex = pairs(rng, 3, lo=2)
+    b = collate(ex, share_prompt=True)
+    tg = b.targets.copy()
+    tg[np.arange(3), b.skip[:, 1] - 1] = -1
+    lp = m.forward_logprobs(b.tokens, tg, b.lengths, skip=b.skip).copy()
+    u = collate(ex)
+    ref = m.forward_logprobs(u.tokens, u.targets, u.lengths)
+    for i, (s0, s1) in enumerate(b.skip):
+        np.testing.assert_allclose(lp[i, s0 - 1:s1 - 1], ref[i, s0 - 1:s1 - 1], rtol=1e-6, atol=1e-6)
+        n = b.lengths[i] - s1
+        np.testing.assert_allclose(lp[i, s1:s1 + n - 1], ref[3 + i, s0:s0 + n - 1], rtol=1e-6, atol=1e-6)
+        assert lp[i, s1 - 1] == 0.0
