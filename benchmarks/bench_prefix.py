@@ -2,8 +2,9 @@
 forward_logprobs, sigmoid DPO loss, backward_logprobs; LoRA r=16 on all seven projections of a
 random-weight SmolLM2-135M-shaped model), with DPOConfig(share_prompt=True) and False, in one process.
 Each side runs `--runs` times, interleaved (unshared, shared, unshared, ...), each run one warm-up
-step then `--steps` timed ones; prints min and median s/step per side and a final `ratio` line
-(unshared / shared median). Shapes: "demo" is the demo's recipe (4 pairs, max_length 80, prompts
+step then `--steps` timed ones; prints min and median s/step per side, in wall time and in the
+process's CPU time (all threads; less sensitive to other processes on a loaded machine), and a final
+`ratio` line (unshared / shared medians). Shapes: "demo" is the demo's recipe (4 pairs, max_length 80, prompts
 of --demo-prompt tokens, completions filling the rest), "smollm2" the shape of bench_dpo.py (4 pairs x
 256 tokens, 64 of them prompt). The optimizer step (the same on both sides) is not timed.
 
@@ -54,24 +55,28 @@ def bench(name, P, prompt, completion, runs, steps):
     LoRA(m, r=16, alpha=32.0, seed=1).attach()
     ex = pairs(P, prompt, completion, SMOLLM2["vocab_size"])
     lp0, lp1 = step(m, ex, False), step(m, ex, True)  # the two agree (tests/test_shared_prompt.py)
-    print(f"{name}: {P} pairs, prompt {prompt} + completions {completion} tokens; "
+    print(f"{name}: {P} pairs, prompt {prompt} + completions {completion} tokens (trunk tokens per pair "
+          f"{2 * (prompt + completion)} unshared, {prompt + 2 * completion} shared); "
           f"max |logp shared - unshared| = {float(np.abs(lp1 - lp0).max()):.2e}", flush=True)
-    times = {False: [], True: []}
+    wall, cpu = {False: [], True: []}, {False: [], True: []}
     for r in range(runs):
         for share in (False, True):
             step(m, ex, share)  # warm-up: arena sized for this side
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 step(m, ex, share)
-            times[share].append((time.perf_counter() - t0) / steps)
-            print(f"  run {r + 1} {'shared  ' if share else 'unshared'} {times[share][-1]:.3f} s/step", flush=True)
-    res = {}
+            wall[share].append((time.perf_counter() - t0) / steps)
+            cpu[share].append((time.process_time() - c0) / steps)
+            print(f"  run {r + 1} {'shared  ' if share else 'unshared'} {wall[share][-1]:.3f} s/step wall, "
+                  f"{cpu[share][-1]:.3f} s/step CPU, load {os.getloadavg()[0]:.1f}", flush=True)
+    med = {}
     for share in (False, True):
-        t = times[share]
-        res[share] = statistics.median(t)
-        print(f"{name} {'shared  ' if share else 'unshared'}: min {min(t):.3f} median {res[share]:.3f} s/step")
+        w, c = wall[share], cpu[share]
+        med[share] = statistics.median(w), statistics.median(c)
+        print(f"{name} {'shared  ' if share else 'unshared'}: wall min {min(w):.3f} median {med[share][0]:.3f}, "
+              f"CPU min {min(c):.3f} median {med[share][1]:.3f} s/step")
     del m
-    return res[False] / res[True]
+    return med[False][0] / med[True][0], med[False][1] / med[True][1]
 
 
 def main():
@@ -91,7 +96,8 @@ def main():
     if a.shape in ("smollm2", "both"):
         ratios.append(("smollm2", bench("smollm2", 4, 64, 192, a.runs, a.steps)))
     print(f"load average {os.getloadavg()[0]:.2f} at end")
-    print("ratio " + " ".join(f"{n} {r:.2f}x" for n, r in ratios) + " (unshared / shared median s/step)")
+    print("ratio " + ", ".join(f"{n} {w:.2f}x wall {c:.2f}x CPU" for n, (w, c) in ratios)
+          + " (unshared / shared median s/step)")
 
 
 if __name__ == "__main__":
