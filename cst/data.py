@@ -10,7 +10,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 from .atomic import write_text
@@ -959,23 +959,30 @@ def tokenize_dataset(records: Sequence, tok, max_length: int = 512, max_prompt_l
 @dataclass
 class Batch:
     """A micro-batch as the kernels take it: S right-padded sequences (prompt + completion), for DPO the P
-    chosen ones then the P rejected ones (S = 2P), for SFT the P chosen ones (S = P)."""
+    chosen ones then the P rejected ones (S = 2P), for SFT the P chosen ones (S = P).
+    With a shared prompt (collate(share_prompt=True), DPO only) there is one row [prompt, chosen,
+    rejected] per pair (S = P) and `skip` holds each row's chosen span for Model.forward_logprobs;
+    `mask` keeps 2P rows, the chosen tokens' positions of each row then the rejected ones' (disjoint)."""
     tokens: np.ndarray  # (S, T) int32, 0 after each sequence's end
     targets: np.ndarray  # (S, T) int32: the next token on completion positions, -1 elsewhere
     lengths: np.ndarray  # (S,) int32
-    mask: np.ndarray  # (S, T) float32: 1 where targets >= 0
+    mask: np.ndarray  # (S, T) float32: 1 where targets >= 0 ((2P, T) with skip, see above)
     index: np.ndarray  # (P,) the examples' indices
     n_tokens: int  # real (non-pad) tokens in the batch
+    skip: Optional[np.ndarray] = None  # (P, 2) int32 [len(prompt), len(prompt) + len(chosen)) per row
 
 
-def collate(examples: Sequence, index=None, sft: bool = False) -> Batch:
+def collate(examples: Sequence, index=None, sft: bool = False, share_prompt: bool = False) -> Batch:
     """The Batch of examples[i] for i in index (default: all): TokenizedExamples or objects/dicts with
     prompt_ids, chosen_ids and rejected_ids. Position t predicts token t+1, and only completion tokens
-    are scored, so targets[b, t] = tokens[b, t+1] for t+1 in the completion and -1 elsewhere."""
+    are scored, so targets[b, t] = tokens[b, t+1] for t+1 in the completion and -1 elsewhere.
+    share_prompt (DPO): one row [prompt, chosen, rejected] per pair, see Batch."""
     index = np.arange(len(examples)) if index is None else np.asarray(index)
     if index.size == 0:
         raise ValueError("collate: empty batch")
     get = (lambda e, k: e[k]) if isinstance(examples[int(index[0])], Mapping) else getattr
+    if share_prompt and not sft:
+        return _collate_shared(examples, index, get)
     seqs, plens = [], []
     for side in ("chosen_ids",) if sft else ("chosen_ids", "rejected_ids"):
         for i in index:
@@ -993,3 +1000,26 @@ def collate(examples: Sequence, index=None, sft: bool = False) -> Batch:
         lengths[b] = len(q)
         targets[b, p - 1:len(q) - 1] = q[p:]
     return Batch(tokens, targets, lengths, (targets >= 0).astype(np.float32), index, int(lengths.sum()))
+
+
+def _collate_shared(examples, index, get):
+    rows, spans = [], []
+    for i in index:
+        p, c, r = (list(get(examples[i], k)) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        if not p or not c or not r:
+            raise ValueError(f"collate: example {int(i)} needs a non-empty prompt and completion")
+        rows.append(p + c + r)
+        spans.append((len(p), len(p) + len(c)))
+    P, T = len(rows), max(len(q) for q in rows)
+    tokens = np.zeros((P, T), np.int32)
+    targets = np.full((P, T), -1, np.int32)
+    mask = np.zeros((2 * P, T), np.float32)
+    lengths = np.array([len(q) for q in rows], np.int32)
+    for b, (q, (s0, s1)) in enumerate(zip(rows, spans)):
+        tokens[b, :len(q)] = q
+        # Every completion token is the target of its predecessor in the row; the rejected's first
+        # token sits at s1 - 1, which the model scores from position s0 - 1 (cst.shared_prompt).
+        targets[b, s0 - 1:len(q) - 1] = q[s0:]
+        mask[b, s0 - 1:s1 - 1] = 1.0
+        mask[P + b, s1 - 1:len(q) - 1] = 1.0
+    return Batch(tokens, targets, lengths, mask, index, int(lengths.sum()), np.array(spans, np.int32))

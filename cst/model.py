@@ -7,6 +7,7 @@ from . import _core
 from .config import ModelConfig
 from .ops import rope_tables
 from .runtime import _release_blas_threads_if_allowed
+from .shared_prompt import SkipPlan, check_skip
 
 
 # The one parameter layout: every tensor of a layer, in memory order, as (role, Hugging Face name under
@@ -176,6 +177,7 @@ class Model:
         self._acts_saved = None
         self._head_rows = None  # positions the last forward_logprobs sent through the LM head
         self._rope = None
+        self._skip = None  # the cst.shared_prompt.SkipPlan of the last forward_logprobs, if any
         self._fused = self._fused_views(self.flat_params)
         self._gfused = None
         if not init:  # weights about to be loaded: skip drawing 135M normals
@@ -322,6 +324,7 @@ class Model:
                                  f"max {int(lengths.max())}")
         tok = self._buf("tokens", (B, T), np.int32)
         tok[...] = tokens
+        self._skip = None  # set by forward_logprobs(skip=...) after this check
         if lengths is None:
             self._lengths, self._pad = None, None
         else:
@@ -365,9 +368,14 @@ class Model:
             np.copyto(a.q[i].reshape(N, QD), a.qkv[:, :QD])
             np.copyto(a.k[i].reshape(N, KD), a.qkv[:, QD:QD + KD])
             np.copyto(a.v[i].reshape(N, KD), a.qkv[:, QD + KD:])
-            _core.rope_forward(a.q[i], cos, sin)
-            _core.rope_forward(a.k[i], cos, sin)
-            _core.attention_forward(a.att[i], a.lse[i], a.q[i], a.k[i], a.v[i], self._lengths)
+            if self._skip is not None:  # one row per pair sharing its prompt (cst.shared_prompt)
+                self._skip.rope(a.q[i])
+                self._skip.rope(a.k[i])
+                self._skip.attention_forward(self._buf, a.att[i], a.lse[i], a.q[i], a.k[i], a.v[i])
+            else:
+                _core.rope_forward(a.q[i], cos, sin)
+                _core.rope_forward(a.k[i], cos, sin)
+                _core.attention_forward(a.att[i], a.lse[i], a.q[i], a.k[i], a.v[i], self._lengths)
             np.copyto(mid, x)
             self._linear_forward(i, "o", a.att[i].reshape(N, QD), mid, accumulate=True)
             _core.rmsnorm_forward(a.ln, a.rstd2[i], mid, P[p + "post_attention_layernorm.weight"], eps)
@@ -401,14 +409,21 @@ class Model:
         self._state = "logits"
         return logits
 
-    def forward_logprobs(self, tokens, targets, lengths=None):
+    def forward_logprobs(self, tokens, targets, lengths=None, skip=None):
         """Memory-lean forward for training on log-probabilities: tokens, targets (B, T) int32
         (targets in [-1, V), -1 = ignore) -> logp (B, T) float32, log p(targets[b,t] | tokens[b,:t+1]).
         The LM head runs in row chunks over the positions whose target is not ignored: only the final
         hidden states and row log-sum-exps are saved.
-        Padded and ignored positions give 0. The result is a view valid until the next call."""
+        Padded and ignored positions give 0. The result is a view valid until the next call.
+        skip (B, 2) int32 [s0, s1) (needs lengths): a shared-prompt row [prompt, chosen, rejected], the
+        tokens from s1 on computed as if they followed token s0 - 1 (see cst.shared_prompt); the target
+        at s1 - 1 is then scored from position s0 - 1."""
         self._state = None
         tokens = self._check_inputs("forward_logprobs", tokens, lengths)
+        if skip is not None:
+            check_skip("forward_logprobs", skip, self._lengths, tokens.shape[0])
+            cos, sin = self._rope_for(tokens.shape[1])
+            self._skip = SkipPlan(skip, self._lengths, tokens.shape[1], cos, sin)
         B, T = tokens.shape
         cfg = self.config
         if not isinstance(targets, np.ndarray):
@@ -438,7 +453,7 @@ class Model:
         self._head_rows = rows
         R = len(rows)
         x = self._buf("head_in", (R, self.config.dim))
-        np.take(a.lnf, rows, axis=0, out=x)
+        np.take(a.lnf, rows if self._skip is None else self._skip.head_src(rows), axis=0, out=x)
         tsel = tg[rows]
         lp, ls = self._buf("head_logp", (R,)), self._buf("head_lse", (R,), np.float64)
         W = self._lm_head[0]
@@ -523,6 +538,8 @@ class Model:
         dlnf = a.dln
         dlnf.fill(0.0)
         dlnf[rows] = dx
+        if self._skip is not None:
+            self._skip.head_backward(dlnf)
         self._backward_trunk(a, B, T)
 
     def _backward_trunk(self, a, B, T):
@@ -559,10 +576,16 @@ class Model:
             a.dq.fill(0.0)
             a.dk.fill(0.0)
             a.dv.fill(0.0)
-            _core.attention_backward(a.dq, a.dk, a.dv, a.datt.reshape(a.att[i].shape), a.att[i], a.lse[i],
-                                     a.q[i], a.k[i], a.v[i], self._lengths)
-            _core.rope_backward(a.dq, cos, sin)
-            _core.rope_backward(a.dk, cos, sin)
+            if self._skip is not None:
+                self._skip.attention_backward(self._buf, a.dq, a.dk, a.dv, a.datt.reshape(a.att[i].shape),
+                                              a.att[i], a.lse[i], a.q[i], a.k[i], a.v[i])
+                self._skip.rope(a.dq, backward=True)
+                self._skip.rope(a.dk, backward=True)
+            else:
+                _core.attention_backward(a.dq, a.dk, a.dv, a.datt.reshape(a.att[i].shape), a.att[i], a.lse[i],
+                                         a.q[i], a.k[i], a.v[i], self._lengths)
+                _core.rope_backward(a.dq, cos, sin)
+                _core.rope_backward(a.dk, cos, sin)
             np.copyto(a.dqkv[:, :QD], a.dq.reshape(N, QD))
             np.copyto(a.dqkv[:, QD:QD + KD], a.dk.reshape(N, KD))
             np.copyto(a.dqkv[:, QD + KD:], a.dv.reshape(N, KD))

@@ -262,7 +262,9 @@ class Trainer:
 
     def _seq_logps(self, batch):
         avg = losses.uses_average_logps(self.config.loss_type)
-        tlp = self.model.forward_logprobs(batch.tokens, batch.targets, batch.lengths)
+        tlp = self.model.forward_logprobs(batch.tokens, batch.targets, batch.lengths, batch.skip)
+        if batch.skip is not None:  # one shared-prompt row per pair: its chosen and rejected masks
+            tlp = np.concatenate([tlp, tlp])
         return tlp, losses.sequence_logps(tlp, batch.mask, average=avg)
 
     def _reference(self, examples, tag):
@@ -298,7 +300,7 @@ class Trainer:
             for k in self.dist.share(len(starts)):  # each rank its batches, then one sum below
                 s = starts[k]
                 idx = np.arange(s, min(s + bs, len(examples)))
-                _, lp = self._seq_logps(collate(examples, idx))
+                _, lp = self._seq_logps(collate(examples, idx, share_prompt=self.config.share_prompt))
                 ref[idx, 0], ref[idx, 1] = lp[:len(idx)], lp[len(idx):]
         finally:
             if was is not None:
@@ -353,6 +355,8 @@ class Trainer:
             dtlp[:P] += dnll * np.float32(cfg.rpo_alpha * weight)
             metrics["nll_loss"] = nll
             metrics["loss"] = out.loss + cfg.rpo_alpha * nll
+        if batch.skip is not None:  # the two masks are disjoint: the sum is exact
+            dtlp = np.ascontiguousarray(dtlp[:P] + dtlp[P:])
         self.model.backward_logprobs(dtlp)
         return metrics
 
@@ -383,7 +387,7 @@ class Trainer:
                     sums["loss"] = sums.get("loss", 0.0) + loss * w
                     n += w
                     continue
-                _, lp = self._seq_logps(collate(self.eval_examples, idx))
+                _, lp = self._seq_logps(collate(self.eval_examples, idx, share_prompt=self.config.share_prompt))
                 P, ref = len(idx), self._eval_ref[idx]
                 if not np.all(np.isfinite(lp)):
                     raise TrainingError(f"non-finite eval log-probs at step {self.step}")
@@ -614,7 +618,8 @@ class Trainer:
                                 if self.lora is not None:
                                     self.lora.new_step()
                                 continue
-                            batches.append(collate(self.train_examples, mine, sft=cfg.mode == "sft"))
+                            batches.append(collate(self.train_examples, mine, sft=cfg.mode == "sft",
+                                                   share_prompt=cfg.share_prompt))
                             weights.append(self._share(mine) / total)
                             parts.append(self._micro_step(batches[-1], weights[-1]))
                     except TrainingError as e:

@@ -47,6 +47,10 @@ class DPOConfig:
     versions of a pair, under the safe and the uncensored system prompt, with opposite preferences), so
     their shared "refuse more" / "comply more" gradients cancel inside a step and what is left depends on
     the system prompt; needs text records. None: seeded random batches bucketed by length.
+    share_prompt (DPO): one row [prompt, chosen, rejected] per pair, so the prompt's forward and
+    backward run once per pair instead of twice (cst.shared_prompt); the same log-probs and gradients
+    as two rows per pair up to float32 rounding. With lora_dropout > 0 the prompt's tokens then draw
+    one dropout mask per pair instead of one per row. False: TRL's two rows per pair.
     """
     beta: float = 0.1
     loss_type: Union[str, List[str]] = "sigmoid"
@@ -81,6 +85,7 @@ class DPOConfig:
     mode: str = "dpo"
     num_threads: Optional[int] = None
     group_by: Optional[str] = None
+    share_prompt: bool = True
 
     def __post_init__(self):
         def fail(name, msg):
@@ -160,6 +165,8 @@ class DPOConfig:
             fail("output_dir", "must be a non-empty path")
         choice("mode", MODES)
         integer("num_threads", 1, optional=True)
+        if not isinstance(self.share_prompt, bool):
+            fail("share_prompt", "must be True or False")
 
     def _fold_loss_list(self):
         """TRL's form, loss_type ["sigmoid", "sft"] with loss_weights [1.0, a], into cst's: loss_type

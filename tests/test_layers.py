@@ -13,7 +13,7 @@ RANK = {"core": 0, "io": 1, "data": 2, "train": 3, "eval": 3, "app": 4}
 # The layer of each module by its flat name (cst.X) or, in the layered tree, by its subpackage (cst.core.X).
 FLAT = {
     "core": {"_core", "config", "model", "ops", "lora", "optim", "losses", "schedule", "generate", "runtime",
-             "errors", "atomic", "seeds"},
+             "errors", "atomic", "seeds", "shared_prompt"},
     "io": {"io", "gguf", "hf", "tokenizer"},
     "data": {"data", "prompts"},
     "train": {"trainer", "training_config"},
