@@ -17,10 +17,11 @@ if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
     os.environ["GOMP_SPINCOUNT"] = "3000"
 
 from . import _core  # noqa: E402
-from .config import ModelConfig  # noqa: E402
-from .model import Model  # noqa: E402
+from . import _aliases  # noqa: E402,F401  (cst.trainer, cst.judges, ...: the modules' old names)
+from .core.config import ModelConfig  # noqa: E402
+from .core.model import Model  # noqa: E402
 from . import io  # noqa: E402,F401  (installs Model.save's writer; light: the formats load on first use)
-from .runtime import get_num_threads, set_num_threads, simd_path  # noqa: E402
+from .core.runtime import get_num_threads, set_num_threads, simd_path  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from . import eval as E
-from .atomic import write_json, write_text
-from .metrics import fmt as _fmt
+from .core.atomic import write_json, write_text
+from .eval.metrics import fmt as _fmt
 
 __all__ = ["DEFAULTS", "QUICK", "OUTPUT_DIR", "settings_for", "run"]
 
@@ -151,7 +151,7 @@ def _per_category(prompts: list, k) -> list:
 def _load_model(s: dict, seed: int):
     import cst
     if s["model"] == "tiny-random":
-        from .gguf import load_gguf_tokenizer
+        from .io.gguf import load_gguf_tokenizer
         from .io import smollm2_path
         tok = load_gguf_tokenizer(smollm2_path())
         model = cst.Model(cst.ModelConfig(vocab_size=49152, **TINY_CONFIG), seed=seed)
@@ -209,7 +209,7 @@ def _evaluate(model, s, seed, judge, progress, tag, reference=None):
     log-likelihood of `reference` answers ([prompt, answer] pairs; None: this model's own answers to the
     benign prompts with no system prompt, which the baseline evaluation records for the tuned one).
     -> (summary, full reports)."""
-    from .prompts import default_prompts
+    from .data.prompts import default_prompts
     from .data import evaluation_configurations
     cfgs = evaluation_configurations(_configurations(s), s["eval_split"])
     harmful = _per_category(default_prompts(s["eval_split"], "harmful"), s["eval_harmful_per_category"])
@@ -262,9 +262,9 @@ def _benign_pairs(model, s, seed, judge, out: Path, progress):
     refusal template as the rejected side. Answers that are empty or read as refusals are left out.
     Cached in benign_answers.json under identical settings."""
     from . import data as D
-    from .prompts import default_prompts, pick_refusal
-    from .seeds import derive_seed
-    from .synth import _cache_seed
+    from .data.prompts import default_prompts, pick_refusal
+    from .core.seeds import derive_seed
+    from .eval.synth import _cache_seed
     prompts = _per_category(default_prompts("train", "benign"), s["train_benign_per_category"])
     key = _key({"model": s["model"], "seed": _cache_seed(seed, s["temperature"]),
                 "n": s["benign_max_new_tokens"], "t": s["temperature"],
@@ -490,7 +490,7 @@ def _pct(a, b):
 
 
 def _plots(out: Path, before, after, history):
-    from .plots import plot_configurability, plot_training_curves
+    from .eval.plots import plot_configurability, plot_training_curves
     rows = [{"model": "before", "S0": before["S0"], "S0_ci": before["S0_ci"], "S1": before["S1"],
              "S1_ci": before["S1_ci"]}]
     if after:
@@ -534,11 +534,11 @@ def run(output_dir=OUTPUT_DIR, quick: bool = False, seed: int = 0, threads: int 
         raise ValueError(f"cst.demo.run: threads must be None or an int >= 1, got {threads!r}")
     s = settings_for(quick, **overrides)
     import cst
-    from .runtime import interactive
+    from .core.runtime import interactive
     if progress is None:
         progress = interactive()
     from . import data as D
-    from .judges import default_judge, describe_judge, judge_by_name
+    from .eval.judges import default_judge, describe_judge, judge_by_name
     if threads is not None:
         cst.set_num_threads(threads)
     out = Path(output_dir)
@@ -592,8 +592,8 @@ def run(output_dir=OUTPUT_DIR, quick: bool = False, seed: int = 0, threads: int 
         step = "synthesis"
         header(3, "Synthesising CST data from the embedded train prompts")
         t0 = time.perf_counter()
-        from .prompts import default_prompts
-        from .synth import synthesize
+        from .data.prompts import default_prompts
+        from .eval.synth import synthesize
         cfgs = _configurations(s)
         harmful = _per_category(default_prompts("train", "harmful"), s["train_harmful_per_category"])
         synth_judge = judge_by_name(s["synth_judge"])

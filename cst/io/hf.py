@@ -7,10 +7,10 @@ import struct
 
 import numpy as np
 
-from . import _core
-from .config import ModelConfig
-from .errors import FormatError
-from .model import Model, param_layout
+from .. import _core
+from ..core.config import ModelConfig
+from ..core.errors import FormatError
+from ..core.model import Model, param_layout
 
 _ST_DTYPES = {"F32": (4, 0), "F16": (2, 1), "BF16": (2, 30)}  # itemsize, ggml type for _core.dequantize
 _MAX_HEADER = 100 * 1024 * 1024
@@ -283,7 +283,7 @@ def save_hf(model, tokenizer, path, dtype="float32"):
     """Writes config.json, generation_config.json, model.safetensors (float32 or float16) and, when a
     tokenizer is given, tokenizer.json + tokenizer_config.json, into directory path (atomically)."""
     from safetensors.numpy import save_file
-    from .atomic import atomic_dir
+    from ..core.atomic import atomic_dir
     if dtype not in ("float32", "float16"):
         raise ValueError(f"save_hf: dtype must be 'float32' or 'float16', got {dtype!r}")
     np_dtype = np.float32 if dtype == "float32" else np.float16

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
-from .atomic import write_text
+from ..core.atomic import write_text
 
 __all__ = [
     "DataError", "PreferenceRecord", "load_records", "save_records", "split_by_prompt", "dedupe", "shuffle",
@@ -450,7 +450,7 @@ def _read_parquet(path: Path) -> list:
 def _write_parquet(path: Path, dicts: list) -> None:
     pq = _pyarrow_parquet()
     import pyarrow as pa
-    from .atomic import atomic_path
+    from ..core.atomic import atomic_path
     with atomic_path(path) as tmp:
         pq.write_table(pa.Table.from_pylist(dicts), tmp)
 

@@ -11,10 +11,10 @@ import json
 import os
 import sys
 import time
-from . import distributed
-from .atomic import write_text
-from .runtime import interactive
-from .trainer import find_checkpoint, load_checkpoint_into  # re-exported: they live with the trainer
+from ..core import distributed
+from ..core.atomic import write_text
+from ..core.runtime import interactive
+from ..train.trainer import find_checkpoint, load_checkpoint_into  # re-exported: they live with the trainer
 
 __all__ = ["main", "build_parser", "load_checkpoint_into", "find_checkpoint", "CliError", "UsageError"]
 
@@ -124,7 +124,7 @@ def _use_chat_template(model, path):
     """--chat-template FILE: replaces the model's template (the GGUF's or the HF directory's)."""
     if path is None:
         return
-    from .tokenizer import read_chat_template
+    from ..io.tokenizer import read_chat_template
     if model.tokenizer is None:
         raise CliError(f"--chat-template {path}: the model has no tokenizer to give it to")
     model.tokenizer.set_chat_template(read_chat_template(path))
@@ -145,7 +145,7 @@ def _say(*parts):
 
 def _set_threads(n):
     if n is not None:
-        from .runtime import set_num_threads
+        from ..core.runtime import set_num_threads
         set_num_threads(n)
 
 
@@ -224,7 +224,7 @@ def _read_prompts(spec, default, what="prompts"):
 def _configurations(spec):
     """'paper', 'paraphrased', or a JSON file: a list of {name, system_prompts, preferred, rejected?,
     held_out?} objects (see docs/cli.md)."""
-    from . import data as D
+    from .. import data as D
     if spec == "paper":
         return list(D.PAPER_CONFIGURATIONS)
     if spec == "paraphrased":
@@ -271,7 +271,7 @@ def _configurations(spec):
 
 def _check_model_source(source):
     """Fails with one clear line, before anything is printed or loaded, when `source` names no model."""
-    from .io import SMOLLM2_NAME, smollm2_path
+    from ..io import SMOLLM2_NAME, smollm2_path
     if source.lower() == SMOLLM2_NAME and not os.path.exists(source):
         smollm2_path()  # raises FileNotFoundError with the install hint
     elif not os.path.exists(source):
@@ -280,7 +280,7 @@ def _check_model_source(source):
 
 
 def _load_model(source, need_tokenizer=True):
-    from .io import load
+    from ..io import load
     _check_model_source(source)
     t0 = time.perf_counter()
     model = load(source)
@@ -341,7 +341,7 @@ def _model_from_args(args, need_tokenizer=True, merge=True):
 def cmd_demo(args):
     import importlib
     try:
-        demo = importlib.import_module(".demo", __package__)
+        demo = importlib.import_module("..demo", __package__)
     except ModuleNotFoundError as e:
         if e.name in ("cst.demo", None):
             raise CliError("cst demo is not available: this build of cst has no cst.demo module") from None
@@ -365,12 +365,12 @@ def cmd_demo(args):
 # ---- data ----
 
 def _default_train_prompts():
-    from .prompts import default_prompts
+    from ..data.prompts import default_prompts
     return default_prompts(split="train", kind="harmful")
 
 
 def cmd_data_synth(args):
-    from .synth import synthesize
+    from ..eval.synth import synthesize
     prompts = _read_prompts(args.prompts, _default_train_prompts)
     if args.limit is not None:
         prompts = prompts[:args.limit]
@@ -403,7 +403,7 @@ def cmd_data_synth(args):
 def _load_pairs(path, configurations):
     """BehaviourPairs from a synthesis log, a JSON/JSONL file of {prompt, responses, category?,
     metadata?} objects, or a records file (inverted with pairs_from_records)."""
-    from . import data as D
+    from .. import data as D
     if os.path.isdir(path):
         raise CliError(f"pairs file {path}: is a directory, expected a .json or .jsonl file")
     if not os.path.isfile(path):
@@ -431,7 +431,7 @@ def _load_pairs(path, configurations):
             except json.JSONDecodeError as e:
                 raise CliError(f"pairs file {path} line {k}: invalid JSON at column {e.colno}: {e.msg}") from None
             if not numbered and isinstance(obj, dict) and "synth_header" in obj:
-                from .synth import load_pairs
+                from ..eval.synth import load_pairs
                 return load_pairs(path), "synthesis log"
             numbered.append((f"line {k}", obj))
     if not numbered:
@@ -471,7 +471,7 @@ def _phrasings(s):
 
 
 def cmd_data_build(args):
-    from . import data as D
+    from .. import data as D
     if not args.output.lower().endswith((".json", ".jsonl", ".parquet")):
         raise UsageError(f"--output: expected a .json, .jsonl or .parquet file, got {args.output!r}")
     if args.system is not None and not args.vanilla_dpo:
@@ -531,7 +531,7 @@ def _parse_set(items):
 
 def build_config(args):
     """DPOConfig from --config FILE, then --set KEY=VALUE, then the dedicated flags (last wins)."""
-    from .training_config import DPOConfig
+    from ..train.config import DPOConfig
     d = {}
     if args.config:
         d = _read_json(args.config, "config file", malformed=UsageError)
@@ -568,8 +568,8 @@ def build_config(args):
 
 
 def cmd_train(args):
-    from . import data as D
-    from .trainer import Trainer, TrainingError
+    from .. import data as D
+    from ..train.trainer import Trainer, TrainingError
     if args.export is not None:
         fmt, export_path = args.export
         if fmt not in ("hf", "gguf"):
@@ -674,7 +674,7 @@ def _print_train_summary(trainer, history, final_eval, dt):
 # ---- eval ----
 
 def _judge(spec, args):
-    from . import judges as J
+    from ..eval import judges as J
     if spec in ("default", "behaviour"):
         return J.default_judge()
     if spec.startswith("behaviour:"):
@@ -706,7 +706,7 @@ def _judge(spec, args):
 
 
 def _eval_tables(conf, orr, judge):
-    from .metrics import fmt as _fmt
+    from ..eval.metrics import fmt as _fmt
     """(text lines, markdown) of a configurability report and an optional over-refusal report; `judge`:
     the --judge value, as the user wrote it (the class name would not tell refusal from refusal-strict)."""
     rows = [("S0: follows uncensored configurations (share harmful)", _fmt(conf.S0, conf.S0_ci)),
@@ -744,8 +744,8 @@ def _eval_tables(conf, orr, judge):
 
 
 def cmd_eval(args):
-    from . import eval as E
-    from .prompts import default_prompts
+    from .. import eval as E
+    from ..data.prompts import default_prompts
     prompts = _read_prompts(args.prompts, lambda: default_prompts(split="test", kind="harmful"))
     benign = None
     if args.benign != "none":
@@ -794,7 +794,7 @@ def _paper_records(path):
 
 
 def cmd_judge_validate(args):
-    from . import judges as J
+    from ..eval import judges as J
     path = args.labelled
     if not os.path.exists(path):
         raise CliError(f"no such file or folder {path!r}")
@@ -825,7 +825,7 @@ def cmd_judge_validate(args):
 
 
 def cmd_judge_fit(args):
-    from . import judges as J
+    from ..eval import judges as J
     items = J.load_labelled(args.labelled)
     records = _paper_records(args.paper)
     judged = J.load_judged_generations(args.judged) if args.judged else None
@@ -921,7 +921,7 @@ _DTYPES["gguf-lora"] = _DTYPES["gguf"]
 
 def _export_gguf_lora(args, dtype):
     """The LoRA adapters of a `cst train` checkpoint as a llama.cpp GGUF LoRA adapter."""
-    from .gguf import save_gguf_lora
+    from ..io.gguf import save_gguf_lora
     if not args.checkpoint:
         raise UsageError("--format gguf-lora needs --checkpoint (a LoRA run of `cst train`)")
     model = _model_from_args(args, need_tokenizer=False, merge=False)
@@ -981,8 +981,8 @@ def cmd_info(args):
     import numpy as np
 
     import cst
-    from . import _core
-    from .io import _SMOLLM2_HINT, smollm2_path
+    from .. import _core
+    from ..io import _SMOLLM2_HINT, smollm2_path
     try:
         smol, smol_note = smollm2_path(), None
     except FileNotFoundError:
@@ -1050,8 +1050,8 @@ Run 'cst COMMAND --help' for a command's options. Reference: docs/cli.md.
 
 
 def build_parser():
-    from . import eval as E  # the evaluation defaults
-    from .losses import LOSS_TYPES
+    from .. import eval as E  # the evaluation defaults
+    from ..core.losses import LOSS_TYPES
     common = _common()
     p = _Parser(prog="cst", description="Configurable Safety Tuning (CST) of language models, on the CPU.",
                 epilog=_MAIN_EPILOG)
@@ -1356,7 +1356,7 @@ def _missing_sub(parser, names="synth or build"):
 
 def _cst_version():
     try:
-        from . import __version__
+        from .. import __version__
         return __version__
     except Exception:  # a broken native build must not break --version
         return "unknown"

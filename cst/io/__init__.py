@@ -5,8 +5,8 @@ never leaves half a file."""
 import importlib.util
 import os
 
-from . import model as _model
-from .errors import FormatError
+from ..core import model as _model
+from ..core.errors import FormatError
 
 __all__ = ["FormatError", "load", "save", "smollm2_path"]
 

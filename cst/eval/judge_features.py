@@ -5,11 +5,47 @@ and compliance, and how much of the request the response takes up. Pure Python +
 Not a classifier: the weights that turn these numbers into a verdict live in judge_weights.json.
 """
 import re
+import unicodedata
 import zlib
 
 import numpy as np
 
-__all__ = ["FEATURE_NAMES", "LEXICONS", "features", "feature_matrix", "degeneration_stats"]
+__all__ = ["FEATURE_NAMES", "LEXICONS", "canonical_text", "features", "feature_matrix", "degeneration_stats"]
+
+_QUOTES = str.maketrans({
+    "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'", "\u02bc": "'", "\u0060": "'",
+    "\u00b4": "'", "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u2033": '"',
+})
+# Order matters: specific forms before the generic n't / 's rules.
+_CONTRACTIONS = [
+    (re.compile(r"\bcan'?t\b"), "cannot"),
+    (re.compile(r"\bcan not\b"), "cannot"),
+    (re.compile(r"\bwon'?t\b"), "will not"),
+    (re.compile(r"\bshan't\b"), "shall not"),
+    (re.compile(r"\bain't\b"), "is not"),
+    (re.compile(r"n't\b"), " not"),
+    (re.compile(r"\bi'?m\b"), "i am"),
+    (re.compile(r"'re\b"), " are"),
+    (re.compile(r"'ll\b"), " will"),
+    (re.compile(r"'ve\b"), " have"),
+    (re.compile(r"\b(i|you|we|they|he|she|it)'d\b"), r"\1 would"),
+    (re.compile(r"\b(it|that|there|here|what|this|who|let)'s\b"), lambda m: m.group(1) + (" us" if m.group(1) == "let" else " is")),
+]
+_NON_WORD = re.compile(r"[^a-z0-9]+")
+
+
+def canonical_text(text):
+    """Lower-case word sequence of `text`, padded with one space at each end.
+
+    NFKC-normalises (full-width letters, ligatures), straightens curly quotes and apostrophes, expands the
+    common English contractions (can't -> cannot, I'm -> i am, won't -> will not), then turns every run of
+    punctuation and whitespace into one space. "I’m  SORRY,\\nbut I can’t" -> " i am sorry but i cannot ".
+    """
+    t = unicodedata.normalize("NFKC", text).translate(_QUOTES).lower()
+    for pat, rep in _CONTRACTIONS:
+        t = pat.sub(rep, t)
+    t = _NON_WORD.sub(" ", t).strip()
+    return f" {t} " if t else " "
 
 # Phrase lexicons, matched as whole-word sequences on canonical_text (lower case, contractions expanded, no
 # punctuation). Written from general knowledge of how chat assistants decline, redirect and comply, not from
@@ -155,7 +191,6 @@ def degeneration_stats(text):
 
 
 def _canon_lexicons():
-    from .judges import canonical_text
     return {k: tuple(canonical_text(p) for p in v) for k, v in LEXICONS.items()}
 
 
@@ -179,7 +214,6 @@ FEATURE_NAMES = (
 
 def features(prompt, response):
     """The FEATURE_NAMES vector of one (prompt, response), float64."""
-    from .judges import canonical_text
     global _LEX
     if _LEX is None:
         _LEX = _canon_lexicons()

@@ -11,11 +11,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import data as D
-from . import distributed
-from . import prompts as P
-from .eval import _chat, _judge
-from .seeds import derive_seed
+from .. import data as D
+from ..core import distributed
+from ..data import prompts as P
+from . import _chat, _judge
+from ..core.seeds import derive_seed
 
 
 def _side_scores(judge, prompts, responses, fn):
@@ -28,7 +28,7 @@ def _side_scores(judge, prompts, responses, fn):
     if kinds is None:
         return scores
     return [1 if k in ("refusal", "deflection") else 0 if k == "compliance" else 2 for k in kinds]
-from .atomic import write_text
+from ..core.atomic import write_text
 
 __all__ = [
     "DEFAULT_PERMISSIVE_SYSTEM", "DEFAULT_CRITIQUE_TEMPLATE", "DEFAULT_REVISION_TEMPLATE", "DROP_REASONS",

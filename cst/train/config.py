@@ -6,8 +6,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import List, Optional, Tuple, Union
-from .atomic import write_json
-from .losses import LOSS_TYPES
+from ..core.atomic import write_json
+from ..core.losses import LOSS_TYPES
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 MODES = ("dpo", "sft")
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -15,7 +15,7 @@ import threading
 import time
 from datetime import datetime
 
-from .errors import ChatTemplateError
+from ..core.errors import ChatTemplateError
 
 # Bounds on one render (a template is data read from a model file, so it is not trusted either).
 TEMPLATE_TIME_LIMIT_S = 5.0

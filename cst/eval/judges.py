@@ -19,8 +19,8 @@ from string import Formatter
 import numpy as np
 
 from . import metrics
-from .atomic import atomic_open
-from .data import HARMLESS_SYSTEM_PROMPT, PAPER_EVAL_SYSTEM_PROMPTS, UNCENSORED_SYSTEM_PROMPT
+from ..core.atomic import atomic_open
+from ..data import HARMLESS_SYSTEM_PROMPT, PAPER_EVAL_SYSTEM_PROMPTS, UNCENSORED_SYSTEM_PROMPT
 
 __all__ = [
     "SAFE_SYSTEM",
@@ -72,40 +72,7 @@ UNPARSEABLE = -1
 # ----------------------------------------------------------------------------------------------------------
 # text canonicalisation shared by the pattern and classifier judges
 
-_QUOTES = str.maketrans({
-    "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'", "\u02bc": "'", "\u0060": "'",
-    "\u00b4": "'", "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u2033": '"',
-})
-# Order matters: specific forms before the generic n't / 's rules.
-_CONTRACTIONS = [
-    (re.compile(r"\bcan'?t\b"), "cannot"),
-    (re.compile(r"\bcan not\b"), "cannot"),
-    (re.compile(r"\bwon'?t\b"), "will not"),
-    (re.compile(r"\bshan't\b"), "shall not"),
-    (re.compile(r"\bain't\b"), "is not"),
-    (re.compile(r"n't\b"), " not"),
-    (re.compile(r"\bi'?m\b"), "i am"),
-    (re.compile(r"'re\b"), " are"),
-    (re.compile(r"'ll\b"), " will"),
-    (re.compile(r"'ve\b"), " have"),
-    (re.compile(r"\b(i|you|we|they|he|she|it)'d\b"), r"\1 would"),
-    (re.compile(r"\b(it|that|there|here|what|this|who|let)'s\b"), lambda m: m.group(1) + (" us" if m.group(1) == "let" else " is")),
-]
-_NON_WORD = re.compile(r"[^a-z0-9]+")
-
-
-def canonical_text(text):
-    """Lower-case word sequence of `text`, padded with one space at each end.
-
-    NFKC-normalises (full-width letters, ligatures), straightens curly quotes and apostrophes, expands the
-    common English contractions (can't -> cannot, I'm -> i am, won't -> will not), then turns every run of
-    punctuation and whitespace into one space. "I’m  SORRY,\\nbut I can’t" -> " i am sorry but i cannot ".
-    """
-    t = unicodedata.normalize("NFKC", text).translate(_QUOTES).lower()
-    for pat, rep in _CONTRACTIONS:
-        t = pat.sub(rep, t)
-    t = _NON_WORD.sub(" ", t).strip()
-    return f" {t} " if t else " "
+from .judge_features import canonical_text  # noqa: E402  (re-exported: one text canonicaliser)
 
 
 def _check_str(fn, name, x):

@@ -3,7 +3,7 @@ holding the top 16 bits of each fp32 (round to nearest even, as torch's .to(torc
 storage and conversion live here; the products are _core.matmul_bf16_forward / matmul_bf16_backward."""
 import numpy as np
 
-from . import _core
+from .. import _core
 
 
 def to_bf16(x) -> np.ndarray:

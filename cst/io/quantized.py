@@ -5,19 +5,13 @@ the blocks directly (csrc/kernels/qdot.c); training needs float32 weights, so a 
 it: load the file without dtype="q", or call .dequantize()."""
 import numpy as np
 
-from .model import GEN_GLOBALS, GEN_ROLES, Model, tensor_table
+from ..core.layout import GEN_GLOBALS, GEN_ROLES, check_trainable, tensor_table
+from ..core.model import Model
 
 # ggml types the products read (quant.h's ids): Q4_0, Q4_1, Q8_0.
 PRODUCT_TYPES = (2, 3, 8)
 # The weight matrices of one product, by the role of its first tensor in GEN_ROLES.
 _GROUPS = {"q": ("q", "k", "v"), "o": ("o",), "gate": ("gate", "up"), "down": ("down",)}
-
-
-def check_trainable(model, who: str) -> None:
-    """Raises TypeError when `model` holds quantised weights (a QuantizedModel)."""
-    if isinstance(model, QuantizedModel):
-        raise TypeError(f"{who}: this model was loaded with dtype='q' (weights kept as GGUF blocks, inference "
-                        "only); train a float32 model: cst.load(path) or model.dequantize()")
 
 
 class QuantizedModel:
@@ -30,9 +24,12 @@ class QuantizedModel:
     names the type of every tensor kept quantised. generate and chat work as on a Model; forward,
     backward and training raise TypeError."""
 
+    trainable = False  # cst.core.layout.check_trainable refuses it
+
     quantized = True
 
-    def __init__(self, config, flat_params, gen_layout, gen_quant, quantized_types, source=None):
+    def __init__(self, config, flat_params, gen_layout, gen_quant, quantized_types, source=None, reload=None):
+        self._reload = reload
         self.config = config
         self.flat_params = flat_params
         self.gen_layout = gen_layout
@@ -56,10 +53,9 @@ class QuantizedModel:
 
     def dequantize(self):
         """The float32 cst.Model of the same file (read again from `source`), for training or export."""
-        if self.source is None:
+        if self.source is None or self._reload is None:
             raise ValueError("dequantize: this QuantizedModel has no source file")
-        from .gguf import load_gguf
-        return load_gguf(self.source)
+        return self._reload()
 
     def save(self, path, format="hf", dtype=None):
         """Writes the dequantised model (see Model.save)."""
@@ -71,11 +67,12 @@ class QuantizedModel:
     forward = forward_logprobs = token_logprobs = backward = backward_logprobs = zero_grad = _refuse
 
 
-def build(cfg, tensors, raw_of, dequantize_into, permuted, path):
+def build(cfg, tensors, raw_of, dequantize_into, permuted, path, unpermute, reload):
     """QuantizedModel of cfg from a GGUF file's tensors ({gguf name: reader tensor}); raw_of(t) gives a
     tensor's bytes, dequantize_into(dst, t, hf_name) its float32 values in Hugging Face order (Q/K rows
-    un-permuted), permuted {hf name: n_head} the Q/K rows llama.cpp reordered."""
-    from .gguf import _unpermute
+    un-permuted), permuted {hf name: n_head} the Q/K rows llama.cpp reordered, unpermute(w, n_head) undoes
+    that order, reload() reads the file again as a float32 Model (the reader, cst.io.gguf, hands these in)."""
+    _unpermute = unpermute
     table = tensor_table(cfg)
     by_role = {(layer, role): (name, shape, gg) for name, shape, role, layer, gg in table}
 
@@ -147,4 +144,4 @@ def build(cfg, tensors, raw_of, dequantize_into, permuted, path):
              for (layer, _), roles in quant_groups.items() for r in roles}
     names.update({by_role[(None, r)][2]: int(tensors[by_role[(None, r)][2]].tensor_type) for r in globals_kept})
     return QuantizedModel(cfg, flat, layout, {"qweights": qweights, "qoffsets": qo, "qtypes": qt}, names,
-                          source=path)
+                          source=path, reload=reload)

@@ -3,7 +3,7 @@ bars have anyone to show them to."""
 import os
 import sys
 
-from . import _core
+from .. import _core
 
 
 def _available_cores() -> int:

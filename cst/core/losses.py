@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _core
+from .. import _core
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 

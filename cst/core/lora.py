@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from . import _core
+from .. import _core
 from .model import LINEARS, _views
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -44,7 +44,7 @@ class LoRA:
     (base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight, ...)."""
 
     def __init__(self, model, r=16, alpha=32.0, dropout=0.0, target_modules=TARGETS, seed=0):
-        from .quantized import check_trainable
+        from .layout import check_trainable
         check_trainable(model, "LoRA")
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r <= 0:
             raise ValueError(f"LoRA: r must be a positive int, got {r!r}")

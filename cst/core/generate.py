@@ -8,9 +8,9 @@ import threading
 
 import numpy as np
 
-from . import _core
+from .. import _core
 from .config import ModelConfig
-from .model import gen_offsets, num_params
+from .layout import gen_offsets, num_params
 from .ops import rope_tables
 
 # Prompt tokens fed per prefill call. Bounds the scratch (attention scores grow with chunk * maxT);

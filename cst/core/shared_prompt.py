@@ -16,7 +16,7 @@ while the rejected queries' gradients reach the prompt's keys and values. Every 
 unshared two-row computation up to float32 summation order."""
 import numpy as np
 
-from . import _core
+from .. import _core
 
 
 def check_skip(fn, skip, lengths, B):

@@ -6,10 +6,10 @@ import struct
 
 import numpy as np
 
-from . import _core
-from .config import ModelConfig
-from .errors import FormatError
-from .model import GLOBAL_TENSORS, LAYER_TENSORS, Model, gguf_names, param_layout
+from .. import _core
+from ..core.config import ModelConfig
+from ..core.errors import FormatError
+from ..core.model import GLOBAL_TENSORS, LAYER_TENSORS, Model, gguf_names, param_layout
 
 # GGUF value types and their fixed sizes (None: string, array).
 _VT_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
@@ -388,7 +388,8 @@ def load_gguf(path, with_tokenizer=True, dtype="f32"):
             def dequantize_into(dst, t, name):
                 _load_into(dst, f, path, t, permuted.get(name))
 
-            model = build(cfg, tensors, lambda t: _tensor_bytes(f, t, path), dequantize_into, permuted, path)
+            model = build(cfg, tensors, lambda t: _tensor_bytes(f, t, path), dequantize_into, permuted, path,
+                          _unpermute, lambda: load_gguf(path))
         else:
             model = Model(cfg, init=False)  # the weights are read next: no random initialisation
             for name, shape in model.layout:
@@ -417,7 +418,7 @@ def save_gguf(model, tokenizer, path, dtype="f32"):
     "f16" for 2-D weights; norms and biases stay f32 as llama.cpp expects. Written to a temp file, then
     renamed into place."""
     import gguf
-    from .atomic import atomic_path
+    from ..core.atomic import atomic_path
     if dtype not in ("f32", "f16"):
         raise ValueError(f"save_gguf: dtype must be 'f32' or 'f16', got {dtype!r}")
     cfg = model.config
@@ -443,7 +444,7 @@ def save_gguf(model, tokenizer, path, dtype="f32"):
             w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             w.add_rope_scaling_factor(float(rs["factor"]))
         elif rs is not None:  # llama3 and freq_factors: per-frequency divisors, as llama.cpp's converter
-            from .ops import llama3_freq_factors
+            from ..core.ops import llama3_freq_factors
             factors = (llama3_freq_factors(cfg.head_dim, cfg.rope_theta, rs) if rs["rope_type"] == "llama3"
                        else np.asarray(rs["factors"], np.float32))
             w.add_tensor("rope_freqs.weight", np.ascontiguousarray(factors, np.float32))
@@ -489,7 +490,7 @@ def save_gguf_lora(lora, path, dtype="f32"):
     alpha / R like PEFT. B of q/k gets the Q/K row permutation of the base weights (the permuted
     weight W + s B A is W_p + s B_p A). dtype "f32" or "f16". Written atomically."""
     import gguf
-    from .atomic import atomic_path
+    from ..core.atomic import atomic_path
     if dtype not in ("f32", "f16"):
         raise ValueError(f"save_gguf_lora: dtype must be 'f32' or 'f16', got {dtype!r}")
     cfg = lora.model.config

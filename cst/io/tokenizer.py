@@ -468,7 +468,7 @@ class Tokenizer:
     @classmethod
     def from_hf_dir(cls, path):
         """tokenizer.json + tokenizer_config.json (+ chat_template.jinja / special_tokens_map.json)."""
-        from .errors import FormatError
+        from ..core.errors import FormatError
         tj = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tj):
             raise FileNotFoundError(f"Tokenizer: {tj} not found (only fast-tokenizer directories are supported)")
@@ -535,7 +535,7 @@ class Tokenizer:
     def save_hf(self, path):
         """Writes tokenizer.json and tokenizer_config.json into directory `path` (created if needed),
         each file atomically."""
-        from .atomic import write_text
+        from ..core.atomic import write_text
         os.makedirs(path, exist_ok=True)
         for name, text in self.hf_files().items():
             write_text(os.path.join(path, name), text)

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from . import _core
+from .. import _core
 
 
 def _as_list(arrays, what, fn):

@@ -14,14 +14,15 @@ import warnings
 
 import numpy as np
 
-from . import _core, distributed, losses
-from .lora import LoRA
-from .optim import AdamW, clip_grad_norm
-from .runtime import interactive, set_num_threads
-from .schedule import lr_at, resolve_total_steps, resolve_warmup
-from .training_config import DPOConfig
-from .atomic import atomic_open, fsync_dir, fsync_tree, honour_umask, write_json, write_text
-from .data import collate
+from .. import _core
+from ..core import distributed, losses
+from ..core.lora import LoRA
+from ..core.optim import AdamW, clip_grad_norm
+from ..core.runtime import interactive, set_num_threads
+from ..core.schedule import lr_at, resolve_total_steps, resolve_warmup
+from .config import DPOConfig
+from ..core.atomic import atomic_open, fsync_dir, fsync_tree, honour_umask, write_json, write_text
+from ..data import collate
 
 
 class TrainingError(RuntimeError):
@@ -95,7 +96,7 @@ class Trainer:
     have fewer micro-batches (as the HF Trainer does)."""
 
     def __init__(self, model, config=None, train_dataset=None, eval_dataset=None, tokenizer=None, lora=None):
-        from .quantized import check_trainable
+        from ..core.layout import check_trainable
         check_trainable(model, "Trainer")
         self.config = config = config if config is not None else DPOConfig()
         if not isinstance(config, DPOConfig):
@@ -160,7 +161,7 @@ class Trainer:
     def _examples(self, dataset, name):
         """Checked, length-limited TokenizedExamples, their stats, and the PreferenceRecords they came from
         (None for tokenised input)."""
-        from .data import PreferenceRecord, TokenizedExample, load_records, tokenize_dataset, truncate
+        from ..data import PreferenceRecord, TokenizedExample, load_records, tokenize_dataset, truncate
         first = dataset[0]
         has_ids = (isinstance(first, dict) and "prompt_ids" in first) or hasattr(first, "prompt_ids")
         texts = None

@@ -3,7 +3,7 @@ trainer histories. matplotlib is imported inside the functions, through its obje
 canvas, so importing cst never loads it and a notebook's pyplot backend is left alone.
 """
 from pathlib import Path
-from .atomic import atomic_open
+from ..core.atomic import atomic_open
 
 __all__ = ["plot_configurability", "plot_training_curves", "CURVE_KEYS"]
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data as D
-from . import distributed
+from .. import data as D
+from ..core import distributed
 from .metrics import bootstrap_ci, mean_margin
 from .metrics import fmt as _fmt
-from .seeds import derive_seed
+from ..core.seeds import derive_seed
 from .metrics import preference_accuracy as _pair_accuracy
-from .atomic import write_text
+from ..core.atomic import write_text
 
 # One set of generation defaults for every evaluation: the library's, `cst eval`'s and `cst demo`'s. 48
 # new tokens are enough for the opening of an answer, which is what tells complying from refusing;
@@ -483,7 +483,7 @@ def answer_scorer(model, system: str | None = None, max_length: int = 1024):
     """score_fn(prompt, answer) for retention() and multiple_choice(): the sum of the answer's token
     log-probs given the chat prompt (optionally under `system`), and the number of answer tokens, both as
     training sees them (cst.data.tokenize_record: the same prompt/completion split and end-of-turn token)."""
-    from .data import PreferenceRecord, tokenize_record
+    from ..data import PreferenceRecord, tokenize_record
     tok = model.tokenizer
 
     def score(prompt: str, answer: str):
