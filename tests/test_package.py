@@ -123,3 +123,20 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
     assert interactive() is False  # a log or a pipe, even with ipykernel imported somewhere in the process
     monkeypatch.setattr(sys, "stderr", Terminal())
     assert interactive() is True
+
+
+def test_old_module_names_are_the_same_modules():
+    """cst.trainer, cst.judges, ... (the names from before the layered tree) import as the very modules of
+    cst.train.trainer, cst.eval.judges, ...; `from cst import X` and attribute access agree."""
+    import importlib
+
+    from cst._aliases import MOVED
+    assert {"trainer", "judges", "gguf", "tokenizer", "synth", "prompts", "training_config"} <= set(MOVED)
+    for old, new in MOVED.items():
+        real = importlib.import_module(f"cst.{new}")
+        assert importlib.import_module(f"cst.{old}") is real, old
+        assert sys.modules[f"cst.{old}"] is real and getattr(cst, old) is real, old
+        assert real.__name__ == f"cst.{new}" and real.__spec__.name == f"cst.{new}"
+    from cst import generate as gen
+    assert gen is importlib.import_module("cst.core.generate")
+    assert cst.Trainer is importlib.import_module("cst.trainer").Trainer
