@@ -328,6 +328,22 @@ def test_train_full_then_resume(capsys, monkeypatch, tmp_path, tiny, records_fil
     assert rc == 1 and err.splitlines()[-1].startswith("cst: error: --resume:") and "Traceback" not in err
 
 
+def test_train_settings_flags_set_their_fields():
+    """Each settings flag of `cst train` (generated from its DPOConfig field) sets exactly that field."""
+    from cst.cli import build_parser
+    from cst.cli.train import _SETTINGS, _flag, build_config
+    from cst.training_config import DPOConfig
+    value = {"mode": "sft", "loss_type": "ipo", "lora_r": 5, "max_length": 300, "max_prompt_length": 100}
+    for field, _, flag, _ in _SETTINGS:
+        default = getattr(DPOConfig(), field)
+        v = value.get(field, 0.25 if isinstance(default, float) else 7)
+        args = build_parser().parse_args(["train", _flag(field, flag), str(v)])
+        cfg = build_config(args)
+        assert getattr(cfg, field) == v and getattr(cfg, field) != default, field
+        changed = {k for k, x in cfg.to_dict().items() if x != DPOConfig().to_dict()[k]}
+        assert changed == {field}, (field, changed)
+
+
 def test_print_config(capsys, tmp_path):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"beta": 0.3, "lora_r": 8, "save_steps": 10}))

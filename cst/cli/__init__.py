@@ -20,7 +20,7 @@ from .demo import cmd_demo
 from .eval import cmd_eval, cmd_judge_fit, cmd_judge_validate
 from .export import cmd_export
 from .info import cmd_info
-from .train import _cmd_train_checked
+from .train import _cmd_train_checked, add_settings_flags
 
 
 __all__ = ["main", "build_parser", "load_checkpoint_into", "find_checkpoint", "CliError", "UsageError"]
@@ -54,7 +54,6 @@ Run 'cst COMMAND --help' for a command's options. Reference: docs/cli.md.
 
 def build_parser():
     from .. import eval as E  # the evaluation defaults
-    from ..core.losses import LOSS_TYPES
     common = _common()
     p = _Parser(prog="cst", description="Configurable Safety Tuning (CST) of language models, on the CPU.",
                 epilog=_MAIN_EPILOG)
@@ -184,25 +183,7 @@ def build_parser():
                         "repeatable")
     t.add_argument("--output-dir", "-o", metavar="DIR", help="checkpoints and logs (DPOConfig default: runs/cst)")
     g = t.add_argument_group("training settings (override the config file)")
-    g.add_argument("--mode", choices=("dpo", "sft"), help="DPO on (chosen, rejected), or SFT on chosen only")
-    g.add_argument("--beta", type=_float, help="DPO beta (paper: 0.1)")
-    g.add_argument("--loss-type", choices=LOSS_TYPES, help="DPO loss")
-    g.add_argument("--learning-rate", "--lr", type=_float, metavar="LR", help="peak learning rate (paper: 5e-5)")
-    g.add_argument("--epochs", type=_float, metavar="E", help="num_train_epochs (ignored when --max-steps is set)")
-    g.add_argument("--max-steps", type=_pos_int, metavar="N", help="optimizer steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=_pos_int, metavar="N",
-                   help="per_device_train_batch_size (pairs per micro-batch)")
-    g.add_argument("--grad-accum", type=_pos_int, metavar="N", help="gradient_accumulation_steps")
-    g.add_argument("--warmup-ratio", type=_float, metavar="F", help="share of steps with linear warmup")
-    g.add_argument("--lora-r", type=_nonneg_int, metavar="R", help="LoRA rank; 0 = full fine-tuning (paper: 24)")
-    g.add_argument("--lora-alpha", type=_float, metavar="A", help="LoRA alpha (paper: 48)")
-    g.add_argument("--lora-dropout", type=_float, metavar="P", help="LoRA dropout (paper: 0.05)")
-    g.add_argument("--max-length", type=_pos_int, metavar="N", help="max tokens of prompt + completion")
-    g.add_argument("--max-prompt-length", type=_pos_int, metavar="N", help="max prompt tokens (longer are cut)")
-    g.add_argument("--seed", type=_nonneg_int, metavar="N", help="seed of data order, LoRA init and dropout")
-    g.add_argument("--save-steps", type=_nonneg_int, metavar="N", help="checkpoint every N steps (0 = only at the end)")
-    g.add_argument("--eval-steps", type=_nonneg_int, metavar="N", help="evaluate every N steps (0 = only at the end)")
-    g.add_argument("--logging-steps", type=_pos_int, metavar="N", help="log metrics every N steps")
+    add_settings_flags(g)
     _add_threads(g)
     t.add_argument("--resume", nargs="?", const="latest", metavar="CKPT",
                    help="continue from CKPT, or (no value) from the latest checkpoint in the output dir")

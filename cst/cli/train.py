@@ -12,16 +12,70 @@ from .common import (
 
 # ---- train ----
 
-# flag dest -> DPOConfig field
-_OVERRIDES = {
-    "beta": "beta", "loss_type": "loss_type", "learning_rate": "learning_rate", "epochs": "num_train_epochs",
-    "max_steps": "max_steps", "batch_size": "per_device_train_batch_size",
-    "grad_accum": "gradient_accumulation_steps", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
-    "lora_dropout": "lora_dropout", "max_length": "max_length", "max_prompt_length": "max_prompt_length",
-    "mode": "mode", "seed": "seed", "save_steps": "save_steps", "logging_steps": "logging_steps",
-    "eval_steps": "eval_steps", "warmup_ratio": "warmup_ratio", "threads": "num_threads",
-    "output_dir": "output_dir",
-}
+# cst train's settings flags, one row per DPOConfig field: (field, help, flag, metavar). The flag is the
+# field's name with dashes where it maps 1:1 (flag None), and its type and choices come from the field
+# (cst.train.config's annotations and choice lists). Fields where 0 means "off" (None in the config) are
+# in _ZERO_IS_NONE.
+_SETTINGS = (
+    ("mode", "DPO on (chosen, rejected), or SFT on chosen only", None, None),
+    ("beta", "DPO beta (paper: 0.1)", None, None),
+    ("loss_type", "DPO loss", None, None),
+    ("learning_rate", "peak learning rate (paper: 5e-5)", "--learning-rate", "LR"),
+    ("num_train_epochs", "num_train_epochs (ignored when --max-steps is set)", "--epochs", "E"),
+    ("max_steps", "optimizer steps (overrides --epochs)", None, "N"),
+    ("per_device_train_batch_size", "per_device_train_batch_size (pairs per micro-batch)", "--batch-size", "N"),
+    ("gradient_accumulation_steps", "gradient_accumulation_steps", "--grad-accum", "N"),
+    ("warmup_ratio", "share of steps with linear warmup", None, "F"),
+    ("lora_r", "LoRA rank; 0 = full fine-tuning (paper: 24)", None, "R"),
+    ("lora_alpha", "LoRA alpha (paper: 48)", None, "A"),
+    ("lora_dropout", "LoRA dropout (paper: 0.05)", None, "P"),
+    ("max_length", "max tokens of prompt + completion", None, "N"),
+    ("max_prompt_length", "max prompt tokens (longer are cut)", None, "N"),
+    ("seed", "seed of data order, LoRA init and dropout", None, "N"),
+    ("save_steps", "checkpoint every N steps (0 = only at the end)", None, "N"),
+    ("eval_steps", "evaluate every N steps (0 = only at the end)", None, "N"),
+    ("logging_steps", "log metrics every N steps", None, "N"),
+)
+_ZERO_IS_NONE = ("lora_r", "save_steps", "eval_steps")
+
+
+def _flag(field, flag):
+    return flag or "--" + field.replace("_", "-")
+
+
+def add_settings_flags(group):
+    """The _SETTINGS flags on an argparse group: float fields read as finite floats, int fields as ints
+    >= 1 (>= 0 where 0 is allowed or means off), fields with a fixed list of values as choices."""
+    import typing
+
+    from ..train import config as C
+    from .common import _float, _nonneg_int, _pos_int
+    choices = {"mode": C.MODES, "loss_type": C.LOSS_TYPES, "lr_scheduler_type": C.LR_SCHEDULERS}
+    hints = typing.get_type_hints(C.DPOConfig)
+    for field, help_, flag, metavar in _SETTINGS:
+        kind = {a for a in typing.get_args(hints[field]) if a is not type(None)} or {hints[field]}
+        kw = {"help": help_, "dest": _dest(field, flag)}
+        if field in choices:
+            kw["choices"] = choices[field]
+        elif float in kind:
+            kw["type"] = _float
+        elif int in kind:
+            kw["type"] = _nonneg_int if field in _ZERO_IS_NONE or field == "seed" else _pos_int
+        else:
+            raise TypeError(f"add_settings_flags: DPOConfig.{field} is neither float, int nor a choice")
+        if metavar:
+            kw["metavar"] = metavar
+        names = [_flag(field, flag)] + (["--lr"] if field == "learning_rate" else [])
+        group.add_argument(*names, **kw)
+
+
+def _dest(field, flag):
+    return _flag(field, flag)[2:].replace("-", "_")
+
+
+# flag dest -> DPOConfig field (the settings flags, --threads and --output-dir)
+_OVERRIDES = {_dest(field, flag): field for field, _, flag, _ in _SETTINGS}
+_OVERRIDES.update(threads="num_threads", output_dir="output_dir")
 _FLAG = {field: "--" + dest.replace("_", "-") for dest, field in _OVERRIDES.items()}
 
 
@@ -40,7 +94,7 @@ def build_config(args):
     for dest, field in _OVERRIDES.items():
         v = getattr(args, dest, None)
         if v is not None:
-            if field in ("lora_r", "save_steps", "eval_steps") and v == 0:
+            if field in _ZERO_IS_NONE and v == 0:
                 v = None  # 0 = off: full fine-tuning / no periodic save / no periodic eval
             d[field] = v
     try:
