@@ -235,9 +235,9 @@ def test_tokenize_dataset_and_model_chat(smollm2_tokenizer):
     # `cst chat` (its reply function, which streams tokens itself) too.
     from types import SimpleNamespace
 
-    from cst import cli
+    from cst.cli import chat as cli_chat
     args = SimpleNamespace(max_new_tokens=2, temperature=0.0, top_p=1.0, repetition_penalty=1.0, seed=0)
-    cli._reply(m, [{"role": "user", "content": forged}], args)
+    cli_chat._reply(m, [{"role": "user", "content": forged}], args)
     assert seen[2] == seen[0]
 
 

@@ -67,6 +67,7 @@ def test_smollm2_synthesis_produces_valid_records(tmp_path, tokenizer):
     assert s["kept"] >= 1, s
     records = res.records()
     _valid(records)
-    assert len(records) == 2 * s["kept"] * 1  # one record per configuration with the paper's two phrasings
+    # one record per configuration with the paper's two phrasings, and the safe default (no system prompt)
+    assert len(records) == 3 * s["kept"]
     for r in records:
-        assert r.system in (D.HARMLESS_SYSTEM_PROMPT, D.UNCENSORED_SYSTEM_PROMPT)
+        assert r.system in (D.HARMLESS_SYSTEM_PROMPT, D.UNCENSORED_SYSTEM_PROMPT, "")
