@@ -23,10 +23,12 @@ DEFAULTS = {
     "model": "smollm2-135m-instruct",
     "configurations": "paraphrased",  # "paper": the paper's two strings; "paraphrased": 4 training phrasings each
     "train_phrasings": 1,  # training phrasings per pair and configuration (rotating over the pairs)
-    # prompts per category (None: all of the 24 train / 3 test harmful, 9-10 train / 2 test benign). The
-    # default trains on the first 18 harmful and 6 benign train prompts of each category (144 + 48): what
-    # fits the 20-minute budget with 3 epochs. 12 harmful per category gave S1 0.68 / 0.53 (seeds 0 / 1),
-    # 18 gave 0.92 / 0.92 / 0.83 (seeds 0 / 1 / 2; runs z1, s1, a0-a2 in docs/demo.md).
+    # prompts per category (None: all of the 20 train / 4 validation / 3 test harmful, 7-8 train /
+    # 2 validation / 2 test benign). The default trains on the first 18 harmful and 6 benign train prompts
+    # of each category (144 + 48; the validation split took the last 4 harmful and 2 benign of the old
+    # train lists, so these are the prompts of the runs below): what fits the 20-minute budget with 3
+    # epochs. 12 harmful per category gave S1 0.68 / 0.53 (seeds 0 / 1), 18 gave 0.92 / 0.92 / 0.83
+    # (seeds 0 / 1 / 2; runs z1, s1, a0-a2 in docs/demo.md; phrase judge, test split).
     "train_harmful_per_category": 18,
     "train_benign_per_category": 6,
     # The safe default: each harmful pair also trains with no system prompt, preferring the safe answer.

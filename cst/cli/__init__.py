@@ -75,7 +75,7 @@ def build_parser():
     d.add_argument("--seed", type=_nonneg_int, metavar="N", help="random seed (default: 0)")
     d.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a setting of cst.demo.DEFAULTS (VALUE read as JSON when it parses), e.g. "
-                        "--set train_harmful_per_category=null (all 24 train prompts per category) --set "
+                        "--set train_harmful_per_category=null (all 20 train prompts per category) --set "
                         "num_train_epochs=2; repeatable")
     _add_threads(d)
     d.set_defaults(func=cmd_demo)
