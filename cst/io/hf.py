@@ -30,14 +30,7 @@ def read_safetensors_header(path):
         if n > min(size - 8, _MAX_HEADER):
             raise FormatError(f"{path}: header length {n} exceeds the file ({size} bytes): corrupt or truncated")
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"{path}: header is not valid JSON ({e})") from None
-    except RecursionError:
-        raise FormatError(f"{path}: header JSON is nested too deeply") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{path}: header is not a JSON object")
+    header = _json_object(raw, path, "header ")
     data_start, data_size = 8 + n, size - 8 - n
     out = {}
     for name, info in header.items():
@@ -83,19 +76,27 @@ def _read_into(path, f, entry, dst, name):
         _core.dequantize(dst.reshape(-1), buf, ggml_type)
 
 
+def _json_object(text, path, what=""):
+    """The JSON object in `text` (str or UTF-8 bytes) of file `path`; FormatError naming the file (and
+    `what` part of it) when it is not valid JSON, nested too deeply, or not an object."""
+    try:
+        d = json.loads(text)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise FormatError(f"{path}: {what}not valid JSON ({e})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: {what}JSON nested too deeply") from None
+    if not isinstance(d, dict):
+        raise FormatError(f"{path}: {what}is not a JSON object")
+    return d
+
+
 def _load_json(path):
     try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} not found") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise FormatError(f"{path}: JSON nested too deeply") from None
-    if not isinstance(d, dict):
-        raise FormatError(f"{path}: expected a JSON object")
-    return d
+    return _json_object(raw, path)
 
 
 # model_type -> the class name transformers writes in "architectures".
