@@ -899,8 +899,10 @@ TAMX static void amx_panels(float *c, int64_t ldc, const uint32_t *a, int64_t ld
                 _tile_dpbf16ps(2, 5, 6);
                 _tile_dpbf16ps(3, 5, 7);
             }
+/* The all-zero partner of an odd panel count (q + 1 == npan) is never stored: its columns belong to the
+ * next range, another thread's (it once raced with that thread's stores). */
 #define AMX_STORE(T, DI, DJ)                                                                        \
-            {                                                                                       \
+            if (q + DJ / 16 < npan) {                                                               \
                 _tile_stored(T, t, 64);                                                             \
                 const int64_t r0 = i0 + DI, c0 = (jp0 + q) * 16 + DJ;                               \
                 if (c0 < N) amx_store_tile(c + r0 * ldc + c0, ldc, t, (int)min64(16, M - r0),       \
@@ -944,10 +946,9 @@ TAMX static void amx_thread(float *c, int64_t ldc, const uint32_t *a, int64_t ld
 static int amx_gemm(float *c, int64_t ldc, const uint32_t *a, int64_t lda, const uint32_t *b, int64_t rsb,
                     int64_t csb, int64_t M, int64_t N, int64_t KP, int accumulate) {
     const int64_t KPp = (KP + 15) / 16 * 16, np = (N + 15) / 16;
-    /* One thread: with two, the 2-thread results were wrong on a 130x513x97 product (tests/test_bf16.py,
-     * seen 2026-12-01, not yet understood), so the AMX way stays single-threaded until that is found. */
-    int nt = 1;
-    (void)max_threads;
+    int nt = max_threads();
+    if ((double)M * N * KP < 5e5) nt = 1; /* fork/join would cost more than it saves */
+    if (nt > np) nt = (int)np;
     const size_t per = (size_t)(AMX_PANELS + 1) * 16 * (size_t)KPp;
     int cached;
     uint32_t *scratch = (uint32_t *)scratch_get(per * (size_t)nt, &cached);
