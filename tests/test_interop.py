@@ -228,7 +228,7 @@ def _trl_config(d):
          lr_scheduler_type="cosine", num_train_epochs=3, eval_steps=5, group_by="prompt"),
     dict(loss_type="ipo", beta=0.3, warmup_steps=7, lr_scheduler_type="constant", max_steps=40,
          max_grad_norm=None, save_steps=None, weight_decay=0.01),
-    dict(loss_type="hinge", lora_r=4, lora_target_modules=("q_proj", "v_proj"), seed=3),
+    dict(loss_type="hinge", lora_r=4, lora_target_modules=("q_proj", "v_proj"), seed=3, bf16=True),
 ])
 def test_to_trl_builds_trl_and_peft_configs(kw, tmp_path):
     c = DPOConfig(output_dir=str(tmp_path), **kw)
@@ -248,7 +248,8 @@ def test_to_trl_builds_trl_and_peft_configs(kw, tmp_path):
     sched = str(getattr(d.lr_scheduler_type, "value", d.lr_scheduler_type))
     want = c.lr_scheduler_type + ("_with_warmup" if c.lr_scheduler_type == "constant" and c.warmup_steps else "")
     assert sched == want
-    assert d.disable_dropout == (not (c.lora_r and c.lora_dropout > 0)) and d.bf16 is False
+    assert d.disable_dropout == (not (c.lora_r and c.lora_dropout > 0)) and d.bf16 is c.bf16
+    assert d.use_cpu is c.bf16  # transformers accepts bf16 on a CPU only with use_cpu
     if c.lora_r is None:
         assert t["LoraConfig"] is None
     else:

@@ -144,7 +144,7 @@ class LoRA:
 
     def detach(self):
         self.model.adapter = None
-        self.model.frozen_base = False
+        self.model.frozen_base = self.model.dtype == "bf16"  # a bf16 base stays frozen
 
     def zero_grad(self):
         self.flat_grads[...] = 0.0
@@ -236,8 +236,8 @@ class LoRA:
         raise KeyError(f"no adapter on layer {layer} {module}")
 
     def merged_params(self):
-        """A copy of the model's flat parameters with every adapter added into its base weight."""
-        flat = self.model.flat_params.copy()
+        """A float32 copy of the model's flat parameters with every adapter added into its base weight."""
+        flat = self.model.float32_params()
         views = _views(flat, self.model.layout)
         for s in self._sites:
             name = f"model.layers.{s.layer}.{_PREFIX[s.module]}.{s.module}.weight"

@@ -1,9 +1,11 @@
-"""A Llama-family decoder whose parameters live in one flat float32 buffer, named as in Hugging Face
+"""A Llama-family decoder whose parameters live in one flat float32 buffer (or, with dtype "bf16", its
+matrices in one bf16 buffer and its norms and biases in a float32 one), named as in Hugging Face
 checkpoints. The math runs in cst._core; this module only lays out memory and calls kernels in order.
 """
 import numpy as np
 
 from .. import _core
+from .bf16 import from_bf16, to_bf16
 from .config import ModelConfig
 from .ops import rope_tables
 from .runtime import _release_blas_threads_if_allowed
@@ -41,6 +43,28 @@ LINEARS = {
 }
 
 
+# How the base weights can be stored: "f32" (trainable), or "bf16": every matrix (embedding and LM head
+# included) as bf16 bits, frozen, multiplied by the bf16 GEMMs with fp32 accumulation; norms and biases
+# stay float32, like every activation, gradient, adapter and optimizer state.
+DTYPES = ("f32", "bf16")
+
+
+def _matmul_forward(out, x, w, accumulate=False):
+    """out (N, OC) (+)= x (N, C) @ w (OC, C)^T; a bf16 (uint16) w takes the bf16 GEMM (x rounded to bf16)."""
+    if w.dtype == np.uint16:
+        _core.matmul_bf16_forward(out, x, w, accumulate)
+    else:
+        _core.matmul_forward(out, x, w, accumulate)
+
+
+def _matmul_backward(dx, dw, dout, x, w):
+    """dx += dout @ w, dw += dout^T @ x (either may be None); bf16 w as in _matmul_forward."""
+    if w.dtype == np.uint16:
+        _core.matmul_bf16_backward(dx, dw, dout, x, w)
+    else:
+        _core.matmul_backward(dx, dw, dout, x, w)
+
+
 # Model.save's writer, cst.io.save, installed by cst.io when it is imported (cst/__init__ imports it): the
 # model is the layer below the file formats and does not import them.
 _save = None
@@ -54,6 +78,11 @@ class Model:
     """Llama-family decoder. `params` and `grads` map Hugging Face names to float32 views of one flat
     buffer each (`flat_params`, `flat_grads`), so optimisers and checkpoints see a single array.
 
+    dtype "bf16" (cst.load(..., dtype="bf16"), or `to_bf16()`): every matrix is a uint16 view (bf16
+    bits) of `flat_bf16`, the norms and biases float32 views of `flat_vectors`, and there is no
+    float32 copy (`flat_params` raises TypeError; `float32_params()` makes one). The base is then
+    frozen (`frozen_base` stays True): train LoRA adapters on it.
+
     Training step: `logits = m.forward(tokens, lengths)`, then `m.backward(dlogits)` adds into
     `m.grads`; or the memory-lean pair `forward_logprobs` / `backward_logprobs`, which never holds the
     full (B, T, V) logits. Activations live in an arena that grows to the largest (B, T) seen and is
@@ -61,17 +90,16 @@ class Model:
     call (copy them to keep them). `frozen_base = True` makes backward compute activation gradients
     only (for adapters), leaving `grads` untouched."""
 
-    def __init__(self, config: ModelConfig, seed: int = 0, init: bool = True):
+    def __init__(self, config: ModelConfig, seed: int = 0, init: bool = True, dtype: str = "f32"):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"Model: config must be a cst.ModelConfig, got {type(config).__name__}")
+        if dtype not in DTYPES:
+            raise ValueError(f"Model: dtype must be one of {DTYPES}, got {dtype!r}")
         self.config = config
         self.layout = param_layout(config)
-        n = sum(int(np.prod(s)) for _, s in self.layout)
-        self.flat_params = np.empty(n, dtype=np.float32)
-        self.params = _views(self.flat_params, self.layout)
+        self._storage(dtype)
         self.flat_grads = None
         self.grads = None
-        self.frozen_base = False
         self.adapter = None  # a cst.lora.LoRA once attached; every projection consults it
         self.tokenizer = None
         self.last_truncated = None  # per conversation of the last chat(): hit max_new_tokens
@@ -83,26 +111,101 @@ class Model:
         self._head_rows = None  # positions the last forward_logprobs sent through the LM head
         self._rope = None
         self._skip = None  # the cst.shared_prompt.SkipPlan of the last forward_logprobs, if any
-        self._fused = self._fused_views(self.flat_params)
         self._gfused = None
         if not init:  # weights about to be loaded: skip drawing 135M normals
-            self.flat_params[...] = 0.0
+            for flat in self.param_buffers():
+                flat[...] = 0
             return
-        # Hugging Face's Llama initialisation: N(0, 0.02) for matrices, ones for norms.
+        # Hugging Face's Llama initialisation: N(0, 0.02) for matrices, ones for norms (the same draws
+        # for both dtypes: a bf16 model is its float32 twin rounded).
         rng = np.random.default_rng(seed)
         for name, arr in self.params.items():
             if arr.ndim == 1:
                 arr[...] = 1.0
+            elif arr.dtype == np.uint16:
+                to_bf16(rng.normal(0.0, 0.02, size=arr.shape).astype(np.float32), out=arr)
             else:
                 arr[...] = rng.normal(0.0, 0.02, size=arr.shape).astype(np.float32)
 
+    def _storage(self, dtype):
+        """Allocates the parameter buffers of `dtype` and the views over them (params, fused)."""
+        self.dtype = dtype
+        if dtype == "f32":
+            self._flat = np.empty(sum(int(np.prod(s)) for _, s in self.layout), dtype=np.float32)
+            self.flat_bf16 = self.flat_vectors = None
+            self.params = _views(self._flat, self.layout)
+            self._fused = self._fused_views(self._flat)
+            self.frozen_base = False
+            return
+        mats = [(n, s) for n, s in self.layout if len(s) == 2]
+        vecs = [(n, s) for n, s in self.layout if len(s) == 1]
+        self._flat = None
+        self.flat_bf16 = np.empty(sum(int(np.prod(s)) for _, s in mats), dtype=np.uint16)
+        self.flat_vectors = np.empty(sum(int(np.prod(s)) for _, s in vecs), dtype=np.float32)
+        views = {**_views(self.flat_bf16, mats), **_views(self.flat_vectors, vecs)}
+        self.params = {name: views[name] for name, _ in self.layout}  # layout order, as for float32
+        self._fused = self._fused_views(self.flat_bf16, mats, self.flat_vectors, vecs)
+        self.frozen_base = True
+
+    def param_buffers(self):
+        """The arrays that hold the parameters: (flat_params,) or (flat_bf16, flat_vectors)."""
+        return (self._flat,) if self.dtype == "f32" else (self.flat_bf16, self.flat_vectors)
+
+    @property
+    def flat_params(self) -> np.ndarray:
+        """The one float32 buffer of every parameter (float32 models only)."""
+        if self._flat is None:
+            raise TypeError("Model.flat_params: this model stores its base in bf16 (flat_bf16, with norms and "
+                            "biases in flat_vectors) and has no float32 buffer; float32_params() gives a float32 "
+                            "copy, and folding adapters into the weights (merging) needs a float32 model: "
+                            "cst.load(path) without dtype='bf16'")
+        return self._flat
+
     @property
     def num_parameters(self) -> int:
-        return int(self.flat_params.size)
+        return int(sum(b.size for b in self.param_buffers()))
 
-    def _fused_views(self, flat):
-        """Per layer {which: (rows, C) view} over the adjacent q/k/v and gate/up weights."""
-        cfg, offs = self.config, _offsets(self.layout)
+    @property
+    def nbytes(self) -> int:
+        """Bytes of parameters held (float32: 4 per parameter; bf16: 2 per matrix element, 4 per norm)."""
+        return int(sum(b.nbytes for b in self.param_buffers()))
+
+    def float32_params(self) -> np.ndarray:
+        """A float32 copy of every parameter in the flat layout of a float32 model (bf16 values exact)."""
+        if self.dtype == "f32":
+            return self._flat.copy()
+        flat = np.empty(num_params(self.config), dtype=np.float32)
+        for name, dst in _views(flat, self.layout).items():
+            src = self.params[name]
+            if src.dtype == np.uint16:
+                from_bf16(src, out=dst)
+            else:
+                dst[...] = src
+        return flat
+
+    def to_bf16(self):
+        """Stores the base in bf16 from now on (matrices rounded to nearest even, norms and biases kept
+        float32), freeing the float32 buffer and any base gradients; the base is frozen from then on.
+        Briefly holds both copies (1.5x the float32 size). Returns the model; a bf16 model is unchanged."""
+        if self.dtype == "bf16":
+            return self
+        old = self.params
+        self._storage("bf16")
+        for name, arr in self.params.items():
+            if arr.dtype == np.uint16:
+                to_bf16(old[name], out=arr)
+            else:
+                arr[...] = old[name]
+        self.flat_grads = self.grads = self._gfused = None
+        return self
+
+    def _fused_views(self, flat, layout=None, vflat=None, vlayout=None):
+        """Per layer {which: (rows, C) view} over the adjacent q/k/v and gate/up weights of `flat`
+        (laid out as `layout`, default the model's); the q|k|v biases from vflat (default flat)."""
+        cfg = self.config
+        layout = self.layout if layout is None else layout
+        vflat, vlayout = (flat, layout) if vflat is None else (vflat, vlayout)
+        offs, voffs = _offsets(layout), _offsets(vlayout)
         shapes = dict(self.layout)
         layers = []
         for i in range(cfg.n_layers):
@@ -114,12 +217,16 @@ class Model:
                 o = offs[p + parts[0] + ".weight"]
                 d[which] = flat[o:o + rows * cols].reshape(rows, cols)
             if cfg.attention_bias:  # q|k|v biases, adjacent like their weights
-                o = offs[p + "self_attn.q_proj.bias"]
-                d["qkv_bias"] = flat[o:o + d["qkv"].shape[0]]
+                o = voffs[p + "self_attn.q_proj.bias"]
+                d["qkv_bias"] = vflat[o:o + d["qkv"].shape[0]]
             layers.append(d)
         return layers
 
     def _ensure_grads(self):
+        if self.dtype != "f32":
+            raise TypeError("Model: this model's base is stored in bf16 and is frozen (no base gradients); train "
+                            "LoRA adapters on it (cst.LoRA(model).attach(), or DPOConfig(lora_r=...)), or load it "
+                            "in float32 for full fine-tuning")
         if self.flat_grads is None:
             self.flat_grads = np.zeros_like(self.flat_params)
             self.grads = _views(self.flat_grads, self.layout)
@@ -140,14 +247,14 @@ class Model:
 
     def _linear_forward(self, layer: int, which: str, x, out, accumulate: bool = False):
         """out (N, rows) (+)= x (N, C) @ W^T for the fused projection `which` of `layer` (see LINEARS)."""
-        _core.matmul_forward(out, x, self._fused[layer][which], accumulate)
+        _matmul_forward(out, x, self._fused[layer][which], accumulate)
         if self.adapter is not None:
             self.adapter.forward(layer, which, x, out)
 
     def _linear_backward(self, layer: int, which: str, dx, dout, x):
         """dx (N, C) += dout @ W, and W's gradient += dout^T @ x unless the base is frozen."""
         dw = None if self.frozen_base else self._gfused[layer][which]
-        _core.matmul_backward(dx, dw, dout, x, self._fused[layer][which])
+        _matmul_backward(dx, dw, dout, x, self._fused[layer][which])
         if self.adapter is not None:
             self.adapter.backward(layer, which, dx, dout, x)
 
@@ -261,7 +368,11 @@ class Model:
         cos, sin = self._rope_for(T)
         a = self._acts(B, T)
         P = self.params
-        _core.embedding_forward(a.res[0].reshape(B, T, C), tokens, P["model.embed_tokens.weight"])
+        E = P["model.embed_tokens.weight"]
+        if E.dtype == np.uint16:  # bf16 rows, gathered then widened (exact)
+            from_bf16(E[tokens.reshape(-1)], out=a.res[0])
+        else:
+            _core.embedding_forward(a.res[0].reshape(B, T, C), tokens, E)
         for i in range(L):
             p = f"model.layers.{i}."
             x, mid = a.res[i], a.mid[i]
@@ -305,7 +416,7 @@ class Model:
         V = self.config.vocab_size
         a = self._trunk(tokens)
         logits = self._buf("logits", (B, T, V))
-        _core.matmul_forward(logits.reshape(B * T, V), a.lnf, self._lm_head[0])
+        _matmul_forward(logits.reshape(B * T, V), a.lnf, self._lm_head[0])
         # Zeroing the padded rows of the saved head input makes their head-weight gradient vanish
         # without copying dlogits; backward zeroes their input gradient likewise.
         if self._pad is not None:
@@ -363,7 +474,7 @@ class Model:
         lp, ls = self._buf("head_logp", (R,)), self._buf("head_lse", (R,), np.float64)
         W = self._lm_head[0]
         for r0, r1, chunk in self._chunks(R):
-            _core.matmul_forward(chunk, x[r0:r1], W)
+            _matmul_forward(chunk, x[r0:r1], W)
             _core.logprobs_forward(lp[r0:r1], ls[r0:r1], chunk, tsel[r0:r1])
         logp = self._buf("logp", (N,))
         logp.fill(0.0)
@@ -411,7 +522,7 @@ class Model:
         W, dW = self._lm_head
         dlnf = a.dln
         dlnf.fill(0.0)
-        _core.matmul_backward(dlnf, None if self.frozen_base else dW, dlogits.reshape(N, V), a.lnf, W)
+        _matmul_backward(dlnf, None if self.frozen_base else dW, dlogits.reshape(N, V), a.lnf, W)
         if self._pad is not None:
             dlnf[self._pad] = 0.0
         self._backward_trunk(a, B, T)
@@ -437,9 +548,9 @@ class Model:
         dsel = np.ascontiguousarray(dlogp.reshape(N)[rows])
         dx.fill(0.0)
         for r0, r1, chunk in self._chunks(R):
-            _core.matmul_forward(chunk, x[r0:r1], W)
+            _matmul_forward(chunk, x[r0:r1], W)
             _core.logprobs_backward_inplace(chunk, dsel[r0:r1], tsel[r0:r1], ls[r0:r1])
-            _core.matmul_backward(dx[r0:r1], dW, chunk, x[r0:r1], W)
+            _matmul_backward(dx[r0:r1], dW, chunk, x[r0:r1], W)
         dlnf = a.dln
         dlnf.fill(0.0)
         dlnf[rows] = dx
@@ -508,10 +619,16 @@ class Model:
 
     def merged(self):
         """The model as inference and export see it: itself without an enabled adapter, else a
-        snapshot whose weights have the adapters added in (a copy; the model is not changed)."""
+        snapshot whose weights have the adapters added in (a copy; the model is not changed). A bf16
+        model gives a float32 snapshot on every call (generation and export read float32 weights)."""
         if self.adapter is None or not self.adapter.enabled:
-            return self
+            return self.as_float32()
         return _Snapshot(self, self.adapter.merged_params())
+
+    def as_float32(self):
+        """The base model with float32 weights, as the writers and the C generation path read it: the
+        model itself when it is float32, else a read-only snapshot (a float32 copy, made on each call)."""
+        return self if self.dtype == "f32" else _Snapshot(self, self.float32_params())
 
     def generate(self, prompts, **kwargs):
         """New token ids for each prompt (lists of ids), with the KV cache; see cst.generate.generate

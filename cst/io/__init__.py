@@ -31,10 +31,13 @@ def load(source, dtype=None):
     """Model from a .gguf file, a Hugging Face Llama/Mistral/Qwen2 checkpoint directory, or
     "smollm2-135m-instruct".
     model.tokenizer is the matching cst.tokenizer.Tokenizer (None when the source has no tokenizer).
-    dtype None/"f32": float32 weights (training and inference). dtype "q" (GGUF only): a
-    cst.quantized.QuantizedModel for generation that keeps Q8_0/Q4_0/Q4_1 matrices as their GGUF blocks."""
-    if dtype not in (None, "f32", "q"):
-        raise ValueError(f"cst.io.load: dtype must be None, 'f32' or 'q', got {dtype!r}")
+    dtype None/"f32": float32 weights (training and inference). dtype "bf16": every matrix (embedding
+    and LM head included) stored as bf16 only, read tensor by tensor (never a float32 copy of the model),
+    norms and biases float32; the base is frozen (train LoRA adapters on it), see cst.Model. dtype "q"
+    (GGUF only): a cst.quantized.QuantizedModel for generation that keeps Q8_0/Q4_0/Q4_1 matrices as their
+    GGUF blocks."""
+    if dtype not in (None, "f32", "bf16", "q"):
+        raise ValueError(f"cst.io.load: dtype must be None, 'f32', 'bf16' or 'q', got {dtype!r}")
     source = os.fspath(source)
     if source.lower() == SMOLLM2_NAME and not os.path.exists(source):
         source = smollm2_path()
@@ -42,7 +45,7 @@ def load(source, dtype=None):
         if dtype == "q":
             raise ValueError(f"cst.io.load: dtype='q' reads GGUF blocks; {source} is a Hugging Face directory")
         from .hf import load_hf
-        return load_hf(source)
+        return load_hf(source, dtype=dtype or "f32")
     if os.path.isfile(source):
         with open(source, "rb") as f:
             magic = f.read(4)
@@ -57,6 +60,8 @@ def save(model, path, format="hf", dtype=None, tokenizer=None):
     """Writes model (and model.tokenizer, or the tokenizer given) to path. format "hf": a directory
     (dtype "float32" default or "float16"); "gguf": one file (dtype "f32" default or "f16")."""
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if getattr(model, "dtype", "f32") == "bf16":  # the writers read float32 weights (bf16 values are exact)
+        model = model.as_float32()
     if format == "hf":
         from .hf import save_hf
         return save_hf(model, tok, path, dtype=dtype or "float32")

@@ -7,6 +7,7 @@ import struct
 import numpy as np
 
 from .. import _core
+from ..core.bf16 import staged
 from ..core.config import ModelConfig
 from ..core.errors import FormatError
 from ..core.model import GLOBAL_TENSORS, LAYER_TENSORS, Model, gguf_names, param_layout
@@ -359,10 +360,11 @@ def load_gguf_tokenizer(path):
 
 def load_gguf(path, with_tokenizer=True, dtype="f32"):
     """cst.Model from a Llama GGUF file, dequantised to float32, Q/K rows in Hugging Face order; the
-    tokenizer (or None when the file has none) is attached as model.tokenizer. dtype "q": a
-    cst.quantized.QuantizedModel for inference that keeps Q8_0/Q4_0/Q4_1 matrices as their blocks."""
-    if dtype not in ("f32", "q"):
-        raise ValueError(f"load_gguf: dtype must be 'f32' or 'q', got {dtype!r}")
+    tokenizer (or None when the file has none) is attached as model.tokenizer. dtype "bf16": the matrices
+    rounded to bf16 one tensor at a time (see cst.Model). dtype "q": a cst.quantized.QuantizedModel for
+    inference that keeps Q8_0/Q4_0/Q4_1 matrices as their blocks."""
+    if dtype not in ("f32", "bf16", "q"):
+        raise ValueError(f"load_gguf: dtype must be 'f32', 'bf16' or 'q', got {dtype!r}")
     path = os.fspath(path)
     reader = _reader(path)
     tensors = {t.name: t for t in reader.tensors}
@@ -391,9 +393,10 @@ def load_gguf(path, with_tokenizer=True, dtype="f32"):
             model = build(cfg, tensors, lambda t: _tensor_bytes(f, t, path), dequantize_into, permuted, path,
                           _unpermute, lambda: load_gguf(path))
         else:
-            model = Model(cfg, init=False)  # the weights are read next: no random initialisation
+            model = Model(cfg, init=False, dtype=dtype)  # the weights are read next: no random initialisation
             for name, shape in model.layout:
-                _load_into(model.params[name], f, path, tensors[names[name]], permuted.get(name))
+                with staged(model.params[name]) as dst:
+                    _load_into(dst, f, path, tensors[names[name]], permuted.get(name))
     model.tokenizer = _tokenizer(reader, path) if with_tokenizer else None
     return model
 

@@ -8,6 +8,7 @@ import struct
 import numpy as np
 
 from .. import _core
+from ..core.bf16 import staged
 from ..core.config import ModelConfig
 from ..core.errors import FormatError
 from ..core.model import Model, param_layout
@@ -227,9 +228,11 @@ def _weight_files(path):
     return files
 
 
-def load_hf(path, with_tokenizer=True):
+def load_hf(path, with_tokenizer=True, dtype="f32"):
     """cst.Model from a Hugging Face Llama directory; model.tokenizer is set from tokenizer.json when
-    present, else None."""
+    present, else None. dtype "bf16": the matrices rounded to bf16 one tensor at a time (cst.Model)."""
+    if dtype not in ("f32", "bf16"):
+        raise ValueError(f"load_hf: dtype must be 'f32' or 'bf16', got {dtype!r}")
     path = os.fspath(path)
     cfg_path = os.path.join(path, "config.json")
     cfg = config_from_hf(_load_json(cfg_path), cfg_path)
@@ -262,14 +265,15 @@ def load_hf(path, with_tokenizer=True):
         if entry[1] != tuple(shape):
             raise FormatError(f"{f}: tensor {name!r} has shape {entry[1]}, expected {tuple(shape)} "
                               f"from {cfg_path}")
-    model = Model(cfg, init=False)  # the weights are read next: no random initialisation
+    model = Model(cfg, init=False, dtype=dtype)  # the weights are read next: no random initialisation
     handles = {}
     try:
         for name, shape in model.layout:
             f, entry = where[name]
             if f not in handles:
                 handles[f] = open(f, "rb")
-            _read_into(f, handles[f], entry, model.params[name], name)
+            with staged(model.params[name]) as dst:
+                _read_into(f, handles[f], entry, dst, name)
     finally:
         for h in handles.values():
             h.close()

@@ -51,6 +51,10 @@ class DPOConfig:
     backward run once per pair instead of twice (cst.shared_prompt); the same log-probs and gradients
     as two rows per pair up to float32 rounding. With lora_dropout > 0 the prompt's tokens then draw
     one dropout mask per pair instead of one per row. False: TRL's two rows per pair.
+    bf16 (TRL's name, mixed precision): the frozen base runs in bf16 (its matrices stored as bf16, the
+    products' inputs bf16 with fp32 accumulation) while the LoRA adapters, their AdamW state, norms,
+    softmax and losses stay float32; the Trainer converts a float32 model in place (Model.to_bf16) at
+    its start. Needs LoRA (lora_r, or lora= given to the Trainer): a bf16 base cannot be trained.
     """
     beta: float = 0.1
     loss_type: Union[str, List[str]] = "sigmoid"
@@ -86,6 +90,7 @@ class DPOConfig:
     num_threads: Optional[int] = None
     group_by: Optional[str] = None
     share_prompt: bool = True
+    bf16: bool = False
 
     def __post_init__(self):
         def fail(name, msg):
@@ -167,6 +172,8 @@ class DPOConfig:
         integer("num_threads", 1, optional=True)
         if not isinstance(self.share_prompt, bool):
             fail("share_prompt", "must be True or False")
+        if not isinstance(self.bf16, bool):
+            fail("bf16", "must be True or False")
 
     def _fold_loss_list(self):
         """TRL's form, loss_type ["sigmoid", "sft"] with loss_weights [1.0, a], into cst's: loss_type
@@ -238,10 +245,12 @@ class DPOConfig:
             "weight_decay": self.weight_decay, "max_grad_norm": self.max_grad_norm or 0.0,
             "adam_beta1": self.adam_beta1, "adam_beta2": self.adam_beta2, "adam_epsilon": self.adam_epsilon,
             "seed": self.seed, "logging_steps": self.logging_steps,
-            "bf16": False,  # cst trains in float32; on a GPU, bf16=True is TRL's faster default
+            "bf16": self.bf16,  # TRL's bf16 autocast: bf16 products, float32 master weights, as cst's bf16
             # TRL's disable_dropout also zeroes PEFT's lora_dropout: keep dropout when the recipe has it.
             "disable_dropout": not (self.lora_r is not None and self.lora_dropout > 0),
         }
+        if self.bf16:
+            trl["use_cpu"] = True  # transformers refuses bf16 without a GPU unless told to run on the CPU
         if self.save_steps is None:
             trl["save_strategy"] = "no"
         else:

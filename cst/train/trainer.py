@@ -110,6 +110,11 @@ class Trainer:
             raise ValueError(f"Trainer: lora= has r={lora.r} but config.lora_r={config.lora_r}")
         if lora is not None and lora.model is not model:
             raise ValueError("Trainer: lora= was built for another model")
+        if (config.bf16 or getattr(model, "dtype", "f32") == "bf16") and config.lora_r is None and lora is None:
+            why = "config.bf16 = True" if config.bf16 else "this model's base is stored in bf16 (dtype='bf16')"
+            raise ValueError(f"Trainer: {why} needs LoRA (config.lora_r or lora=): a bf16 base is frozen; full "
+                             "fine-tuning trains float32 weights (load the model without dtype='bf16' and keep "
+                             "bf16=False)")
         self.model = model
         self.dist = distributed.world()  # a world of one process unless launched by mpirun/srun
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -136,6 +141,8 @@ class Trainer:
             if self.dist.size > 1:
                 self.lora.stream = (self.dist.rank,)  # each rank its own dropout masks
             self._params, self._grads = self.lora.flat_params, self.lora.flat_grads
+            if config.bf16:  # the frozen base in bf16 from here on; adapters and optimizer stay float32
+                model.to_bf16()
         else:
             self.lora = None
             model.adapter = None
@@ -278,7 +285,7 @@ class Trainer:
                               for k in ("prompt_ids", "chosen_ids", "rejected_ids")] +
                              [np.asarray([len(getattr(e, k)) for e in examples for k in
                                           ("prompt_ids", "chosen_ids", "rejected_ids")], np.int64)])
-        key = _fingerprint(ids, self.model.flat_params) + f"-{self.config.loss_type}"
+        key = _fingerprint(ids, *self.model.param_buffers()) + f"-{self.config.loss_type}"
         path = os.path.join(self.config.output_dir, f"ref_logps_{tag}.npz")
         ref = None
         if self.dist.rank == 0 and os.path.exists(path):
@@ -776,7 +783,8 @@ def load_checkpoint_into(model, path, merge=True):
     are rebuilt with the run's config (trainer_state.json), loaded, and then merged into the weights
     (merge=True: a plain model, fastest for generation and export) or attached (merge=False,
     dropout off). Returns {"path", "kind", "step", "lora"} (lora: the LoRA object or None).
-    Raises ValueError when the checkpoint does not fit the model."""
+    Raises ValueError when the checkpoint does not fit the model, or when its weights would have to be
+    written into a bf16 base (a full checkpoint, or merge=True: use merge=False, or a float32 model)."""
     ckpt = find_checkpoint(path)
     state_path = os.path.join(ckpt, "trainer_state.json")
     try:
@@ -787,6 +795,12 @@ def load_checkpoint_into(model, path, merge=True):
     if not isinstance(state, dict) or state.get("kind") not in ("full", "lora"):
         raise ValueError(f"{state_path}: not a cst trainer state (no kind 'full' or 'lora')")
     lora = None
+    if getattr(model, "dtype", "f32") == "bf16" and (state["kind"] == "full" or merge):
+        raise ValueError(f"checkpoint {ckpt}: this model's base is stored in bf16, and "
+                         + ("a full fine-tuning checkpoint replaces the base weights" if state["kind"] == "full"
+                            else "merge=True folds the adapters into the base weights")
+                         + ", which needs a float32 model: load it without dtype='bf16'"
+                         + ("" if state["kind"] == "full" else ", or pass merge=False (adapters kept attached)"))
     if state["kind"] == "full":
         w = _checkpoint_weights(ckpt, None)
         if w.size != model.flat_params.size:
