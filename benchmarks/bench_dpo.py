@@ -4,10 +4,13 @@ sequences, sigmoid DPO loss, backward_logprobs, clip_grad_norm, AdamW) against P
 transformers' LlamaForCausalLM + PEFT and the same loss written in torch (TRL's selective log-softmax
 form). Reference log-probs are precomputed on both sides and not timed. Each side runs in its own
 spawned process: peak RSS is its own (whole process, and during the timed steps only). Not a
-convergence benchmark; TRL's DPOTrainer is not used (not installed).
+convergence benchmark; TRL's DPOTrainer is not used (not installed). --dtype bf16 runs cst with the
+frozen base in bf16 (Model(dtype="bf16"): the same random weights rounded; torch stays fp32); --micro k
+splits the step into micro-batches of k pairs (gradient accumulation; both sides).
 
     python3 benchmarks/bench_dpo.py [--threads 2] [--pairs 4] [--seq 256] [--prompt 64] [--layers 30]
-                                    [--steps 3] [--dropout 0.0] [--skip-torch] [--profile]
+                                    [--steps 3] [--dropout 0.0] [--dtype f32|bf16] [--micro K]
+                                    [--skip-torch] [--profile]
 """
 import argparse
 import multiprocessing as mp
@@ -35,6 +38,14 @@ def _reset_hwm():
         return False
 
 
+def _rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
 def _hwm_mb():
     with open("/proc/self/status") as f:
         for line in f:
@@ -59,7 +70,20 @@ def _data(cfg, P, T, prompt):
     return tokens, targets, mask
 
 
-def run_ours(cfg, P, T, prompt, r, dropout, steps, threads, profile, q):
+def _micro_batches(tokens, targets, mask, P, micro):
+    """The 2P rows (chosen then rejected) as micro-batches of `micro` pairs: [(k, rows of their k chosen
+    then k rejected sequences)]."""
+    import numpy as np
+    out = []
+    for i in range(0, P, micro):
+        k = min(micro, P - i)
+        rows = np.r_[i:i + k, P + i:P + i + k]
+        out.append((k, tokens[rows], targets[rows], mask[rows]))
+    return out
+
+
+def run_ours(cfg, P, T, prompt, r, dropout, steps, threads, profile, q, dtype="f32", micro=None, make=None):
+    """make(ModelConfig) -> Model: how the weights are made (default: Model(cfg, seed=0, dtype=dtype))."""
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import _srcpath
     _srcpath.prefer_built_source_tree()
@@ -71,12 +95,15 @@ def run_ours(cfg, P, T, prompt, r, dropout, steps, threads, profile, q):
     from cst.optim import AdamW, clip_grad_norm
 
     cst.set_num_threads(threads)
-    m = Model(cst.ModelConfig(**cfg), seed=0)
+    t_make = time.perf_counter()
+    m = make(cst.ModelConfig(**cfg)) if make else Model(cst.ModelConfig(**cfg), seed=0, dtype=dtype)
+    t_make = time.perf_counter() - t_make
+    model_rss_mb = _rss_mb()
     lora = LoRA(m, r=r, alpha=2.0 * r, dropout=dropout, target_modules=TARGETS, seed=0).attach()
-    tokens, targets, mask = _data(cfg, P, T, prompt)
-    lengths = np.full(2 * P, T, np.int32)
+    parts = _micro_batches(*_data(cfg, P, T, prompt), P, micro or P)
+    lengths = [np.full(2 * k, T, np.int32) for k, *_ in parts]
     lora.enabled = False
-    ref = losses.sequence_logps(m.forward_logprobs(tokens, targets, lengths), mask)
+    refs = [losses.sequence_logps(m.forward_logprobs(t, tg, ln), mk) for (k, t, tg, mk), ln in zip(parts, lengths)]
     lora.enabled = True
     opt = AdamW(lr=5e-5, weight_decay=0.0)
     phases = {}
@@ -104,14 +131,21 @@ def run_ours(cfg, P, T, prompt, r, dropout, steps, threads, profile, q):
                 hook_t["lora"] = 0.0
         t0 = time.perf_counter()
         lora.zero_grad()
-        lora.new_step()
-        tlp = m.forward_logprobs(tokens, targets, lengths)
-        t1 = time.perf_counter()
-        lp = losses.sequence_logps(tlp, mask)
-        out = losses.dpo_loss(lp[:P], lp[P:], ref[:P], ref[P:], beta=0.1)
-        dtlp = losses.sequence_logps_backward(np.concatenate([out.grad_chosen, out.grad_rejected]), mask)
-        t2 = time.perf_counter()
-        m.backward_logprobs(dtlp)
+        spent, loss = [0.0, 0.0, 0.0], 0.0
+        for (k, tokens, targets, mask), ln, ref in zip(parts, lengths, refs):  # the step's mean over pairs
+            ta = time.perf_counter()
+            lora.new_step()
+            tlp = m.forward_logprobs(tokens, targets, ln)
+            tb = time.perf_counter()
+            lp = losses.sequence_logps(tlp, mask)
+            out = losses.dpo_loss(lp[:k], lp[k:], ref[:k], ref[k:], beta=0.1)
+            dseq = np.concatenate([out.grad_chosen, out.grad_rejected]) * np.float32(k / P)
+            dtlp = losses.sequence_logps_backward(dseq, mask)
+            tc = time.perf_counter()
+            m.backward_logprobs(dtlp)
+            td = time.perf_counter()
+            spent = [spent[0] + tb - ta, spent[1] + tc - tb, spent[2] + td - tc]
+            loss += out.loss * k / P
         t3 = time.perf_counter()
         norm, scale = clip_grad_norm(lora.flat_grads, 1.0)
         opt.step(lora.flat_params, lora.flat_grads, grad_scale=scale)
@@ -119,17 +153,17 @@ def run_ours(cfg, P, T, prompt, r, dropout, steps, threads, profile, q):
         if i:
             times.append(t4 - t0)
             if profile:
-                for k, v in zip(("forward", "loss", "backward", "optimizer"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                    phases[k] += v
-        loss = out.loss
+                for key, v in zip(("forward", "loss", "backward", "optimizer"), spent + [t4 - t3]):
+                    phases[key] += v
     if profile:
         phases = {k: v / steps for k, v in phases.items()}
         phases["lora hook (in fwd+bwd)"] = hook_t["lora"] / steps
     q.put({"times": times, "loss": loss, "peak_rss_mb": _peak_rss_mb(), "step_rss_mb": _hwm_mb(),
-           "phases": phases, "trainable": lora.num_parameters})
+           "phases": phases, "trainable": lora.num_parameters, "model_rss_mb": model_rss_mb,
+           "param_mb": m.nbytes / 2 ** 20, "make_s": t_make})
 
 
-def run_torch(cfg, P, T, prompt, r, dropout, steps, threads, profile, q):
+def run_torch(cfg, P, T, prompt, r, dropout, steps, threads, profile, q, micro=None):
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import numpy as np
     import torch
@@ -148,18 +182,16 @@ def run_torch(cfg, P, T, prompt, r, dropout, steps, threads, profile, q):
     model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(TARGETS),
                                              lora_dropout=dropout))
     model.train()
-    tokens, targets, mask = _data(cfg, P, T, prompt)
-    ids = torch.tensor(tokens, dtype=torch.long)
-    tg = torch.tensor(np.maximum(targets, 0), dtype=torch.long)
-    mk = torch.tensor(mask)
+    parts = [(k, torch.tensor(t, dtype=torch.long), torch.tensor(np.maximum(tg, 0), dtype=torch.long),
+              torch.tensor(mk)) for k, t, tg, mk in _micro_batches(*_data(cfg, P, T, prompt), P, micro or P)]
 
-    def seq_logps(logits):
+    def seq_logps(logits, tg, mk):
         # TRL's selective_log_softmax for float32: gather minus logsumexp, no (B, T, V) log-softmax copy.
         picked = torch.gather(logits, -1, tg.unsqueeze(-1)).squeeze(-1)
         return ((picked - torch.logsumexp(logits, -1)) * mk).sum(-1)
 
     with torch.no_grad(), model.disable_adapter():
-        ref = seq_logps(model(input_ids=ids).logits)
+        refs = [seq_logps(model(input_ids=ids).logits, tg, mk) for _, ids, tg, mk in parts]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
     times, loss = [], None
@@ -170,32 +202,37 @@ def run_torch(cfg, P, T, prompt, r, dropout, steps, threads, profile, q):
             phases = {"forward": 0.0, "loss": 0.0, "backward": 0.0, "optimizer": 0.0}
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=ids).logits
-        t1 = time.perf_counter()
-        lp = seq_logps(logits)
-        margin = (lp[:P] - lp[P:]) - (ref[:P] - ref[P:])
-        out = -torch.nn.functional.logsigmoid(0.1 * margin).mean()
-        t2 = time.perf_counter()
-        out.backward()
+        spent, loss = [0.0, 0.0, 0.0], 0.0
+        for (k, ids, tg, mk), ref in zip(parts, refs):  # the step's mean over pairs
+            ta = time.perf_counter()
+            logits = model(input_ids=ids).logits
+            tb = time.perf_counter()
+            lp = seq_logps(logits, tg, mk)
+            margin = (lp[:k] - lp[k:]) - (ref[:k] - ref[k:])
+            out = -torch.nn.functional.logsigmoid(0.1 * margin).mean() * (k / P)
+            tc = time.perf_counter()
+            out.backward()
+            td = time.perf_counter()
+            spent = [spent[0] + tb - ta, spent[1] + tc - tb, spent[2] + td - tc]
+            loss += float(out.detach())
+            del logits, lp, margin
         t3 = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         t4 = time.perf_counter()
-        del logits, lp, margin
         if i:
             times.append(t4 - t0)
-            for k, v in zip(("forward", "loss", "backward", "optimizer"), (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                phases[k] += v
-        loss = float(out.detach())
+            for key, v in zip(("forward", "loss", "backward", "optimizer"), spent + [t4 - t3]):
+                phases[key] += v
     phases = {k: v / steps for k, v in phases.items()} if profile else {}
     q.put({"times": times, "loss": loss, "peak_rss_mb": _peak_rss_mb(), "step_rss_mb": _hwm_mb(),
            "phases": phases, "trainable": sum(p.numel() for p in params)})
 
 
-def _spawn(fn, *args):
+def _spawn(fn, *args, **kwargs):
     ctx = mp.get_context("spawn")  # never fork after OpenMP started
     q = ctx.Queue()
-    p = ctx.Process(target=fn, args=args + (q,))
+    p = ctx.Process(target=fn, args=args + (q,), kwargs=kwargs)
     p.start()
     import queue
     while True:  # a child that dies (killed for memory, a crash) must not leave us waiting forever
@@ -219,6 +256,8 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    ap.add_argument("--dtype", choices=("f32", "bf16"), default="f32", help="cst's base weights")
+    ap.add_argument("--micro", type=int, default=None, help="pairs per micro-batch (default: all in one)")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--profile", action="store_true", help="time per phase (adds a little overhead)")
     a = ap.parse_args()
@@ -230,12 +269,13 @@ def main():
     except OSError:
         load = (float("nan"),) * 3
     print(f"DPO step, LoRA r={a.rank} on {len(TARGETS)} projections, dropout {a.dropout}: {P} pairs x "
-          f"{T} tokens = {2 * P} sequences ({tokens} tokens), {a.layers} layers, {a.threads} threads; "
+          f"{T} tokens = {2 * P} sequences ({tokens} tokens), micro-batches of {a.micro or P} pairs, "
+          f"{a.layers} layers, {a.threads} threads, cst base {a.dtype}; "
           f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     args = (cfg, P, T, min(a.prompt, T // 4), a.rank, a.dropout, a.steps, a.threads, a.profile)
-    rows = [("cst", _spawn(run_ours, *args))]
+    rows = [(f"cst {a.dtype}", _spawn(run_ours, *args, dtype=a.dtype, micro=a.micro))]
     if not a.skip_torch:
-        rows.append(("pytorch+peft", _spawn(run_torch, *args)))
+        rows.append(("pytorch+peft", _spawn(run_torch, *args, micro=a.micro)))
     print(f"{'':14s} {'step s (min)':>13s} {'median':>8s} {'tokens/s':>9s} {'peak RSS MB':>12s} "
           f"{'in steps':>9s} {'loss':>9s} {'trainable':>10s}")
     for name, r in rows:
