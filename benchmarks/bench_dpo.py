@@ -38,20 +38,21 @@ def _reset_hwm():
         return False
 
 
-def _rss_mb():
+def _status_mb(key):
+    """A memory figure of /proc/self/status (VmRSS: now, VmHWM: peak since the last reset) in MB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def _rss_mb():
+    return _status_mb("VmRSS")
 
 
 def _hwm_mb():
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
+    return _status_mb("VmHWM")
 
 
 def _data(cfg, P, T, prompt):
