@@ -70,8 +70,9 @@ def one(a, layers):
     r = _spawn(run_ours, cfg, a.pairs, a.seq, a.prompt, a.rank, 0.0, a.steps, a.threads, False,
                dtype=a.dtype, micro=a.micro, make=make_bf16 if a.dtype == "bf16" else make_f32)
     t = sorted(r["times"])
-    row = {"layers": layers, "param_gb": r["param_mb"] * 2 ** 20 / 1e9, "model_rss_gb": r["model_rss_mb"] * 2 ** 20 / 1e9,
-           "peak_gb": r["peak_rss_mb"] * 2 ** 20 / 1e9, "step_s": t[0], "make_s": r["make_s"], "loss": r["loss"]}
+    gb = 2 ** 20 / 1e9  # MiB -> GB
+    row = {"layers": layers, "param_gb": r["param_mb"] * gb, "model_rss_gb": r["model_rss_mb"] * gb,
+           "peak_gb": r["peak_rss_mb"] * gb, "step_s": t[0], "make_s": r["make_s"], "loss": r["loss"]}
     print(f"{layers:6d} {row['param_gb']:9.2f} {row['model_rss_gb']:13.2f} {row['peak_gb']:13.2f} "
           f"{row['step_s']:8.2f} {row['make_s']:8.1f} {row['loss']:9.5f}", flush=True)
     return row

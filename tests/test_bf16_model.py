@@ -167,6 +167,25 @@ def test_to_bf16_equals_a_bf16_model_and_halves_the_parameter_bytes():
     np.testing.assert_array_equal(flat, ref.flat_params)
 
 
+def test_biases_and_head_dim_stay_float32_and_are_used():
+    # Qwen2's q/k/v biases and a head_dim that is not dim / n_heads, through the bf16 model.
+    cfg = tiny_config(False, attention_bias=True, head_dim=12)
+    m32 = rounded(random_model(cfg, seed=5))
+    m16 = Model(cfg, init=False, dtype="bf16")
+    for name, a in m16.params.items():
+        if a.dtype == np.uint16:
+            to_bf16(m32.params[name], out=a)
+        else:
+            a[...] = m32.params[name]
+    bias = m16.params["model.layers.1.self_attn.v_proj.bias"]
+    assert bias.dtype == np.float32 and np.shares_memory(bias, m16.flat_vectors)
+    tokens, lengths, valid, _ = batch(cfg)
+    ref = m32.forward(tokens, lengths).copy()
+    assert 1e-4 < rel_err(m16.forward(tokens, lengths)[valid], ref[valid]) < 1.5e-2
+    bias += 1.0  # the bf16 model reads its float32 biases (fused q|k|v view; a k bias would cancel in softmax)
+    assert rel_err(m16.forward(tokens, lengths)[valid], ref[valid]) > 5e-2
+
+
 def _save_tiny(tmp_path, fmt, **kw):
     m = random_model(tiny_config(False, **kw))
     path = str(tmp_path / ("m.gguf" if fmt == "gguf" else "hf"))
