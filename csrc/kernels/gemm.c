@@ -838,14 +838,20 @@ T512BF static void ukr512_bf16_8x48(int64_t kc, const float *ap_, const float *b
 /* ---- AMX (Intel Sapphire Rapids and later): tdpbf16ps multiplies a 16 x 32 bf16 tile of A by a
  * 32 x 16 tile of B (k pairs, the layout of bf16.h) into a 16 x 16 fp32 tile, ~16x the fp32 FMA rate.
  * A is read in place as row-major pairs padded to 32 rows and 16 pairs (the caller converts it so);
- * B is packed per thread into 16-column panels (pack_b, whose panel IS a stack of B tiles) of up to
- * AMX_PANELS panels. Each thread owns a contiguous range of panels, and every 16 x 16 output tile is
- * summed over all of k in ascending 32-k steps by one thread. ---- */
+ * B is packed per thread, one block of AMX_KB k pairs at a time, into 16-column panels (pack_b, whose
+ * panel IS a stack of B tiles) of up to AMX_PANELS panels. Each thread owns a contiguous range of
+ * panels; every 16 x 16 output tile is summed by one thread over each k block in ascending 32-k steps,
+ * the blocks added into the output in ascending order. Blocking k keeps a block of A (AMX_MB rows) and
+ * the packed panels in L2 while every panel pair reuses them: without it, products with a long k (the
+ * input gradient of gate|up or of the LM head, k = 28,672-49,152) streamed all of A from memory once per
+ * panel pair and ran at a third of the forward's rate. ---- */
 #if defined(__x86_64__) && defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #define TAMX __attribute__((target("amx-tile,amx-bf16")))
-#define AMX_PANELS 8
+#define AMX_PANELS 16 /* B panels packed at once: 256 columns */
+#define AMX_KB 512     /* k pairs per block (a multiple of 16): a panel pair is 64 KiB */
+#define AMX_MB 128     /* rows of A per block (a multiple of 32): 256 KiB of A per k block */
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -875,14 +881,16 @@ TAMX __attribute__((target("avx512f"))) static void amx_store_tile(float *c, int
     }
 }
 
-/* Tiles 0-3: the 2 x 2 output tiles; 4-5: two 16-row A tiles; 6-7: two B panels' tiles. */
+/* Tiles 0-3: the 2 x 2 output tiles; 4-5: two 16-row A tiles; 6-7: two B panels' tiles. Rows [i_lo,
+ * i_hi) of c, k pairs [0, KPp) of a (already offset to the block) and of the packed panels bp. */
 TAMX static void amx_panels(float *c, int64_t ldc, const uint32_t *a, int64_t lda, const uint32_t *bp,
-                            int64_t M, int64_t N, int64_t KPp, int64_t jp0, int npan, int accumulate) {
+                            int64_t i_lo, int64_t i_hi, int64_t M, int64_t N, int64_t KPp, int64_t jp0, int npan,
+                            int accumulate) {
     float t[16 * 16];
-    /* Panel pair outer: its two B panels (2 x 64 bytes per k pair) stay in L1 while A's tiles stream
-     * from L2; A-outer order measured 1.5-2x slower (A and B blocks together overflow L1). */
+    /* Panel pair outer: its two B panels stay in L1/L2 while the block of A's tiles streams from L2;
+     * A-outer order measured 1.5-2x slower (A and B blocks together overflow L1). */
     for (int q = 0; q < npan; q += 2)
-        for (int64_t i0 = 0; i0 < M; i0 += 32) {
+        for (int64_t i0 = i_lo; i0 < i_hi; i0 += 32) {
             const uint32_t *b0 = bp + (int64_t)q * 16 * KPp, *b1 = b0 + 16 * KPp;
             const uint32_t *a0 = a + i0 * lda, *a1 = a0 + 16 * lda;
             _tile_zero(0);
@@ -916,9 +924,27 @@ TAMX static void amx_panels(float *c, int64_t ldc, const uint32_t *a, int64_t ld
         }
 }
 
+/* d (kd x 16) = the k-pair panel of columns [col, col + nr) for pairs [p0, p0 + kd) of a row-major bf16
+ * matrix w of K rows (ldw): element (p, j) holds w[2p][j] low and w[2p + 1][j] high (zero past row K - 1
+ * and past column nr). Built straight from w's rows, so the input gradient needs no paired copy of w. */
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void pack_pairs(uint32_t *d, const uint16_t *w,
+                                                                           int64_t ldw, int64_t K, int64_t p0,
+                                                                           int64_t kd, int64_t col, int nr) {
+    const __mmask16 m = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
+    for (int64_t p = 0; p < kd; p++) {
+        const int64_t r = 2 * (p0 + p);
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w + r * ldw + col));
+        const __m512i hi = r + 1 < K ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w + (r + 1) * ldw + col))
+                                     : _mm512_setzero_si512();
+        _mm512_storeu_si512(d + p * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+}
+
+/* B is b's pair elements (b[k*rsb + j*csb]), or, when w16 is not NULL, the pairs of rows of the bf16
+ * matrix w16 (K16 rows of N columns; pack_pairs). */
 TAMX static void amx_thread(float *c, int64_t ldc, const uint32_t *a, int64_t lda, const uint32_t *b,
-                            int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t KP, int64_t KPp,
-                            int64_t j0, int64_t j1, uint32_t *bp, int accumulate) {
+                            int64_t rsb, int64_t csb, const uint16_t *w16, int64_t K16, int64_t M, int64_t N,
+                            int64_t KP, int64_t KPp, int64_t j0, int64_t j1, uint32_t *bp, int accumulate) {
     amx_tilecfg cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
@@ -929,33 +955,42 @@ TAMX static void amx_thread(float *c, int64_t ldc, const uint32_t *a, int64_t ld
     _tile_loadconfig(&cfg);
     for (int64_t jc = j0; jc < j1; jc += AMX_PANELS) {
         const int npan = (int)min64(AMX_PANELS, j1 - jc);
-        for (int q = 0; q < npan + (npan & 1); q++) { /* an odd count gets an all-zero partner panel */
-            uint32_t *d = bp + (int64_t)q * 16 * KPp;
-            const int64_t col = (jc + q) * 16;
-            if (q < npan)
-                pack_b((float *)d, (const float *)b, rsb, csb, 0, KP, col, min64(16, N - col), 16, 1);
-            memset(d + (q < npan ? KP : 0) * 16, 0, (size_t)((q < npan ? KPp - KP : KPp) * 16) * 4);
+        for (int64_t p0 = 0; p0 < KPp; p0 += AMX_KB) {
+            /* kb: the block's pairs (a multiple of 16); kd <= kb of them hold data (p0 < KP always). */
+            const int64_t kb = min64(AMX_KB, KPp - p0), kd = min64(kb, KP - p0);
+            for (int q = 0; q < npan + (npan & 1); q++) { /* an odd count gets an all-zero partner panel */
+                uint32_t *d = bp + (int64_t)q * 16 * kb;
+                const int64_t col = (jc + q) * 16;
+                if (q < npan && w16)
+                    pack_pairs(d, w16, N, K16, p0, kd, col, (int)min64(16, N - col));
+                else if (q < npan)
+                    pack_b((float *)d, (const float *)b, rsb, csb, p0, kd, col, min64(16, N - col), 16, 1);
+                memset(d + (q < npan ? kd : 0) * 16, 0, (size_t)((q < npan ? kb - kd : kb) * 16) * 4);
+            }
+            for (int64_t i0 = 0; i0 < M; i0 += AMX_MB)
+                amx_panels(c, ldc, a + p0, lda, bp, i0, min64(i0 + AMX_MB, M), M, N, kb, jc, npan,
+                           accumulate || p0 > 0);
         }
-        amx_panels(c, ldc, a, lda, bp, M, N, KPp, jc, npan, accumulate);
     }
     _tile_release();
 }
 
 /* c (M, N) (+)= a @ b: a (>= ceil(M/32)*32 rows, lda = KPp = KP rounded up to 16 pairs, zero-padded),
- * b (KP, N) pair elements at b[k*rsb + j*csb]. -1 when no memory for the B panels. */
+ * b (KP, N) pair elements at b[k*rsb + j*csb], or (w16 not NULL) the row pairs of the bf16 matrix w16
+ * (K16 = 2 KP or 2 KP - 1 rows of N). -1 when no memory for the B panels. */
 static int amx_gemm(float *c, int64_t ldc, const uint32_t *a, int64_t lda, const uint32_t *b, int64_t rsb,
-                    int64_t csb, int64_t M, int64_t N, int64_t KP, int accumulate) {
+                    int64_t csb, const uint16_t *w16, int64_t K16, int64_t M, int64_t N, int64_t KP, int accumulate) {
     const int64_t KPp = (KP + 15) / 16 * 16, np = (N + 15) / 16;
     int nt = max_threads();
     if ((double)M * N * KP < 5e5) nt = 1; /* fork/join would cost more than it saves */
     if (nt > np) nt = (int)np;
-    const size_t per = (size_t)(AMX_PANELS + 1) * 16 * (size_t)KPp;
+    const size_t per = (size_t)(AMX_PANELS + 1) * 16 * (size_t)min64(AMX_KB, KPp);
     int cached;
     uint32_t *scratch = (uint32_t *)scratch_get(per * (size_t)nt, &cached);
     if (!scratch) return -1;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int t = 0; t < nt; t++)
-        amx_thread(c, ldc, a, lda, b, rsb, csb, M, N, KP, KPp, np * t / nt, np * (t + 1) / nt,
+        amx_thread(c, ldc, a, lda, b, rsb, csb, w16, K16, M, N, KP, KPp, np * t / nt, np * (t + 1) / nt,
                    scratch + (size_t)t * per, accumulate);
     scratch_put((float *)scratch, cached);
     return 0;
@@ -963,9 +998,9 @@ static int amx_gemm(float *c, int64_t ldc, const uint32_t *a, int64_t lda, const
 #else
 static int amx_usable(void) { return 0; }
 static int amx_gemm(float *c, int64_t ldc, const uint32_t *a, int64_t lda, const uint32_t *b, int64_t rsb,
-                    int64_t csb, int64_t M, int64_t N, int64_t KP, int accumulate) {
-    (void)c; (void)ldc; (void)a; (void)lda; (void)b; (void)rsb; (void)csb; (void)M; (void)N; (void)KP;
-    (void)accumulate;
+                    int64_t csb, const uint16_t *w16, int64_t K16, int64_t M, int64_t N, int64_t KP, int accumulate) {
+    (void)c; (void)ldc; (void)a; (void)lda; (void)b; (void)rsb; (void)csb; (void)w16; (void)K16; (void)M; (void)N;
+    (void)KP; (void)accumulate;
     return -1;
 }
 #endif
@@ -1061,7 +1096,7 @@ int cst_gemm_bf16_nt(float *out, const float *x, const uint16_t *w, int64_t N, i
     if (amx) {
         amx_a_from_f32(xa, x, N, C);
         const int st = amx_gemm(out, OC, (const uint32_t *)xa, (C + 31) / 32 * 16, (const uint32_t *)wa, 1, Cp / 2,
-                                N, OC, Cp / 2, accumulate);
+                                NULL, 0, N, OC, Cp / 2, accumulate);
         return bufs_put(&s, st);
     }
     cst_bf16_rows_f32(xa, x, C, N, C, Cp);
@@ -1085,15 +1120,16 @@ int cst_gemm_bf16_nn(float *out, const float *dy, const uint16_t *w, int64_t N, 
     const int amx = cst_gemm_bf16_way() == CST_BF16_AMX;
     const int64_t OCp = OC + (OC & 1);
     uint16_t *da = bufs_get(&s, 0, amx ? amx_a_bytes(N, OC) : N * OCp * 2);
-    uint32_t *wp = bufs_get(&s, 1, OCp / 2 * C * 4);
-    if (!da || !wp) return bufs_put(&s, -1);
-    cst_bf16_pairs_bf16(wp, w, C, OC, C); /* rows 2p and 2p+1 of w interleaved */
-    if (amx) {
+    if (!da) return bufs_put(&s, -1);
+    if (amx) { /* B's panels are built from w's row pairs directly (pack_pairs) */
         amx_a_from_f32(da, dy, N, OC);
-        const int st = amx_gemm(out, C, (const uint32_t *)da, (OC + 31) / 32 * 16, wp, C, 1, N, C, OCp / 2,
-                                accumulate);
+        const int st = amx_gemm(out, C, (const uint32_t *)da, (OC + 31) / 32 * 16, NULL, 0, 0, w, OC, N, C,
+                                OCp / 2, accumulate);
         return bufs_put(&s, st);
     }
+    uint32_t *wp = bufs_get(&s, 1, OCp / 2 * C * 4);
+    if (!wp) return bufs_put(&s, -1);
+    cst_bf16_pairs_bf16(wp, w, C, OC, C); /* rows 2p and 2p+1 of w interleaved */
     cst_bf16_rows_f32(da, dy, OC, N, OC, OCp);
     const int st = gemm_run(&bf16_dot_cfg, out, C, (const float *)da, OCp / 2, 1, (const float *)wp, C, 1, N, C,
                             OCp / 2, accumulate);
