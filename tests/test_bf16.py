@@ -54,9 +54,10 @@ def test_to_bf16_matches_torch_bitwise(simd, rng):
         from_bf16(np.zeros(3, np.float32))
 
 
-# Tails of every tile (AMX: 32 rows, 32 columns, 32 k; vdpbf16ps: 8 x 48, odd k), model shapes, one row.
+# Tails of every tile (AMX: 32 rows, 32 columns, 32 k; vdpbf16ps: 8 x 48, odd k), model shapes, one row;
+# AMX blocks of 512 k pairs and 128 rows with their tails (C = 1536; the input gradient's k = OC = 1101, odd).
 SHAPES = [(1024, 576, 576), (64, 576, 192), (33, 17, 5), (100, 31, 63), (7, 1, 3), (1, 40, 50), (130, 513, 97),
-          (47, 1536, 200)]
+          (47, 1536, 200), (130, 40, 1101)]
 
 
 def _r(a):
@@ -112,7 +113,7 @@ def test_bf16_products_against_torch_autocast_and_fp32(way, rng, N, C, OC):
 
 
 # (130, 513, 97): 7 column panels of 16, so with 2 threads the first owns an odd count (3) of them.
-@pytest.mark.parametrize("N,C,OC", [(300, 520, 70), (64, 300, 130), (1040, 40, 70), (130, 513, 97)])
+@pytest.mark.parametrize("N,C,OC", [(300, 520, 70), (64, 300, 130), (1040, 40, 70), (130, 513, 97), (200, 70, 1101)])
 def test_bf16_products_bitwise_independent_of_thread_count(simd, way, rng, N, C, OC):
     x = rng.standard_normal((N, C)).astype(np.float32)
     w16 = to_bf16(rng.standard_normal((OC, C)))
