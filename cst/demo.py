@@ -316,19 +316,40 @@ def _train_config(s, seed, threads, train_dir):
         group_by="prompt")
 
 
+# DPOConfig fields that do not change what training computes: a run resumes across them (the kernels give
+# the same numbers at any thread count).
+_RESUME_IGNORES = ("num_threads",)
+
+
 def _resume_point(train_dir: Path, config, data_key: str):
-    """True when train_dir holds checkpoints of this very run (same config and data), so training resumes;
-    checkpoints of another run are removed (they would resume the wrong thing)."""
+    """True when train_dir holds checkpoints of this very run (same config, up to _RESUME_IGNORES, and
+    data), so training resumes; checkpoints of another run are removed, saying which settings differ (they
+    would resume the wrong thing)."""
     marker = train_dir / "demo_run.json"
-    want = {"config": config.to_dict(), "data": data_key}
+    want = json.loads(json.dumps({"config": config.to_dict(), "data": data_key}))
+
+    def core(d):
+        return {"config": {k: v for k, v in d.get("config", {}).items() if k not in _RESUME_IGNORES},
+                "data": d.get("data")}
     if train_dir.is_dir():
         try:
-            same = json.loads(marker.read_text()) == json.loads(json.dumps(want))
+            old = json.loads(marker.read_text())
+            same = isinstance(old, dict) and core(old) == core(want)
         except (OSError, ValueError):
-            same = False
+            old, same = None, False
         has_ckpt = any(n.startswith("checkpoint-") for n in os.listdir(train_dir))
         if same and has_ckpt:
+            _write_json(marker, want)
             return True
+        if has_ckpt:
+            if isinstance(old, dict):
+                a, b = core(old), core(want)
+                changed = sorted(k for k in set(a["config"]) | set(b["config"]) if a["config"].get(k) != b["config"].get(k))
+                changed += ["training data"] if a["data"] != b["data"] else []
+                why = "settings changed: " + ", ".join(changed)
+            else:
+                why = "no readable demo_run.json"
+            print(f"      removing the checkpoints in {train_dir} of another run ({why})", flush=True)
         if has_ckpt or not same:
             shutil.rmtree(train_dir)
     train_dir.mkdir(parents=True, exist_ok=True)
@@ -634,8 +655,11 @@ def run(output_dir=OUTPUT_DIR, quick: bool = False, seed: int = 0, threads: int 
         data_key = _key([r.to_dict() for r in records])
         resume = _resume_point(train_dir, config, data_key)
         trainer = cst.Trainer(model, config, train_dataset=records)
+        resumed_from = None
         if resume:
-            print(f"      resuming from {trainer._latest_checkpoint()}", flush=True)
+            ckpt = trainer._latest_checkpoint()
+            resumed_from = int(Path(ckpt).name.split("-")[-1])
+            print(f"      resuming from {ckpt}", flush=True)
         else:
             print(f"      {len(trainer.train_examples)} examples, {trainer.total_steps} steps; reference log-probs "
                   "first (one forward pass over the data, no progress bar)", flush=True)
@@ -650,7 +674,7 @@ def run(output_dir=OUTPUT_DIR, quick: bool = False, seed: int = 0, threads: int 
                                                                  "completion_truncated")},
             "tokens_per_s": float(sum(tps) / len(tps)) if tps else 0.0,
             "final": {k: v for k, v in (rows[-1] if rows else {}).items()},
-            "history": history, "checkpoint": trainer.last_checkpoint}
+            "history": history, "checkpoint": trainer.last_checkpoint, "resumed_from": resumed_from}
         # Fold the adapters into the weights once: generation and export then read plain weights.
         model.flat_params[...] = trainer.lora.merged_params()
         trainer.lora.detach()

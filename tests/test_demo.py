@@ -114,8 +114,10 @@ def test_ctrl_c_in_training_then_resume(quick_demo, tmp_path, monkeypatch):
     with open(tmp_path / "report.json", encoding="utf-8") as f:
         assert json.load(f)["status"] == "interrupted"
     monkeypatch.setattr(cst.trainer.Trainer, "_micro_step", original)
-    resumed = demo.run(output_dir=str(tmp_path), quick=True, seed=3, progress=False)
-    assert resumed["status"] == "done"
+    # Resumed with another thread count: the checkpoint is kept (threads do not change the numbers).
+    resumed = demo.run(output_dir=str(tmp_path), quick=True, seed=3, progress=False,
+                       threads=1 if cst.get_num_threads() != 1 else 2)
+    assert resumed["status"] == "done" and resumed["training"]["resumed_from"] == 3
     # The resumed run reuses the baseline evaluation and the synthesis log and finishes the same training.
     assert json.dumps(_numbers(resumed), sort_keys=True) == json.dumps(_numbers(first), sort_keys=True)
 

@@ -294,12 +294,17 @@ def build_parser():
                               "  cst judge validate ../shared/data/labelled-smollm2-dev.json --folds 8\n"
                               "  cst judge validate ../shared/data/labelled-smollm2-dev.json --judge refusal\n"
                               "  cst judge validate ../shared/data/judged-generations\n"
-                              "  cst judge fit ../shared/data/labelled-smollm2-dev.json --paper "
-                              "../shared/data/configurable-system-prompt-multitask.json -o judge.json")
+                              "  cst judge fit ../shared/data/labelled-smollm2-dev.json "
+                              "tests/data/labelled-smollm2-basetrain128.json --held-out "
+                              "tests/data/labelled-smollm2-val128.json tests/data/labelled-smollm2-tuned128.json --paper "
+                              "../shared/data/configurable-system-prompt-multitask.json --judged "
+                              "../shared/data/judged-generations -o judge.json")
     jsub = j.add_subparsers(dest="judge_command", metavar="SUBCOMMAND", parser_class=_Parser)
     j.set_defaults(func=lambda a: _missing_sub(j, "validate or fit"))
     jv = jsub.add_parser("validate", parents=[common], help="agreement of a judge with labelled responses")
-    jv.add_argument("labelled", metavar="LABELLED", help="labelled .json, or judged-generations folder / .md")
+    jv.add_argument("labelled", metavar="LABELLED", nargs="+",
+                    help="labelled .json set(s; several are pooled, rates kept per set and model), or one "
+                         "judged-generations folder / .md")
     jv.add_argument("--judge", default="default", metavar="JUDGE",
                     help="default | behaviour:FILE.json | refusal | refusal-strict | classifier:FILE.npz")
     jv.add_argument("--folds", type=_pos_int, metavar="K",
@@ -310,7 +315,9 @@ def build_parser():
     jv.add_argument("--json", action="store_true", help="print the result as JSON")
     jv.set_defaults(func=cmd_judge_validate)
     jf = jsub.add_parser("fit", parents=[common], help="refit the four-way judge on a labelled set")
-    jf.add_argument("labelled", metavar="LABELLED", help="four-way labelled .json")
+    jf.add_argument("labelled", metavar="LABELLED", nargs="+", help="four-way labelled .json set(s) to fit on")
+    jf.add_argument("--held-out", metavar="FILE.json", nargs="+",
+                    help="labelled sets not fitted on: their figures are stored with the weights and printed in reports")
     jf.add_argument("--paper", metavar="FILE.json", help="CST preference records (harmless items added)")
     jf.add_argument("--judged", metavar="DIR", help="GPT-4-judged generations for the stored binary figures")
     jf.add_argument("--output", "-o", required=True, metavar="FILE.json", help="where the weights go")

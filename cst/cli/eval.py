@@ -130,19 +130,29 @@ def _paper_records(path):
         raise CliError(f"--paper: cannot read {path!r} ({e})") from None
 
 
+def _labelled_paths(paths):
+    for p in paths:
+        if not os.path.isfile(p):
+            raise CliError(f"no such file {p!r}")
+    return paths
+
+
 def cmd_judge_validate(args):
     from ..eval import judges as J
-    path = args.labelled
-    if not os.path.exists(path):
-        raise CliError(f"no such file or folder {path!r}")
-    if os.path.isdir(path) or path.lower().endswith(".md"):
+    paths = args.labelled
+    for path in paths:
+        if not os.path.exists(path):
+            raise CliError(f"no such file or folder {path!r}")
+    if any(os.path.isdir(p) or p.lower().endswith(".md") for p in paths):
+        if len(paths) > 1:
+            raise UsageError("judged generations (a folder or .md file) are validated one at a time")
         if args.folds is not None:
             raise UsageError("--folds applies to four-way labelled .json sets, not to judged generations")
         judge = _judge(args.judge, args)
-        res = J.validate_binary(judge, J.load_judged_generations(path))
+        res = J.validate_binary(judge, J.load_judged_generations(paths[0]))
         title = f"{type(judge).__name__} vs GPT-4 scores (binary)"
     else:
-        items = J.load_labelled(path)
+        items, _ = J.load_labelled_sets(paths)
         if args.folds is not None:
             if args.judge not in ("default", "behaviour"):
                 raise UsageError("--folds refits a BehaviourJudge; leave --judge at default")
@@ -163,10 +173,11 @@ def cmd_judge_validate(args):
 
 def cmd_judge_fit(args):
     from ..eval import judges as J
-    items = J.load_labelled(args.labelled)
+    items, names = J.load_labelled_sets(_labelled_paths(args.labelled))
+    held_out = {J.labelled_set_name(p): J.load_labelled(p) for p in _labelled_paths(args.held_out or [])}
     records = _paper_records(args.paper)
     judged = J.load_judged_generations(args.judged) if args.judged else None
-    judge = J.fit_default(items, records, judged)
+    judge = J.fit_default(items, records, judged, fit_sets=names, held_out=held_out)
     judge.save(args.output)
     print(J.describe_judge(judge))
     print(f"wrote {args.output}")

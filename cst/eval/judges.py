@@ -48,6 +48,8 @@ __all__ = [
     "validate_kinds",
     "cross_validate_kinds",
     "load_labelled",
+    "load_labelled_sets",
+    "labelled_set_name",
     "kind_rates",
     "paper_training_items",
     "word_salad_items",
@@ -968,17 +970,22 @@ def judge_by_name(name):
 
 
 def describe_judge(judge):
-    """One line naming `judge` and, for the default, its validation figures (for reports)."""
+    """One line naming `judge` and, for the default, its validation figures (for reports): the grouped
+    folds on the sets it was fitted on, each labelled set it was never fitted on, and Hermes vs GPT-4."""
     name = type(judge).__name__
     v = getattr(judge, "validation", None) or {}
     if not v:
         return f"{name} (no validation figures on file; see docs/judges.md)"
+
+    def fig(label, x):
+        return (f"{label}: agreement {x['agreement']:.3f}, kappa {x['kappa']:.3f}"
+                + (f", largest rate gap {x['max_rate_gap']:.3f}" if x.get("max_rate_gap") is not None else ""))
     parts = []
-    for key, label in (("dev_grouped_folds", "dev set, folds grouped by prompt"), ("hermes", "Hermes vs GPT-4")):
-        if key in v:
-            x = v[key]
-            parts.append(f"{label}: agreement {x['agreement']:.3f}, kappa {x['kappa']:.3f}"
-                         + (f", largest rate gap {x['max_rate_gap']:.3f}" if "max_rate_gap" in x else ""))
+    if "grouped_folds" in v:
+        parts.append(fig(f"fit sets ({', '.join(v.get('fit_sets', []))}), folds grouped by prompt", v["grouped_folds"]))
+    parts += [fig(f"held-out {k}", x) for k, x in v.get("held_out", {}).items()]
+    if "hermes" in v:
+        parts.append(fig("Hermes vs GPT-4", v["hermes"]))
     return f"{name} ({'; '.join(parts)})"
 
 
@@ -1037,6 +1044,29 @@ def load_labelled(path):
         raise ValueError(f"load_labelled(): {os.fspath(path)!r} holds no list of items")
     _check_labelled("load_labelled", items)
     return items
+
+
+def labelled_set_name(path):
+    """The short name of a labelled set file: its stem without the "labelled-" prefix
+    ("labelled-smollm2-dev.json" -> "smollm2-dev")."""
+    stem = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+    return stem[len("labelled-"):] if stem.startswith("labelled-") else stem
+
+
+def load_labelled_sets(paths):
+    """load_labelled of each path, as one list. With more than one set, each item's model is prefixed
+    with its set's name ("smollm2-dev:base"), so rates stay per set and model. -> (items, names)."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise ValueError("load_labelled_sets(): no labelled set given")
+    names = [labelled_set_name(p) for p in paths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"load_labelled_sets(): two sets share a name: {names}")
+    items = []
+    for p, name in zip(paths, names):
+        for it in load_labelled(p):
+            items.append(dict(it, model=f"{name}:{it['model']}") if len(paths) > 1 else it)
+    return items, names
 
 
 def _check_labelled(fn, items):
@@ -1208,20 +1238,31 @@ def default_extra_items(labelled, paper_records=None):
     return extra + word_salad_items([it["response"] for it in extra] or [it["response"] for it in labelled])
 
 
-def fit_default(labelled, paper_records=None, judged=None, n_folds=8, seed=0, l2=0.03):
+def fit_default(labelled, paper_records=None, judged=None, n_folds=8, seed=0, l2=0.03, fit_sets=None,
+                held_out=None):
     """Fit the default BehaviourJudge on all of `labelled` (plus paper_training_items(paper_records) and
     word_salad_items of those texts, or of the labelled responses without paper records) and
-    store its validation figures in .validation: the grouped-fold figures on `labelled` (refitted per fold)
-    and, with `judged` (load_judged_generations), the binary agreement on those generations."""
+    store its validation figures in .validation: the grouped-fold figures on `labelled` (refitted per fold),
+    validate_kinds on each set of `held_out` ({name: items}, sets it is not fitted on) and, with `judged`
+    (load_judged_generations), the binary agreement on those generations. `fit_sets` names the sets
+    `labelled` came from (for the reports)."""
     extra = default_extra_items(labelled, paper_records)
     train = list(labelled) + extra
     judge = BehaviourJudge(l2=l2).fit([it["prompt"] for it in train], [it["response"] for it in train],
                                       [it["label_kind"] for it in train], [it.get("weight", 1.0) for it in train])
     cv = cross_validate_kinds(labelled, n_folds=n_folds, seed=seed, make_judge=lambda: BehaviourJudge(l2=l2),
                               extra=extra)
-    judge.validation = {"dev_grouped_folds": {k: cv[k] for k in ("n", "agreement", "kappa", "max_rate_gap",
-                                                                 "confusion", "n_folds", "seed")},
+    keep = ("n", "agreement", "kappa", "max_rate_gap", "confusion")
+    judge.validation = {"fit_sets": list(fit_sets or []),
+                        "grouped_folds": dict({k: cv[k] for k in keep}, n_folds=n_folds, seed=seed),
                         "paper_items": len(extra)}
+    if held_out:
+        judge.validation["held_out"] = {}
+        for name, items in held_out.items():
+            r = validate_kinds(judge, items)
+            judge.validation["held_out"][name] = dict(
+                {k: r[k] for k in keep},
+                per_model={m: {"agreement": x["agreement"], "rates": x["rates"]} for m, x in r["per_model"].items()})
     if judged is not None:
         b = validate_binary(judge, judged)
         judge.validation["hermes"] = {k: b[k] for k in ("n", "agreement", "kappa", "confusion")}
