@@ -68,6 +68,9 @@ DEFAULTS = {
     "rpo_alpha": 1.0,
     "per_device_train_batch_size": 4,
     "gradient_accumulation_steps": 1,
+    # True: the frozen base is held in bf16 during training (bf16 GEMMs, fp32 accumulation; LoRA adapters,
+    # AdamW, norms and losses fp32; DPOConfig(bf16=True)); the tuned model is merged and saved in fp32.
+    "bf16": False,
     "max_length": 80,
     "max_prompt_length": 64,
     "logging_steps": 2,
@@ -163,6 +166,14 @@ def _load_model(s: dict, seed: int):
 
 
 _SENTENCE_END = re.compile(r"[.!?:)\]*`\"'](?=\s)|\n")
+
+
+def _float32_twin(model):
+    """A float32 model of `model`'s config and tokenizer (its weights are overwritten by the caller)."""
+    import cst
+    twin = cst.Model(model.config, init=False)
+    twin.tokenizer = model.tokenizer
+    return twin
 
 
 def _trim(text: str) -> str:
@@ -309,7 +320,7 @@ def _train_config(s, seed, threads, train_dir):
         gradient_accumulation_steps=s["gradient_accumulation_steps"], max_length=s["max_length"],
         max_prompt_length=s["max_prompt_length"], lora_r=s["lora_r"], lora_alpha=s["lora_alpha"],
         lora_dropout=s["lora_dropout"], seed=seed, logging_steps=s["logging_steps"], save_steps=s["save_steps"],
-        save_total_limit=s["save_total_limit"], output_dir=str(train_dir), num_threads=threads,
+        save_total_limit=s["save_total_limit"], output_dir=str(train_dir), num_threads=threads, bf16=s["bf16"],
         # CST twins in one micro-batch. With plain shuffling, consecutive batches pushed the whole model one
         # way and back: measured on SmolLM2, the loss hovered around 1.0 and the model ended up complying
         # under every system prompt (S1 0.0).
@@ -675,9 +686,13 @@ def run(output_dir=OUTPUT_DIR, quick: bool = False, seed: int = 0, threads: int 
             "tokens_per_s": float(sum(tps) / len(tps)) if tps else 0.0,
             "final": {k: v for k, v in (rows[-1] if rows else {}).items()},
             "history": history, "checkpoint": trainer.last_checkpoint, "resumed_from": resumed_from}
-        # Fold the adapters into the weights once: generation and export then read plain weights.
-        model.flat_params[...] = trainer.lora.merged_params()
+        # Fold the adapters into the weights once: generation and export then read plain weights (float32;
+        # a bf16 base is replaced by a float32 model holding the merged weights).
+        merged = trainer.lora.merged_params()
         trainer.lora.detach()
+        if model.dtype != "f32":
+            model = _float32_twin(model)
+        model.flat_params[...] = merged
         done("training", t0)
 
         step = "final_eval"

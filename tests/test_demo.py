@@ -6,6 +6,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 
 import cst
@@ -133,3 +134,18 @@ def test_bad_arguments():
         demo.settings_for(eval_phrasings="some")
     s = demo.settings_for(quick=False, learning_rate=5e-4)
     assert s["learning_rate"] == 5e-4 and s["model"] == "smollm2-135m-instruct"
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_quick_demo_trains_a_bf16_base(tmp_path):
+    """bf16=True: the base is held in bf16 while training (DPOConfig(bf16=True)); the tuned model is merged
+    into float32 weights that differ from the base's by the adapters only, evaluated and saved."""
+    res = demo.run(output_dir=str(tmp_path), quick=True, seed=1, progress=False, bf16=True)
+    assert res["status"] == "done" and res["settings"]["bf16"] is True
+    with open(tmp_path / "train" / "demo_run.json", encoding="utf-8") as f:
+        assert json.load(f)["config"]["bf16"] is True
+    tuned = cst.load(str(tmp_path / "model-hf"))
+    base = demo._load_model(demo.settings_for(quick=True), 1)
+    diff = np.abs(tuned.flat_params - base.flat_params)
+    assert tuned.dtype == "f32" and 0 < diff.max() < 1.0
