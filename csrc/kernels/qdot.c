@@ -1,5 +1,5 @@
-/* qdot.c: products against GGUF Q8_0 / Q4_0 / Q4_1 weight blocks (see qdot.h). Decoding one token
- * reads every weight once, so batch-1 generation is bound by the bytes streamed: 20 bytes per 32
+/* qdot.c: products against GGUF Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K weight blocks (see qdot.h). Decoding
+ * one token reads every weight once, so batch-1 generation is bound by the bytes streamed: 20 bytes per 32
  * Q4_1 weights instead of 128 in float32. Each path computes, per (weight row, input row), integer
  * block sums and scales them in float32; AVX-512 takes two blocks per vector (vpdpbusd where the CPU
  * has VNNI, else vpmaddubsw + vpmaddwd: the same exact integers), AVX2 one block. */
@@ -14,7 +14,8 @@
 #endif
 
 int cst_qdot_supported(int type) {
-    return type == CST_GGML_Q8_0 || type == CST_GGML_Q4_0 || type == CST_GGML_Q4_1;
+    return type == CST_GGML_Q8_0 || type == CST_GGML_Q4_0 || type == CST_GGML_Q4_1 || type == CST_GGML_Q4_K ||
+           type == CST_GGML_Q6_K;
 }
 
 void cst_q8_quantize(int8_t *q, float *d, float *s, const float *x, int64_t N, int64_t K) {
@@ -50,8 +51,63 @@ static inline void block_layout(int type, int64_t *bytes, int64_t *qoff) {
 
 /* ---- portable ---- */
 
+/* k-quants: one super-block of 256 weights spans 8 input blocks. Q4_K: sub-block j (32 weights,
+ * 6-bit scale sc and min m) is dw * sc * nibble - dmin * m, so its product with input block j is
+ * dw * sc * d * sum(nibble * q) - dmin * m * s. Q6_K: 16 sub-blocks of 16 weights, (dw * sc) * (q6 - 32)
+ * with int8 sc: the two sub-blocks of an input block combine exactly in integers before the scaling. */
+static float row_dot_q4k_scalar(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nsb) {
+    float acc = 0.0f, macc = 0.0f;
+    for (int64_t sb = 0; sb < nsb; sb++, w += 144, q += 256, d += 8, s += 8) {
+        const float dw = cst_f16_to_f32(ld16(w)), dmin = cst_f16_to_f32(ld16(w + 2));
+        const uint8_t *qs = w + 16;
+        for (int j = 0; j < 8; j += 2, qs += 32) {
+            uint8_t sc0, m0, sc1, m1;
+            cst_k4_scale_min(j, w + 4, &sc0, &m0);
+            cst_k4_scale_min(j + 1, w + 4, &sc1, &m1);
+            int lo = 0, hi = 0;
+            for (int l = 0; l < 32; l++) {
+                lo += (qs[l] & 0xF) * q[32 * j + l];
+                hi += (qs[l] >> 4) * q[32 * j + 32 + l];
+            }
+            acc += dw * (float)sc0 * d[j] * (float)lo + dw * (float)sc1 * d[j + 1] * (float)hi;
+            macc += dmin * (float)m0 * s[j] + dmin * (float)m1 * s[j + 1];
+        }
+    }
+    return acc - macc;
+}
+
+/* The 6-bit quant of weight v (0..127) of one half (128 weights) of a Q6_K super-block. */
+static inline int q6k_quant(const uint8_t *ql, const uint8_t *qh, int v) {
+    const int nib = v < 64 ? ql[v] & 0xF : ql[v - 64] >> 4;
+    return nib | (((qh[v % 32] >> (2 * (v / 32))) & 3) << 4);
+}
+
+static float row_dot_q6k_scalar(const uint8_t *w, const int8_t *q, const float *d, int64_t nsb) {
+    float acc = 0.0f;
+    for (int64_t sb = 0; sb < nsb; sb++, w += 210, q += 256, d += 8) {
+        const int8_t *sc = (const int8_t *)(w + 192);
+        const float dw = cst_f16_to_f32(ld16(w + 208));
+        for (int b = 0; b < 8; b++) { /* input block b: weights 32b .. 32b+31 */
+            const uint8_t *ql = w + 64 * (b / 4), *qh = w + 128 + 32 * (b / 4);
+            int isum = 0;
+            for (int h = 0; h < 2; h++) {
+                int sub = 0;
+                for (int l = 0; l < 16; l++) {
+                    const int v = 32 * (b % 4) + 16 * h + l;
+                    sub += (q6k_quant(ql, qh, v) - 32) * q[32 * b + 16 * h + l];
+                }
+                isum += sc[2 * b + h] * sub;
+            }
+            acc += dw * d[b] * (float)isum;
+        }
+    }
+    return acc;
+}
+
 static float row_dot_scalar(const uint8_t *w, int type, const int8_t *q, const float *d, const float *s,
                             int64_t nb) {
+    if (type == CST_GGML_Q4_K) return row_dot_q4k_scalar(w, q, d, s, nb / 8);
+    if (type == CST_GGML_Q6_K) return row_dot_q6k_scalar(w, q, d, nb / 8);
     int64_t bb, qo;
     block_layout(type, &bb, &qo);
     float acc = 0.0f, macc = 0.0f;
@@ -78,8 +134,75 @@ static float row_dot_scalar(const uint8_t *w, int type, const int8_t *q, const f
 
 /* ---- AVX2: one block per 256-bit vector ---- */
 
+static inline __attribute__((always_inline)) QDOT_TARGET_AVX2 float hsum8_avx2(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+/* The eight 6-bit scales and mins of a Q4_K super-block as float32. */
+static inline __attribute__((always_inline)) QDOT_TARGET_AVX2 void q4k_scales_avx2(const uint8_t *w, __m256 *sc,
+                                                                                     __m256 *mn) {
+    uint8_t a[8], m[8];
+    for (int j = 0; j < 8; j++) cst_k4_scale_min(j, w + 4, &a[j], &m[j]);
+    *sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)a)));
+    *mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)m)));
+}
+
+QDOT_TARGET_AVX2 static float row_dot_q4k_avx2(const uint8_t *w, const int8_t *q, const float *d, const float *s,
+                                               int64_t nsb) {
+    const __m256i ones = _mm256_set1_epi16(1), lo4 = _mm256_set1_epi8(0x0F);
+    __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++, w += 144, q += 256, d += 8, s += 8) {
+        __m256 sc, mn;
+        q4k_scales_avx2(w, &sc, &mn);
+        float scale[8];
+        _mm256_storeu_ps(scale, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(ld16(w))), sc),
+                                              _mm256_loadu_ps(d)));
+        macc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(ld16(w + 2))), mn), _mm256_loadu_ps(s), macc);
+        for (int j = 0; j < 8; j++) {
+            const __m256i p = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * (j / 2)));
+            const __m256i u = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(p, 4) : p, lo4);
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(q + 32 * j));
+            const __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(scale[j]), acc);
+        }
+    }
+    return hsum8_avx2(acc) - hsum8_avx2(macc);
+}
+
+QDOT_TARGET_AVX2 static float row_dot_q6k_avx2(const uint8_t *w, const int8_t *q, const float *d, int64_t nsb) {
+    const __m256i ones = _mm256_set1_epi16(1), lo4 = _mm256_set1_epi8(0x0F), hb = _mm256_set1_epi8(0x30);
+    const __m256i c32 = _mm256_set1_epi8(32);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++, w += 210, q += 256, d += 8) {
+        const int8_t *sc = (const int8_t *)(w + 192);
+        const float dw = _cvtsh_ss(ld16(w + 208));
+        for (int b = 0; b < 8; b++) {
+            const uint8_t *ql = w + 64 * (b / 4), *qh = w + 128 + 32 * (b / 4);
+            const int k = b % 4; /* weights 32k.. of the half: nibbles of ql[32(k%2)..], high ones when k >= 2 */
+            const __m256i l = _mm256_loadu_si256((const __m256i *)(ql + 32 * (k % 2)));
+            const __m256i h = _mm256_loadu_si256((const __m256i *)qh);
+            const __m256i nib = _mm256_and_si256(k >= 2 ? _mm256_srli_epi16(l, 4) : l, lo4);
+            const __m256i top = k == 0 ? _mm256_slli_epi16(h, 4) : k == 1 ? _mm256_slli_epi16(h, 2)
+                                : k == 2 ? h : _mm256_srli_epi16(h, 2);
+            const __m256i u = _mm256_or_si256(nib, _mm256_and_si256(top, hb));
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(q + 32 * b));
+            const __m256i p32 = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones),
+                                                 _mm256_madd_epi16(_mm256_maddubs_epi16(c32, x), ones));
+            /* lanes 0-3 hold sub-block 2b, lanes 4-7 sub-block 2b + 1 */
+            const __m256 scl = _mm256_set_m128(_mm_set1_ps((float)sc[2 * b + 1]), _mm_set1_ps((float)sc[2 * b]));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_mul_ps(scl, _mm256_set1_ps(dw * d[b])), acc);
+        }
+    }
+    return hsum8_avx2(acc);
+}
+
 QDOT_TARGET_AVX2 static float row_dot_avx2(const uint8_t *w, int type, const int8_t *q, const float *d,
                                            const float *s, int64_t nb) {
+    if (type == CST_GGML_Q4_K) return row_dot_q4k_avx2(w, q, d, s, nb / 8);
+    if (type == CST_GGML_Q6_K) return row_dot_q6k_avx2(w, q, d, nb / 8);
     int64_t bb, qo;
     block_layout(type, &bb, &qo);
     const __m256i ones = _mm256_set1_epi16(1);
@@ -103,10 +226,7 @@ QDOT_TARGET_AVX2 static float row_dot_avx2(const uint8_t *w, int type, const int
         const __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(u, v), ones);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(dw * d[b]), acc);
     }
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h) + macc;
+    return hsum8_avx2(acc) + macc;
 }
 
 /* ---- AVX-512: two blocks per vector ---- */
@@ -131,6 +251,71 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void pair_operan
         *v = x;
     }
 }
+
+/* k-quants, 64 weights (two input blocks) per vector. Each int32 lane of DOT sums 4 products; the
+ * per-lane float scales come from one vector per super-block through a permutation. Q4_K: 32 bytes of
+ * nibbles are sub-blocks 2j (low) and 2j+1 (high). Q6_K: a half super-block is 64 bytes of low
+ * nibbles ql and 32 of 2-bit pairs qh; weights 0-63 are ql's low nibbles with qh's bits 0-1 (0-31)
+ * and 2-3 (32-63), weights 64-127 the high nibbles with bits 4-5 and 6-7. q6 - 32 comes from
+ * DOT(q6, x) - DOT(32, x): u8 x s8 as vpdpbusd takes it, int16 pair sums that cannot saturate. */
+#define KQUANT_AVX512(NAME, TGT, DOT)                                                                   \
+    TGT static float NAME##_q4k(const uint8_t *w, const int8_t *q, const float *d, const float *s,      \
+                                int64_t nsb) {                                                          \
+        const __m512i ones = _mm512_set1_epi16(1), lo4 = _mm512_set1_epi8(0x0F);                        \
+        (void)ones;                                                                                     \
+        const __m512i half = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, \
+                                                                4, 3, 2, 1, 0), 3);                     \
+        __m512 acc = _mm512_setzero_ps();                                                               \
+        __m256 macc = _mm256_setzero_ps();                                                              \
+        for (int64_t sb = 0; sb < nsb; sb++, w += 144, q += 256, d += 8, s += 8) {                      \
+            __m256 sc, mn;                                                                              \
+            q4k_scales_avx2(w, &sc, &mn);                                                               \
+            const __m512 scale = _mm512_castps256_ps512(                                                \
+                _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(ld16(w))), sc), _mm256_loadu_ps(d))); \
+            macc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(ld16(w + 2))), mn),          \
+                                   _mm256_loadu_ps(s), macc);                                           \
+            for (int j = 0; j < 4; j++) {                                                               \
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * j));               \
+                const __m512i p = _mm512_inserti64x4(_mm512_castsi256_si512(b), b, 1);                  \
+                const __m512i u = _mm512_and_si512(_mm512_mask_srli_epi16(p, 0xFFFF0000u, p, 4), lo4);  \
+                const __m512i p32 = DOT(u, _mm512_loadu_si512((const void *)(q + 64 * j)));             \
+                const __m512i idx = _mm512_add_epi32(half, _mm512_set1_epi32(2 * j));                   \
+                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), _mm512_permutexvar_ps(idx, scale), acc); \
+            }                                                                                           \
+        }                                                                                               \
+        return _mm512_reduce_add_ps(acc) - hsum8_avx2(macc);                                            \
+    }                                                                                                   \
+    TGT static float NAME##_q6k(const uint8_t *w, const int8_t *q, const float *d, int64_t nsb) {       \
+        const __m512i ones = _mm512_set1_epi16(1), lo4 = _mm512_set1_epi8(0x0F);                        \
+        (void)ones;                                                                                     \
+        const __m512i hb = _mm512_set1_epi8(0x30), c32 = _mm512_set1_epi8(32);                          \
+        const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);    \
+        const __m512i sub16 = _mm512_srli_epi32(lane, 2), sub32 = _mm512_srli_epi32(lane, 3);           \
+        __m512 acc = _mm512_setzero_ps();                                                               \
+        for (int64_t sb = 0; sb < nsb; sb++, w += 210, q += 256, d += 8) {                              \
+            const __m512 scf = _mm512_mul_ps(                                                           \
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 192)))),  \
+                _mm512_set1_ps(_cvtsh_ss(ld16(w + 208))));                                              \
+            const __m512 dv = _mm512_castps256_ps512(_mm256_loadu_ps(d));                               \
+            for (int h = 0; h < 2; h++) {                                                               \
+                const __m512i l = _mm512_loadu_si512((const void *)(w + 64 * h));                       \
+                const __m256i hq = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h));             \
+                const __m512i hh = _mm512_inserti64x4(_mm512_castsi256_si512(hq), _mm256_srli_epi16(hq, 2), 1); \
+                for (int c = 0; c < 2; c++) {                                                           \
+                    const int g = 2 * h + c; /* weights 64g .. 64g+63 of the super-block */             \
+                    const __m512i u =                                                                   \
+                        c ? _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), lo4), _mm512_and_si512(hh, hb)) \
+                          : _mm512_or_si512(_mm512_and_si512(l, lo4), _mm512_and_si512(_mm512_slli_epi16(hh, 4), hb)); \
+                    const __m512i x = _mm512_loadu_si512((const void *)(q + 64 * g));                   \
+                    const __m512i p32 = _mm512_sub_epi32(DOT(u, x), DOT(c32, x));                       \
+                    const __m512 sl = _mm512_permutexvar_ps(_mm512_add_epi32(sub16, _mm512_set1_epi32(4 * g)), scf); \
+                    const __m512 dl = _mm512_permutexvar_ps(_mm512_add_epi32(sub32, _mm512_set1_epi32(2 * g)), dv); \
+                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), _mm512_mul_ps(sl, dl), acc);         \
+                }                                                                                       \
+            }                                                                                           \
+        }                                                                                               \
+        return _mm512_reduce_add_ps(acc);                                                               \
+    }
 
 /* One weight row against one input row, two blocks per iteration (the last alone when nb is odd: its
  * pair's upper half reads zeros and gets scale 0). DOT(u, v) gives the 16 int32 sums of 4 products. */
@@ -167,12 +352,16 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void pair_operan
     /* One copy per type, so that the block layout and the branches on it are constants. */            \
     TGT static float NAME(const uint8_t *w, int type, const int8_t *q, const float *d, const float *s,   \
                           int64_t nb) {                                                                 \
+        if (type == CST_GGML_Q4_K) return NAME##_q4k(w, q, d, s, nb / 8);                               \
+        if (type == CST_GGML_Q6_K) return NAME##_q6k(w, q, d, nb / 8);                                  \
         if (type == CST_GGML_Q4_1) return NAME##_of(w, CST_GGML_Q4_1, q, d, s, nb);                     \
         if (type == CST_GGML_Q4_0) return NAME##_of(w, CST_GGML_Q4_0, q, d, s, nb);                     \
         return NAME##_of(w, CST_GGML_Q8_0, q, d, s, nb);                                                \
     }
 #define DOT_BW(u, v) _mm512_madd_epi16(_mm512_maddubs_epi16(u, v), ones)
 #define DOT_VNNI(u, v) _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, v)
+KQUANT_AVX512(row_dot_avx512bw, QDOT_TARGET_AVX512, DOT_BW)
+KQUANT_AVX512(row_dot_vnni, QDOT_TARGET_VNNI, DOT_VNNI)
 ROW_DOT_AVX512(row_dot_avx512bw, QDOT_TARGET_AVX512, DOT_BW)
 ROW_DOT_AVX512(row_dot_vnni, QDOT_TARGET_VNNI, DOT_VNNI)
 #endif
@@ -196,9 +385,9 @@ static row_dot_fn pick_row_dot(void) {
 
 void cst_qmatvec(float *out, const uint8_t *w, int type, const int8_t *q, const float *d, const float *s,
                  int64_t N, int64_t K, int64_t O, int accumulate) {
-    int64_t bb, qo;
-    block_layout(type, &bb, &qo);
-    const int64_t nb = K / CST_Q8_BLOCK, row_bytes = nb * bb;
+    int64_t be, bb;
+    cst_quant_block_info(type, &be, &bb);
+    const int64_t nb = K / CST_Q8_BLOCK, row_bytes = K / be * bb;
     const row_dot_fn dot = pick_row_dot();
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < O; o++) {
