@@ -160,7 +160,8 @@ static int check_quant(cst_call *c) {
             }
             if (!known || type == CST_GGML_F32 || (!embed && !cst_qdot_supported(type)) || nc % be) {
                 PyErr_Format(PyExc_ValueError, "%s: 'qtypes'[%lld, %d] = %lld cannot be read here (products: Q4_0 2, "
-                             "Q4_1 3, Q8_0 8; the embedding: any ggml block type dequantize reads, in whole rows)",
+                             "Q4_1 3, Q8_0 8, Q4_K 12, Q6_K 14; the embedding: any ggml block type dequantize reads, in "
+                             "whole rows)",
                              c->fn, (long long)l, r, (long long)types[i]);
                 return -1;
             }
