@@ -74,9 +74,11 @@ def test_quantizers_round_trip(rng):
         assert rel_err(back, x) < tol, (qtype.name, rel_err(back, x))
 
 
-# The Q4_K_M recipe's spirit: most matrices Q4_K, v / down / the head Q6_K.
-TYPES = {"attn_q": Q.Q4_K, "attn_k": Q.Q4_K, "attn_v": Q.Q4_K, "attn_output": Q.Q4_K, "ffn_gate": Q.Q4_K,
-         "ffn_up": Q.Q4_K, "ffn_down": Q.Q6_K, "token_embd": Q.Q4_K, "output": Q.Q6_K}
+# The Q4_K_M recipe's spirit: most matrices Q4_K, v / down / the head Q6_K, so q|k|v mixes types (as in
+# llama.cpp's files); layer 0 mixes three (a Q8_0 k) and layer 1's gate|up two. By GGUF name, then base name.
+TYPES = {"attn_q": Q.Q4_K, "attn_k": Q.Q4_K, "attn_v": Q.Q6_K, "attn_output": Q.Q4_K, "ffn_gate": Q.Q4_K,
+         "ffn_up": Q.Q4_K, "ffn_down": Q.Q6_K, "token_embd": Q.Q4_K, "output": Q.Q6_K,
+         "blk.0.attn_k": Q.Q8_0, "blk.1.ffn_up": Q.Q6_K}
 
 
 def write_kquant_gguf(path, types=TYPES, cfg=TINY, seed=0):
@@ -109,7 +111,7 @@ def write_kquant_gguf(path, types=TYPES, cfg=TINY, seed=0):
         elif name.endswith("k_proj.weight"):
             a = cst.gguf._permute(a, cfg.n_kv_heads)
         gname = cst.gguf.gguf_name(name)
-        qtype = types.get(gname.split(".")[-2]) if a.ndim == 2 else None
+        qtype = types.get(gname[:-len(".weight")], types.get(gname.split(".")[-2])) if a.ndim == 2 else None
         if qtype is None:
             w.add_tensor(gname, np.ascontiguousarray(a))
         else:
@@ -140,6 +142,14 @@ def test_loader_keeps_the_kquant_blocks(kquant_file):
     assert types["output.weight"] == Q.Q6_K and types["token_embd.weight"] == Q.Q4_K
     assert len(types) == 7 * TINY.n_layers + 2  # every matrix; only the norms stay float32
     assert q.flat_params.size == TINY.dim * (2 * TINY.n_layers + 1)
+    qo, qt = q.gen_quant["qoffsets"], q.gen_quant["qtypes"]
+    # q|k|v in parts of their own types; gate|up whole in layer 0, in parts in layer 1
+    np.testing.assert_array_equal(qt[0, 1], [Q.Q4_K, Q.Q8_0, Q.Q6_K])
+    np.testing.assert_array_equal(qt[1, 1], [Q.Q4_K, Q.Q4_K, Q.Q6_K])
+    np.testing.assert_array_equal(qt[0, 5], [Q.Q4_K, -1, -1])
+    np.testing.assert_array_equal(qt[1, 5], [Q.Q4_K, Q.Q6_K, -1])
+    C, QD = TINY.dim, TINY.n_heads * TINY.head_dim
+    assert qo[0, 1, 1] - qo[0, 1, 0] == QD * C // 256 * 144 and qo[0, 1, 2] - qo[0, 1, 1] == QD // 2 * C // 32 * 34
     # the float32 model of the same file is gguf-py's dequantisation of those blocks
     f = cst.load(kquant_file)
     r = gguf.GGUFReader(kquant_file)
@@ -152,10 +162,11 @@ PROMPTS = [[5, 17, 42, 3], [60, 1, 2, 88, 9, 9, 31], [7], [90, 91, 92], [11, 12]
 
 
 def test_greedy_tokens_equal_the_float32_model(kquant_file):
-    """Greedy decoding on the blocks follows the float32 model token for token, and parts from it only
-    where the float32 model's two best logits are within the int8 rounding noise of the activations
-    (logits differ by up to ~0.25 here, their spread is ~4.5; measured partings were at margins of
-    0.02-0.09): on 4 of these 7 prompts all 32 tokens are equal."""
+    """Greedy decoding on the blocks follows the float32 model token for token: measured, all 32 tokens
+    of all 7 prompts are equal on the AVX-512 path. The logits differ by the int8 rounding of the
+    activations (up to ~0.25, their spread ~4.5), so another SIMD path's float order may part them at a
+    near-tie: allowed where the float32 model's two best logits are within 0.15 (partings measured with
+    other weights were at margins of 0.02-0.09), on at most 2 prompts."""
     qm, fm = cst.load(kquant_file, dtype="q"), cst.load(kquant_file)
     n, whole = 32, 0
     for p in PROMPTS:
@@ -168,7 +179,7 @@ def test_greedy_tokens_equal_the_float32_model(kquant_file):
         if same < n:
             top2 = np.sort(lf)[-2:]
             assert top2[1] - top2[0] < 0.15, (p, same, a, b, top2)  # a near-tie, not a wrong product
-    assert whole >= 4, whole
+    assert whole >= len(PROMPTS) - 2, whole
 
 
 def test_every_simd_path_agrees(kquant_file):
@@ -224,3 +235,35 @@ def test_undecodable_block_type_is_named(tmp_path):
         cst.load(str(tmp_path / "q2k.gguf"), dtype="q")
     with pytest.raises(FormatError, match=r"'blk\.0\.attn_output\.weight' \(Q2_K\)"):
         cst.load(str(tmp_path / "q2k.gguf"))
+
+
+def test_gen_forward_rejects_bad_parts(kquant_file):
+    from cst import _core
+    qm = cst.load(kquant_file, dtype="q")
+    cache = KVCache(qm, 1, 8)
+    g = qm.gen_quant
+    args = (TINY, qm.flat_params, qm.gen_layout, np.zeros((1, 1), np.int32), np.zeros(1, np.int32),
+            np.ones(1, np.int32), cache.rope_cos, cache.rope_sin, cache.k, cache.v, cache.scratch, cache.logits)
+
+    def call(qoffsets=g["qoffsets"], qtypes=g["qtypes"]):
+        _core.gen_forward(*args, qweights=g["qweights"], qoffsets=qoffsets, qtypes=qtypes)
+
+    call()
+    off = g["qoffsets"].copy()
+    off[0, 1, 2] = -1  # q and k given, v not
+    with pytest.raises(ValueError, match="some parts of a fused product"):
+        call(qoffsets=off)
+    off = g["qoffsets"].copy()
+    off[0, 3, 1] = 0  # o is not fused
+    with pytest.raises(ValueError, match="more than one part"):
+        call(qoffsets=off)
+    bad = g["qtypes"].copy()
+    bad[1, 5, 1] = Q.Q5_K
+    with pytest.raises(ValueError, match=r"'qtypes'\[1, 5, 1\] = 13"):
+        call(qtypes=bad)
+    off = g["qoffsets"].copy()
+    off[1, 1, 2] = g["qweights"].size - 10
+    with pytest.raises(ValueError, match=r"'qoffsets'\[1, 1, 2\].*outside 'qweights'"):
+        call(qoffsets=off)
+    with pytest.raises(ValueError, match="qoffsets"):  # the old two-dimensional tables
+        call(qoffsets=g["qoffsets"][:, :, 0].copy(), qtypes=g["qtypes"][:, :, 0].copy())

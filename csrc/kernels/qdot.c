@@ -384,7 +384,7 @@ static row_dot_fn pick_row_dot(void) {
 }
 
 void cst_qmatvec(float *out, const uint8_t *w, int type, const int8_t *q, const float *d, const float *s,
-                 int64_t N, int64_t K, int64_t O, int accumulate) {
+                 int64_t N, int64_t K, int64_t O, int64_t ldo, int accumulate) {
     int64_t be, bb;
     cst_quant_block_info(type, &be, &bb);
     const int64_t nb = K / CST_Q8_BLOCK, row_bytes = K / be * bb;
@@ -394,7 +394,7 @@ void cst_qmatvec(float *out, const uint8_t *w, int type, const int8_t *q, const 
         const uint8_t *wr = w + o * row_bytes;
         for (int64_t n = 0; n < N; n++) {
             const float r = dot(wr, type, q + n * K, d + n * nb, s + n * nb, nb);
-            out[n * O + o] = accumulate ? out[n * O + o] + r : r;
+            out[n * ldo + o] = accumulate ? out[n * ldo + o] + r : r;
         }
     }
 }

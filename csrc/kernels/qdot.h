@@ -27,8 +27,9 @@ void cst_q8_quantize(int8_t *q, float *d, float *s, const float *x, int64_t N, i
  *   Q6_K  dw * d * sum over its two 16-weight sub-blocks of sc * sum((q6 - 32) * q)  (int8 sc)
  * with (q, d, s) from cst_q8_quantize; integer sums are exact, the float sums' order differs between
  * SIMD paths. One thread per output row: results do not depend on the thread count. w needs no
- * alignment. accumulate 0 overwrites out. */
+ * alignment. Row n of out starts at out + n * ldo (ldo >= O: a part of a wider output). accumulate 0
+ * overwrites out. */
 void cst_qmatvec(float *out, const uint8_t *w, int type, const int8_t *q, const float *d, const float *s,
-                 int64_t N, int64_t K, int64_t O, int accumulate);
+                 int64_t N, int64_t K, int64_t O, int64_t ldo, int accumulate);
 
 #endif

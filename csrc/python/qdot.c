@@ -35,7 +35,7 @@ static int check_qmatvec(cst_call *c) {
 
 static void run_qmatvec(cst_call *c) {
     cst_qmatvec(c->v[0].p, c->v[1].p, (int)c->v[5].i, c->v[2].p, c->v[3].p, c->v[4].p, cst_n(c, 'N'),
-                cst_n(c, 'K'), cst_n(c, 'O'), (int)c->v[6].i);
+                cst_n(c, 'K'), cst_n(c, 'O'), cst_n(c, 'O'), (int)c->v[6].i);
 }
 
 const cst_entry cst_qdot_entries[] = {

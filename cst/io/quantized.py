@@ -27,7 +27,8 @@ class QuantizedModel:
     `flat_params` holds only the float32 tensors (norms, biases, matrices of types the products do not
     read), `gen_layout` places them for the C generation path (-1 for a quantised matrix), and
     `gen_quant` holds the blocks: `qweights` (uint8, rows of each fused product in Hugging Face order),
-    `qoffsets` and `qtypes` ((n_layers + 1, len(GEN_ROLES)) int64, -1 where float32). `quantized_types`
+    `qoffsets` and `qtypes` ((n_layers + 1, len(GEN_ROLES), 3) int64, -1 where float32; [..., 0] the whole
+    matrix, or [..., 0:3] the parts q, k, v / gate, up of a fused product whose tensors differ in type). `quantized_types`
     names the type of every tensor kept quantised. generate and chat work as on a Model; forward,
     backward and training raise TypeError."""
 
@@ -98,8 +99,7 @@ def build(cfg, tensors, raw_of, dequantize_into, permuted, path, unpermute, relo
                               f"Q8_0, Q4_0, Q4_1, Q4_K and Q6_K; F32/F16/BF16 run in float32): {hint}")
 
     def kept(layer, roles):
-        types = {int(tensors[by_role[(layer, r)][2]].tensor_type) for r in roles}
-        return len(types) == 1 and types.pop() in PRODUCT_TYPES
+        return all(int(tensors[by_role[(layer, r)][2]].tensor_type) in PRODUCT_TYPES for r in roles)
 
     quant_groups = {}  # (layer, first role) -> roles, for the products kept as blocks
     for i in range(cfg.n_layers):
@@ -122,14 +122,17 @@ def build(cfg, tensors, raw_of, dequantize_into, permuted, path, unpermute, relo
             o = offs[(layer, role)]
             dequantize_into(flat[o:o + int(np.prod(shape))].reshape(shape), tensors[gg], name)
 
-    # the blocks: each product's tensors' rows concatenated, Q/K rows in Hugging Face order
+    # the blocks: each product's tensors' rows concatenated, Q/K rows in Hugging Face order; a fused
+    # product whose tensors differ in type (Q4_K q, k and Q6_K v) is given as its parts
     rows, qoffs, qtypes, total = [], {}, {}, 0
 
     def add(layer, first, roles):
         nonlocal total
-        qoffs[(layer, first)] = total
-        qtypes[(layer, first)] = int(tensors[by_role[(layer, roles[0])][2]].tensor_type)
+        types = [int(tensors[by_role[(layer, r)][2]].tensor_type) for r in roles]
+        qoffs[(layer, first)], qtypes[(layer, first)] = [], types if len(set(types)) > 1 else types[:1]
         for r in roles:
+            if r == roles[0] or len(set(types)) > 1:
+                qoffs[(layer, first)].append(total)
             name, shape, gg = by_role[(layer, r)]
             b = np.asarray(raw_of(tensors[gg])).reshape(-1).view(np.uint8).reshape(shape[0], -1)
             if name in permuted:
@@ -149,7 +152,7 @@ def build(cfg, tensors, raw_of, dequantize_into, permuted, path, unpermute, relo
 
     L = cfg.n_layers
     layout = np.full((L + 1, len(GEN_ROLES)), -1, np.int64)
-    qo, qt = np.full_like(layout, -1), np.full_like(layout, -1)
+    qo, qt = np.full((L + 1, len(GEN_ROLES), 3), -1, np.int64), np.full((L + 1, len(GEN_ROLES), 3), -1, np.int64)
     for i in range(L + 1):
         roles = GEN_ROLES if i < L else GEN_GLOBALS
         layer = i if i < L else None
@@ -158,7 +161,7 @@ def build(cfg, tensors, raw_of, dequantize_into, permuted, path, unpermute, relo
             if i == L and role == "head" and cfg.tie_embeddings:
                 key = (None, "embed")
             if key in qoffs:
-                qo[i, j], qt[i, j] = qoffs[key], qtypes[key]
+                qo[i, j, :len(qoffs[key])], qt[i, j, :len(qtypes[key])] = qoffs[key], qtypes[key]
             elif key in offs:
                 layout[i, j] = offs[key]
     names = {by_role[(layer, r)][2]: int(tensors[by_role[(layer, r)][2]].tensor_type)
