@@ -317,8 +317,11 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void pair_operan
         return _mm512_reduce_add_ps(acc);                                                               \
     }
 
-/* One weight row against one input row, two blocks per iteration (the last alone when nb is odd: its
- * pair's upper half reads zeros and gets scale 0). DOT(u, v) gives the 16 int32 sums of 4 products. */
+/* One weight row against one input row, 16 blocks per group: their f16 scales (and Q4_1 mins) come in
+ * one gather and one conversion, the min terms accumulate as a vector (no serial scalar chain), and
+ * each pair of blocks takes its two scales from that vector by a permutation. A group's blocks past
+ * the row's end are masked: gathered as 0, their inputs loaded as 0. Two accumulators halve the
+ * fused-multiply-add latency chain. DOT(u, v) gives the 16 int32 sums of 4 products. */
 #define ROW_DOT_AVX512(NAME, TGT, DOT)                                                                  \
     static inline __attribute__((always_inline)) TGT float NAME##_of(                                   \
         const uint8_t *w, const int type, const int8_t *q, const float *d, const float *s, int64_t nb) { \
@@ -326,28 +329,35 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void pair_operan
         block_layout(type, &bb, &qo);                                                                   \
         const __m512i ones = _mm512_set1_epi16(1);                                                      \
         (void)ones;                                                                                     \
-        __m512 acc = _mm512_setzero_ps();                                                               \
-        float macc = 0.0f;                                                                              \
-        for (int64_t b = 0; b < nb; b += 2) {                                                           \
-            const int two = b + 1 < nb;                                                                 \
-            const uint8_t *w0 = w + b * bb, *w1 = two ? w0 + bb : w0;                                   \
-            const __m512i x = _mm512_maskz_loadu_epi8(two ? ~(__mmask64)0 : 0xFFFFFFFFull, q + b * CST_Q8_BLOCK); \
-            __m512i u, v;                                                                               \
-            pair_operands(&u, &v, w0, w1, x, type, qo);                                                 \
-            const __m512i p32 = DOT(u, v);                                                              \
-            const float dw0 = _cvtsh_ss(ld16(w0)), dw1 = two ? _cvtsh_ss(ld16(w1)) : 0.0f;              \
-            const __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(dw0 * d[b]),                            \
-                                                 _mm256_set1_ps(two ? dw1 * d[b + 1] : 0.0f), 1);       \
-            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), sc, acc);                                    \
-            if (type == CST_GGML_Q4_1) {                                                                \
-                macc += _cvtsh_ss(ld16(w0 + 2)) * s[b];                                                 \
-                if (two) macc += _cvtsh_ss(ld16(w1 + 2)) * s[b + 1];                                    \
-            } else if (type == CST_GGML_Q4_0) {                                                         \
-                macc += -8.0f * dw0 * s[b];                                                             \
-                if (two) macc += -8.0f * dw1 * s[b + 1];                                                \
+        const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);    \
+        const __m512i pair = _mm512_srli_epi32(lane, 3), boff = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)bb)); \
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), macc = _mm512_setzero_ps();     \
+        for (int64_t g = 0; g < nb; g += 16, w += 16 * bb, q += 16 * CST_Q8_BLOCK) {                    \
+            const int n = nb - g < 16 ? (int)(nb - g) : 16;                                             \
+            const __mmask16 m = (__mmask16)(n == 16 ? 0xFFFFu : (1u << n) - 1u);                        \
+            /* bytes 0-3 of each block: the f16 scale, then the Q4_1 min (or quants, unused) */         \
+            const __m512i h = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, boff, w, 1);      \
+            const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));                                \
+            const __m512 dd = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(m, d + g));                       \
+            if (type == CST_GGML_Q4_1)                                                                  \
+                macc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16))), \
+                                       _mm512_maskz_loadu_ps(m, s + g), macc);                          \
+            else if (type == CST_GGML_Q4_0)                                                             \
+                macc = _mm512_fmadd_ps(dw, _mm512_maskz_loadu_ps(m, s + g), macc); /* times -8 below */ \
+            for (int j = 0; j < n; j += 2) {                                                            \
+                const int two = j + 1 < n;                                                              \
+                const uint8_t *w0 = w + j * bb, *w1 = two ? w0 + bb : w0;                               \
+                const __m512i x = _mm512_maskz_loadu_epi8(two ? ~(__mmask64)0 : 0xFFFFFFFFull, q + j * CST_Q8_BLOCK); \
+                __m512i u, v;                                                                           \
+                pair_operands(&u, &v, w0, w1, x, type, qo);                                             \
+                const __m512 p = _mm512_cvtepi32_ps(DOT(u, v));                                         \
+                const __m512 sc = _mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(j)), dd); \
+                if (j & 2) acc1 = _mm512_fmadd_ps(p, sc, acc1);                                         \
+                else acc0 = _mm512_fmadd_ps(p, sc, acc0);                                               \
             }                                                                                           \
         }                                                                                               \
-        return _mm512_reduce_add_ps(acc) + macc;                                                        \
+        const float mins = _mm512_reduce_add_ps(macc);                                                  \
+        return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (type == CST_GGML_Q4_0 ? -8.0f * mins : mins); \
     }                                                                                                   \
     /* One copy per type, so that the block layout and the branches on it are constants. */            \
     TGT static float NAME(const uint8_t *w, int type, const int8_t *q, const float *d, const float *s,   \
