@@ -18,7 +18,8 @@ import cst  # noqa: E402
 from cst import _core  # noqa: E402
 
 # ggml type id: (name, weights per block, bytes per block, offset of the f16 scale)
-TYPES = {8: ("Q8_0", 32, 34, 0), 2: ("Q4_0", 32, 18, 0), 3: ("Q4_1", 32, 20, 0), 12: ("Q4_K", 256, 144, 0),
+TYPES = {8: ("Q8_0", 32, 34, 0), 2: ("Q4_0", 32, 18, 0), 3: ("Q4_1", 32, 20, 0), 6: ("Q5_0", 32, 22, 0),
+         7: ("Q5_1", 32, 24, 0), 12: ("Q4_K", 256, 144, 0), 13: ("Q5_K", 256, 176, 0),
          14: ("Q6_K", 256, 210, 208)}
 
 
@@ -44,7 +45,7 @@ def resident(args, rng):
         for o, k in ((3072, 576), (576, 1536)) if be == 32 else ((3072, 1536), (1536, 3072)):
             raw = rng.integers(0, 256, size=(o * k // be, bb), dtype=np.uint8)
             raw[:, dpos:dpos + 2] = np.full((len(raw), 1), 0.01, np.float16).view(np.uint8)
-            if t in (3, 12):
+            if t in (3, 7, 12, 13):
                 raw[:, 2:4] = raw[:, 0:2]
             q, d, s = quantized_input(rng, k)
             out = np.empty((1, o), np.float32)

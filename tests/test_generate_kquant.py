@@ -19,27 +19,33 @@ TINY = cst.ModelConfig(vocab_size=96, dim=256, n_layers=2, n_heads=4, n_kv_heads
                        max_seq_len=128, rope_theta=10000.0, norm_eps=1e-5, tie_embeddings=False)
 
 
-def quantize_q4_k(x):
+def quantize_q4_k(x, bits=4):
     """(rows, K) float32 -> Q4_K blocks (rows * K/256, 144) uint8: per 32-weight sub-block a 6-bit scale
-    and min on top of the super-block's f16 d and dmin, weights d*sc*q - dmin*m with q in 0..15."""
+    and min on top of the super-block's f16 d and dmin, weights d*sc*q - dmin*m with q in 0..15. bits=5:
+    Q5_K (176 bytes), q in 0..31, the fifth bit of weight l of sub-block j in bit j of byte l of the 32
+    bytes after the scales."""
     sub = x.reshape(-1, 8, 32).astype(np.float64)
+    top = 2 ** bits - 1
     lo = np.minimum(sub.min(axis=2), 0.0)
-    step = np.maximum(sub.max(axis=2) - lo, 1e-12) / 15
+    step = np.maximum(sub.max(axis=2) - lo, 1e-12) / top
     d = (step.max(axis=1) / 63).astype(np.float16)
     dmin = (np.maximum(-lo.min(axis=1), 1e-12) / 63).astype(np.float16)
     dd, dm = d.astype(np.float64)[:, None], dmin.astype(np.float64)[:, None]
     sc = np.clip(np.rint(step / dd), 1, 63).astype(np.uint8)
     m = np.clip(np.rint(-lo / dm), 0, 63).astype(np.uint8)
-    q = np.clip(np.rint((sub + (dm * m)[:, :, None]) / (dd * sc)[:, :, None]), 0, 15).astype(np.uint8)
-    out = np.zeros((sub.shape[0], 144), np.uint8)
+    q = np.clip(np.rint((sub + (dm * m)[:, :, None]) / (dd * sc)[:, :, None]), 0, top).astype(np.uint8)
+    qs = 16 if bits == 4 else 48
+    out = np.zeros((sub.shape[0], qs + 128), np.uint8)
     out[:, 0:2] = d.view(np.uint8).reshape(-1, 2)
     out[:, 2:4] = dmin.view(np.uint8).reshape(-1, 2)
     for j in range(4):  # ggml's 12-byte packing of eight 6-bit pairs
         out[:, 4 + j] = (sc[:, j] & 63) | ((sc[:, j + 4] >> 4) << 6)
         out[:, 8 + j] = (m[:, j] & 63) | ((m[:, j + 4] >> 4) << 6)
         out[:, 12 + j] = (sc[:, j + 4] & 0xF) | ((m[:, j + 4] & 0xF) << 4)
+    for j in range(8 if bits == 5 else 0):
+        out[:, 16:48] |= (q[:, j] >> 4) << j
     for c in range(4):  # 32 bytes: sub-block 2c in the low nibbles, 2c + 1 in the high ones
-        out[:, 16 + 32 * c:48 + 32 * c] = q[:, 2 * c] | (q[:, 2 * c + 1] << 4)
+        out[:, qs + 32 * c:qs + 32 + 32 * c] = (q[:, 2 * c] & 0xF) | ((q[:, 2 * c + 1] & 0xF) << 4)
     return out
 
 
@@ -63,13 +69,13 @@ def quantize_q6_k(x):
     return out
 
 
-QUANTIZERS = {Q.Q4_K: quantize_q4_k, Q.Q6_K: quantize_q6_k}
+QUANTIZERS = {Q.Q4_K: quantize_q4_k, Q.Q5_K: lambda x: quantize_q4_k(x, bits=5), Q.Q6_K: quantize_q6_k}
 
 
 def test_quantizers_round_trip(rng):
     """The packing above is the layout gguf-py decodes: its dequantisation is near the input."""
     x = rng.normal(0, 0.5, size=(6, 512)).astype(np.float32)
-    for qtype, tol in ((Q.Q4_K, 0.25), (Q.Q6_K, 0.06)):
+    for qtype, tol in ((Q.Q4_K, 0.25), (Q.Q5_K, 0.12), (Q.Q6_K, 0.06)):
         back = gguf.quants.dequantize(QUANTIZERS[qtype](x), qtype).reshape(x.shape)
         assert rel_err(back, x) < tol, (qtype.name, rel_err(back, x))
 
@@ -161,14 +167,10 @@ def test_loader_keeps_the_kquant_blocks(kquant_file):
 PROMPTS = [[5, 17, 42, 3], [60, 1, 2, 88, 9, 9, 31], [7], [90, 91, 92], [11, 12], [33, 44, 55, 66], [2, 80]]
 
 
-def test_greedy_tokens_equal_the_float32_model(kquant_file):
-    """Greedy decoding on the blocks follows the float32 model token for token: measured, all 32 tokens
-    of all 7 prompts are equal on the AVX-512 path. The logits differ by the int8 rounding of the
-    activations (up to ~0.25, their spread ~4.5), so another SIMD path's float order may part them at a
-    near-tie: allowed where the float32 model's two best logits are within 0.15 (partings measured with
-    other weights were at margins of 0.02-0.09), on at most 2 prompts."""
-    qm, fm = cst.load(kquant_file, dtype="q"), cst.load(kquant_file)
-    n, whole = 32, 0
+def check_greedy(qm, fm, n, min_whole):
+    """Greedy tokens of the blocks (qm) against the float32 model (fm) on PROMPTS: equal, or parting
+    only at a near-tie of fm's two best logits; at least min_whole prompts equal throughout."""
+    whole = 0
     for p in PROMPTS:
         a = generate(qm, [p], max_new_tokens=n)[0]
         b = generate(fm, [p], max_new_tokens=n)[0]
@@ -179,7 +181,16 @@ def test_greedy_tokens_equal_the_float32_model(kquant_file):
         if same < n:
             top2 = np.sort(lf)[-2:]
             assert top2[1] - top2[0] < 0.15, (p, same, a, b, top2)  # a near-tie, not a wrong product
-    assert whole >= len(PROMPTS) - 2, whole
+    assert whole >= min_whole, whole
+
+
+def test_greedy_tokens_equal_the_float32_model(kquant_file):
+    """Greedy decoding on the blocks follows the float32 model token for token: measured, all 32 tokens
+    of all 7 prompts are equal on the AVX-512 path. The logits differ by the int8 rounding of the
+    activations (up to ~0.25, their spread ~4.5), so another SIMD path's float order may part them at a
+    near-tie: allowed where the float32 model's two best logits are within 0.15 (partings measured with
+    other weights were at margins of 0.02-0.09), on at most 2 prompts."""
+    check_greedy(cst.load(kquant_file, dtype="q"), cst.load(kquant_file), n=32, min_whole=len(PROMPTS) - 2)
 
 
 def test_every_simd_path_agrees(kquant_file):
@@ -201,26 +212,19 @@ def test_every_simd_path_agrees(kquant_file):
         assert int(np.argmax(got)) == int(np.argmax(ref))
 
 
-@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q5_K, Q.Q5_1], ids=lambda t: t.name)
-def test_unsupported_block_type_is_named(tmp_path, qtype):
-    types = dict(TYPES, ffn_up=qtype)
+@pytest.mark.parametrize("qtype", [Q.Q5_0, Q.Q5_1, Q.Q5_K], ids=lambda t: t.name)
+def test_q5_blocks_generate_like_the_float32_model(tmp_path, qtype):
+    """Q5_0 / Q5_1 (what llama.cpp's Q4_K_M writes for rows that are not a multiple of 256) and Q5_K
+    matrices are read as blocks too, mixed with the others in the fused products. Measured: logits within
+    1.0-1.9% of the float32 model's (Q8_0 in the same places: 1.0-1.6%), 4-6 of the 7 prompts equal over
+    16 tokens, the others parting at near-ties (margins 0.013-0.105)."""
+    types = dict(TYPES, attn_q=qtype, attn_output=qtype, ffn_gate=qtype, **{"blk.0.ffn_up": qtype})
     path = tmp_path / f"tiny-{qtype.name}.gguf"
-    if qtype == Q.Q5_K:  # gguf-py cannot quantise it: random bytes with finite scales decode fine
-        rng = np.random.default_rng(0)
-
-        def q5_k(a):
-            b = rng.integers(0, 256, size=(a.size // 256, 176), dtype=np.uint8)
-            b[:, 0:4] = np.full(2 * len(b), 0.01, np.float16).view(np.uint8).reshape(-1, 4)
-            return b
-        QUANTIZERS[Q.Q5_K] = q5_k
-    try:
-        write_kquant_gguf(path, types)
-    finally:
-        QUANTIZERS.pop(Q.Q5_K, None)
-    with pytest.raises(FormatError, match=rf"'blk\.0\.ffn_up\.weight' is {qtype.name}, a block type dtype='q' "
-                                          "does not read"):
-        cst.load(str(path), dtype="q")
-    assert isinstance(cst.load(str(path)), cst.Model)  # float32 loading still reads it
+    write_kquant_gguf(path, types)
+    qm = cst.load(str(path), dtype="q")
+    assert qm.quantized_types["blk.1.ffn_gate.weight"] == qtype
+    assert qm.gen_quant["qtypes"][0, 5, 0] == qtype and qm.gen_quant["qtypes"][0, 5, 1] == -1  # gate|up whole
+    check_greedy(qm, cst.load(str(path)), n=16, min_whole=3)
 
 
 def test_undecodable_block_type_is_named(tmp_path):
@@ -231,7 +235,7 @@ def test_undecodable_block_type_is_named(tmp_path):
         write_kquant_gguf(tmp_path / "q2k.gguf", types)
     finally:
         QUANTIZERS.pop(Q.Q2_K)
-    with pytest.raises(FormatError, match=r"'blk\.0\.attn_output\.weight' is Q2_K.*does not decode it"):
+    with pytest.raises(FormatError, match=r"'blk\.0\.attn_output\.weight' is Q2_K, a block type cst does not read"):
         cst.load(str(tmp_path / "q2k.gguf"), dtype="q")
     with pytest.raises(FormatError, match=r"'blk\.0\.attn_output\.weight' \(Q2_K\)"):
         cst.load(str(tmp_path / "q2k.gguf"))
@@ -258,8 +262,8 @@ def test_gen_forward_rejects_bad_parts(kquant_file):
     with pytest.raises(ValueError, match="more than one part"):
         call(qoffsets=off)
     bad = g["qtypes"].copy()
-    bad[1, 5, 1] = Q.Q5_K
-    with pytest.raises(ValueError, match=r"'qtypes'\[1, 5, 1\] = 13"):
+    bad[1, 5, 1] = Q.Q3_K
+    with pytest.raises(ValueError, match=r"'qtypes'\[1, 5, 1\] = 11"):
         call(qtypes=bad)
     off = g["qoffsets"].copy()
     off[1, 1, 2] = g["qweights"].size - 10

@@ -8,9 +8,10 @@ import pytest
 from cst import _core
 from conftest import with_threads
 
-Q8_0, Q4_0, Q4_1, Q4_K, Q6_K = 8, 2, 3, 12, 14
-BLOCK_BYTES = {Q8_0: 34, Q4_0: 18, Q4_1: 20, Q4_K: 144, Q6_K: 210}
-BLOCK_ELEMS = {Q8_0: 32, Q4_0: 32, Q4_1: 32, Q4_K: 256, Q6_K: 256}
+Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K = 8, 2, 3, 6, 7, 12, 13, 14
+BLOCK_BYTES = {Q8_0: 34, Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q4_K: 144, Q5_K: 176, Q6_K: 210}
+BLOCK_ELEMS = {Q8_0: 32, Q4_0: 32, Q4_1: 32, Q5_0: 32, Q5_1: 32, Q4_K: 256, Q5_K: 256, Q6_K: 256}
+KQUANTS = (Q4_K, Q5_K, Q6_K)
 
 
 def random_blocks(rng, rows, k, type_id):
@@ -19,9 +20,9 @@ def random_blocks(rng, rows, k, type_id):
     nb = rows * k // BLOCK_ELEMS[type_id]
     raw = rng.integers(0, 256, size=(nb, BLOCK_BYTES[type_id]), dtype=np.uint8)
     dpos = 208 if type_id == Q6_K else 0  # Q6_K keeps its f16 scale at the end of the block
-    scale = 0.02 / (32 if type_id in (Q4_K, Q6_K) else 1)  # times sub-block scales of up to 63 / 127
+    scale = 0.02 / (32 if type_id in KQUANTS else 1)  # times sub-block scales of up to 63 / 127
     raw[:, dpos:dpos + 2] = (rng.uniform(-scale, scale, nb).astype(np.float16)).view(np.uint8).reshape(nb, 2)
-    if type_id in (Q4_1, Q4_K):
+    if type_id in (Q4_1, Q5_1, Q4_K, Q5_K):
         raw[:, 2:4] = (rng.uniform(-0.1, 0.1, nb).astype(np.float16)).view(np.uint8).reshape(nb, 2)
     return raw.reshape(-1)
 
@@ -83,10 +84,11 @@ def check_qmatvec(rng, type_id, n, k, o, weights):
     return raw, q, d, s, out
 
 
-@pytest.mark.parametrize("type_id", [Q8_0, Q4_0, Q4_1])
-@pytest.mark.parametrize("n,k,o", [(1, 32, 1), (1, 576, 37), (3, 96, 17), (2, 1536, 5), (7, 160, 9)])
+@pytest.mark.parametrize("type_id", [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1], ids=["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+@pytest.mark.parametrize("n,k,o", [(1, 32, 1), (1, 576, 37), (3, 96, 17), (2, 1536, 5), (7, 160, 9), (1, 1056, 3)])
 def test_qmatvec_matches_float64_reference(simd, rng, type_id, n, k, o):
-    raw, q, d, s, out = check_qmatvec(rng, type_id, n, k, o, dequantized)
+    """k = 576 and 1056 leave a group of 2 and 1 blocks after the AVX-512 kernel's groups of 16."""
+    raw, q, d, s, out = check_qmatvec(rng, type_id, n, k, o, gguf_dequantized)
     acc = np.ones((n, o), np.float32)
     _core.qmatvec(acc, raw, q, d, s, type_id, accumulate=True)
     np.testing.assert_allclose(acc, out + 1.0, rtol=1e-6, atol=1e-6)
@@ -98,7 +100,7 @@ def gguf_dequantized(raw, rows, k, type_id):
         .reshape(rows, k).astype(np.float64)
 
 
-@pytest.mark.parametrize("type_id", [Q4_K, Q6_K], ids=["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("type_id", KQUANTS, ids=["Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("n,k,o", [(1, 256, 1), (1, 512, 37), (3, 768, 17), (2, 1536, 5), (5, 256, 9)])
 def test_kquant_qmatvec_matches_float64_reference(simd, rng, type_id, n, k, o):
     raw, q, d, s, out = check_qmatvec(rng, type_id, n, k, o, gguf_dequantized)
@@ -107,14 +109,20 @@ def test_kquant_qmatvec_matches_float64_reference(simd, rng, type_id, n, k, o):
     np.testing.assert_allclose(acc, out + 1.0, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("type_id", [Q4_K, Q6_K], ids=["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("type_id", KQUANTS + (Q5_0, Q5_1), ids=["Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1"])
 def test_kquant_extreme_quants(simd, type_id):
-    """Every quant at its largest (15 / 63) and smallest (0) against inputs of +-127: the int16 pair sums
-    of vpmaddubsw stay below saturation, and the 6-bit scales and mins take their largest value 63."""
+    """Every quant at its largest (15 / 31 / 63) and smallest (0) against inputs of +-127: the int16 pair
+    sums of vpmaddubsw stay below saturation, and the 6-bit scales and mins take their largest value 63."""
     k = 512
-    raw = np.zeros((2, BLOCK_BYTES[type_id]), np.uint8)
+    nb = 2 * BLOCK_ELEMS[Q4_K] // BLOCK_ELEMS[type_id]
+    raw = np.zeros((nb, BLOCK_BYTES[type_id]), np.uint8)
     one = np.full(1, 1.0, np.float16).view(np.uint8)
-    if type_id == Q4_K:
+    if type_id in (Q5_0, Q5_1):
+        raw[:, 0:2] = one
+        if type_id == Q5_1:
+            raw[:, 2:4] = one
+        raw[:nb // 2, 2 if type_id == Q5_0 else 4:] = 0xFF  # fifth bits and nibbles all set, then all clear
+    elif type_id in (Q4_K, Q5_K):
         raw[:, 0:2], raw[:, 2:4] = one, one
         raw[0, 4:16], raw[1, 4:16] = 0xFF, 0x00  # scales and mins 63, then 0
         raw[0, 16:], raw[1, 16:] = 0xFF, 0x00
@@ -165,8 +173,8 @@ def test_qmatvec_rejects_bad_input(rng):
     raw = random_blocks(rng, 3, 64, Q4_1)
     q, d, s = quantize(rng.normal(size=(1, 64)).astype(np.float32))
     out = np.empty((1, 3), np.float32)
-    with pytest.raises(ValueError, match="type_id 13"):  # Q5_K: decoded at load, not read by the products
-        _core.qmatvec(out, raw, q, d, s, 13)
+    with pytest.raises(ValueError, match="type_id 11"):  # Q3_K: not decoded at all
+        _core.qmatvec(out, raw, q, d, s, 11)
     with pytest.raises(ValueError, match="not a multiple of Q4_K's 256"):
         _core.qmatvec(out, np.zeros(144 * 3, np.uint8), q, d, s, Q4_K)
     with pytest.raises(ValueError, match="'w' has"):
@@ -184,8 +192,8 @@ def test_avx512_without_vnni_gives_the_same_bits(rng, tmp_path):
     import sys
     if "avx512" not in _core.simd_supported():
         pytest.skip("no AVX-512 on this CPU")
-    for type_id in (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K):
-        k = 512 if type_id in (Q4_K, Q6_K) else 160
+    for type_id in (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K):
+        k = 512 if type_id in KQUANTS else 160
         raw = random_blocks(rng, 33, k, type_id)
         q, d, s = quantize(rng.normal(size=(2, k)).astype(np.float32))
         np.savez(tmp_path / "in.npz", raw=raw, q=q, d=d, s=s)

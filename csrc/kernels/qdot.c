@@ -1,8 +1,8 @@
-/* qdot.c: products against GGUF Q8_0 / Q4_0 / Q4_1 / Q4_K / Q6_K weight blocks (see qdot.h). Decoding
- * one token reads every weight once, so batch-1 generation is bound by the bytes streamed: 20 bytes per 32
- * Q4_1 weights instead of 128 in float32. Each path computes, per (weight row, input row), integer
- * block sums and scales them in float32; AVX-512 takes two blocks per vector (vpdpbusd where the CPU
- * has VNNI, else vpmaddubsw + vpmaddwd: the same exact integers), AVX2 one block. */
+/* qdot.c: products against GGUF Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K weight blocks
+ * (see qdot.h). Decoding one token reads every weight once, so batch-1 generation is bound by the bytes
+ * streamed: 20 bytes per 32 Q4_1 weights instead of 128 in float32. Each path computes, per (weight
+ * row, input row), integer block sums and scales them in float32; AVX-512 takes two blocks per vector
+ * (vpdpbusd where the CPU has VNNI, else vpmaddubsw + vpmaddwd: the same exact integers), AVX2 one. */
 #include "qdot.h"
 #include "quant.h"
 #include "simd.h"
@@ -14,8 +14,8 @@
 #endif
 
 int cst_qdot_supported(int type) {
-    return type == CST_GGML_Q8_0 || type == CST_GGML_Q4_0 || type == CST_GGML_Q4_1 || type == CST_GGML_Q4_K ||
-           type == CST_GGML_Q6_K;
+    return type == CST_GGML_Q8_0 || type == CST_GGML_Q4_0 || type == CST_GGML_Q4_1 || type == CST_GGML_Q5_0 ||
+           type == CST_GGML_Q5_1 || type == CST_GGML_Q4_K || type == CST_GGML_Q5_K || type == CST_GGML_Q6_K;
 }
 
 void cst_q8_quantize(int8_t *q, float *d, float *s, const float *x, int64_t N, int64_t K) {
@@ -43,31 +43,48 @@ static inline uint16_t ld16(const uint8_t *p) {
     return h;
 }
 
-/* Bytes per block and where the quantised values start. */
+static inline uint32_t ld32(const uint8_t *p) {
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+/* Bytes per block and where the nibbles (Q8_0: the int8 quants) start; Q5_0 / Q5_1 keep the 32 fifth
+ * bits (bit j for weight j) in the 4 bytes before them. */
 static inline void block_layout(int type, int64_t *bytes, int64_t *qoff) {
-    *bytes = type == CST_GGML_Q8_0 ? 34 : type == CST_GGML_Q4_1 ? 20 : 18;
-    *qoff = type == CST_GGML_Q4_1 ? 4 : 2;
+    *bytes = type == CST_GGML_Q8_0 ? 34 : type == CST_GGML_Q4_1 ? 20 : type == CST_GGML_Q5_0 ? 22
+             : type == CST_GGML_Q5_1 ? 24 : 18;
+    *qoff = type == CST_GGML_Q4_1 ? 4 : type == CST_GGML_Q5_0 ? 6 : type == CST_GGML_Q5_1 ? 8 : 2;
+}
+/* Q4_1 / Q5_1 store a min per block (weight = q * dw + mw); Q4_0 / Q5_0 are centred instead (weight =
+ * (q - zero) * dw), so their blocks add zero * dw * s with this factor. */
+static inline int has_min(int type) { return type == CST_GGML_Q4_1 || type == CST_GGML_Q5_1; }
+static inline int has_fifth_bit(int type) { return type == CST_GGML_Q5_0 || type == CST_GGML_Q5_1; }
+static inline float zero_term(int type) {
+    return type == CST_GGML_Q4_0 ? -8.0f : type == CST_GGML_Q5_0 ? -16.0f : 0.0f;
 }
 
 /* ---- portable ---- */
 
 /* k-quants: one super-block of 256 weights spans 8 input blocks. Q4_K: sub-block j (32 weights,
  * 6-bit scale sc and min m) is dw * sc * nibble - dmin * m, so its product with input block j is
- * dw * sc * d * sum(nibble * q) - dmin * m * s. Q6_K: 16 sub-blocks of 16 weights, (dw * sc) * (q6 - 32)
- * with int8 sc: the two sub-blocks of an input block combine exactly in integers before the scaling. */
-static float row_dot_q4k_scalar(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nsb) {
+ * dw * sc * d * sum(nibble * q) - dmin * m * s; Q5_K the same with a fifth bit on each nibble. Q6_K:
+ * 16 sub-blocks of 16 weights, (dw * sc) * (q6 - 32) with int8 sc: the two sub-blocks of an input block
+ * combine exactly in integers before the scaling. */
+static float row_dot_q4k_scalar(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nsb,
+                                int five) {
     float acc = 0.0f, macc = 0.0f;
-    for (int64_t sb = 0; sb < nsb; sb++, w += 144, q += 256, d += 8, s += 8) {
+    const int64_t bytes = five ? 176 : 144;
+    for (int64_t sb = 0; sb < nsb; sb++, w += bytes, q += 256, d += 8, s += 8) {
         const float dw = cst_f16_to_f32(ld16(w)), dmin = cst_f16_to_f32(ld16(w + 2));
-        const uint8_t *qs = w + 16;
+        const uint8_t *qs = w + (five ? 48 : 16), *qh = w + 16; /* Q5_K: sub-block j's fifth bits are bit j */
         for (int j = 0; j < 8; j += 2, qs += 32) {
             uint8_t sc0, m0, sc1, m1;
             cst_k4_scale_min(j, w + 4, &sc0, &m0);
             cst_k4_scale_min(j + 1, w + 4, &sc1, &m1);
             int lo = 0, hi = 0;
             for (int l = 0; l < 32; l++) {
-                lo += (qs[l] & 0xF) * q[32 * j + l];
-                hi += (qs[l] >> 4) * q[32 * j + 32 + l];
+                const int b0 = five ? ((qh[l] >> j) & 1) << 4 : 0, b1 = five ? ((qh[l] >> (j + 1)) & 1) << 4 : 0;
+                lo += ((qs[l] & 0xF) | b0) * q[32 * j + l];
+                hi += ((qs[l] >> 4) | b1) * q[32 * j + 32 + l];
             }
             acc += dw * (float)sc0 * d[j] * (float)lo + dw * (float)sc1 * d[j + 1] * (float)hi;
             macc += dmin * (float)m0 * s[j] + dmin * (float)m1 * s[j + 1];
@@ -106,7 +123,8 @@ static float row_dot_q6k_scalar(const uint8_t *w, const int8_t *q, const float *
 
 static float row_dot_scalar(const uint8_t *w, int type, const int8_t *q, const float *d, const float *s,
                             int64_t nb) {
-    if (type == CST_GGML_Q4_K) return row_dot_q4k_scalar(w, q, d, s, nb / 8);
+    if (type == CST_GGML_Q4_K || type == CST_GGML_Q5_K)
+        return row_dot_q4k_scalar(w, q, d, s, nb / 8, type == CST_GGML_Q5_K);
     if (type == CST_GGML_Q6_K) return row_dot_q6k_scalar(w, q, d, nb / 8);
     int64_t bb, qo;
     block_layout(type, &bb, &qo);
@@ -119,8 +137,11 @@ static float row_dot_scalar(const uint8_t *w, int type, const int8_t *q, const f
             for (int j = 0; j < 32; j++) isum += wq[j] * q[j];
         } else {
             const uint8_t *wq = w + qo;
-            for (int j = 0; j < 16; j++) isum += (wq[j] & 0xF) * q[j] + (wq[j] >> 4) * q[j + 16];
-            macc += type == CST_GGML_Q4_1 ? cst_f16_to_f32(ld16(w + 2)) * s[b] : -8.0f * dw * s[b];
+            const uint32_t qh = has_fifth_bit(type) ? ld32(w + qo - 4) : 0;
+            for (int j = 0; j < 16; j++)
+                isum += (int)((wq[j] & 0xF) | (((qh >> j) & 1) << 4)) * q[j] +
+                        (int)((wq[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) * q[j + 16];
+            macc += has_min(type) ? cst_f16_to_f32(ld16(w + 2)) * s[b] : zero_term(type) * dw * s[b];
         }
         acc += dw * d[b] * (float)isum;
     }
@@ -141,7 +162,15 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX2 float hsum8_avx2(_
     return _mm_cvtss_f32(h);
 }
 
-/* The eight 6-bit scales and mins of a Q4_K super-block as float32. */
+/* Byte j = 0xFF where bit j of x is set (Q5_0 / Q5_1's fifth bits, in weight order). */
+static inline __attribute__((always_inline)) QDOT_TARGET_AVX2 __m256i bits_to_bytes_avx2(uint32_t x) {
+    const __m256i pick = _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x), pick);
+    return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+}
+
+/* The eight 6-bit scales and mins of a Q4_K / Q5_K super-block as float32. */
 static inline __attribute__((always_inline)) QDOT_TARGET_AVX2 void q4k_scales_avx2(const uint8_t *w, __m256 *sc,
                                                                                      __m256 *mn) {
     uint8_t a[8], m[8];
@@ -151,19 +180,25 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX2 void q4k_scales_av
 }
 
 QDOT_TARGET_AVX2 static float row_dot_q4k_avx2(const uint8_t *w, const int8_t *q, const float *d, const float *s,
-                                               int64_t nsb) {
-    const __m256i ones = _mm256_set1_epi16(1), lo4 = _mm256_set1_epi8(0x0F);
+                                               int64_t nsb, int five) {
+    const __m256i ones = _mm256_set1_epi16(1), lo4 = _mm256_set1_epi8(0x0F), b4 = _mm256_set1_epi8(0x10);
+    const int64_t bytes = five ? 176 : 144, qoff = five ? 48 : 16;
     __m256 acc = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
-    for (int64_t sb = 0; sb < nsb; sb++, w += 144, q += 256, d += 8, s += 8) {
+    for (int64_t sb = 0; sb < nsb; sb++, w += bytes, q += 256, d += 8, s += 8) {
         __m256 sc, mn;
         q4k_scales_avx2(w, &sc, &mn);
         float scale[8];
         _mm256_storeu_ps(scale, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(ld16(w))), sc),
                                               _mm256_loadu_ps(d)));
         macc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(ld16(w + 2))), mn), _mm256_loadu_ps(s), macc);
+        const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256();
         for (int j = 0; j < 8; j++) {
-            const __m256i p = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * (j / 2)));
-            const __m256i u = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(p, 4) : p, lo4);
+            const __m256i p = _mm256_loadu_si256((const __m256i *)(w + qoff + 32 * (j / 2)));
+            __m256i u = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(p, 4) : p, lo4);
+            if (five) { /* bit j of qh[l] is weight l's fifth bit in sub-block j */
+                const __m256i bj = _mm256_set1_epi8((char)(1 << j));
+                u = _mm256_or_si256(u, _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, bj), bj), b4));
+            }
             const __m256i x = _mm256_loadu_si256((const __m256i *)(q + 32 * j));
             const __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), ones);
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(scale[j]), acc);
@@ -201,7 +236,8 @@ QDOT_TARGET_AVX2 static float row_dot_q6k_avx2(const uint8_t *w, const int8_t *q
 
 QDOT_TARGET_AVX2 static float row_dot_avx2(const uint8_t *w, int type, const int8_t *q, const float *d,
                                            const float *s, int64_t nb) {
-    if (type == CST_GGML_Q4_K) return row_dot_q4k_avx2(w, q, d, s, nb / 8);
+    if (type == CST_GGML_Q4_K) return row_dot_q4k_avx2(w, q, d, s, nb / 8, 0);
+    if (type == CST_GGML_Q5_K) return row_dot_q4k_avx2(w, q, d, s, nb / 8, 1);
     if (type == CST_GGML_Q6_K) return row_dot_q6k_avx2(w, q, d, nb / 8);
     int64_t bb, qo;
     block_layout(type, &bb, &qo);
@@ -220,8 +256,10 @@ QDOT_TARGET_AVX2 static float row_dot_avx2(const uint8_t *w, int type, const int
         } else {
             const __m128i p = _mm_loadu_si128((const __m128i *)(w + qo));
             u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), lo4), _mm_and_si128(p, lo4));
+            if (has_fifth_bit(type))
+                u = _mm256_or_si256(u, _mm256_and_si256(bits_to_bytes_avx2(ld32(w + qo - 4)), _mm256_set1_epi8(0x10)));
             v = x;
-            macc += type == CST_GGML_Q4_1 ? _cvtsh_ss(ld16(w + 2)) * s[b] : -8.0f * dw * s[b];
+            macc += has_min(type) ? _cvtsh_ss(ld16(w + 2)) * s[b] : zero_term(type) * dw * s[b];
         }
         const __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(u, v), ones);
         acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(dw * d[b]), acc);
@@ -231,8 +269,9 @@ QDOT_TARGET_AVX2 static float row_dot_avx2(const uint8_t *w, int type, const int
 
 /* ---- AVX-512: two blocks per vector ---- */
 
-/* The 64 unsigned weight bytes of blocks w0 and w1 (Q4: nibbles, low then high of each block) and the
- * matching input bytes (Q8_0: |w| and x with w's sign, as maddubs and vpdpbusd take u8 x s8). */
+/* The 64 unsigned weight bytes of blocks w0 and w1 (Q4: nibbles, low then high of each block; Q5: with
+ * the fifth bits, which are in that same weight order) and the matching input bytes (Q8_0: |w| and x
+ * with w's sign, as maddubs and vpdpbusd take u8 x s8). */
 static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void pair_operands(
     __m512i *u, __m512i *v, const uint8_t *w0, const uint8_t *w1, __m512i x, int type, int64_t qo) {
     if (type == CST_GGML_Q8_0) {
@@ -248,6 +287,10 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void pair_operan
             _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(w1 + qo))), 1);
         /* 128-bit lanes 1 and 3 (16-bit elements 8-15, 24-31) take the high nibbles. */
         *u = _mm512_and_si512(_mm512_mask_srli_epi16(p, 0xFF00FF00u, p, 4), _mm512_set1_epi8(0x0F));
+        if (has_fifth_bit(type)) {
+            const __mmask64 hi = (__mmask64)ld32(w0 + qo - 4) | ((__mmask64)ld32(w1 + qo - 4) << 32);
+            *u = _mm512_mask_add_epi8(*u, hi, *u, _mm512_set1_epi8(0x10));
+        }
         *v = x;
     }
 }
@@ -259,31 +302,47 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void pair_operan
  * and 2-3 (32-63), weights 64-127 the high nibbles with bits 4-5 and 6-7. q6 - 32 comes from
  * DOT(q6, x) - DOT(32, x): u8 x s8 as vpdpbusd takes it, int16 pair sums that cannot saturate. */
 #define KQUANT_AVX512(NAME, TGT, DOT)                                                                   \
-    TGT static float NAME##_q4k(const uint8_t *w, const int8_t *q, const float *d, const float *s,      \
-                                int64_t nsb) {                                                          \
+    static inline __attribute__((always_inline)) TGT float NAME##_q4k_of(                               \
+        const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nsb, const int five) {  \
         const __m512i ones = _mm512_set1_epi16(1), lo4 = _mm512_set1_epi8(0x0F);                        \
         (void)ones;                                                                                     \
+        const int64_t bytes = five ? 176 : 144, qoff = five ? 48 : 16;                                  \
         const __m512i half = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, \
                                                                 4, 3, 2, 1, 0), 3);                     \
         __m512 acc = _mm512_setzero_ps();                                                               \
         __m256 macc = _mm256_setzero_ps();                                                              \
-        for (int64_t sb = 0; sb < nsb; sb++, w += 144, q += 256, d += 8, s += 8) {                      \
+        for (int64_t sb = 0; sb < nsb; sb++, w += bytes, q += 256, d += 8, s += 8) {                    \
             __m256 sc, mn;                                                                              \
             q4k_scales_avx2(w, &sc, &mn);                                                               \
             const __m512 scale = _mm512_castps256_ps512(                                                \
                 _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(ld16(w))), sc), _mm256_loadu_ps(d))); \
             macc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(ld16(w + 2))), mn),          \
                                    _mm256_loadu_ps(s), macc);                                           \
+            const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256(); \
+            const __m512i qh2 = _mm512_inserti64x4(_mm512_castsi256_si512(qh), qh, 1);                  \
             for (int j = 0; j < 4; j++) {                                                               \
-                const __m256i b = _mm256_loadu_si256((const __m256i *)(w + 16 + 32 * j));               \
+                const __m256i b = _mm256_loadu_si256((const __m256i *)(w + qoff + 32 * j));             \
                 const __m512i p = _mm512_inserti64x4(_mm512_castsi256_si512(b), b, 1);                  \
-                const __m512i u = _mm512_and_si512(_mm512_mask_srli_epi16(p, 0xFFFF0000u, p, 4), lo4);  \
+                __m512i u = _mm512_and_si512(_mm512_mask_srli_epi16(p, 0xFFFF0000u, p, 4), lo4);        \
+                if (five) { /* sub-blocks 2j (low half) and 2j+1 (high half): bits 2j and 2j+1 of qh */ \
+                    const __m512i bit = _mm512_inserti64x4(_mm512_set1_epi8((char)(1 << (2 * j))),      \
+                                                           _mm256_set1_epi8((char)(2 << (2 * j))), 1);  \
+                    u = _mm512_mask_add_epi8(u, _mm512_test_epi8_mask(qh2, bit), u, _mm512_set1_epi8(0x10)); \
+                }                                                                                       \
                 const __m512i p32 = DOT(u, _mm512_loadu_si512((const void *)(q + 64 * j)));             \
                 const __m512i idx = _mm512_add_epi32(half, _mm512_set1_epi32(2 * j));                   \
                 acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), _mm512_permutexvar_ps(idx, scale), acc); \
             }                                                                                           \
         }                                                                                               \
         return _mm512_reduce_add_ps(acc) - hsum8_avx2(macc);                                            \
+    }                                                                                                   \
+    TGT static float NAME##_q4k(const uint8_t *w, const int8_t *q, const float *d, const float *s,      \
+                                int64_t nsb) {                                                          \
+        return NAME##_q4k_of(w, q, d, s, nsb, 0);                                                       \
+    }                                                                                                   \
+    TGT static float NAME##_q5k(const uint8_t *w, const int8_t *q, const float *d, const float *s,      \
+                                int64_t nsb) {                                                          \
+        return NAME##_q4k_of(w, q, d, s, nsb, 1);                                                       \
     }                                                                                                   \
     TGT static float NAME##_q6k(const uint8_t *w, const int8_t *q, const float *d, int64_t nsb) {       \
         const __m512i ones = _mm512_set1_epi16(1), lo4 = _mm512_set1_epi8(0x0F);                        \
@@ -335,15 +394,15 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void pair_operan
         for (int64_t g = 0; g < nb; g += 16, w += 16 * bb, q += 16 * CST_Q8_BLOCK) {                    \
             const int n = nb - g < 16 ? (int)(nb - g) : 16;                                             \
             const __mmask16 m = (__mmask16)(n == 16 ? 0xFFFFu : (1u << n) - 1u);                        \
-            /* bytes 0-3 of each block: the f16 scale, then the Q4_1 min (or quants, unused) */         \
+            /* bytes 0-3 of each block: the f16 scale, then the Q4_1 / Q5_1 min (or unused bytes) */    \
             const __m512i h = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, boff, w, 1);      \
             const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));                                \
             const __m512 dd = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(m, d + g));                       \
-            if (type == CST_GGML_Q4_1)                                                                  \
+            if (has_min(type))                                                                          \
                 macc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16))), \
                                        _mm512_maskz_loadu_ps(m, s + g), macc);                          \
-            else if (type == CST_GGML_Q4_0)                                                             \
-                macc = _mm512_fmadd_ps(dw, _mm512_maskz_loadu_ps(m, s + g), macc); /* times -8 below */ \
+            else if (type != CST_GGML_Q8_0) /* times zero_term below */                                 \
+                macc = _mm512_fmadd_ps(dw, _mm512_maskz_loadu_ps(m, s + g), macc);                      \
             for (int j = 0; j < n; j += 2) {                                                            \
                 const int two = j + 1 < n;                                                              \
                 const uint8_t *w0 = w + j * bb, *w1 = two ? w0 + bb : w0;                               \
@@ -357,15 +416,18 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void pair_operan
             }                                                                                           \
         }                                                                                               \
         const float mins = _mm512_reduce_add_ps(macc);                                                  \
-        return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (type == CST_GGML_Q4_0 ? -8.0f * mins : mins); \
+        return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (has_min(type) ? mins : zero_term(type) * mins); \
     }                                                                                                   \
     /* One copy per type, so that the block layout and the branches on it are constants. */            \
     TGT static float NAME(const uint8_t *w, int type, const int8_t *q, const float *d, const float *s,   \
                           int64_t nb) {                                                                 \
         if (type == CST_GGML_Q4_K) return NAME##_q4k(w, q, d, s, nb / 8);                               \
+        if (type == CST_GGML_Q5_K) return NAME##_q5k(w, q, d, s, nb / 8);                               \
         if (type == CST_GGML_Q6_K) return NAME##_q6k(w, q, d, nb / 8);                                  \
         if (type == CST_GGML_Q4_1) return NAME##_of(w, CST_GGML_Q4_1, q, d, s, nb);                     \
         if (type == CST_GGML_Q4_0) return NAME##_of(w, CST_GGML_Q4_0, q, d, s, nb);                     \
+        if (type == CST_GGML_Q5_1) return NAME##_of(w, CST_GGML_Q5_1, q, d, s, nb);                     \
+        if (type == CST_GGML_Q5_0) return NAME##_of(w, CST_GGML_Q5_0, q, d, s, nb);                     \
         return NAME##_of(w, CST_GGML_Q8_0, q, d, s, nb);                                                \
     }
 #define DOT_BW(u, v) _mm512_madd_epi16(_mm512_maddubs_epi16(u, v), ones)

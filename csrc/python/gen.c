@@ -175,7 +175,8 @@ static int check_quant(cst_call *c) {
                 const int known = type >= 0 && cst_quant_block_info(type, &be, &bb);
                 if (!known || type == CST_GGML_F32 || (!embed && !cst_qdot_supported(type)) || nc % be) {
                     PyErr_Format(PyExc_ValueError, "%s: 'qtypes'[%lld, %d, %d] = %lld cannot be read here (products: "
-                                 "Q4_0 2, Q4_1 3, Q8_0 8, Q4_K 12, Q6_K 14; the embedding: any ggml block type "
+                                 "Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14; the embedding: any ggml "
+                                 "block type "
                                  "dequantize reads, in whole rows)",
                                  c->fn, (long long)l, r, p, (long long)types[p]);
                     return -1;

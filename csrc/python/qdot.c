@@ -14,7 +14,8 @@ static int check_qmatvec(cst_call *c) {
     int64_t be, bb;
     if (!cst_qdot_supported(type) || !cst_quant_block_info(type, &be, &bb)) {
         PyErr_Format(PyExc_ValueError,
-                     "%s: ggml type_id %d is not one qmatvec reads (Q4_0 2, Q4_1 3, Q8_0 8, Q4_K 12, Q6_K 14)",
+                     "%s: ggml type_id %d is not one qmatvec reads (Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12, "
+                     "Q5_K 13, Q6_K 14)",
                      c->fn, type);
         return -1;
     }
@@ -57,7 +58,8 @@ const cst_entry cst_qdot_entries[] = {
       {"accumulate", CST_FLAG, .def = "False"}},
      .derive = "B=K/32", .check = check_qmatvec,
      .doc = "out (N,O) (+)= the product of the q8_quantize'd rows (q, d, s) with the weights w: O rows of "
-            "K/32 raw GGUF blocks of type_id (Q4_0 2, Q4_1 3, Q8_0 8; or K/256 super-blocks of Q4_K 12, Q6_K 14), "
+            "K/32 raw GGUF blocks of type_id (Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8; or K/256 super-blocks of "
+            "Q4_K 12, Q5_K 13, Q6_K 14), "
             "read without dequantising."},
     {NULL},
 };

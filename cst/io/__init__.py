@@ -32,8 +32,8 @@ def load(source, dtype=None):
     "smollm2-135m-instruct".
     model.tokenizer is the matching cst.tokenizer.Tokenizer (None when the source has no tokenizer).
     dtype None/"f32": float32 weights (training and inference). dtype "q" (GGUF only): a
-    cst.quantized.QuantizedModel for generation that keeps Q8_0/Q4_0/Q4_1/Q4_K/Q6_K matrices as their GGUF
-    blocks."""
+    cst.quantized.QuantizedModel for generation that keeps Q4_0..Q8_0 and Q4_K/Q5_K/Q6_K matrices as their
+    GGUF blocks."""
     if dtype not in (None, "f32", "q"):
         raise ValueError(f"cst.io.load: dtype must be None, 'f32' or 'q', got {dtype!r}")
     source = os.fspath(source)

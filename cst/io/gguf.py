@@ -360,7 +360,7 @@ def load_gguf_tokenizer(path):
 def load_gguf(path, with_tokenizer=True, dtype="f32"):
     """cst.Model from a Llama GGUF file, dequantised to float32, Q/K rows in Hugging Face order; the
     tokenizer (or None when the file has none) is attached as model.tokenizer. dtype "q": a
-    cst.quantized.QuantizedModel for inference that keeps Q8_0/Q4_0/Q4_1/Q4_K/Q6_K matrices as their blocks."""
+    cst.quantized.QuantizedModel for inference that keeps Q4_0..Q8_0 and Q4_K/Q5_K/Q6_K matrices as blocks."""
     if dtype not in ("f32", "q"):
         raise ValueError(f"load_gguf: dtype must be 'f32' or 'q', got {dtype!r}")
     path = os.fspath(path)

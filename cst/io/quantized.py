@@ -1,18 +1,17 @@
 """Inference on a GGUF file's quantised weights: `cst.load(path, dtype="q")` keeps every weight matrix
-stored in a format the C products read (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K) as its raw GGUF blocks, and
-dequantises only the rest (norms, biases, F32/F16/BF16 matrices) to float32; a matrix in another block
-type is refused (FormatError). Generation (generate, chat) reads the blocks directly
+stored in a format the C products read (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) as its raw
+GGUF blocks, and dequantises only the rest (norms, biases, F32/F16/BF16 matrices) to float32; a matrix
+in another block type (Q2_K, Q3_K, IQ...) is refused (FormatError). Generation (generate, chat) reads the blocks directly
 (csrc/kernels/qdot.c); training needs float32 weights, so a QuantizedModel refuses it: load the file
 without dtype="q", or call .dequantize()."""
 import numpy as np
 
-from .. import _core
 from ..core.errors import FormatError
 from ..core.layout import GEN_GLOBALS, GEN_ROLES, check_trainable, tensor_table
 from ..core.model import Model
 
-# ggml types the products read (quant.h's ids): Q4_0, Q4_1, Q8_0, Q4_K, Q6_K.
-PRODUCT_TYPES = (2, 3, 8, 12, 14)
+# ggml types the products read (quant.h's ids): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
+PRODUCT_TYPES = (2, 3, 6, 7, 8, 12, 13, 14)
 # Matrices of these types are not blocks: they run in float32 (F32, F16, BF16).
 FLOAT_TYPES = (0, 1, 30)
 # The roles whose tensors are weight matrices of a product.
@@ -83,20 +82,16 @@ def build(cfg, tensors, raw_of, dequantize_into, permuted, path, unpermute, relo
     _unpermute = unpermute
     table = tensor_table(cfg)
     by_role = {(layer, role): (name, shape, gg) for name, shape, role, layer, gg in table}
-    # A matrix in a block type the products do not read would silently run in float32 at several times
-    # the memory and time: refused, naming the type (the embedding of an untied model is only looked up).
+    # A matrix in a block type the products do not read is refused here, naming the type, before any
+    # work (the float32 loader refuses it too: every block type cst decodes is one the products read).
     for name, shape, role, layer, gg in table:
         matrix = role in _MATRIX_ROLES or (role == "embed" and cfg.tie_embeddings)
         t = tensors[gg].tensor_type
         if matrix and int(t) not in PRODUCT_TYPES + FLOAT_TYPES:
             kind = getattr(t, "name", f"ggml type id {int(t)}")
-            try:
-                _core.quant_block_info(int(t))
-                hint = "load the file without dtype='q' to dequantise it"
-            except ValueError:
-                hint = "cst does not decode it at all"
-            raise FormatError(f"{path}: tensor {gg!r} is {kind}, a block type dtype='q' does not read (it reads "
-                              f"Q8_0, Q4_0, Q4_1, Q4_K and Q6_K; F32/F16/BF16 run in float32): {hint}")
+            raise FormatError(f"{path}: tensor {gg!r} is {kind}, a block type cst does not read (dtype='q' reads "
+                              "Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K blocks; F32, F16 and BF16 "
+                              "matrices run in float32)")
 
     def kept(layer, roles):
         return all(int(tensors[by_role[(layer, r)][2]].tensor_type) in PRODUCT_TYPES for r in roles)
