@@ -3,6 +3,8 @@ loader keeps the k-quant matrices as blocks, greedy tokens equal those of the sa
 float32, and a matrix in a block type the products do not read is refused with its type named.
 gguf-py cannot quantise to k-quants, so the blocks are packed here by a plain round-to-nearest
 quantiser; the float32 model is gguf-py's dequantisation of the same bytes (checked against cst's)."""
+import os
+
 import numpy as np
 import pytest
 
@@ -88,8 +90,10 @@ TYPES = {"attn_q": Q.Q4_K, "attn_k": Q.Q4_K, "attn_v": Q.Q6_K, "attn_output": Q.
 
 
 def write_kquant_gguf(path, types=TYPES, cfg=TINY, seed=0):
-    """A tiny llama GGUF whose 2-D weights are in the block types of `types` (by GGUF base name; raw bytes
-    for types gguf-py can quantise), norms F32, Q/K rows permuted as llama.cpp's converter does."""
+    """A tiny llama GGUF whose 2-D weights are in the block types of `types` (by GGUF name, then base name;
+    packed here for the k-quants, by gguf-py for the others), norms F32: written by cst's save_gguf (which
+    permutes Q/K rows as llama.cpp's converter does), then its tensors replaced by their blocks."""
+    from test_families import copy_gguf
     rng = np.random.default_rng(seed)
     m = cst.Model(cfg, seed=seed)
     # Scaled as in a trained model (1/sqrt(fan-in), a peaked head): with larger weights a random model is
@@ -98,35 +102,18 @@ def write_kquant_gguf(path, types=TYPES, cfg=TINY, seed=0):
         std = 0.3 if name == "lm_head.weight" else 1.0 if "embed" in name else a.shape[-1] ** -0.5
         a[...] = rng.normal(0, std, size=a.shape).astype(np.float32) if a.ndim == 2 else \
             rng.uniform(0.5, 1.5, size=a.shape).astype(np.float32)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.dim)
-    w.add_block_count(cfg.n_layers)
-    w.add_feed_forward_length(cfg.ffn_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(15)  # MOSTLY_Q4_K_M
-    for name, _ in m.layout:
-        a = m.params[name]
-        if name.endswith("q_proj.weight"):
-            a = cst.gguf._permute(a, cfg.n_heads)
-        elif name.endswith("k_proj.weight"):
-            a = cst.gguf._permute(a, cfg.n_kv_heads)
-        gname = cst.gguf.gguf_name(name)
-        qtype = types.get(gname[:-len(".weight")], types.get(gname.split(".")[-2])) if a.ndim == 2 else None
+    f32 = f"{path}.f32.gguf"
+    cst.gguf.save_gguf(m, None, f32)
+
+    def blocks(t):
+        a = np.asarray(t.data)
+        qtype = types.get(t.name[:-len(".weight")], types.get(t.name.split(".")[-2])) if a.ndim == 2 else None
         if qtype is None:
-            w.add_tensor(gname, np.ascontiguousarray(a))
-        else:
-            blocks = QUANTIZERS[qtype](a) if qtype in QUANTIZERS else gguf.quants.quantize(a, qtype)
-            w.add_tensor(gname, blocks.reshape(a.shape[0], -1), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+            return a, t.tensor_type
+        b = QUANTIZERS[qtype](a) if qtype in QUANTIZERS else gguf.quants.quantize(a, qtype)
+        return b.reshape(a.shape[0], -1), qtype
+    copy_gguf(f32, path, tensor=blocks)
+    os.remove(f32)
 
 
 @pytest.fixture(scope="module")
