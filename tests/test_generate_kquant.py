@@ -180,6 +180,14 @@ def test_greedy_tokens_equal_the_float32_model(kquant_file):
     check_greedy(cst.load(kquant_file, dtype="q"), cst.load(kquant_file), n=32, min_whole=len(PROMPTS) - 2)
 
 
+def test_batched_rows_equal_single_rows(kquant_file):
+    """Several sequences at once (N > 1 rows through the part-wise q|k|v and gate|up products, each part
+    writing its columns of the wider output) give each sequence's tokens alone."""
+    qm = cst.load(kquant_file, dtype="q")
+    together = generate(qm, PROMPTS[:4], max_new_tokens=12)
+    assert together == [generate(qm, [p], max_new_tokens=12)[0] for p in PROMPTS[:4]]
+
+
 def test_every_simd_path_agrees(kquant_file):
     from cst import _core
     qm = cst.load(kquant_file, dtype="q")
