@@ -1,8 +1,10 @@
 """Speed of cst's products against GGUF blocks (csrc/kernels/qdot.c), one input row, as batch-1 decoding
 calls them: (1) each block type on one weight matrix that stays in the caches (the kernel's own speed,
 cycles per 32 weights at --ghz), (2) every product of one decoded token of the SmolLM2 Q4_1 GGUF in
-sequence (96 MB streamed from memory, as a real decoding step does), (3) the whole decoding step
-(KVCache.step) on that file. Best of --repeats; not a test, it prints numbers. No anchor library: bench_generate.py --quantized races llama.cpp end to end.
+sequence (96 MB streamed from memory, as a real decoding step does), against the same products in
+float32 through NumPy's BLAS (the anchor of the final `ratio` line, timed after cst so that no BLAS
+thread spins beside it), (3) the whole decoding step (KVCache.step) on that file. Best of --repeats; not
+a test, it prints numbers. bench_generate.py --quantized races llama.cpp end to end.
 
     OMP_NUM_THREADS=1 python3 benchmarks/bench_qdot.py [--threads 1] [--repeats 100] [--ghz 3.0]
 """
@@ -76,7 +78,25 @@ def one_token(args, rng):
     total = sum(w.nbytes for w, *_ in calls)
     print(f"every product of one SmolLM2 Q4_1 token ({len(calls)} calls, {total / 1e6:.0f} MB): "
           f"{sec * 1e3:.2f} ms, {total / sec / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f}")
-    # (3) the whole decoding step around those products, after a 38-token prefill
+    return m, calls, sec
+
+
+def blas_anchor(args, rng, calls):
+    """The same products from the dequantised float32 weights, one NumPy matrix-vector product each."""
+    dense = []
+    for w, t, o, k in calls:
+        a = np.empty((o, k), np.float32)
+        _core.dequantize(a, w, t)
+        dense.append((a, rng.normal(size=k).astype(np.float32)))
+    sec = best_of(lambda: [a @ x for a, x in dense], max(3, args.repeats // 10))
+    total = sum(a.nbytes for a, _ in dense)
+    print(f"the same in float32 through NumPy ({total / 1e6:.0f} MB): {sec * 1e3:.2f} ms, "
+          f"{total / sec / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f}")
+    return sec
+
+
+def decode_step(args, m):
+    """The whole decoding step around those products, after a 38-token prefill."""
     from cst.generate import KVCache
     cache = KVCache(m, 1, 64 + args.repeats)
     cache.step(np.arange(100, 138, dtype=np.int32)[None], np.array([38], np.int32))
@@ -96,7 +116,10 @@ def main():
     rng = np.random.default_rng(0)
     print(f"load average {os.getloadavg()[0]:.1f}")
     resident(args, rng)
-    one_token(args, rng)
+    m, calls, sec = one_token(args, rng)
+    decode_step(args, m)
+    anchor = blas_anchor(args, rng, calls)
+    print(f"ratio cst_blocks/numpy_f32 {anchor / sec:.2f} (one token's products, speed-up of the blocks)")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Inference on a GGUF file's quantised weights: `cst.load(path, dtype="q")` keeps every weight matrix
 stored in a format the C products read (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) as its raw
 GGUF blocks, and dequantises only the rest (norms, biases, F32/F16/BF16 matrices) to float32; a matrix
-in another block type (Q2_K, Q3_K, IQ...) is refused (FormatError). Generation (generate, chat) reads the blocks directly
-(csrc/kernels/qdot.c); training needs float32 weights, so a QuantizedModel refuses it: load the file
-without dtype="q", or call .dequantize()."""
+in another block type (Q2_K, Q3_K, IQ...) is refused (FormatError). Generation (generate, chat) reads
+the blocks directly (csrc/kernels/qdot.c); training needs float32 weights, so a QuantizedModel refuses
+it: load the file without dtype="q", or call .dequantize()."""
 import numpy as np
 
 from ..core.errors import FormatError
@@ -27,8 +27,8 @@ class QuantizedModel:
     read), `gen_layout` places them for the C generation path (-1 for a quantised matrix), and
     `gen_quant` holds the blocks: `qweights` (uint8, rows of each fused product in Hugging Face order),
     `qoffsets` and `qtypes` ((n_layers + 1, len(GEN_ROLES), 3) int64, -1 where float32; [..., 0] the whole
-    matrix, or [..., 0:3] the parts q, k, v / gate, up of a fused product whose tensors differ in type). `quantized_types`
-    names the type of every tensor kept quantised. generate and chat work as on a Model; forward,
+    matrix, or [..., 0:3] the parts q, k, v / gate, up of a fused product whose tensors differ in type).
+    `quantized_types` names the type of every tensor kept quantised. generate and chat work as on a Model; forward,
     backward and training raise TypeError."""
 
     trainable = False  # cst.core.layout.check_trainable refuses it
@@ -147,7 +147,8 @@ def build(cfg, tensors, raw_of, dequantize_into, permuted, path, unpermute, relo
 
     L = cfg.n_layers
     layout = np.full((L + 1, len(GEN_ROLES)), -1, np.int64)
-    qo, qt = np.full((L + 1, len(GEN_ROLES), 3), -1, np.int64), np.full((L + 1, len(GEN_ROLES), 3), -1, np.int64)
+    qo = np.full((L + 1, len(GEN_ROLES), 3), -1, np.int64)  # 3 parts at most: q, k, v
+    qt = np.full_like(qo, -1)
     for i in range(L + 1):
         roles = GEN_ROLES if i < L else GEN_GLOBALS
         layer = i if i < L else None
