@@ -234,37 +234,69 @@ QDOT_TARGET_AVX2 static float row_dot_q6k_avx2(const uint8_t *w, const int8_t *q
     return hsum8_avx2(acc);
 }
 
-QDOT_TARGET_AVX2 static float row_dot_avx2(const uint8_t *w, int type, const int8_t *q, const float *d,
-                                           const float *s, int64_t nb) {
-    if (type == CST_GGML_Q4_K) return row_dot_q4k_avx2(w, q, d, s, nb / 8, 0);
-    if (type == CST_GGML_Q5_K) return row_dot_q4k_avx2(w, q, d, s, nb / 8, 1);
-    if (type == CST_GGML_Q6_K) return row_dot_q6k_avx2(w, q, d, nb / 8);
+/* The 32-weight types, 8 blocks per group as the AVX-512 kernel does 16: the f16 scales (and mins) of
+ * a group in one gather, its min terms in a vector, one block per vector, two accumulators. */
+static inline __attribute__((always_inline)) QDOT_TARGET_AVX2 float row_dot_avx2_of(
+    const uint8_t *w, const int type, const int8_t *q, const float *d, const float *s, int64_t nb) {
     int64_t bb, qo;
     block_layout(type, &bb, &qo);
-    const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i ones = _mm256_set1_epi16(1), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i boff = _mm256_mullo_epi32(lane, _mm256_set1_epi32((int)bb)), low16 = _mm256_set1_epi32(0xFFFF);
     const __m128i lo4 = _mm_set1_epi8(0x0F);
-    __m256 acc = _mm256_setzero_ps();
-    float macc = 0.0f;
-    for (int64_t b = 0; b < nb; b++, w += bb, q += CST_Q8_BLOCK) {
-        const float dw = _cvtsh_ss(ld16(w));
-        const __m256i x = _mm256_loadu_si256((const __m256i *)q);
-        __m256i u, v;
-        if (type == CST_GGML_Q8_0) { /* signed x signed: |w| times x with w's sign */
-            const __m256i wq = _mm256_loadu_si256((const __m256i *)(w + qo));
-            u = _mm256_sign_epi8(wq, wq);
-            v = _mm256_sign_epi8(x, wq);
-        } else {
-            const __m128i p = _mm_loadu_si128((const __m128i *)(w + qo));
-            u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), lo4), _mm_and_si128(p, lo4));
-            if (has_fifth_bit(type))
-                u = _mm256_or_si256(u, _mm256_and_si256(bits_to_bytes_avx2(ld32(w + qo - 4)), _mm256_set1_epi8(0x10)));
-            v = x;
-            macc += has_min(type) ? _cvtsh_ss(ld16(w + 2)) * s[b] : zero_term(type) * dw * s[b];
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), macc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < nb; g += 8, w += 8 * bb, q += 8 * CST_Q8_BLOCK) {
+        const int n = nb - g < 8 ? (int)(nb - g) : 8;
+        const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane); /* blocks of this row */
+        const __m256i h = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)w, boff, m, 1);
+        const __m256i hd = _mm256_and_si256(h, low16), hm = _mm256_srli_epi32(h, 16);
+        const __m256 dw =
+            _mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(hd), _mm256_extracti128_si256(hd, 1)));
+        const __m256 dd = _mm256_mul_ps(dw, _mm256_maskload_ps(d + g, m));
+        if (has_min(type))
+            macc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_packus_epi32(_mm256_castsi256_si128(hm),
+                                                                    _mm256_extracti128_si256(hm, 1))),
+                                   _mm256_maskload_ps(s + g, m), macc);
+        else if (type != CST_GGML_Q8_0) /* times zero_term below */
+            macc = _mm256_fmadd_ps(dw, _mm256_maskload_ps(s + g, m), macc);
+        for (int j = 0; j < n; j++) {
+            const uint8_t *wb = w + j * bb;
+            const __m256i x = _mm256_loadu_si256((const __m256i *)(q + j * CST_Q8_BLOCK));
+            __m256i u, v;
+            if (type == CST_GGML_Q8_0) { /* signed x signed: |w| times x with w's sign */
+                const __m256i wq = _mm256_loadu_si256((const __m256i *)(wb + qo));
+                u = _mm256_sign_epi8(wq, wq);
+                v = _mm256_sign_epi8(x, wq);
+            } else {
+                const __m128i p = _mm_loadu_si128((const __m128i *)(wb + qo));
+                u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), lo4), _mm_and_si128(p, lo4));
+                if (has_fifth_bit(type))
+                    u = _mm256_or_si256(
+                        u, _mm256_and_si256(bits_to_bytes_avx2(ld32(wb + qo - 4)), _mm256_set1_epi8(0x10)));
+                v = x;
+            }
+            const __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, v), ones));
+            const __m256 sc = _mm256_permutevar8x32_ps(dd, _mm256_set1_epi32(j));
+            if (j & 1) acc1 = _mm256_fmadd_ps(p, sc, acc1);
+            else acc0 = _mm256_fmadd_ps(p, sc, acc0);
         }
-        const __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(u, v), ones);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(dw * d[b]), acc);
     }
-    return hsum8_avx2(acc) + macc;
+    const float mins = hsum8_avx2(macc);
+    return hsum8_avx2(_mm256_add_ps(acc0, acc1)) + (has_min(type) ? mins : zero_term(type) * mins);
+}
+
+/* One copy per type, so that the block layout and the branches on it are constants. */
+QDOT_TARGET_AVX2 static float row_dot_avx2(const uint8_t *w, int type, const int8_t *q, const float *d,
+                                           const float *s, int64_t nb) {
+    switch (type) {
+    case CST_GGML_Q4_K: return row_dot_q4k_avx2(w, q, d, s, nb / 8, 0);
+    case CST_GGML_Q5_K: return row_dot_q4k_avx2(w, q, d, s, nb / 8, 1);
+    case CST_GGML_Q6_K: return row_dot_q6k_avx2(w, q, d, nb / 8);
+    case CST_GGML_Q4_0: return row_dot_avx2_of(w, CST_GGML_Q4_0, q, d, s, nb);
+    case CST_GGML_Q4_1: return row_dot_avx2_of(w, CST_GGML_Q4_1, q, d, s, nb);
+    case CST_GGML_Q5_0: return row_dot_avx2_of(w, CST_GGML_Q5_0, q, d, s, nb);
+    case CST_GGML_Q5_1: return row_dot_avx2_of(w, CST_GGML_Q5_1, q, d, s, nb);
+    default: return row_dot_avx2_of(w, CST_GGML_Q8_0, q, d, s, nb);
+    }
 }
 
 /* ---- AVX-512: two blocks per vector ---- */
