@@ -414,41 +414,50 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void pair_operan
  * the row's end are masked: gathered as 0, their inputs loaded as 0. Two accumulators halve the
  * fused-multiply-add latency chain. DOT(u, v) gives the 16 int32 sums of 4 products. */
 #define ROW_DOT_AVX512(NAME, TGT, DOT)                                                                  \
-    static inline __attribute__((always_inline)) TGT float NAME##_of(                                   \
-        const uint8_t *w, const int type, const int8_t *q, const float *d, const float *s, int64_t nb) { \
+    /* n (<= 16) blocks from w: a constant 16 for whole groups, so that the pair loop unrolls */        \
+    static inline __attribute__((always_inline)) TGT void NAME##_group(                                 \
+        __m512 acc[3], const uint8_t *w, const int type, const int8_t *q, const float *d, const float *s, \
+        const int n) {                                                                                  \
         int64_t bb, qo;                                                                                 \
         block_layout(type, &bb, &qo);                                                                   \
         const __m512i ones = _mm512_set1_epi16(1);                                                      \
         (void)ones;                                                                                     \
         const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);    \
-        const __m512i pair = _mm512_srli_epi32(lane, 3), boff = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)bb)); \
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), macc = _mm512_setzero_ps();     \
-        for (int64_t g = 0; g < nb; g += 16, w += 16 * bb, q += 16 * CST_Q8_BLOCK) {                    \
-            const int n = nb - g < 16 ? (int)(nb - g) : 16;                                             \
-            const __mmask16 m = (__mmask16)(n == 16 ? 0xFFFFu : (1u << n) - 1u);                        \
-            /* bytes 0-3 of each block: the f16 scale, then the Q4_1 / Q5_1 min (or unused bytes) */    \
-            const __m512i h = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, boff, w, 1);      \
-            const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));                                \
-            const __m512 dd = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(m, d + g));                       \
-            if (has_min(type))                                                                          \
-                macc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16))), \
-                                       _mm512_maskz_loadu_ps(m, s + g), macc);                          \
-            else if (type != CST_GGML_Q8_0) /* times zero_term below */                                 \
-                macc = _mm512_fmadd_ps(dw, _mm512_maskz_loadu_ps(m, s + g), macc);                      \
-            for (int j = 0; j < n; j += 2) {                                                            \
-                const int two = j + 1 < n;                                                              \
-                const uint8_t *w0 = w + j * bb, *w1 = two ? w0 + bb : w0;                               \
-                const __m512i x = _mm512_maskz_loadu_epi8(two ? ~(__mmask64)0 : 0xFFFFFFFFull, q + j * CST_Q8_BLOCK); \
-                __m512i u, v;                                                                           \
-                pair_operands(&u, &v, w0, w1, x, type, qo);                                             \
-                const __m512 p = _mm512_cvtepi32_ps(DOT(u, v));                                         \
-                const __m512 sc = _mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(j)), dd); \
-                if (j & 2) acc1 = _mm512_fmadd_ps(p, sc, acc1);                                         \
-                else acc0 = _mm512_fmadd_ps(p, sc, acc0);                                               \
-            }                                                                                           \
+        const __m512i pair = _mm512_srli_epi32(lane, 3);                                                \
+        const __m512i boff = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int)bb));                      \
+        const __mmask16 m = (__mmask16)(n == 16 ? 0xFFFFu : (1u << n) - 1u);                            \
+        /* bytes 0-3 of each block: the f16 scale, then the Q4_1 / Q5_1 min (or unused bytes) */        \
+        const __m512i h = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, boff, w, 1);          \
+        const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));                                    \
+        const __m512 dd = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(m, d));                               \
+        if (has_min(type))                                                                              \
+            acc[2] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16))),  \
+                                     _mm512_maskz_loadu_ps(m, s), acc[2]);                              \
+        else if (type != CST_GGML_Q8_0) /* times zero_term at the end */                                \
+            acc[2] = _mm512_fmadd_ps(dw, _mm512_maskz_loadu_ps(m, s), acc[2]);                          \
+        for (int j = 0; j < n; j += 2) {                                                                \
+            const int two = j + 1 < n;                                                                  \
+            const uint8_t *w0 = w + j * bb, *w1 = two ? w0 + bb : w0;                                   \
+            const __m512i x = _mm512_maskz_loadu_epi8(two ? ~(__mmask64)0 : 0xFFFFFFFFull, q + j * CST_Q8_BLOCK); \
+            __m512i u, v;                                                                               \
+            pair_operands(&u, &v, w0, w1, x, type, qo);                                                 \
+            const __m512 p = _mm512_cvtepi32_ps(DOT(u, v));                                             \
+            const __m512 sc = _mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(j)), dd);  \
+            acc[(j >> 1) & 1] = _mm512_fmadd_ps(p, sc, acc[(j >> 1) & 1]);                              \
         }                                                                                               \
-        const float mins = _mm512_reduce_add_ps(macc);                                                  \
-        return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (has_min(type) ? mins : zero_term(type) * mins); \
+    }                                                                                                   \
+    static inline __attribute__((always_inline)) TGT float NAME##_of(                                   \
+        const uint8_t *w, const int type, const int8_t *q, const float *d, const float *s, int64_t nb) { \
+        int64_t bb, qo;                                                                                 \
+        block_layout(type, &bb, &qo);                                                                   \
+        __m512 acc[3] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};               \
+        int64_t g = 0;                                                                                  \
+        for (; g + 16 <= nb; g += 16)                                                                   \
+            NAME##_group(acc, w + g * bb, type, q + g * CST_Q8_BLOCK, d + g, s + g, 16);                \
+        if (g < nb) NAME##_group(acc, w + g * bb, type, q + g * CST_Q8_BLOCK, d + g, s + g, (int)(nb - g)); \
+        /* one horizontal sum per row: the min terms folded in first */                                 \
+        const __m512 mins = has_min(type) ? acc[2] : _mm512_mul_ps(acc[2], _mm512_set1_ps(zero_term(type))); \
+        return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), mins));                \
     }                                                                                                   \
     /* One copy per type, so that the block layout and the branches on it are constants. */            \
     TGT static float NAME(const uint8_t *w, int type, const int8_t *q, const float *d, const float *s,   \
