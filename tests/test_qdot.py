@@ -153,20 +153,25 @@ def test_qmatvec_extreme_quants(simd):
     assert out[0, 0] == pytest.approx(64 * 128 * 127 * float(d[0, 0]), rel=1e-6)
 
 
-def test_qmatvec_independent_of_threads_and_rows(rng):
-    raw = random_blocks(rng, 301, 576, Q4_1)
-    x = rng.normal(size=(4, 576)).astype(np.float32)
+@pytest.mark.parametrize("type_id", [Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K])
+def test_qmatvec_independent_of_threads_and_rows(simd, rng, type_id):
+    """The same bits for any thread count, and for a row alone or among others (AVX-512 takes input rows
+    four at a time for the 32-weight types: rows 0-3 go that way here, row 4 alone)."""
+    k = 768
+    raw = random_blocks(rng, 301, k, type_id)
+    x = rng.normal(size=(5, k)).astype(np.float32)
     q, d, s = quantize(x)
     outs = []
     for t in (1, 2, 3):
-        out = np.empty((4, 301), np.float32)
-        with_threads(t, lambda: _core.qmatvec(out, raw, q, d, s, Q4_1))
+        out = np.empty((5, 301), np.float32)
+        with_threads(t, lambda: _core.qmatvec(out, raw, q, d, s, type_id))
         outs.append(out)
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
-    one = np.empty((1, 301), np.float32)
-    _core.qmatvec(one, raw, q[2:3], d[2:3], s[2:3], Q4_1)
-    np.testing.assert_array_equal(one[0], outs[0][2])  # a row's result does not depend on the others
+    for r in (2, 4):
+        one = np.empty((1, 301), np.float32)
+        _core.qmatvec(one, raw, q[r:r + 1], d[r:r + 1], s[r:r + 1], type_id)
+        np.testing.assert_array_equal(one[0], outs[0][r])  # a row's result does not depend on the others
 
 
 def test_qmatvec_rejects_bad_input(rng):

@@ -301,18 +301,17 @@ QDOT_TARGET_AVX2 static float row_dot_avx2(const uint8_t *w, int type, const int
 
 /* ---- AVX-512: two blocks per vector ---- */
 
-/* The 64 unsigned weight bytes of blocks w0 and w1 (Q4: nibbles, low then high of each block; Q5: with
- * the fifth bits, which are in that same weight order) and the matching input bytes (Q8_0: |w| and x
- * with w's sign, as maddubs and vpdpbusd take u8 x s8). */
-static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void pair_operands(
-    __m512i *u, __m512i *v, const uint8_t *w0, const uint8_t *w1, __m512i x, int type, int64_t qo) {
+/* The 64 unsigned weight bytes u of blocks w0 and w1 (Q4: nibbles, low then high of each block; Q5:
+ * with the fifth bits, which are in that same weight order; Q8_0: |w|, with the mask neg of the
+ * negative weights, whose inputs are negated: u8 x s8 as maddubs and vpdpbusd take it). */
+static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void weight_operand(
+    __m512i *u, __mmask64 *neg, const uint8_t *w0, const uint8_t *w1, int type, int64_t qo) {
     if (type == CST_GGML_Q8_0) {
         const __m512i wq = _mm512_inserti64x4(
             _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(w0 + qo))),
             _mm256_loadu_si256((const __m256i *)(w1 + qo)), 1);
-        const __mmask64 neg = _mm512_movepi8_mask(wq);
+        *neg = _mm512_movepi8_mask(wq);
         *u = _mm512_abs_epi8(wq);
-        *v = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
     } else {
         const __m512i p = _mm512_inserti64x4(
             _mm512_castsi256_si512(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(w0 + qo)))),
@@ -323,7 +322,7 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void pair_operan
             const __mmask64 hi = (__mmask64)ld32(w0 + qo - 4) | ((__mmask64)ld32(w1 + qo - 4) << 32);
             *u = _mm512_mask_add_epi8(*u, hi, *u, _mm512_set1_epi8(0x10));
         }
-        *v = x;
+        *neg = 0;
     }
 }
 
@@ -414,10 +413,12 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void pair_operan
  * the row's end are masked: gathered as 0, their inputs loaded as 0. Two accumulators halve the
  * fused-multiply-add latency chain. DOT(u, v) gives the 16 int32 sums of 4 products. */
 #define ROW_DOT_AVX512(NAME, TGT, DOT)                                                                  \
-    /* n (<= 16) blocks from w: a constant 16 for whole groups, so that the pair loop unrolls */        \
+    /* n (<= 16) blocks from w against ni input rows (q, d, s of input i at + i * K, + i * nb): a       \
+     * constant 16 for whole groups, so that the pair loop unrolls; the weights are decoded once for   \
+     * all ni inputs, and each input's arithmetic is the same whatever ni is (the same bits). */       \
     static inline __attribute__((always_inline)) TGT void NAME##_group(                                 \
-        __m512 acc[3], const uint8_t *w, const int type, const int8_t *q, const float *d, const float *s, \
-        const int n) {                                                                                  \
+        __m512 acc[][3], const uint8_t *w, const int type, const int8_t *q, const float *d, const float *s, \
+        const int n, const int ni, int64_t K, int64_t nb) {                                             \
         int64_t bb, qo;                                                                                 \
         block_layout(type, &bb, &qo);                                                                   \
         const __m512i ones = _mm512_set1_epi16(1);                                                      \
@@ -429,35 +430,57 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void pair_operan
         /* bytes 0-3 of each block: the f16 scale, then the Q4_1 / Q5_1 min (or unused bytes) */        \
         const __m512i h = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, boff, w, 1);          \
         const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));                                    \
-        const __m512 dd = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(m, d));                               \
-        if (has_min(type))                                                                              \
-            acc[2] = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16))),  \
-                                     _mm512_maskz_loadu_ps(m, s), acc[2]);                              \
-        else if (type != CST_GGML_Q8_0) /* times zero_term at the end */                                \
-            acc[2] = _mm512_fmadd_ps(dw, _mm512_maskz_loadu_ps(m, s), acc[2]);                          \
+        const __m512 mw = has_min(type) ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16))) : dw; \
+        __m512 dd[4];                                                                                   \
+        for (int i = 0; i < ni; i++) {                                                                  \
+            dd[i] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(m, d + i * nb));                            \
+            if (type != CST_GGML_Q8_0) /* Q4_1 / Q5_1: mins; Q4_0 / Q5_0: scales times zero_term at the end */ \
+                acc[i][2] = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(m, s + i * nb), acc[i][2]);       \
+        }                                                                                               \
         for (int j = 0; j < n; j += 2) {                                                                \
             const int two = j + 1 < n;                                                                  \
             const uint8_t *w0 = w + j * bb, *w1 = two ? w0 + bb : w0;                                   \
-            const __m512i x = _mm512_maskz_loadu_epi8(two ? ~(__mmask64)0 : 0xFFFFFFFFull, q + j * CST_Q8_BLOCK); \
-            __m512i u, v;                                                                               \
-            pair_operands(&u, &v, w0, w1, x, type, qo);                                                 \
-            const __m512 p = _mm512_cvtepi32_ps(DOT(u, v));                                             \
-            const __m512 sc = _mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(j)), dd);  \
-            acc[(j >> 1) & 1] = _mm512_fmadd_ps(p, sc, acc[(j >> 1) & 1]);                              \
+            __m512i u;                                                                                  \
+            __mmask64 neg;                                                                              \
+            weight_operand(&u, &neg, w0, w1, type, qo);                                                 \
+            const __m512i idx = _mm512_add_epi32(pair, _mm512_set1_epi32(j));                           \
+            for (int i = 0; i < ni; i++) {                                                              \
+                const __m512i x = _mm512_maskz_loadu_epi8(two ? ~(__mmask64)0 : 0xFFFFFFFFull,          \
+                                                          q + i * K + j * CST_Q8_BLOCK);                \
+                const __m512i v = type == CST_GGML_Q8_0 ? _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x) : x; \
+                const __m512 p = _mm512_cvtepi32_ps(DOT(u, v));                                         \
+                acc[i][(j >> 1) & 1] = _mm512_fmadd_ps(p, _mm512_permutexvar_ps(idx, dd[i]), acc[i][(j >> 1) & 1]); \
+            }                                                                                           \
         }                                                                                               \
     }                                                                                                   \
-    static inline __attribute__((always_inline)) TGT float NAME##_of(                                   \
-        const uint8_t *w, const int type, const int8_t *q, const float *d, const float *s, int64_t nb) { \
+    static inline __attribute__((always_inline)) TGT void NAME##_of(                                    \
+        float *r, const uint8_t *w, const int type, const int8_t *q, const float *d, const float *s, int64_t nb, \
+        const int ni) {                                                                                 \
         int64_t bb, qo;                                                                                 \
         block_layout(type, &bb, &qo);                                                                   \
-        __m512 acc[3] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};               \
+        const int64_t K = nb * CST_Q8_BLOCK;                                                            \
+        __m512 acc[4][3];                                                                               \
+        for (int i = 0; i < ni; i++) acc[i][0] = acc[i][1] = acc[i][2] = _mm512_setzero_ps();           \
         int64_t g = 0;                                                                                  \
         for (; g + 16 <= nb; g += 16)                                                                   \
-            NAME##_group(acc, w + g * bb, type, q + g * CST_Q8_BLOCK, d + g, s + g, 16);                \
-        if (g < nb) NAME##_group(acc, w + g * bb, type, q + g * CST_Q8_BLOCK, d + g, s + g, (int)(nb - g)); \
-        /* one horizontal sum per row: the min terms folded in first */                                 \
-        const __m512 mins = has_min(type) ? acc[2] : _mm512_mul_ps(acc[2], _mm512_set1_ps(zero_term(type))); \
-        return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), mins));                \
+            NAME##_group(acc, w + g * bb, type, q + g * CST_Q8_BLOCK, d + g, s + g, 16, ni, K, nb);     \
+        if (g < nb)                                                                                     \
+            NAME##_group(acc, w + g * bb, type, q + g * CST_Q8_BLOCK, d + g, s + g, (int)(nb - g), ni, K, nb); \
+        for (int i = 0; i < ni; i++) { /* one horizontal sum per row: the min terms folded in first */  \
+            const __m512 mins = has_min(type) ? acc[i][2] : _mm512_mul_ps(acc[i][2], _mm512_set1_ps(zero_term(type))); \
+            r[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), mins));      \
+        }                                                                                               \
+    }                                                                                                   \
+    /* Four input rows against one weight row of the 32-weight types (the k-quants take them singly). */ \
+    TGT static void NAME##_x4(float r[4], const uint8_t *w, int type, const int8_t *q, const float *d,  \
+                              const float *s, int64_t nb) {                                             \
+        switch (type) {                                                                                 \
+        case CST_GGML_Q4_1: NAME##_of(r, w, CST_GGML_Q4_1, q, d, s, nb, 4); break;                      \
+        case CST_GGML_Q4_0: NAME##_of(r, w, CST_GGML_Q4_0, q, d, s, nb, 4); break;                      \
+        case CST_GGML_Q5_1: NAME##_of(r, w, CST_GGML_Q5_1, q, d, s, nb, 4); break;                      \
+        case CST_GGML_Q5_0: NAME##_of(r, w, CST_GGML_Q5_0, q, d, s, nb, 4); break;                      \
+        default: NAME##_of(r, w, CST_GGML_Q8_0, q, d, s, nb, 4); break;                                 \
+        }                                                                                               \
     }                                                                                                   \
     /* One copy per type, so that the block layout and the branches on it are constants. */            \
     TGT static float NAME(const uint8_t *w, int type, const int8_t *q, const float *d, const float *s,   \
@@ -465,11 +488,15 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void pair_operan
         if (type == CST_GGML_Q4_K) return NAME##_q4k(w, q, d, s, nb / 8);                               \
         if (type == CST_GGML_Q5_K) return NAME##_q5k(w, q, d, s, nb / 8);                               \
         if (type == CST_GGML_Q6_K) return NAME##_q6k(w, q, d, nb / 8);                                  \
-        if (type == CST_GGML_Q4_1) return NAME##_of(w, CST_GGML_Q4_1, q, d, s, nb);                     \
-        if (type == CST_GGML_Q4_0) return NAME##_of(w, CST_GGML_Q4_0, q, d, s, nb);                     \
-        if (type == CST_GGML_Q5_1) return NAME##_of(w, CST_GGML_Q5_1, q, d, s, nb);                     \
-        if (type == CST_GGML_Q5_0) return NAME##_of(w, CST_GGML_Q5_0, q, d, s, nb);                     \
-        return NAME##_of(w, CST_GGML_Q8_0, q, d, s, nb);                                                \
+        float r;                                                                                        \
+        switch (type) {                                                                                 \
+        case CST_GGML_Q4_1: NAME##_of(&r, w, CST_GGML_Q4_1, q, d, s, nb, 1); break;                     \
+        case CST_GGML_Q4_0: NAME##_of(&r, w, CST_GGML_Q4_0, q, d, s, nb, 1); break;                     \
+        case CST_GGML_Q5_1: NAME##_of(&r, w, CST_GGML_Q5_1, q, d, s, nb, 1); break;                     \
+        case CST_GGML_Q5_0: NAME##_of(&r, w, CST_GGML_Q5_0, q, d, s, nb, 1); break;                     \
+        default: NAME##_of(&r, w, CST_GGML_Q8_0, q, d, s, nb, 1); break;                                \
+        }                                                                                               \
+        return r;                                                                                       \
     }
 #define DOT_BW(u, v) _mm512_madd_epi16(_mm512_maddubs_epi16(u, v), ones)
 #define DOT_VNNI(u, v) _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, v)
@@ -482,20 +509,42 @@ ROW_DOT_AVX512(row_dot_vnni, QDOT_TARGET_VNNI, DOT_VNNI)
 #define QDOT_PREFETCH 8192 /* bytes ahead of the current weight row that cst_qmatvec prefetches */
 
 typedef float (*row_dot_fn)(const uint8_t *, int, const int8_t *, const float *, const float *, int64_t);
+/* Four input rows at once (input i at q + i * K, d + i * nb, s + i * nb), each giving the bits the
+ * single-row kernel gives it. */
+typedef void (*row_dot4_fn)(float *, const uint8_t *, int, const int8_t *, const float *, const float *, int64_t);
 
-/* The row kernel of the current SIMD path (AVX-512 with VNNI when the CPU has it; CST_NO_VNNI=1 in the
- * environment at the first call takes the AVX512BW kernel, so that tests reach it on VNNI machines). */
-static row_dot_fn pick_row_dot(void) {
 #if defined(__x86_64__)
+/* 1 when the AVX-512 kernels take the VNNI instruction (CST_NO_VNNI=1 in the environment at the first
+ * call takes the AVX512BW kernel, so that tests reach it on VNNI machines). */
+static int use_vnni(void) {
     static int vnni = -1;
     if (vnni < 0) {
         const char *off = getenv("CST_NO_VNNI");
         vnni = __builtin_cpu_supports("avx512vnni") && !(off && off[0] == '1');
     }
-    if (cst_simd_current() == CST_SIMD_AVX512) return vnni ? row_dot_vnni : row_dot_avx512bw;
+    return vnni;
+}
+#endif
+
+/* The row kernel of the current SIMD path. */
+static row_dot_fn pick_row_dot(void) {
+#if defined(__x86_64__)
+    if (cst_simd_current() == CST_SIMD_AVX512) return use_vnni() ? row_dot_vnni : row_dot_avx512bw;
     if (cst_simd_current() == CST_SIMD_AVX2) return row_dot_avx2;
 #endif
     return row_dot_scalar;
+}
+
+/* The four-row kernel, where there is one (AVX-512, the 32-weight types), else NULL. */
+static row_dot4_fn pick_row_dot4(int type) {
+#if defined(__x86_64__)
+    if (cst_simd_current() == CST_SIMD_AVX512 && (type == CST_GGML_Q8_0 || type == CST_GGML_Q4_0 ||
+                                                  type == CST_GGML_Q4_1 || type == CST_GGML_Q5_0 ||
+                                                  type == CST_GGML_Q5_1))
+        return use_vnni() ? row_dot_vnni_x4 : row_dot_avx512bw_x4;
+#endif
+    (void)type;
+    return NULL;
 }
 
 void cst_qmatvec(float *out, const uint8_t *w, int type, const int8_t *q, const float *d, const float *s,
@@ -504,6 +553,7 @@ void cst_qmatvec(float *out, const uint8_t *w, int type, const int8_t *q, const 
     cst_quant_block_info(type, &be, &bb);
     const int64_t nb = K / CST_Q8_BLOCK, row_bytes = K / be * bb;
     const row_dot_fn dot = pick_row_dot();
+    const row_dot4_fn dot4 = pick_row_dot4(type);
     const int64_t total = O * row_bytes;
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < O; o++) {
@@ -514,7 +564,14 @@ void cst_qmatvec(float *out, const uint8_t *w, int type, const int8_t *q, const 
          * 20, 3 runs each, 2026-12-01, Xeon with AVX-512, load average 4.5; 8-32 KB about equal). */
         for (int64_t b = o * row_bytes + QDOT_PREFETCH; b < (o + 1) * row_bytes + QDOT_PREFETCH && b < total; b += 64)
             __builtin_prefetch(w + b, 0, 3);
-        for (int64_t n = 0; n < N; n++) {
+        int64_t n = 0;
+        /* Several input rows (batched decoding, prefill): the weight row decoded once per four. */
+        for (; dot4 && n + 4 <= N; n += 4) {
+            float r[4];
+            dot4(r, wr, type, q + n * K, d + n * nb, s + n * nb, nb);
+            for (int i = 0; i < 4; i++) out[(n + i) * ldo + o] = accumulate ? out[(n + i) * ldo + o] + r[i] : r[i];
+        }
+        for (; n < N; n++) {
             const float r = dot(wr, type, q + n * K, d + n * nb, s + n * nb, nb);
             out[n * ldo + o] = accumulate ? out[n * ldo + o] + r : r;
         }
