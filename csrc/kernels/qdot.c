@@ -333,22 +333,29 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void weight_oper
  * and 2-3 (32-63), weights 64-127 the high nibbles with bits 4-5 and 6-7. q6 - 32 comes from
  * DOT(q6, x) - DOT(32, x): u8 x s8 as vpdpbusd takes it, int16 pair sums that cannot saturate. */
 #define KQUANT_AVX512(NAME, TGT, DOT)                                                                   \
-    static inline __attribute__((always_inline)) TGT float NAME##_q4k_of(                               \
-        const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nsb, const int five) {  \
+    /* ni input rows (input i at q + i * 256 * nsb, d and s + i * 8 * nsb) against one weight row: the  \
+     * weights decoded once, each input's arithmetic the same whatever ni is. */                        \
+    static inline __attribute__((always_inline)) TGT void NAME##_q4k_of(                                \
+        float *r, const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nsb,      \
+        const int five, const int ni) {                                                                 \
         const __m512i ones = _mm512_set1_epi16(1), lo4 = _mm512_set1_epi8(0x0F);                        \
         (void)ones;                                                                                     \
-        const int64_t bytes = five ? 176 : 144, qoff = five ? 48 : 16;                                  \
+        const int64_t bytes = five ? 176 : 144, qoff = five ? 48 : 16, K = 256 * nsb, nb = 8 * nsb;     \
         const __m512i half = _mm512_srli_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, \
                                                                 4, 3, 2, 1, 0), 3);                     \
-        __m512 acc = _mm512_setzero_ps();                                                               \
-        __m256 macc = _mm256_setzero_ps();                                                              \
+        __m512 acc[4];                                                                                  \
+        __m256 macc[4];                                                                                 \
+        for (int i = 0; i < ni; i++) acc[i] = _mm512_setzero_ps(), macc[i] = _mm256_setzero_ps();      \
         for (int64_t sb = 0; sb < nsb; sb++, w += bytes, q += 256, d += 8, s += 8) {                    \
             __m256 sc, mn;                                                                              \
             q4k_scales_avx2(w, &sc, &mn);                                                               \
-            const __m512 scale = _mm512_castps256_ps512(                                                \
-                _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(ld16(w))), sc), _mm256_loadu_ps(d))); \
-            macc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(ld16(w + 2))), mn),          \
-                                   _mm256_loadu_ps(s), macc);                                           \
+            const __m256 dsc = _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(ld16(w))), sc);                   \
+            const __m256 dmn = _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(ld16(w + 2))), mn);               \
+            __m512 scale[4];                                                                            \
+            for (int i = 0; i < ni; i++) {                                                              \
+                scale[i] = _mm512_castps256_ps512(_mm256_mul_ps(dsc, _mm256_loadu_ps(d + i * nb)));     \
+                macc[i] = _mm256_fmadd_ps(dmn, _mm256_loadu_ps(s + i * nb), macc[i]);                   \
+            }                                                                                           \
             const __m256i qh = five ? _mm256_loadu_si256((const __m256i *)(w + 16)) : _mm256_setzero_si256(); \
             const __m512i qh2 = _mm512_inserti64x4(_mm512_castsi256_si512(qh), qh, 1);                  \
             for (int j = 0; j < 4; j++) {                                                               \
@@ -360,33 +367,31 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void weight_oper
                                                            _mm256_set1_epi8((char)(2 << (2 * j))), 1);  \
                     u = _mm512_mask_add_epi8(u, _mm512_test_epi8_mask(qh2, bit), u, _mm512_set1_epi8(0x10)); \
                 }                                                                                       \
-                const __m512i p32 = DOT(u, _mm512_loadu_si512((const void *)(q + 64 * j)));             \
                 const __m512i idx = _mm512_add_epi32(half, _mm512_set1_epi32(2 * j));                   \
-                acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), _mm512_permutexvar_ps(idx, scale), acc); \
+                for (int i = 0; i < ni; i++) {                                                          \
+                    const __m512i p32 = DOT(u, _mm512_loadu_si512((const void *)(q + i * K + 64 * j))); \
+                    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), _mm512_permutexvar_ps(idx, scale[i]), acc[i]); \
+                }                                                                                       \
             }                                                                                           \
         }                                                                                               \
-        return _mm512_reduce_add_ps(acc) - hsum8_avx2(macc);                                            \
+        for (int i = 0; i < ni; i++) r[i] = _mm512_reduce_add_ps(acc[i]) - hsum8_avx2(macc[i]);         \
     }                                                                                                   \
-    TGT static float NAME##_q4k(const uint8_t *w, const int8_t *q, const float *d, const float *s,      \
-                                int64_t nsb) {                                                          \
-        return NAME##_q4k_of(w, q, d, s, nsb, 0);                                                       \
-    }                                                                                                   \
-    TGT static float NAME##_q5k(const uint8_t *w, const int8_t *q, const float *d, const float *s,      \
-                                int64_t nsb) {                                                          \
-        return NAME##_q4k_of(w, q, d, s, nsb, 1);                                                       \
-    }                                                                                                   \
-    TGT static float NAME##_q6k(const uint8_t *w, const int8_t *q, const float *d, int64_t nsb) {       \
+    static inline __attribute__((always_inline)) TGT void NAME##_q6k_of(                                \
+        float *r, const uint8_t *w, const int8_t *q, const float *d, int64_t nsb, const int ni) {       \
         const __m512i ones = _mm512_set1_epi16(1), lo4 = _mm512_set1_epi8(0x0F);                        \
         (void)ones;                                                                                     \
         const __m512i hb = _mm512_set1_epi8(0x30), c32 = _mm512_set1_epi8(32);                          \
         const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);    \
         const __m512i sub16 = _mm512_srli_epi32(lane, 2), sub32 = _mm512_srli_epi32(lane, 3);           \
-        __m512 acc = _mm512_setzero_ps();                                                               \
+        const int64_t K = 256 * nsb, nb = 8 * nsb;                                                      \
+        __m512 acc[4];                                                                                  \
+        for (int i = 0; i < ni; i++) acc[i] = _mm512_setzero_ps();                                      \
         for (int64_t sb = 0; sb < nsb; sb++, w += 210, q += 256, d += 8) {                              \
             const __m512 scf = _mm512_mul_ps(                                                           \
                 _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(w + 192)))),  \
                 _mm512_set1_ps(_cvtsh_ss(ld16(w + 208))));                                              \
-            const __m512 dv = _mm512_castps256_ps512(_mm256_loadu_ps(d));                               \
+            __m512 dv[4];                                                                               \
+            for (int i = 0; i < ni; i++) dv[i] = _mm512_castps256_ps512(_mm256_loadu_ps(d + i * nb));   \
             for (int h = 0; h < 2; h++) {                                                               \
                 const __m512i l = _mm512_loadu_si512((const void *)(w + 64 * h));                       \
                 const __m256i hq = _mm256_loadu_si256((const __m256i *)(w + 128 + 32 * h));             \
@@ -396,15 +401,35 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void weight_oper
                     const __m512i u =                                                                   \
                         c ? _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), lo4), _mm512_and_si512(hh, hb)) \
                           : _mm512_or_si512(_mm512_and_si512(l, lo4), _mm512_and_si512(_mm512_slli_epi16(hh, 4), hb)); \
-                    const __m512i x = _mm512_loadu_si512((const void *)(q + 64 * g));                   \
-                    const __m512i p32 = _mm512_sub_epi32(DOT(u, x), DOT(c32, x));                       \
                     const __m512 sl = _mm512_permutexvar_ps(_mm512_add_epi32(sub16, _mm512_set1_epi32(4 * g)), scf); \
-                    const __m512 dl = _mm512_permutexvar_ps(_mm512_add_epi32(sub32, _mm512_set1_epi32(2 * g)), dv); \
-                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), _mm512_mul_ps(sl, dl), acc);         \
+                    const __m512i didx = _mm512_add_epi32(sub32, _mm512_set1_epi32(2 * g));             \
+                    for (int i = 0; i < ni; i++) {                                                      \
+                        const __m512i x = _mm512_loadu_si512((const void *)(q + i * K + 64 * g));       \
+                        const __m512i p32 = _mm512_sub_epi32(DOT(u, x), DOT(c32, x));                   \
+                        const __m512 dl = _mm512_permutexvar_ps(didx, dv[i]);                           \
+                        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p32), _mm512_mul_ps(sl, dl), acc[i]); \
+                    }                                                                                   \
                 }                                                                                       \
             }                                                                                           \
         }                                                                                               \
-        return _mm512_reduce_add_ps(acc);                                                               \
+        for (int i = 0; i < ni; i++) r[i] = _mm512_reduce_add_ps(acc[i]);                               \
+    }                                                                                                   \
+    TGT static float NAME##_q4k(const uint8_t *w, const int8_t *q, const float *d, const float *s,      \
+                                int64_t nsb) {                                                          \
+        float r;                                                                                        \
+        NAME##_q4k_of(&r, w, q, d, s, nsb, 0, 1);                                                       \
+        return r;                                                                                       \
+    }                                                                                                   \
+    TGT static float NAME##_q5k(const uint8_t *w, const int8_t *q, const float *d, const float *s,      \
+                                int64_t nsb) {                                                          \
+        float r;                                                                                        \
+        NAME##_q4k_of(&r, w, q, d, s, nsb, 1, 1);                                                       \
+        return r;                                                                                       \
+    }                                                                                                   \
+    TGT static float NAME##_q6k(const uint8_t *w, const int8_t *q, const float *d, int64_t nsb) {       \
+        float r;                                                                                        \
+        NAME##_q6k_of(&r, w, q, d, nsb, 1);                                                             \
+        return r;                                                                                       \
     }
 
 /* One weight row against one input row, 16 blocks per group: their f16 scales (and Q4_1 mins) come in
@@ -471,10 +496,13 @@ static inline __attribute__((always_inline)) QDOT_TARGET_AVX512 void weight_oper
             r[i] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), mins));      \
         }                                                                                               \
     }                                                                                                   \
-    /* Four input rows against one weight row of the 32-weight types (the k-quants take them singly). */ \
+    /* Four input rows against one weight row. */                                                   \
     TGT static void NAME##_x4(float r[4], const uint8_t *w, int type, const int8_t *q, const float *d,  \
                               const float *s, int64_t nb) {                                             \
         switch (type) {                                                                                 \
+        case CST_GGML_Q4_K: NAME##_q4k_of(r, w, q, d, s, nb / 8, 0, 4); break;                          \
+        case CST_GGML_Q5_K: NAME##_q4k_of(r, w, q, d, s, nb / 8, 1, 4); break;                          \
+        case CST_GGML_Q6_K: NAME##_q6k_of(r, w, q, d, nb / 8, 4); break;                                \
         case CST_GGML_Q4_1: NAME##_of(r, w, CST_GGML_Q4_1, q, d, s, nb, 4); break;                      \
         case CST_GGML_Q4_0: NAME##_of(r, w, CST_GGML_Q4_0, q, d, s, nb, 4); break;                      \
         case CST_GGML_Q5_1: NAME##_of(r, w, CST_GGML_Q5_1, q, d, s, nb, 4); break;                      \
@@ -535,15 +563,11 @@ static row_dot_fn pick_row_dot(void) {
     return row_dot_scalar;
 }
 
-/* The four-row kernel, where there is one (AVX-512, the 32-weight types), else NULL. */
-static row_dot4_fn pick_row_dot4(int type) {
+/* The four-row kernel, where there is one (AVX-512), else NULL. */
+static row_dot4_fn pick_row_dot4(void) {
 #if defined(__x86_64__)
-    if (cst_simd_current() == CST_SIMD_AVX512 && (type == CST_GGML_Q8_0 || type == CST_GGML_Q4_0 ||
-                                                  type == CST_GGML_Q4_1 || type == CST_GGML_Q5_0 ||
-                                                  type == CST_GGML_Q5_1))
-        return use_vnni() ? row_dot_vnni_x4 : row_dot_avx512bw_x4;
+    if (cst_simd_current() == CST_SIMD_AVX512) return use_vnni() ? row_dot_vnni_x4 : row_dot_avx512bw_x4;
 #endif
-    (void)type;
     return NULL;
 }
 
@@ -553,7 +577,7 @@ void cst_qmatvec(float *out, const uint8_t *w, int type, const int8_t *q, const 
     cst_quant_block_info(type, &be, &bb);
     const int64_t nb = K / CST_Q8_BLOCK, row_bytes = K / be * bb;
     const row_dot_fn dot = pick_row_dot();
-    const row_dot4_fn dot4 = pick_row_dot4(type);
+    const row_dot4_fn dot4 = pick_row_dot4();
     const int64_t total = O * row_bytes;
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < O; o++) {
