@@ -186,6 +186,11 @@ def test_batched_rows_equal_single_rows(kquant_file):
     qm = cst.load(kquant_file, dtype="q")
     together = generate(qm, PROMPTS[:4], max_new_tokens=12)
     assert together == [generate(qm, [p], max_new_tokens=12)[0] for p in PROMPTS[:4]]
+    rows = np.array([[5, 17, 42, 3, 9], [60, 1, 2, 88, 9], [7, 8, 9, 10, 11], [90, 91, 92, 1, 2], [11, 12, 13, 14, 15]],
+                    np.int32)
+    batch = KVCache(qm, 5, 16).step(rows, np.full(5, 5, np.int32)).copy()  # 25 rows: four at a time, then one
+    for i in range(5):
+        np.testing.assert_array_equal(batch[i], last_logits(qm, rows[i].tolist()))  # the same bits
 
 
 def test_every_simd_path_agrees(kquant_file):
