@@ -197,18 +197,25 @@ def test_avx512_without_vnni_gives_the_same_bits(rng, tmp_path):
     import sys
     if "avx512" not in _core.simd_supported():
         pytest.skip("no AVX-512 on this CPU")
-    for type_id in (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K):
-        k = 512 if type_id in KQUANTS else 160
-        raw = random_blocks(rng, 33, k, type_id)
-        q, d, s = quantize(rng.normal(size=(5, k)).astype(np.float32))  # rows 0-3 four at a time, row 4 alone
-        np.savez(tmp_path / "in.npz", raw=raw, q=q, d=d, s=s)
-        code = ("import numpy as np, sys; from cst import _core; _core.set_simd_path('avx512'); "
-                "z = np.load(sys.argv[1]); out = np.empty((5, 33), np.float32); "
-                f"_core.qmatvec(out, z['raw'], z['q'], z['d'], z['s'], {type_id}); np.save(sys.argv[2], out)")
-        outs = []
-        for flag in ("0", "1"):
-            env = dict(os.environ, CST_NO_VNNI=flag, PYTHONPATH=os.pathsep.join(sys.path))
-            subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.npz"), str(tmp_path / f"o{flag}.npy")],
-                           check=True, env=env, timeout=120)
-            outs.append(np.load(tmp_path / f"o{flag}.npy"))
-        np.testing.assert_array_equal(outs[0], outs[1])
+    types = (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)
+    arrays = {}
+    for t in types:
+        k = 512 if t in KQUANTS else 160
+        arrays[f"raw{t}"] = random_blocks(rng, 33, k, t)
+        # rows 0-3 four at a time, row 4 alone
+        arrays[f"q{t}"], arrays[f"d{t}"], arrays[f"s{t}"] = quantize(rng.normal(size=(5, k)).astype(np.float32))
+    np.savez(tmp_path / "in.npz", **arrays)
+    code = ("import numpy as np, sys; from cst import _core; _core.set_simd_path('avx512'); "
+            "z = np.load(sys.argv[1]); outs = {}\n"
+            f"for t in {types}:\n"
+            "    outs[str(t)] = np.empty((5, 33), np.float32)\n"
+            "    _core.qmatvec(outs[str(t)], z[f'raw{t}'], z[f'q{t}'], z[f'd{t}'], z[f's{t}'], t)\n"
+            "np.savez(sys.argv[2], **outs)")
+    outs = []
+    for flag in ("0", "1"):
+        env = dict(os.environ, CST_NO_VNNI=flag, PYTHONPATH=os.pathsep.join(sys.path))
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / "in.npz"), str(tmp_path / f"o{flag}.npz")],
+                       check=True, env=env, timeout=120)
+        outs.append(np.load(tmp_path / f"o{flag}.npz"))
+    for t in types:
+        np.testing.assert_array_equal(outs[0][str(t)], outs[1][str(t)], err_msg=str(t))
