@@ -284,8 +284,9 @@ def test_model_config_rejects_bad_family_fields(kw, match):
         cst.ModelConfig(**{**base, **kw})
 
 
-def copy_gguf(src, dst, drop=(), edit=None):
-    """Rewrites GGUF src as dst without the metadata keys in `drop`; edit(writer) adds more."""
+def copy_gguf(src, dst, drop=(), edit=None, tensor=None):
+    """Rewrites GGUF src as dst without the metadata keys in `drop`; edit(writer) adds more; tensor(t), when
+    given, returns the (data, ggml type) to write for reader tensor t instead of a copy."""
     import gguf
     r = gguf.GGUFReader(str(src))
     w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
@@ -300,7 +301,8 @@ def copy_gguf(src, dst, drop=(), edit=None):
     if edit is not None:
         edit(w)
     for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+        data, qtype = (np.asarray(t.data), t.tensor_type) if tensor is None else tensor(t)
+        w.add_tensor(t.name, data, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -42,7 +42,7 @@ def test_loader_keeps_the_blocks(qmodel, fmodel):
     assert len(types) == 1 + 9 * cfg.n_layers - 2 * cfg.n_layers  # every matrix (norms stay float32)
     assert qmodel.gen_quant["qweights"].nbytes < 100e6 < fmodel.flat_params.nbytes / 5
     assert qmodel.flat_params.size == cfg.dim * (2 * cfg.n_layers + 1)  # the norms only
-    assert (qmodel.gen_layout[:-1, 1] == -1).all() and (qmodel.gen_quant["qoffsets"][:-1, 1] >= 0).all()
+    assert (qmodel.gen_layout[:-1, 1] == -1).all() and (qmodel.gen_quant["qoffsets"][:-1, 1, 0] >= 0).all()
     # the norms are the float32 model's
     np.testing.assert_array_equal(qmodel.flat_params[:cfg.dim], fmodel.params["model.layers.0.input_layernorm.weight"])
 

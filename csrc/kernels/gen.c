@@ -205,19 +205,32 @@ void cst_gen_pack(float *dst, const float *params, const cst_gen_config *cfg, cs
  * rows (a long prefill) amortise packing B and run faster through cst_gemm's 8 x 48 kernel. */
 #define GEN_PACKED_MAX_ROWS 64
 
-/* One weight matrix of a product: float32 (w) or GGUF blocks (q, of ggml type `type`). */
+/* One weight matrix of a product: float32 (w) or GGUF blocks (q[0], of ggml type type[0]), or parts
+ * of rows[p] rows each in blocks of their own types (nq > 1; see cst_gen_quant). */
 typedef struct {
     const float *w;
-    const uint8_t *q;
-    int type;
+    const uint8_t *q[CST_GEN_QPARTS];
+    int type[CST_GEN_QPARTS], nq;
+    int64_t rows[CST_GEN_QPARTS];
 } gen_mat;
 
 /* Layout cell (row l, role r): the matrix from the quantised blocks when quant has it, else params. */
-static gen_mat gen_matrix(const float *params, cst_gen_layout layout, const cst_gen_quant *quant, int64_t l, int r) {
-    const int64_t i = l * CST_GEN_NROLES + r;
-    gen_mat m = {NULL, NULL, 0};
-    if (quant && quant->offsets[i] >= 0) m.q = quant->raw + quant->offsets[i], m.type = (int)quant->types[i];
-    else m.w = params + layout[i];
+static gen_mat gen_matrix(const float *params, cst_gen_layout layout, const cst_gen_quant *quant,
+                          const cst_gen_config *cfg, int64_t l, int r) {
+    const int64_t i = l * CST_GEN_NROLES + r, *off = quant ? quant->offsets + i * CST_GEN_QPARTS : NULL;
+    gen_mat m = {NULL, {NULL}, {0}, 0, {0}};
+    if (!off || off[0] < 0) {
+        m.w = params + layout[i];
+        return m;
+    }
+    const int64_t KVD = cfg->NKV * cfg->HS;
+    const int64_t qkv[CST_GEN_QPARTS] = {cfg->NH * cfg->HS, KVD, KVD}, gu[CST_GEN_QPARTS] = {cfg->F, cfg->F, 0};
+    m.nq = off[1] < 0 ? 1 : r == CST_GEN_QKV ? 3 : 2;
+    for (int p = 0; p < m.nq; p++) {
+        m.q[p] = quant->raw + off[p];
+        m.type[p] = (int)quant->types[i * CST_GEN_QPARTS + p];
+        m.rows[p] = r == CST_GEN_QKV ? qkv[p] : gu[p]; /* read only when nq > 1 */
+    }
     return m;
 }
 
@@ -232,9 +245,11 @@ typedef struct {
  * packed copy. */
 static void linear(float *out, const float *x, gen_mat m, const float **wp, const gen_qin *qin, int64_t N,
                    int64_t C, int64_t OC, int accumulate) {
-    if (m.q) {
+    if (m.nq) {
         cst_q8_quantize(qin->q, qin->d, qin->s, x, N, C);
-        cst_qmatvec(out, m.q, m.type, qin->q, qin->d, qin->s, N, C, OC, accumulate);
+        for (int p = 0, o = 0; p < m.nq; o += (int)m.rows[p], p++)
+            cst_qmatvec(out + o, m.q[p], m.type[p], qin->q, qin->d, qin->s, N, C, m.nq > 1 ? m.rows[p] : OC, OC,
+                        accumulate);
     } else if (*wp && N <= GEN_PACKED_MAX_ROWS) cst_gemm_packed_nt(out, x, *wp, N, C, OC, accumulate);
     else cst_matmul_forward(out, x, m.w, N, C, OC, accumulate);
     if (*wp) *wp += cst_gemm_packed_size(OC, C);
@@ -284,17 +299,17 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
     qin.q = (int8_t *)qin_base;
     qin.d = qin_base + R * ((kmax + 3) / 4);
     qin.s = qin.d + R * (kmax / CST_Q8_BLOCK + 1);
-    const gen_mat embed = gen_matrix(params, layout, quant, L, CST_GEN_EMBED);
+    const gen_mat embed = gen_matrix(params, layout, quant, cfg, L, CST_GEN_EMBED);
     int64_t emb_blocks = 0, emb_row_bytes = 0;
-    if (embed.q) {
+    if (embed.nq) {
         int64_t be, bb;
-        cst_quant_block_info(embed.type, &be, &bb);
+        cst_quant_block_info(embed.type[0], &be, &bb);
         emb_blocks = C / be, emb_row_bytes = emb_blocks * bb;
     }
     for (int64_t b = 0, off = 0; b < B; off += n_new[b], b++) {
         for (int64_t i = 0; i < n_new[b]; i++) {
             const int64_t r = off + i, pos = start_pos[b] + i, tok = tokens[b * S + i];
-            if (embed.q) cst_dequantize(x + r * C, embed.q + tok * emb_row_bytes, emb_blocks, embed.type);
+            if (embed.nq) cst_dequantize(x + r * C, embed.q[0] + tok * emb_row_bytes, emb_blocks, embed.type[0]);
             else memcpy(x + r * C, embed.w + tok * C, (size_t)C * sizeof(float));
             memcpy(rc + r * half, rope_cos + pos * half, (size_t)half * sizeof(float));
             memcpy(rs + r * half, rope_sin + pos * half, (size_t)half * sizeof(float));
@@ -306,10 +321,10 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
         const int64_t *at = layout + l * CST_GEN_NROLES;
         const float *w_in = params + at[CST_GEN_ATTN_NORM], *w_post = params + at[CST_GEN_FFN_NORM];
         const float *b_qkv = at[CST_GEN_QKV_BIAS] < 0 ? NULL : params + at[CST_GEN_QKV_BIAS];
-        const gen_mat w_qkv = gen_matrix(params, layout, quant, l, CST_GEN_QKV);
-        const gen_mat w_o = gen_matrix(params, layout, quant, l, CST_GEN_O);
-        const gen_mat w_gu = gen_matrix(params, layout, quant, l, CST_GEN_GU);
-        const gen_mat w_down = gen_matrix(params, layout, quant, l, CST_GEN_DOWN);
+        const gen_mat w_qkv = gen_matrix(params, layout, quant, cfg, l, CST_GEN_QKV);
+        const gen_mat w_o = gen_matrix(params, layout, quant, cfg, l, CST_GEN_O);
+        const gen_mat w_gu = gen_matrix(params, layout, quant, cfg, l, CST_GEN_GU);
+        const gen_mat w_down = gen_matrix(params, layout, quant, cfg, l, CST_GEN_DOWN);
         float *kl = kcache + l * B * maxT * KVD, *vl = vcache + l * B * maxT * KVD;
 
         cst_rmsnorm_forward(xn, rstd, x, w_in, N, C, cfg->norm_eps);
@@ -355,7 +370,7 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
 
     /* LM head on the last new token of each active sequence only. */
     const float *w_norm = params + layout[L * CST_GEN_NROLES + CST_GEN_NORM];
-    const gen_mat w_head = gen_matrix(params, layout, quant, L, CST_GEN_HEAD);
+    const gen_mat w_head = gen_matrix(params, layout, quant, cfg, L, CST_GEN_HEAD);
     for (int64_t b = 0, off = 0, j = 0; b < B; off += n_new[b], b++)
         if (n_new[b] > 0) memcpy(lastx + (j++) * C, x + (off + n_new[b] - 1) * C, (size_t)C * sizeof(float));
     cst_rmsnorm_forward(xn, rstd, lastx, w_norm, nact, C, cfg->norm_eps);

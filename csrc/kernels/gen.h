@@ -21,13 +21,17 @@ enum { CST_GEN_EMBED, CST_GEN_NORM, CST_GEN_HEAD };
 typedef const int64_t *cst_gen_layout; /* (L + 1, CST_GEN_NROLES) */
 
 /* Weight matrices kept in GGUF blocks (qdot.h) instead of float32 params, for cst_gen_forward: per
- * layout cell, offsets[i] >= 0 is the byte offset in raw of that matrix (rows in the order the fused
- * product wants, HF's q/k order), of ggml type types[i]; -1 reads the cell from params. Only the
- * matrix roles (QKV, O, GU, DOWN) and the embedding and head may be quantised: the embedding row of a
- * token is dequantised (any cst_quant_block_info type), products use cst_qmatvec (its types). */
+ * layout cell i, offsets[i][0] >= 0 is the byte offset in raw of that matrix (rows in the order the
+ * fused product wants, HF's q/k order), of ggml type types[i][0]; -1 reads the cell from params. A
+ * fused product whose matrices differ in type (a Q4_K_M file's Q4_K q, k with a Q6_K v) is given as
+ * its parts instead: q, k, v (QKV) or gate, up (GU) at offsets[i][0..], each of its own type; parts
+ * 1 and 2 are -1 when part 0 holds all the rows. Only the matrix roles (QKV, O, GU, DOWN) and the
+ * embedding and head may be quantised: the embedding row of a token is dequantised (any
+ * cst_quant_block_info type), products use cst_qmatvec (its types). */
+enum { CST_GEN_QPARTS = 3 };
 typedef struct {
     const uint8_t *raw;
-    const int64_t *offsets, *types; /* (L + 1, CST_GEN_NROLES) */
+    const int64_t *offsets, *types; /* (L + 1, CST_GEN_NROLES, CST_GEN_QPARTS) */
 } cst_gen_quant;
 
 /* Floats of scratch cst_gen_forward needs for B sequences of up to S new tokens each and caches of

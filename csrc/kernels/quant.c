@@ -80,17 +80,6 @@ const char *cst_quant_type_name(int type) {
     }
 }
 
-/* Q4_K / Q5_K pack eight 6-bit (scale, min) pairs into 12 bytes; ggml's get_scale_min_k4. */
-static inline void scale_min_k4(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
-    if (j < 4) {
-        *d = q[j] & 63;
-        *m = q[j + 4] & 63;
-    } else {
-        *d = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
-        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
-    }
-}
-
 static void block_q4_0(float *y, const uint8_t *b) {
     const float d = ldh(b);
     const uint8_t *qs = b + 2;
@@ -144,9 +133,9 @@ static void block_q4_k(float *y, const uint8_t *b) {
     const uint8_t *scales = b + 4, *q = b + 16;
     for (int j = 0, is = 0; j < 256; j += 64, is += 2, q += 32) {
         uint8_t sc, m;
-        scale_min_k4(is, scales, &sc, &m);
+        cst_k4_scale_min(is, scales, &sc, &m);
         const float d1 = d * (float)sc, m1 = dmin * (float)m;
-        scale_min_k4(is + 1, scales, &sc, &m);
+        cst_k4_scale_min(is + 1, scales, &sc, &m);
         const float d2 = d * (float)sc, m2 = dmin * (float)m;
         for (int l = 0; l < 32; l++) y[j + l] = d1 * (float)(q[l] & 0xF) - m1;
         for (int l = 0; l < 32; l++) y[j + 32 + l] = d2 * (float)(q[l] >> 4) - m2;
@@ -159,9 +148,9 @@ static void block_q5_k(float *y, const uint8_t *b) {
     unsigned u1 = 1, u2 = 2;
     for (int j = 0, is = 0; j < 256; j += 64, is += 2, ql += 32, u1 <<= 2, u2 <<= 2) {
         uint8_t sc, m;
-        scale_min_k4(is, scales, &sc, &m);
+        cst_k4_scale_min(is, scales, &sc, &m);
         const float d1 = d * (float)sc, m1 = dmin * (float)m;
-        scale_min_k4(is + 1, scales, &sc, &m);
+        cst_k4_scale_min(is + 1, scales, &sc, &m);
         const float d2 = d * (float)sc, m2 = dmin * (float)m;
         for (int l = 0; l < 32; l++)
             y[j + l] = d1 * (float)((ql[l] & 0xF) + ((qh[l] & u1) ? 16 : 0)) - m1;

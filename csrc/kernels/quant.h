@@ -31,6 +31,18 @@ const char *cst_quant_type_name(int type);
  * The type must be one cst_quant_block_info accepts. */
 void cst_dequantize(float *out, const uint8_t *raw, int64_t n_blocks, int type);
 
+/* Q4_K / Q5_K pack eight 6-bit (scale, min) pairs of 32-weight sub-blocks into 12 bytes q; pair j
+ * (ggml's get_scale_min_k4). Shared by the decoder (quant.c) and the products (qdot.c). */
+static inline void cst_k4_scale_min(int j, const uint8_t *q, uint8_t *d, uint8_t *m) {
+    if (j < 4) {
+        *d = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *d = (uint8_t)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *m = (uint8_t)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
 /* IEEE half / bfloat16 bit patterns to float32, exactly (subnormals, inf and NaN included). */
 float cst_f16_to_f32(uint16_t h);
 float cst_bf16_to_f32(uint16_t h);

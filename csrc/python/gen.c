@@ -79,6 +79,7 @@ static int prepare_config(cst_call *c) {
     cst_dims_set(&c->d, 'L', (npy_intp)cfg->L, "config.n_layers");
     cst_dims_set(&c->d, 'Y', (npy_intp)(cfg->L + 1), "config.n_layers + 1");
     cst_dims_set(&c->d, 'X', (npy_intp)CST_GEN_NROLES, "the layout roles (cst.model.GEN_ROLES)");
+    cst_dims_set(&c->d, 'Q', (npy_intp)CST_GEN_QPARTS, "the parts of a quantised fused product (q, k, v)");
     cst_dims_set(&c->d, 'K', (npy_intp)(cfg->NKV * cfg->HS), "config n_kv_heads * head_dim");
     cst_dims_set(&c->d, 'V', (npy_intp)cfg->V, "config.vocab_size");
     cst_dims_set(&c->d, 'H', (npy_intp)(cfg->HS / 2), "half the config's head_dim");
@@ -113,7 +114,7 @@ static int check_layout_cells(cst_call *c, const int64_t *qoff) {
         for (int r = 0; r < (l < cfg->L ? CST_GEN_NROLES : 3); r++) {
             const int64_t off = a[l * CST_GEN_NROLES + r], n = l < cfg->L ? size[r] : gsize[r];
             if (off == -1 && l < cfg->L && r == CST_GEN_QKV_BIAS) continue;
-            if (qoff && qoff[l * CST_GEN_NROLES + r] >= 0) continue;
+            if (qoff && qoff[(l * CST_GEN_NROLES + r) * CST_GEN_QPARTS] >= 0) continue;
             if (off < 0 || off > P || n > P - off) {
                 PyErr_Format(PyExc_ValueError,
                              "%s: 'layout'[%lld, %d] = %lld places %lld floats outside 'params' (%lld floats)",
@@ -127,7 +128,8 @@ static int check_layout_cells(cst_call *c, const int64_t *qoff) {
 static int check_layout(cst_call *c) { return check_layout_cells(c, NULL); }
 
 /* gen_forward's quantised matrices (arguments 13-15, all or none): each marked cell is a matrix role
- * (or the embedding / head) of a type it can read, whose whole rows lie inside 'qweights'. */
+ * (or the embedding / head) whose parts (all of the role's rows in part 0, or q, k, v / gate, up) are
+ * of types it can read and lie, whole rows, inside 'qweights'. */
 static int check_quant(cst_call *c) {
     const cst_gen_config *cfg = CST_STATE(c, const cst_gen_config);
     const int given = (c->v[13].p != NULL) + (c->v[14].p != NULL) + (c->v[15].p != NULL);
@@ -140,35 +142,52 @@ static int check_quant(cst_call *c) {
         PyErr_Format(PyExc_ValueError, "%s: 'packed' and 'qweights' exclude each other", c->fn);
         return -1;
     }
-    const int64_t *off = c->v[14].p, *types = c->v[15].p, nbytes = (int64_t)c->size[13];
-    const int64_t C = cfg->C, QD = cfg->NH * cfg->HS, QKV = QD + 2 * cfg->NKV * cfg->HS, F = cfg->F;
-    /* (rows, cols) of each role's matrix; 0 rows: not a matrix. */
-    const int64_t rows[CST_GEN_NROLES] = {0, QKV, 0, C, 0, 2 * F, C}, cols[CST_GEN_NROLES] = {0, C, 0, QD, 0, C, F};
+    const int64_t *offs = c->v[14].p, *typs = c->v[15].p, nbytes = (int64_t)c->size[13];
+    const int64_t C = cfg->C, QD = cfg->NH * cfg->HS, KVD = cfg->NKV * cfg->HS, F = cfg->F;
+    /* (rows, cols) of each role's matrix; 0 rows: not a matrix. The rows of each part when split. */
+    const int64_t rows[CST_GEN_NROLES] = {0, QD + 2 * KVD, 0, C, 0, 2 * F, C};
+    const int64_t cols[CST_GEN_NROLES] = {0, C, 0, QD, 0, C, F};
+    const int64_t qkv_rows[CST_GEN_QPARTS] = {QD, KVD, KVD}, gu_rows[CST_GEN_QPARTS] = {F, F, 0};
     for (int64_t l = 0; l <= cfg->L; l++)
         for (int r = 0; r < CST_GEN_NROLES; r++) {
-            const int64_t i = l * CST_GEN_NROLES + r, o = off[i];
-            if (o < 0) continue;
+            const int64_t i = (l * CST_GEN_NROLES + r) * CST_GEN_QPARTS, *off = offs + i, *types = typs + i;
+            if (off[0] < 0) continue;
             const int glob = l == cfg->L, embed = glob && r == CST_GEN_EMBED;
-            const int64_t nr = glob ? cfg->V : rows[r], nc = glob ? C : cols[r];
-            int64_t be = 0, bb = 0;
-            const int type = types[i] < 0 || types[i] > 1024 ? -1 : (int)types[i];
-            const int known = type >= 0 && cst_quant_block_info(type, &be, &bb);
-            if ((glob && r != CST_GEN_EMBED && r != CST_GEN_HEAD) || (!glob && nr == 0)) {
+            if ((glob && r != CST_GEN_EMBED && r != CST_GEN_HEAD) || (!glob && rows[r] == 0)) {
                 PyErr_Format(PyExc_ValueError, "%s: 'qoffsets'[%lld, %d] marks a tensor that is not a weight matrix",
                              c->fn, (long long)l, r);
                 return -1;
             }
-            if (!known || type == CST_GGML_F32 || (!embed && !cst_qdot_supported(type)) || nc % be) {
-                PyErr_Format(PyExc_ValueError, "%s: 'qtypes'[%lld, %d] = %lld cannot be read here (products: Q4_0 2, "
-                             "Q4_1 3, Q8_0 8; the embedding: any ggml block type dequantize reads, in whole rows)",
-                             c->fn, (long long)l, r, (long long)types[i]);
-                return -1;
-            }
-            const int64_t need = nr * (nc / be) * bb;
-            if (o > nbytes || need > nbytes - o) {
-                PyErr_Format(PyExc_ValueError, "%s: 'qoffsets'[%lld, %d] = %lld places %lld bytes outside 'qweights' "
-                             "(%lld bytes)", c->fn, (long long)l, r, (long long)o, (long long)need, (long long)nbytes);
-                return -1;
+            const int fused = !glob && (r == CST_GEN_QKV || r == CST_GEN_GU);
+            const int nparts = !fused || off[1] < 0 ? 1 : r == CST_GEN_QKV ? 3 : 2;
+            for (int p = 1; p < CST_GEN_QPARTS; p++)
+                if ((p < nparts) != (off[p] >= 0)) {
+                    PyErr_Format(PyExc_ValueError, "%s: 'qoffsets'[%lld, %d] gives %s", c->fn, (long long)l, r,
+                                 fused ? "some parts of a fused product, not all (q, k, v; gate, up) or only the first"
+                                       : "more than one part of a matrix that is not fused");
+                    return -1;
+                }
+            for (int p = 0; p < nparts; p++) {
+                const int64_t nr = glob ? cfg->V : nparts == 1 ? rows[r] : r == CST_GEN_QKV ? qkv_rows[p] : gu_rows[p];
+                const int64_t nc = glob ? C : cols[r], o = off[p];
+                int64_t be = 0, bb = 0;
+                const int type = types[p] < 0 || types[p] > 1024 ? -1 : (int)types[p];
+                const int known = type >= 0 && cst_quant_block_info(type, &be, &bb);
+                if (!known || type == CST_GGML_F32 || (!embed && !cst_qdot_supported(type)) || nc % be) {
+                    PyErr_Format(PyExc_ValueError, "%s: 'qtypes'[%lld, %d, %d] = %lld cannot be read here (products: "
+                                 "Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14; the embedding: any ggml "
+                                 "block type "
+                                 "dequantize reads, in whole rows)",
+                                 c->fn, (long long)l, r, p, (long long)types[p]);
+                    return -1;
+                }
+                const int64_t need = nr * (nc / be) * bb;
+                if (o > nbytes || need > nbytes - o) {
+                    PyErr_Format(PyExc_ValueError, "%s: 'qoffsets'[%lld, %d, %d] = %lld places %lld bytes outside "
+                                 "'qweights' (%lld bytes)", c->fn, (long long)l, r, p, (long long)o, (long long)need,
+                                 (long long)nbytes);
+                    return -1;
+                }
             }
         }
     return 0;
@@ -263,15 +282,16 @@ const cst_entry cst_gen_entries[] = {
       OUT("logits", "BV"),
       {"packed", CST_F32, "W", CST_NONE, .def = "None"},
       {"qweights", CST_U8, "*", CST_NONE, .def = "None"},
-      {"qoffsets", CST_I64, "YX", CST_NONE, .def = "None"},
-      {"qtypes", CST_I64, "YX", CST_NONE, .def = "None"}},
+      {"qoffsets", CST_I64, "YXQ", CST_NONE, .def = "None"},
+      {"qtypes", CST_I64, "YXQ", CST_NONE, .def = "None"}},
      .prepare = prepare_config, .check = check_gen_forward,
      .doc = "layout (L+1, 7) int64 from cst.model.gen_offsets places each tensor in params; appends tokens (B,S) int32 [b, :n_new[b]] at positions start_pos[b].. of each sequence's "
             "KV cache, rotary tables (>=maxT, HS/2) from cst.ops.rope_tables, "
             "(L,B,maxT,NKV*HS) and writes the logits of each active sequence's last new token into logits "
             "(B,V); rows with n_new 0 are untouched. packed (from gen_pack, optional): the weights "
             "packed once, so that products of few rows run through the GEMM microkernel. qweights (uint8), qoffsets and "
-            "qtypes ((L+1, 7) int64, optional, together): matrices read from GGUF blocks at those byte offsets "
-            "(-1: from params), rows in the fused order; their layout cells are ignored."},
+            "qtypes ((L+1, 7, 3) int64, optional, together): matrices read from GGUF blocks at those byte offsets "
+            "(-1: from params), rows in the fused order, [..., 0] the whole matrix or [..., 0:3] the parts q, k, "
+            "v (gate, up) of a fused product whose matrices differ in type; their layout cells are ignored."},
     {NULL},
 };

@@ -13,8 +13,15 @@ static int check_qmatvec(cst_call *c) {
     const int type = (int)c->v[5].i;
     int64_t be, bb;
     if (!cst_qdot_supported(type) || !cst_quant_block_info(type, &be, &bb)) {
-        PyErr_Format(PyExc_ValueError, "%s: ggml type_id %d is not one qmatvec reads (Q4_0 2, Q4_1 3, Q8_0 8)",
+        PyErr_Format(PyExc_ValueError,
+                     "%s: ggml type_id %d is not one qmatvec reads (Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12, "
+                     "Q5_K 13, Q6_K 14)",
                      c->fn, type);
+        return -1;
+    }
+    if (cst_n(c, 'K') % be) {
+        PyErr_Format(PyExc_ValueError, "%s: K = %lld is not a multiple of %s's %lld weights per block", c->fn,
+                     (long long)cst_n(c, 'K'), cst_quant_type_name(type), (long long)be);
         return -1;
     }
     const int64_t need = cst_n(c, 'O') * (cst_n(c, 'K') / be) * bb;
@@ -29,7 +36,7 @@ static int check_qmatvec(cst_call *c) {
 
 static void run_qmatvec(cst_call *c) {
     cst_qmatvec(c->v[0].p, c->v[1].p, (int)c->v[5].i, c->v[2].p, c->v[3].p, c->v[4].p, cst_n(c, 'N'),
-                cst_n(c, 'K'), cst_n(c, 'O'), (int)c->v[6].i);
+                cst_n(c, 'K'), cst_n(c, 'O'), cst_n(c, 'O'), (int)c->v[6].i);
 }
 
 const cst_entry cst_qdot_entries[] = {
@@ -51,6 +58,8 @@ const cst_entry cst_qdot_entries[] = {
       {"accumulate", CST_FLAG, .def = "False"}},
      .derive = "B=K/32", .check = check_qmatvec,
      .doc = "out (N,O) (+)= the product of the q8_quantize'd rows (q, d, s) with the weights w: O rows of "
-            "K/32 raw GGUF blocks of type_id (Q4_0 2, Q4_1 3, Q8_0 8), read without dequantising."},
+            "K/32 raw GGUF blocks of type_id (Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8; or K/256 super-blocks of "
+            "Q4_K 12, Q5_K 13, Q6_K 14), "
+            "read without dequantising."},
     {NULL},
 };

@@ -34,8 +34,8 @@ def load(source, dtype=None):
     dtype None/"f32": float32 weights (training and inference). dtype "bf16": every matrix (embedding
     and LM head included) stored as bf16 only, read tensor by tensor (never a float32 copy of the model),
     norms and biases float32; the base is frozen (train LoRA adapters on it), see cst.Model. dtype "q"
-    (GGUF only): a cst.quantized.QuantizedModel for generation that keeps Q8_0/Q4_0/Q4_1 matrices as their
-    GGUF blocks."""
+    (GGUF only): a cst.quantized.QuantizedModel for generation that keeps Q4_0..Q8_0 and Q4_K/Q5_K/Q6_K
+    matrices as their GGUF blocks."""
     if dtype not in (None, "f32", "bf16", "q"):
         raise ValueError(f"cst.io.load: dtype must be None, 'f32', 'bf16' or 'q', got {dtype!r}")
     source = os.fspath(source)

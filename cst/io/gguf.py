@@ -362,7 +362,7 @@ def load_gguf(path, with_tokenizer=True, dtype="f32"):
     """cst.Model from a Llama GGUF file, dequantised to float32, Q/K rows in Hugging Face order; the
     tokenizer (or None when the file has none) is attached as model.tokenizer. dtype "bf16": the matrices
     rounded to bf16 one tensor at a time (see cst.Model). dtype "q": a cst.quantized.QuantizedModel for
-    inference that keeps Q8_0/Q4_0/Q4_1 matrices as their blocks."""
+    inference that keeps Q4_0..Q8_0 and Q4_K/Q5_K/Q6_K matrices as blocks."""
     if dtype not in ("f32", "bf16", "q"):
         raise ValueError(f"load_gguf: dtype must be 'f32', 'bf16' or 'q', got {dtype!r}")
     path = os.fspath(path)
@@ -413,7 +413,8 @@ def _load_into(dst, f, path, t, n_head):
             _core.dequantize(tmp, raw, int(t.tensor_type))
             dst[...] = _unpermute(tmp, n_head)
     except ValueError as e:
-        raise FormatError(f"{path}: tensor {t.name!r}: {e}") from None
+        kind = getattr(t.tensor_type, "name", None)
+        raise FormatError(f"{path}: tensor {t.name!r}{f' ({kind})' if kind else ''}: {e}") from None
 
 
 def save_gguf(model, tokenizer, path, dtype="f32"):

@@ -1,15 +1,21 @@
 """Inference on a GGUF file's quantised weights: `cst.load(path, dtype="q")` keeps every weight matrix
-stored in a format the C products read (Q8_0, Q4_0, Q4_1) as its raw GGUF blocks, and dequantises
-only the rest (norms, biases, matrices of other types) to float32. Generation (generate, chat) reads
+stored in a format the C products read (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) as its raw
+GGUF blocks, and dequantises only the rest (norms, biases, F32/F16/BF16 matrices) to float32; a matrix
+in another block type (Q2_K, Q3_K, IQ...) is refused (FormatError). Generation (generate, chat) reads
 the blocks directly (csrc/kernels/qdot.c); training needs float32 weights, so a QuantizedModel refuses
 it: load the file without dtype="q", or call .dequantize()."""
 import numpy as np
 
+from ..core.errors import FormatError
 from ..core.layout import GEN_GLOBALS, GEN_ROLES, check_trainable, tensor_table
 from ..core.model import Model
 
-# ggml types the products read (quant.h's ids): Q4_0, Q4_1, Q8_0.
-PRODUCT_TYPES = (2, 3, 8)
+# ggml types the products read (quant.h's ids): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
+PRODUCT_TYPES = (2, 3, 6, 7, 8, 12, 13, 14)
+# Matrices of these types are not blocks: they run in float32 (F32, F16, BF16).
+FLOAT_TYPES = (0, 1, 30)
+# The roles whose tensors are weight matrices of a product.
+_MATRIX_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "head")
 # The weight matrices of one product, by the role of its first tensor in GEN_ROLES.
 _GROUPS = {"q": ("q", "k", "v"), "o": ("o",), "gate": ("gate", "up"), "down": ("down",)}
 
@@ -20,8 +26,9 @@ class QuantizedModel:
     `flat_params` holds only the float32 tensors (norms, biases, matrices of types the products do not
     read), `gen_layout` places them for the C generation path (-1 for a quantised matrix), and
     `gen_quant` holds the blocks: `qweights` (uint8, rows of each fused product in Hugging Face order),
-    `qoffsets` and `qtypes` ((n_layers + 1, len(GEN_ROLES)) int64, -1 where float32). `quantized_types`
-    names the type of every tensor kept quantised. generate and chat work as on a Model; forward,
+    `qoffsets` and `qtypes` ((n_layers + 1, len(GEN_ROLES), 3) int64, -1 where float32; [..., 0] the whole
+    matrix, or [..., 0:3] the parts q, k, v / gate, up of a fused product whose tensors differ in type).
+    `quantized_types` names the type of every tensor kept quantised. generate and chat work as on a Model; forward,
     backward and training raise TypeError."""
 
     trainable = False  # cst.core.layout.check_trainable refuses it
@@ -75,10 +82,19 @@ def build(cfg, tensors, raw_of, dequantize_into, permuted, path, unpermute, relo
     _unpermute = unpermute
     table = tensor_table(cfg)
     by_role = {(layer, role): (name, shape, gg) for name, shape, role, layer, gg in table}
+    # A matrix in a block type the products do not read is refused here, naming the type, before any
+    # work (the float32 loader refuses it too: every block type cst decodes is one the products read).
+    for name, shape, role, layer, gg in table:
+        matrix = role in _MATRIX_ROLES or (role == "embed" and cfg.tie_embeddings)
+        t = tensors[gg].tensor_type
+        if matrix and int(t) not in PRODUCT_TYPES + FLOAT_TYPES:
+            kind = getattr(t, "name", f"ggml type id {int(t)}")
+            raise FormatError(f"{path}: tensor {gg!r} is {kind}, a block type cst does not read (dtype='q' reads "
+                              "Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K blocks; F32, F16 and BF16 "
+                              "matrices run in float32)")
 
     def kept(layer, roles):
-        types = {int(tensors[by_role[(layer, r)][2]].tensor_type) for r in roles}
-        return len(types) == 1 and types.pop() in PRODUCT_TYPES
+        return all(int(tensors[by_role[(layer, r)][2]].tensor_type) in PRODUCT_TYPES for r in roles)
 
     quant_groups = {}  # (layer, first role) -> roles, for the products kept as blocks
     for i in range(cfg.n_layers):
@@ -101,14 +117,17 @@ def build(cfg, tensors, raw_of, dequantize_into, permuted, path, unpermute, relo
             o = offs[(layer, role)]
             dequantize_into(flat[o:o + int(np.prod(shape))].reshape(shape), tensors[gg], name)
 
-    # the blocks: each product's tensors' rows concatenated, Q/K rows in Hugging Face order
+    # the blocks: each product's tensors' rows concatenated, Q/K rows in Hugging Face order; a fused
+    # product whose tensors differ in type (Q4_K q, k and Q6_K v) is given as its parts
     rows, qoffs, qtypes, total = [], {}, {}, 0
 
     def add(layer, first, roles):
         nonlocal total
-        qoffs[(layer, first)] = total
-        qtypes[(layer, first)] = int(tensors[by_role[(layer, roles[0])][2]].tensor_type)
+        types = [int(tensors[by_role[(layer, r)][2]].tensor_type) for r in roles]
+        qoffs[(layer, first)], qtypes[(layer, first)] = [], types if len(set(types)) > 1 else types[:1]
         for r in roles:
+            if r == roles[0] or len(set(types)) > 1:
+                qoffs[(layer, first)].append(total)
             name, shape, gg = by_role[(layer, r)]
             b = np.asarray(raw_of(tensors[gg])).reshape(-1).view(np.uint8).reshape(shape[0], -1)
             if name in permuted:
@@ -128,7 +147,8 @@ def build(cfg, tensors, raw_of, dequantize_into, permuted, path, unpermute, relo
 
     L = cfg.n_layers
     layout = np.full((L + 1, len(GEN_ROLES)), -1, np.int64)
-    qo, qt = np.full_like(layout, -1), np.full_like(layout, -1)
+    qo = np.full((L + 1, len(GEN_ROLES), 3), -1, np.int64)  # 3 parts at most: q, k, v
+    qt = np.full_like(qo, -1)
     for i in range(L + 1):
         roles = GEN_ROLES if i < L else GEN_GLOBALS
         layer = i if i < L else None
@@ -137,7 +157,7 @@ def build(cfg, tensors, raw_of, dequantize_into, permuted, path, unpermute, relo
             if i == L and role == "head" and cfg.tie_embeddings:
                 key = (None, "embed")
             if key in qoffs:
-                qo[i, j], qt[i, j] = qoffs[key], qtypes[key]
+                qo[i, j, :len(qoffs[key])], qt[i, j, :len(qtypes[key])] = qoffs[key], qtypes[key]
             elif key in offs:
                 layout[i, j] = offs[key]
     names = {by_role[(layer, r)][2]: int(tensors[by_role[(layer, r)][2]].tensor_type)
