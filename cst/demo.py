@@ -328,8 +328,8 @@ def _train_config(s, seed, threads, train_dir):
 
 
 # DPOConfig fields that do not change what training computes: a run resumes across them (the kernels give
-# the same numbers at any thread count).
-_RESUME_IGNORES = ("num_threads",)
+# the same numbers at any thread count; a run folder may be moved or copied).
+_RESUME_IGNORES = ("num_threads", "output_dir")
 
 
 def _resume_point(train_dir: Path, config, data_key: str):

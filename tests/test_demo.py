@@ -119,6 +119,12 @@ def test_ctrl_c_in_training_then_resume(quick_demo, tmp_path, monkeypatch):
     resumed = demo.run(output_dir=str(tmp_path), quick=True, seed=3, progress=False,
                        threads=1 if cst.get_num_threads() != 1 else 2)
     assert resumed["status"] == "done" and resumed["training"]["resumed_from"] == 3
+    # A copied run folder resumes too (output_dir is not part of the resume key): training is not redone.
+    import shutil
+    moved = tmp_path.parent / (tmp_path.name + "-copy")
+    shutil.copytree(tmp_path, moved)
+    again = demo.run(output_dir=str(moved), quick=True, seed=3, progress=False)
+    assert again["training"]["resumed_from"] == again["training"]["steps"]
     # The resumed run reuses the baseline evaluation and the synthesis log and finishes the same training.
     assert json.dumps(_numbers(resumed), sort_keys=True) == json.dumps(_numbers(first), sort_keys=True)
 
