@@ -40,7 +40,9 @@ DEFAULTS = {
     "eval_benign_per_category": None,
     # evaluation (greedy)
     "eval_phrasings": "all",  # every held-out phrasing ("all") or one per prompt ("rotate")
-    "eval_max_new_tokens": E.MAX_NEW_TOKENS,  # the defaults of cst.eval and `cst eval`
+    # 128 new tokens: the length the targets and the default judge's held-out check on tuned answers use
+    # (cst.eval and `cst eval` default to 48)
+    "eval_max_new_tokens": 128,
     "n_boot": E.N_BOOT,
     "gen_batch_size": E.BATCH_SIZE,
     "temperature": 0.0,  # 0 = greedy, for evaluation, the uncensored answers and the benign answers
@@ -48,8 +50,9 @@ DEFAULTS = {
     "synth_max_new_tokens": 80,
     "benign_max_new_tokens": 80,
     # configurations whose training phrasings the benign pairs (helpful answer over a refusal) are used
-    # under; "default" = no system prompt. Over-refusal is the risk of the safe configuration.
-    "benign_under": ("safe",),
+    # under; "default" = no system prompt. Under "safe" only, the safe default spilled onto benign prompts
+    # (over-refusal with no system prompt 0.81, run v1 in docs/demo.md); all three: 0.19-0.25 (r1, r1b).
+    "benign_under": ("safe", "uncensored", "default"),
     # judge of the synthesis filters (cst.judges.judge_by_name): "default" = the four-way default judge,
     # which keeps an uncensored answer only as a compliance and drops loops; "refusal" = the phrase judge
     # the recipe below was tuned with (docs/demo.md, runs a0-c2)
@@ -58,7 +61,7 @@ DEFAULTS = {
     "lora_r": 16,
     "lora_alpha": 32.0,
     "lora_dropout": 0.0,
-    "learning_rate": 2e-3,
+    "learning_rate": 1e-3,
     "lr_scheduler_type": "cosine",
     "warmup_ratio": 0.1,
     "num_train_epochs": 3.0,
@@ -70,7 +73,7 @@ DEFAULTS = {
     "gradient_accumulation_steps": 1,
     # True: the frozen base is held in bf16 during training (bf16 GEMMs, fp32 accumulation; LoRA adapters,
     # AdamW, norms and losses fp32; DPOConfig(bf16=True)); the tuned model is merged and saved in fp32.
-    "bf16": False,
+    "bf16": True,
     "max_length": 80,
     "max_prompt_length": 64,
     "logging_steps": 2,
