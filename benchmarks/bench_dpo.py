@@ -1,16 +1,27 @@
-"""One CST/DPO optimizer step with LoRA (r=16 on all seven projections) on a SmolLM2-135M-shaped model
-with random weights: cst (what Trainer does per step: forward_logprobs on the packed chosen+rejected
-sequences, sigmoid DPO loss, backward_logprobs, clip_grad_norm, AdamW) against PyTorch eager fp32 with
-transformers' LlamaForCausalLM + PEFT and the same loss written in torch (TRL's selective log-softmax
-form). Reference log-probs are precomputed on both sides and not timed. Each side runs in its own
-spawned process: peak RSS is its own (whole process, and during the timed steps only). Not a
-convergence benchmark; TRL's DPOTrainer is not used (not installed). --dtype bf16 runs cst with the
+"""Two races of cst's LoRA DPO training against the PyTorch stack, each side in its own spawned process.
+
+Step mode (default): one CST/DPO optimizer step with LoRA (r=16 on all seven projections) on a
+SmolLM2-135M-shaped model with random weights: cst (what Trainer does per step: forward_logprobs on the
+packed chosen+rejected sequences, sigmoid DPO loss, backward_logprobs, clip_grad_norm, AdamW) against
+PyTorch eager fp32 with transformers' LlamaForCausalLM + PEFT and the same loss written in torch (TRL's
+selective log-softmax form). Reference log-probs are precomputed on both sides and not timed. Peak RSS
+is each process's own (whole process, and during the timed steps only). --dtype bf16 runs cst with the
 frozen base in bf16 (Model(dtype="bf16"): the same random weights rounded; torch stays fp32); --micro k
 splits the step into micro-batches of k pairs (gradient accumulation; both sides).
+
+Trainer mode (--trl): the real thing on both sides. The real SmolLM2-135M-Instruct (cst.load), the
+demo's training recipe (cst.demo's settings: LoRA r 16 on all seven projections, lr 1e-3 cosine, beta
+0.1, rpo_alpha 1, batches of 4, max_length 80) and the first --records-n records of a demo run's
+train_records.jsonl, one epoch: cst's Trainer in fp32 and with the bf16 base, against TRL's DPOTrainer
+(with PEFT, on the same weights exported by cst.save_hf) in fp32, in its fastest CPU configuration (bf16
+autocast, no gradient checkpointing), and with TRL's defaults (bf16 autocast and gradient checkpointing).
+Each timed figure is the whole train() call, reference log-probs included, model load excluded.
 
     python3 benchmarks/bench_dpo.py [--threads 2] [--pairs 4] [--seq 256] [--prompt 64] [--layers 30]
                                     [--steps 3] [--dropout 0.0] [--dtype f32|bf16] [--micro K]
                                     [--skip-torch] [--profile]
+    python3 benchmarks/bench_dpo.py --trl [--records cst-demo/train_records.jsonl] [--records-n 64]
+                                    [--runs 3] [--threads 2] [--sides cst-f32,cst-bf16,trl-f32,trl-bf16,trl-default]
 """
 import argparse
 import multiprocessing as mp
@@ -247,6 +258,133 @@ def _spawn(fn, *args, **kwargs):
     return res
 
 
+# ---- trainer mode: cst's Trainer against TRL's DPOTrainer on the demo's recipe and data ----
+
+TRL_SIDES = {  # name: (bf16, gradient checkpointing) for TRL; bf16 for cst
+    "cst-f32": False, "cst-bf16": True,
+    "trl-f32": (False, False), "trl-bf16": (True, False), "trl-default": (True, True),
+}
+
+
+def _demo_config(out_dir, threads, bf16, n_records):
+    """The demo's training settings (cst.demo.DEFAULTS) as a DPOConfig for one epoch over the records,
+    with no checkpoints and no grouping (TRL samples batches at random; so does cst here)."""
+    import cst
+    from cst import demo
+    s = demo.settings_for()
+    cfg = demo._train_config(s, 0, threads, out_dir).to_dict()
+    cfg.update(bf16=bf16, num_train_epochs=1.0, save_steps=None, logging_steps=1, group_by=None)
+    return cst.DPOConfig(**cfg)
+
+
+def race_prepare(model_name, hf_dir, q):
+    """The model as TRL loads it: cst's Hugging Face export of the same weights, with the tokenizer."""
+    import _srcpath
+    _srcpath.prefer_built_source_tree()
+    import cst
+    from cst.io.hf import save_hf
+    m = cst.load(model_name)
+    save_hf(m, m.tokenizer, hf_dir)
+    q.put({"ok": True})
+
+
+def race_cst(model_name, records_path, n, threads, bf16, out_dir, q):
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import _srcpath
+    _srcpath.prefer_built_source_tree()
+    import cst
+    from cst import data as D
+    from cst.train.trainer import Trainer
+    cst.set_num_threads(threads)
+    records = D.load_records(records_path)[:n]
+    model = cst.load(model_name)
+    config = _demo_config(out_dir, threads, bf16, n)
+    t0 = time.perf_counter()
+    trainer = Trainer(model, config, train_dataset=records)
+    hist = trainer.train()
+    dt = time.perf_counter() - t0
+    losses_ = [h["loss"] for h in hist if "loss" in h]  # one row a step: their mean is TRL's training_loss
+    q.put({"time": dt, "steps": trainer.step, "loss": sum(losses_) / len(losses_) if losses_ else float("nan"),
+           "peak_rss_mb": _peak_rss_mb()})
+
+
+def race_trl(hf_dir, records_path, n, threads, bf16, checkpointing, out_dir, q):
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import _srcpath
+    _srcpath.prefer_built_source_tree()
+    import datasets
+    import peft
+    import torch
+    import transformers
+    import trl
+    from cst import data as D
+    torch.set_num_threads(threads)
+    records = D.load_records(records_path)[:n]
+    t = _demo_config(out_dir, threads, bf16, n).to_trl()
+    args = dict(t["DPOConfig"], report_to="none", use_cpu=True, dataloader_num_workers=0, bf16=bf16,
+                gradient_checkpointing=checkpointing, disable_tqdm=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ds = datasets.Dataset.from_list([D.to_trl(r) for r in records])
+    t0 = time.perf_counter()
+    trainer = trl.DPOTrainer(model=model, args=trl.DPOConfig(**args), train_dataset=ds, processing_class=tok,
+                             peft_config=peft.LoraConfig(**t["LoraConfig"]))
+    t_init = time.perf_counter() - t0
+    out = trainer.train()
+    dt = time.perf_counter() - t0
+    q.put({"time": dt, "init_s": t_init, "steps": trainer.state.global_step, "loss": float(out.training_loss),
+           "peak_rss_mb": _peak_rss_mb()})
+
+
+def race_main(a):
+    import statistics
+    import tempfile
+    records = a.records
+    if not os.path.exists(records):
+        sys.exit(f"bench_dpo --trl: no records file {records!r}; run `cst demo` (it writes "
+                 "train_records.jsonl in its output folder) or pass --records FILE")
+    sides = [x.strip() for x in a.sides.split(",") if x.strip()]
+    bad = [x for x in sides if x not in TRL_SIDES]
+    if bad:
+        sys.exit(f"bench_dpo --trl: unknown side(s) {bad}; known: {sorted(TRL_SIDES)}")
+    load = os.getloadavg()
+    print(f"trainer race: {a.model}, the demo's recipe, the first {a.records_n} records of {records}, one "
+          f"epoch; {a.threads} threads; {a.runs} run(s), the sides one after another in their own processes; "
+          f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    from _machine import cpu_line
+    print("CPU: " + cpu_line())
+    res = {k: [] for k in sides}
+    with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:
+        hf_dir = os.path.join(tmp, "hf")
+        if any(k.startswith("trl") for k in sides):
+            _spawn(race_prepare, a.model, hf_dir)
+        for run in range(a.runs):
+            for k in sides:
+                out_dir = os.path.join(tmp, f"{k}-{run}")
+                if k.startswith("cst"):
+                    r = _spawn(race_cst, a.model, records, a.records_n, a.threads, TRL_SIDES[k], out_dir)
+                else:
+                    bf16, ckpt = TRL_SIDES[k]
+                    r = _spawn(race_trl, hf_dir, records, a.records_n, a.threads, bf16, ckpt, out_dir)
+                res[k].append(r)
+                print(f"  run {run + 1} {k:12s} {r['time']:8.2f} s, {r['steps']} steps, "
+                      f"{r['time'] / max(r['steps'], 1):.3f} s/step, mean loss {r['loss']:.4f}, "
+                      f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+    print(f"\n{'side':12s} {'train s min':>12s} {'median':>8s} {'s/step min':>11s} {'steps':>6s}")
+    for k in sides:
+        t = [r["time"] for r in res[k]]
+        print(f"{k:12s} {min(t):12.2f} {statistics.median(t):8.2f} {min(t) / max(res[k][0]['steps'], 1):11.3f} "
+              f"{res[k][0]['steps']:6d}")
+    load = os.getloadavg()
+    print(f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    for ours in (k for k in sides if k.startswith("cst")):
+        for theirs in (k for k in sides if k.startswith("trl")):
+            mo = min(r["time"] for r in res[ours])
+            mt = min(r["time"] for r in res[theirs])
+            med = statistics.median(r["time"] for r in res[theirs]) / statistics.median(r["time"] for r in res[ours])
+            print(f"ratio {ours} vs {theirs}: cst is {mt / mo:.2f}x faster (min over runs; median {med:.2f}x)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -261,7 +399,16 @@ def main():
     ap.add_argument("--micro", type=int, default=None, help="pairs per micro-batch (default: all in one)")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--profile", action="store_true", help="time per phase (adds a little overhead)")
+    ap.add_argument("--trl", action="store_true", help="trainer mode: cst's Trainer against TRL's DPOTrainer")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="trainer mode: the model (cst.load)")
+    ap.add_argument("--records", default=os.path.join("cst-demo", "train_records.jsonl"),
+                    help="trainer mode: CST records (a demo run's train_records.jsonl)")
+    ap.add_argument("--records-n", type=int, default=64, help="trainer mode: records trained on (one epoch)")
+    ap.add_argument("--runs", type=int, default=3, help="trainer mode: runs of every side")
+    ap.add_argument("--sides", default=",".join(TRL_SIDES), help="trainer mode: which sides race")
     a = ap.parse_args()
+    if a.trl:
+        return race_main(a)
     cfg = dict(SMOLLM2, n_layers=a.layers)
     P, T = a.pairs, a.seq
     tokens = 2 * P * T
@@ -288,6 +435,7 @@ def main():
     if len(rows) == 2:
         ours, theirs = rows[0][1], rows[1][1]
         speed = min(theirs["times"]) / min(ours["times"])
+        print(f"ratio cst {a.dtype} vs pytorch+peft fp32 step: {speed:.2f}x faster (min over steps)")
         print(f"speed: cst is {speed:.2f}x PyTorch (target >= 1.5x); peak RSS {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x "
               f"(during steps {ours['step_rss_mb'] / theirs['step_rss_mb']:.2f}x; target <= 1x)")
     try:

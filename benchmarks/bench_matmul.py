@@ -22,6 +22,7 @@ import sys
 import time
 
 import _srcpath
+from _machine import cpu_info
 
 MODEL = [("q/o", 576, 576), ("k/v", 192, 576), ("gate/up", 1536, 576), ("down", 576, 1536),
          ("qkv fused", 960, 576), ("gate|up fused", 3072, 576), ("lm head", 49152, 576)]
@@ -47,25 +48,6 @@ def products():
         out.append(("lora", f"r{r} dh=dy B", N_TOKENS, r, out_, "nn"))
         out.append(("lora", f"r{r} dx+=dh A", N_TOKENS, c, r, "nn"))
     return out
-
-
-def cpu_info():
-    model = family = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                if k.strip() == "model name" and model == "?":
-                    model = v.strip()
-                if k.strip() == "cpu family" and family == "?":
-                    family = v.strip()
-                if k.strip() == "flags":
-                    flags = set(v.split())
-                    break
-    except OSError:
-        flags = set()
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return model, family, simd
 
 
 # ---- worker: one library, every product, best time of each ----

@@ -893,10 +893,19 @@ TAMX static void amx_panels(float *c, int64_t ldc, const uint32_t *a, int64_t ld
         for (int64_t i0 = i_lo; i0 < i_hi; i0 += 32) {
             const uint32_t *b0 = bp + (int64_t)q * 16 * KPp, *b1 = b0 + 16 * KPp;
             const uint32_t *a0 = a + i0 * lda, *a1 = a0 + 16 * lda;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
+            /* A whole 16 x 16 output tile of this thread's range goes between the tile and c directly:
+             * loaded as the accumulator's start (accumulate) and stored from it. Edge tiles go through t. */
+#define AMX_FULL(DI, DJ) (q + DJ / 16 < npan && i0 + DI + 16 <= M && (jp0 + q) * 16 + DJ + 16 <= N)
+#define AMX_START(T, DI, DJ)                                                                        \
+            if (accumulate && AMX_FULL(DI, DJ))                                                     \
+                _tile_loadd(T, c + (i0 + DI) * ldc + (jp0 + q) * 16 + DJ, ldc * 4);                 \
+            else                                                                                    \
+                _tile_zero(T);
+            AMX_START(0, 0, 0)
+            AMX_START(1, 0, 16)
+            AMX_START(2, 16, 0)
+            AMX_START(3, 16, 16)
+#undef AMX_START
             for (int64_t p = 0; p < KPp; p += 16) {
                 _tile_loadd(4, a0 + p, lda * 4);
                 _tile_loadd(5, a1 + p, lda * 4);
@@ -910,7 +919,9 @@ TAMX static void amx_panels(float *c, int64_t ldc, const uint32_t *a, int64_t ld
 /* The all-zero partner of an odd panel count (q + 1 == npan) is never stored: its columns belong to the
  * next range, another thread's (it once raced with that thread's stores). */
 #define AMX_STORE(T, DI, DJ)                                                                        \
-            if (q + DJ / 16 < npan) {                                                               \
+            if (AMX_FULL(DI, DJ)) {                                                                 \
+                _tile_stored(T, c + (i0 + DI) * ldc + (jp0 + q) * 16 + DJ, ldc * 4);                \
+            } else if (q + DJ / 16 < npan) {                                                        \
                 _tile_stored(T, t, 64);                                                             \
                 const int64_t r0 = i0 + DI, c0 = (jp0 + q) * 16 + DJ;                               \
                 if (c0 < N) amx_store_tile(c + r0 * ldc + c0, ldc, t, (int)min64(16, M - r0),       \
@@ -921,6 +932,7 @@ TAMX static void amx_panels(float *c, int64_t ldc, const uint32_t *a, int64_t ld
             AMX_STORE(2, 16, 0)
             AMX_STORE(3, 16, 16)
 #undef AMX_STORE
+#undef AMX_FULL
         }
 }
 
@@ -938,6 +950,57 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void pack_pairs(uint
                                      : _mm512_setzero_si512();
         _mm512_storeu_si512(d + p * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
     }
+}
+
+/* r[j] = column j of the 16 x 16 block of 32-bit elements r[0..15] (rows): 32-bit then 64-bit interleaves
+ * inside each 128-bit lane leave u[4i + m], lane L, holding column 4L + m of rows 4i..4i + 3; two
+ * rounds of 128-bit lane shuffles then gather each column's four lanes into one register. */
+__attribute__((target("avx512f"))) static inline void transpose16x16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int m = 0; m < 4; m++) {
+        const __m512i p = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x44), q = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xEE);
+        const __m512i v = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x44);
+        const __m512i w = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xEE);
+        r[m] = _mm512_shuffle_i32x4(p, v, 0x88);
+        r[4 + m] = _mm512_shuffle_i32x4(p, v, 0xDD);
+        r[8 + m] = _mm512_shuffle_i32x4(q, w, 0x88);
+        r[12 + m] = _mm512_shuffle_i32x4(q, w, 0xDD);
+    }
+}
+
+/* The A operand of the weight gradient, dW = dy^T x, whose k runs down dy's rows: dst (ceil(M/32)*32
+ * rows of KPp pairs), dst[o * KPp + p] = d16[2p][o] | d16[2p + 1][o] << 16 for the bf16 matrix d16 (K rows
+ * of M), zero past row K - 1, column M - 1 and pair ceil(K/2) - 1. Built 16 x 16 pairs at a time: the
+ * k-pair panel of pack_pairs, transposed in registers. */
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void amx_a_pairs_t(uint32_t *dst, const uint16_t *d16,
+                                                                              int64_t K, int64_t M, int64_t KPp) {
+    const int64_t nb = (M + 15) / 16, Mp = (M + 31) / 32 * 32, KP = (K + 1) / 2;
+#pragma omp parallel for schedule(static) if ((double)M * K >= 1e5)
+    for (int64_t ob = 0; ob < nb; ob++) {
+        const int64_t col = ob * 16;
+        const int nr = (int)min64(16, M - col);
+        uint32_t blk[16 * 16];
+        for (int64_t p0 = 0; p0 < KPp; p0 += 16) {
+            const int64_t kd = p0 < KP ? min64(16, KP - p0) : 0;
+            if (kd) pack_pairs(blk, d16, M, K, p0, kd, col, nr);
+            __m512i r[16];
+            for (int p = 0; p < 16; p++)
+                r[p] = p < kd ? _mm512_loadu_si512(blk + 16 * p) : _mm512_setzero_si512();
+            transpose16x16(r);
+            for (int j = 0; j < 16; j++) _mm512_storeu_si512(dst + (col + j) * KPp + p0, r[j]);
+        }
+    }
+    if (Mp > nb * 16) memset(dst + nb * 16 * KPp, 0, (size_t)((Mp - nb * 16) * KPp) * 4);
 }
 
 /* B is b's pair elements (b[k*rsb + j*csb]), or, when w16 is not NULL, the pairs of rows of the bf16
@@ -996,6 +1059,9 @@ static int amx_gemm(float *c, int64_t ldc, const uint32_t *a, int64_t lda, const
     return 0;
 }
 #else
+static void amx_a_pairs_t(uint32_t *dst, const uint16_t *d16, int64_t K, int64_t M, int64_t KPp) {
+    (void)dst; (void)d16; (void)K; (void)M; (void)KPp;
+}
 static int amx_usable(void) { return 0; }
 static int amx_gemm(float *c, int64_t ldc, const uint32_t *a, int64_t lda, const uint32_t *b, int64_t rsb,
                     int64_t csb, const uint16_t *w16, int64_t K16, int64_t M, int64_t N, int64_t KP, int accumulate) {
@@ -1139,7 +1205,19 @@ int cst_gemm_bf16_nn(float *out, const float *dy, const uint16_t *w, int64_t N, 
 int cst_gemm_bf16_tn(float *out, const float *dy, const float *x, int64_t N, int64_t OC, int64_t C,
                      int accumulate) {
     bf16_bufs s = {{NULL, NULL}, {0, 0}};
-    if (cst_gemm_bf16_way() != CST_BF16_DOT) { /* AMX would need dy transposed: the fp32 GEMM instead */
+    if (cst_gemm_bf16_way() == CST_BF16_AMX && N > 0) {
+        /* k = N runs down the rows of both: B's panels come from x's bf16 row pairs (pack_pairs), A is dy's
+         * pairs transposed (amx_a_pairs_t), built from dy in bf16, whose buffer then holds x in bf16. */
+        const int64_t KP = (N + 1) / 2, KPp = (KP + 15) / 16 * 16, rows = N * (OC > C ? OC : C);
+        uint16_t *h = bufs_get(&s, 0, rows * 2);
+        uint32_t *a = bufs_get(&s, 1, (OC + 31) / 32 * 32 * KPp * 4);
+        if (!h || !a) return bufs_put(&s, -1);
+        cst_bf16_rows_f32(h, dy, OC, N, OC, OC);
+        amx_a_pairs_t(a, h, N, OC, KPp);
+        cst_bf16_rows_f32(h, x, C, N, C, C);
+        return bufs_put(&s, amx_gemm(out, C, a, KPp, NULL, 0, 0, h, N, OC, C, KP, accumulate));
+    }
+    if (cst_gemm_bf16_way() != CST_BF16_DOT) { /* no AVX512_BF16: the fp32 GEMM on rounded inputs */
         float *dr = bufs_get(&s, 0, N * OC * 4), *xr = bufs_get(&s, 1, N * C * 4);
         if (!dr || !xr) return bufs_put(&s, -1);
         cst_bf16_round_f32(dr, dy, N * OC);
