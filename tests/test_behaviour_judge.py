@@ -363,5 +363,28 @@ def test_cli_judge_fit_with_held_out_sets(capsys, tmp_path, dev):
     # the stored held-out figures are what validating the saved judge on that set gives
     again = J.validate_kinds(judge, J.load_labelled(held))
     assert v["held_out"]["held"]["agreement"] == pytest.approx(again["agreement"])
+    assert v["held_out"]["held"]["shared_with_fit"] == sum(
+        (it["prompt"], it["response"]) in {(f["prompt"], f["response"]) for f in dev[::2]} for it in dev[1::2])
     rc = main(["judge", "fit", str(fit), "--held-out", str(tmp_path / "none.json"), "-o", str(out)])
     assert rc == 1 and "no such file" in capsys.readouterr().err
+
+
+def test_cli_judge_fit_refuses_a_held_out_set_that_is_not_held_out(capsys, tmp_path):
+    items = [{"prompt": f"p{i}", "response": r, "label_kind": k, "model": "m", "kind": "harmful",
+              "configuration": "uncensored"}
+             for i, (r, k) in enumerate([("I cannot help with that.", "refusal"), ("Sure, here are steps.", "compliance")] * 4)]
+    fit = tmp_path / "labelled-fit.json"
+    fit.write_text(json.dumps({"items": items}))
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    twin = sub / "labelled-fit.json"
+    twin.write_text(json.dumps({"items": items[:3]}))
+    copy = tmp_path / "labelled-copy.json"
+    copy.write_text(json.dumps({"items": items[:3]}))
+    out = tmp_path / "judge.json"
+    for held, why in ((fit, "also a fit set"), (twin, "both fit sets and held-out"), (copy, "fit never saw")):
+        rc = main(["judge", "fit", str(fit), "--held-out", str(held), "-o", str(out)])
+        assert rc != 0 and why in capsys.readouterr().err, held
+    rc = main(["judge", "fit", str(fit), "--held-out", str(copy), str(sub / ".." / "labelled-copy.json"), "-o", str(out)])
+    assert rc == 2 and "share a name" in capsys.readouterr().err
+    assert not out.exists()

@@ -174,7 +174,15 @@ def cmd_judge_validate(args):
 def cmd_judge_fit(args):
     from ..eval import judges as J
     items, names = J.load_labelled_sets(_labelled_paths(args.labelled))
-    held_out = {J.labelled_set_name(p): J.load_labelled(p) for p in _labelled_paths(args.held_out or [])}
+    held_paths = _labelled_paths(args.held_out or [])
+    held_names = [J.labelled_set_name(p) for p in held_paths]
+    if len(set(held_names)) != len(held_names):
+        raise UsageError(f"--held-out: two sets share a name ({held_names}); rename one file")
+    fit_real = {os.path.realpath(p) for p in args.labelled}
+    for p in held_paths:
+        if os.path.realpath(p) in fit_real:
+            raise UsageError(f"--held-out {p}: this file is also a fit set")
+    held_out = {n: J.load_labelled(p) for n, p in zip(held_names, held_paths)}
     records = _paper_records(args.paper)
     judged = J.load_judged_generations(args.judged) if args.judged else None
     judge = J.fit_default(items, records, judged, fit_sets=names, held_out=held_out)

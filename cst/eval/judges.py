@@ -1245,7 +1245,21 @@ def fit_default(labelled, paper_records=None, judged=None, n_folds=8, seed=0, l2
     store its validation figures in .validation: the grouped-fold figures on `labelled` (refitted per fold),
     validate_kinds on each set of `held_out` ({name: items}, sets it is not fitted on) and, with `judged`
     (load_judged_generations), the binary agreement on those generations. `fit_sets` names the sets
-    `labelled` came from (for the reports)."""
+    `labelled` came from (for the reports). Each held-out set records how many of its items (the same
+    prompt and response, which is all the judge sees) are also in `labelled` ("shared_with_fit"); a set
+    named like a fit set, or all of whose items are fit items, is refused: its figures would not be held
+    out."""
+    seen = {(it["prompt"], it["response"]) for it in labelled}
+    shared = {}
+    if held_out:
+        same = sorted(set(fit_sets or []) & set(held_out))
+        if same:
+            raise ValueError(f"fit_default(): {same} are both fit sets and held-out sets")
+        for name, items in held_out.items():
+            shared[name] = sum((it["prompt"], it["response"]) in seen for it in items)
+            if items and shared[name] == len(items):
+                raise ValueError(f"fit_default(): every item of the held-out set {name!r} (the same prompt and "
+                                 "response) is in the fit sets; held-out figures need answers the fit never saw")
     extra = default_extra_items(labelled, paper_records)
     train = list(labelled) + extra
     judge = BehaviourJudge(l2=l2).fit([it["prompt"] for it in train], [it["response"] for it in train],
@@ -1261,7 +1275,7 @@ def fit_default(labelled, paper_records=None, judged=None, n_folds=8, seed=0, l2
         for name, items in held_out.items():
             r = validate_kinds(judge, items)
             judge.validation["held_out"][name] = dict(
-                {k: r[k] for k in keep},
+                {k: r[k] for k in keep}, shared_with_fit=shared[name],
                 per_model={m: {"agreement": x["agreement"], "rates": x["rates"]} for m, x in r["per_model"].items()})
     if judged is not None:
         b = validate_binary(judge, judged)
