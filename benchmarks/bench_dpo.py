@@ -14,14 +14,16 @@ demo's training recipe (cst.demo's settings: LoRA r 16 on all seven projections,
 0.1, rpo_alpha 1, batches of 4, max_length 80) and the first --records-n records of a demo run's
 train_records.jsonl, one epoch: cst's Trainer in fp32 and with the bf16 base, against TRL's DPOTrainer
 (with PEFT, on the same weights exported by cst.save_hf) in fp32, in its fastest CPU configuration (bf16
-autocast, no gradient checkpointing), and with TRL's defaults (bf16 autocast and gradient checkpointing).
-Each timed figure is the whole train() call, reference log-probs included, model load excluded.
+autocast, no gradient checkpointing), the same with the reference log-probs computed once before training
+(precompute_ref_log_probs, as cst does; TRL's default recomputes them every step with the adapters off),
+and with TRL's defaults (bf16 autocast and gradient checkpointing). Each timed figure is the whole
+trainer construction (tokenisation) and train() call, reference log-probs included, model load excluded.
 
     python3 benchmarks/bench_dpo.py [--threads 2] [--pairs 4] [--seq 256] [--prompt 64] [--layers 30]
                                     [--steps 3] [--dropout 0.0] [--dtype f32|bf16] [--micro K]
                                     [--skip-torch] [--profile]
     python3 benchmarks/bench_dpo.py --trl [--records cst-demo/train_records.jsonl] [--records-n 64]
-                                    [--runs 3] [--threads 2] [--sides cst-f32,cst-bf16,trl-f32,trl-bf16,trl-default]
+                                    [--runs 3] [--threads 2] [--sides cst-f32,cst-bf16,trl-f32,trl-bf16,trl-bf16-pre,trl-default]
 """
 import argparse
 import multiprocessing as mp
@@ -260,9 +262,10 @@ def _spawn(fn, *args, **kwargs):
 
 # ---- trainer mode: cst's Trainer against TRL's DPOTrainer on the demo's recipe and data ----
 
-TRL_SIDES = {  # name: (bf16, gradient checkpointing) for TRL; bf16 for cst
+TRL_SIDES = {  # name: (bf16, gradient checkpointing, precompute_ref_log_probs) for TRL; bf16 for cst
     "cst-f32": False, "cst-bf16": True,
-    "trl-f32": (False, False), "trl-bf16": (True, False), "trl-default": (True, True),
+    "trl-f32": (False, False, False), "trl-bf16": (True, False, False), "trl-bf16-pre": (True, False, True),
+    "trl-default": (True, True, False),
 }
 
 
@@ -308,7 +311,7 @@ def race_cst(model_name, records_path, n, threads, bf16, out_dir, q):
            "peak_rss_mb": _peak_rss_mb()})
 
 
-def race_trl(hf_dir, records_path, n, threads, bf16, checkpointing, out_dir, q):
+def race_trl(hf_dir, records_path, n, threads, bf16, checkpointing, precompute, out_dir, q):
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import _srcpath
     _srcpath.prefer_built_source_tree()
@@ -322,7 +325,7 @@ def race_trl(hf_dir, records_path, n, threads, bf16, checkpointing, out_dir, q):
     records = D.load_records(records_path)[:n]
     t = _demo_config(out_dir, threads, bf16, n).to_trl()
     args = dict(t["DPOConfig"], report_to="none", use_cpu=True, dataloader_num_workers=0, bf16=bf16,
-                gradient_checkpointing=checkpointing, disable_tqdm=True)
+                gradient_checkpointing=checkpointing, precompute_ref_log_probs=precompute, disable_tqdm=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     ds = datasets.Dataset.from_list([D.to_trl(r) for r in records])
@@ -364,8 +367,7 @@ def race_main(a):
                 if k.startswith("cst"):
                     r = _spawn(race_cst, a.model, records, a.records_n, a.threads, TRL_SIDES[k], out_dir)
                 else:
-                    bf16, ckpt = TRL_SIDES[k]
-                    r = _spawn(race_trl, hf_dir, records, a.records_n, a.threads, bf16, ckpt, out_dir)
+                    r = _spawn(race_trl, hf_dir, records, a.records_n, a.threads, *TRL_SIDES[k], out_dir)
                 res[k].append(r)
                 print(f"  run {run + 1} {k:12s} {r['time']:8.2f} s, {r['steps']} steps, "
                       f"{r['time'] / max(r['steps'], 1):.3f} s/step, mean loss {r['loss']:.4f}, "

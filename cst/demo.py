@@ -263,6 +263,15 @@ def _kind_shares(rows):
             for c, ks in out.items()}
 
 
+def _baseline_key(s, seed, judge) -> str:
+    """The key of eval_baseline.json: the model, the evaluation settings and the judge's fingerprint (its
+    weights), so that a refitted judge re-scores the baseline instead of reusing stale verdicts."""
+    from .eval.judges import judge_fingerprint
+    return _key({"model": s["model"], "seed": seed, **{k: s[k] for k in s if k.startswith("eval_")},
+                 "n_boot": s["n_boot"], "configurations": s["configurations"], "bs": s["gen_batch_size"],
+                 "judge": judge_fingerprint(judge)})
+
+
 def _cached_eval(model, s, seed, judge, progress, path: Path, key: str, tag: str):
     cached = _read_cache(path, key)
     if cached is not None:
@@ -590,9 +599,7 @@ def run(output_dir=OUTPUT_DIR, quick: bool = False, seed: int = 0, threads: int 
               "timings": timings, "cpu_seconds": cpu, "files": {}}
     if quick:
         report["note"] = "quick mode: tiny random model, figures are not meaningful"
-    base_key = _key({"model": s["model"], "seed": seed, **{k: s[k] for k in s if k.startswith("eval_")},
-                     "n_boot": s["n_boot"], "configurations": s["configurations"], "bs": s["gen_batch_size"],
-                     "judge": type(judge).__name__})
+    base_key = _baseline_key(s, seed, judge)
     step, trainer = "load", None
     t_all, c_all = time.perf_counter(), time.process_time()
 

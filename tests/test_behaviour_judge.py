@@ -388,3 +388,29 @@ def test_cli_judge_fit_refuses_a_held_out_set_that_is_not_held_out(capsys, tmp_p
     rc = main(["judge", "fit", str(fit), "--held-out", str(copy), str(sub / ".." / "labelled-copy.json"), "-o", str(out)])
     assert rc == 2 and "share a name" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_judge_fingerprint_follows_the_weights_not_the_description():
+    import copy
+    a, b = J.default_judge(), copy.deepcopy(J.default_judge())  # default_judge() may be one shared object
+    assert J.judge_fingerprint(a) == J.judge_fingerprint(b)
+    b.validation = {"anything": 1}
+    b.fit_info = {"note": "redescribed"}
+    assert J.judge_fingerprint(a) == J.judge_fingerprint(b)  # same verdicts, same fingerprint
+    b.weights = b.weights.copy()
+    b.weights[0, 0] += 1e-6
+    assert J.judge_fingerprint(a) != J.judge_fingerprint(b)  # a refit: new fingerprint
+    r1, r2 = J.judge_by_name("refusal"), J.judge_by_name("refusal-strict")
+    assert J.judge_fingerprint(r1) == J.judge_fingerprint(J.judge_by_name("refusal"))
+    assert J.judge_fingerprint(r1) != J.judge_fingerprint(r2)
+    assert J.judge_fingerprint(r1).startswith("RefusalJudge:")
+
+
+def test_demo_baseline_cache_is_keyed_on_the_judges_weights():
+    import copy
+    import cst.demo as demo
+    s = demo.settings_for()
+    a, b = J.default_judge(), copy.deepcopy(J.default_judge())
+    assert demo._baseline_key(s, 0, a) == demo._baseline_key(s, 0, b)
+    b.weights = b.weights * 1.001
+    assert demo._baseline_key(s, 0, a) != demo._baseline_key(s, 0, b)

@@ -969,6 +969,33 @@ def judge_by_name(name):
                      "'refusal-strict', 'classifier:FILE.npz' or 'behaviour:FILE.json'")
 
 
+def judge_fingerprint(judge) -> str:
+    """A short, stable hash of what decides a judge's verdicts: its class and its state (a BehaviourJudge's
+    weights, feature list and settings; any other judge's attributes), without validation figures or fit
+    notes. Caches of verdicts are keyed on it, so a refitted judge never reuses a stale verdict while a
+    re-described one does."""
+    import hashlib
+    name = type(judge).__name__
+    if isinstance(judge, BehaviourJudge) and judge.weights is not None:
+        state = {k: v for k, v in judge.to_dict().items() if k not in ("validation", "fit_info")}
+    else:
+        state = {k: v for k, v in sorted(vars(judge).items()) if not callable(v)} if hasattr(judge, "__dict__") \
+            else repr(judge)
+
+    def plain(o):
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, (np.generic,)):
+            return o.item()
+        if isinstance(o, re.Pattern):
+            return o.pattern
+        if hasattr(o, "__dict__"):  # a judge inside a judge (CombinedJudge)
+            return judge_fingerprint(o)
+        return repr(o)
+    blob = json.dumps(state, sort_keys=True, default=plain)
+    return f"{name}:{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+
 def describe_judge(judge):
     """One line naming `judge` and, for the default, its validation figures (for reports): the grouped
     folds on the sets it was fitted on, each labelled set it was never fitted on, and Hermes vs GPT-4."""
