@@ -269,7 +269,7 @@ TRL_SIDES = {  # name: (bf16, gradient checkpointing, precompute_ref_log_probs) 
 }
 
 
-def _demo_config(out_dir, threads, bf16, n_records):
+def _demo_config(out_dir, threads, bf16):
     """The demo's training settings (cst.demo.DEFAULTS) as a DPOConfig for one epoch over the records,
     with no checkpoints and no grouping (TRL samples batches at random; so does cst here)."""
     import cst
@@ -301,7 +301,7 @@ def race_cst(model_name, records_path, n, threads, bf16, out_dir, q):
     cst.set_num_threads(threads)
     records = D.load_records(records_path)[:n]
     model = cst.load(model_name)
-    config = _demo_config(out_dir, threads, bf16, n)
+    config = _demo_config(out_dir, threads, bf16)
     t0 = time.perf_counter()
     trainer = Trainer(model, config, train_dataset=records)
     hist = trainer.train()
@@ -323,7 +323,7 @@ def race_trl(hf_dir, records_path, n, threads, bf16, checkpointing, precompute, 
     from cst import data as D
     torch.set_num_threads(threads)
     records = D.load_records(records_path)[:n]
-    t = _demo_config(out_dir, threads, bf16, n).to_trl()
+    t = _demo_config(out_dir, threads, bf16).to_trl()
     args = dict(t["DPOConfig"], report_to="none", use_cpu=True, dataloader_num_workers=0, bf16=bf16,
                 gradient_checkpointing=checkpointing, precompute_ref_log_probs=precompute, disable_tqdm=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
