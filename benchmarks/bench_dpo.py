@@ -332,10 +332,9 @@ def race_trl(hf_dir, records_path, n, threads, bf16, checkpointing, precompute, 
     t0 = time.perf_counter()
     trainer = trl.DPOTrainer(model=model, args=trl.DPOConfig(**args), train_dataset=ds, processing_class=tok,
                              peft_config=peft.LoraConfig(**t["LoraConfig"]))
-    t_init = time.perf_counter() - t0
     out = trainer.train()
     dt = time.perf_counter() - t0
-    q.put({"time": dt, "init_s": t_init, "steps": trainer.state.global_step, "loss": float(out.training_loss),
+    q.put({"time": dt, "steps": trainer.state.global_step, "loss": float(out.training_loss),
            "peak_rss_mb": _peak_rss_mb()})
 
 
@@ -385,6 +384,11 @@ def race_main(a):
             mt = min(r["time"] for r in res[theirs])
             med = statistics.median(r["time"] for r in res[theirs]) / statistics.median(r["time"] for r in res[ours])
             print(f"ratio {ours} vs {theirs}: cst is {mt / mo:.2f}x faster (min over runs; median {med:.2f}x)")
+    trl_sides = [k for k in sides if k.startswith("trl")]
+    if "cst-bf16" in sides and trl_sides:  # the figure: against whichever TRL configuration ran fastest
+        per_run = [min(res[k][i]["time"] for k in trl_sides) / res["cst-bf16"][i]["time"] for i in range(a.runs)]
+        print(f"ratio cst-bf16 vs TRL's fastest side, per run: {', '.join(f'{x:.2f}x' for x in per_run)} "
+              f"(min {min(per_run):.2f}x)")
 
 
 def main():

@@ -382,7 +382,8 @@ def test_cli_judge_fit_refuses_a_held_out_set_that_is_not_held_out(capsys, tmp_p
     copy = tmp_path / "labelled-copy.json"
     copy.write_text(json.dumps({"items": items[:3]}))
     out = tmp_path / "judge.json"
-    for held, why in ((fit, "also a fit set"), (twin, "both fit sets and held-out"), (copy, "fit never saw")):
+    for held, why in ((fit, "both fit sets and held-out"), (twin, "both fit sets and held-out"),
+                      (copy, "fit never saw")):
         rc = main(["judge", "fit", str(fit), "--held-out", str(held), "-o", str(out)])
         assert rc != 0 and why in capsys.readouterr().err, held
     rc = main(["judge", "fit", str(fit), "--held-out", str(copy), str(sub / ".." / "labelled-copy.json"), "-o", str(out)])
@@ -404,6 +405,12 @@ def test_judge_fingerprint_follows_the_weights_not_the_description():
     assert J.judge_fingerprint(r1) == J.judge_fingerprint(J.judge_by_name("refusal"))
     assert J.judge_fingerprint(r1) != J.judge_fingerprint(r2)
     assert J.judge_fingerprint(r1).startswith("RefusalJudge:")
+    # a judge that asks a model: two different models never share a fingerprint
+    l1, l2 = J.LLMJudge(lambda p: "[[1]]"), J.LLMJudge(lambda p: "[[0]]")
+    assert J.judge_fingerprint(l1) != J.judge_fingerprint(l2)
+    # a combination follows its parts
+    c1, c2 = J.CombinedJudge([a, r1], "any"), J.CombinedJudge([b, r1], "any")
+    assert J.judge_fingerprint(c1) != J.judge_fingerprint(c2)
 
 
 def test_demo_baseline_cache_is_keyed_on_the_judges_weights():

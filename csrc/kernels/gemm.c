@@ -1217,7 +1217,7 @@ int cst_gemm_bf16_tn(float *out, const float *dy, const float *x, int64_t N, int
         cst_bf16_rows_f32(h, x, C, N, C, C);
         return bufs_put(&s, amx_gemm(out, C, a, KPp, NULL, 0, 0, h, N, OC, C, KP, accumulate));
     }
-    if (cst_gemm_bf16_way() != CST_BF16_DOT) { /* no AVX512_BF16: the fp32 GEMM on rounded inputs */
+    if (cst_gemm_bf16_way() != CST_BF16_DOT) { /* the convert way: the fp32 GEMM on rounded inputs */
         float *dr = bufs_get(&s, 0, N * OC * 4), *xr = bufs_get(&s, 1, N * C * 4);
         if (!dr || !xr) return bufs_put(&s, -1);
         cst_bf16_round_f32(dr, dy, N * OC);

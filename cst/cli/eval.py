@@ -175,13 +175,11 @@ def cmd_judge_fit(args):
     from ..eval import judges as J
     items, names = J.load_labelled_sets(_labelled_paths(args.labelled))
     held_paths = _labelled_paths(args.held_out or [])
-    held_names = [J.labelled_set_name(p) for p in held_paths]
-    if len(set(held_names)) != len(held_names):
-        raise UsageError(f"--held-out: two sets share a name ({held_names}); rename one file")
-    fit_real = {os.path.realpath(p) for p in args.labelled}
-    for p in held_paths:
-        if os.path.realpath(p) in fit_real:
-            raise UsageError(f"--held-out {p}: this file is also a fit set")
+    try:
+        held_names = J.labelled_set_names(held_paths)
+    except ValueError as e:
+        raise UsageError(f"--held-out: {e}") from None
+    # a held-out file that is also a fit set has a fit set's name: fit_default refuses it
     held_out = {n: J.load_labelled(p) for n, p in zip(held_names, held_paths)}
     records = _paper_records(args.paper)
     judged = J.load_judged_generations(args.judged) if args.judged else None

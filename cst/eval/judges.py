@@ -978,18 +978,17 @@ def judge_fingerprint(judge) -> str:
     name = type(judge).__name__
     if isinstance(judge, BehaviourJudge) and judge.weights is not None:
         state = {k: v for k, v in judge.to_dict().items() if k not in ("validation", "fit_info")}
-    else:
-        state = {k: v for k, v in sorted(vars(judge).items()) if not callable(v)} if hasattr(judge, "__dict__") \
-            else repr(judge)
+    else:  # every attribute; a function (LLMJudge's generate_fn) by its repr, so it is never taken for another
+        state = dict(vars(judge)) if hasattr(judge, "__dict__") else repr(judge)
 
     def plain(o):
         if isinstance(o, np.ndarray):
             return o.tolist()
-        if isinstance(o, (np.generic,)):
+        if isinstance(o, np.generic):
             return o.item()
         if isinstance(o, re.Pattern):
             return o.pattern
-        if hasattr(o, "__dict__"):  # a judge inside a judge (CombinedJudge)
+        if hasattr(o, "score_batch"):  # a judge inside a judge (CombinedJudge)
             return judge_fingerprint(o)
         return repr(o)
     blob = json.dumps(state, sort_keys=True, default=plain)
@@ -1080,15 +1079,21 @@ def labelled_set_name(path):
     return stem[len("labelled-"):] if stem.startswith("labelled-") else stem
 
 
+def labelled_set_names(paths):
+    """labelled_set_name of each path; ValueError when two share a name (their figures would be mixed up)."""
+    names = [labelled_set_name(p) for p in paths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two labelled sets share a name (the file's stem): {names}; rename one file")
+    return names
+
+
 def load_labelled_sets(paths):
     """load_labelled of each path, as one list. With more than one set, each item's model is prefixed
     with its set's name ("smollm2-dev:base"), so rates stay per set and model. -> (items, names)."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not paths:
         raise ValueError("load_labelled_sets(): no labelled set given")
-    names = [labelled_set_name(p) for p in paths]
-    if len(set(names)) != len(names):
-        raise ValueError(f"load_labelled_sets(): two sets share a name: {names}")
+    names = labelled_set_names(paths)
     items = []
     for p, name in zip(paths, names):
         for it in load_labelled(p):
