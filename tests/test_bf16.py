@@ -86,6 +86,12 @@ def test_bf16_products_match_float64(simd, way, rng, N, C, OC):
     only = dx0.copy()
     _core.matmul_bf16_backward(only, None, dy, x, w16)
     np.testing.assert_array_equal(only, dx)
+    written, dw_w = np.full_like(dx0, np.nan), dw0.copy()
+    _core.matmul_bf16_backward(written, dw_w, dy, x, w16, accumulate=False)  # dx written, dw added into
+    np.testing.assert_array_equal(dw_w, dw)
+    zeroed = np.zeros_like(dx0)
+    _core.matmul_bf16_backward(zeroed, None, dy, x, w16)
+    np.testing.assert_array_equal(written, zeroed)
 
 
 @pytest.mark.parametrize("N,C,OC", [(1024, 576, 576), (256, 1536, 576), (96, 576, 1536)])

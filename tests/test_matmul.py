@@ -41,6 +41,14 @@ def test_matmul_backward_matches_float64(simd, rng, N, C, OC):
     only_dx = dx0.copy()
     _core.matmul_backward(only_dx, None, dy, x, w)
     np.testing.assert_array_equal(only_dx, dx)
+    # accumulate=False writes dx (what was there is ignored, NaN included) and still adds into dw
+    written, dw_w = np.full_like(dx0, np.nan), dw0.copy()
+    _core.matmul_backward(written, dw_w, dy, x, w, accumulate=False)
+    assert rel_err(written, d64 @ w.astype(np.float64)) < 1e-5
+    np.testing.assert_array_equal(dw_w, dw)
+    zeroed = np.zeros_like(dx0)
+    _core.matmul_backward(zeroed, None, dy, x, w)
+    np.testing.assert_array_equal(written, zeroed)  # bit for bit what zeroing and adding gives
     only_dw = dw0.copy()
     _core.matmul_backward(None, only_dw, dy, x, w)
     np.testing.assert_array_equal(only_dw, dw)

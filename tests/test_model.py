@@ -178,9 +178,9 @@ def test_fused_views_share_memory_and_frozen_base():
             seen.append(("f", layer, which))
             super()._linear_forward(layer, which, x, out, accumulate)
 
-        def _linear_backward(self, layer, which, dx, dout, x):
+        def _linear_backward(self, layer, which, dx, dout, x, accumulate=True):
             seen.append(("b", layer, which))
-            super()._linear_backward(layer, which, dx, dout, x)
+            super()._linear_backward(layer, which, dx, dout, x, accumulate)
 
     h = Hooked(cfg)
     h.flat_params[...] = m.flat_params

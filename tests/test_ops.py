@@ -396,6 +396,10 @@ def test_swiglu_backward_matches_autograd(simd, rng, N, F, scale):
     _core.swiglu_backward(d, dy, gu)
     ref = swiglu_bwd_torch64(gu, dy)
     assert np.abs((d - d0) - ref).max() <= 2e-6 * max(1.0, np.abs(ref).max())
+    written, zeroed = np.full_like(d0, np.nan), np.zeros_like(d0)
+    _core.swiglu_backward(written, dy, gu, accumulate=False)  # written, not added into
+    _core.swiglu_backward(zeroed, dy, gu)
+    np.testing.assert_array_equal(written, zeroed)
 
 
 def test_swiglu_backward_finite_differences(rng):

@@ -849,9 +849,15 @@ T512BF static void ukr512_bf16_8x48(int64_t kc, const float *ap_, const float *b
 #include <sys/syscall.h>
 #include <unistd.h>
 #define TAMX __attribute__((target("amx-tile,amx-bf16")))
+#ifndef AMX_PANELS
 #define AMX_PANELS 16 /* B panels packed at once: 256 columns */
+#endif
+#ifndef AMX_KB
 #define AMX_KB 512     /* k pairs per block (a multiple of 16): a panel pair is 64 KiB */
+#endif
+#ifndef AMX_MB
 #define AMX_MB 128     /* rows of A per block (a multiple of 32): 256 KiB of A per k block */
+#endif
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];

@@ -21,12 +21,12 @@ void cst_matmul_forward(float *out, const float *inp, const float *weight, int64
 }
 
 void cst_matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
-                         const float *weight, int64_t N, int64_t C, int64_t OC) {
-    /* dinp (N, C) += dout (N, OC) @ weight (OC, C): both operands row-major. */
+                         const float *weight, int64_t N, int64_t C, int64_t OC, int accumulate) {
+    /* dinp (N, C) (+)= dout (N, OC) @ weight (OC, C): both operands row-major. */
     if (dinp && C <= CST_THIN_MAX_COLS && N > GEMV_MAX_ROWS) /* LoRA's dh = dy B */
-        cst_gemm_thin_nn(dinp, dout, weight, N, OC, C, 1);
+        cst_gemm_thin_nn(dinp, dout, weight, N, OC, C, accumulate);
     else if (dinp)
-        cst_gemm(dinp, C, dout, OC, 1, weight, C, 1, N, C, OC, 1);
+        cst_gemm(dinp, C, dout, OC, 1, weight, C, 1, N, C, OC, accumulate);
     /* dweight (OC, C) += dout^T @ inp: A(o, n) = dout[n*OC + o] is read transposed while packing. */
     if (dweight && C <= CST_THIN_MAX_COLS) /* LoRA's dB = dy^T h */
         cst_gemm_thin_tn(dweight, dout, inp, OC, C, N, 1);
@@ -40,8 +40,8 @@ int cst_matmul_bf16_forward(float *out, const float *inp, const uint16_t *weight
 }
 
 int cst_matmul_bf16_backward(float *dinp, float *dweight, const float *dout, const float *inp,
-                             const uint16_t *weight, int64_t N, int64_t C, int64_t OC) {
-    if (dinp && cst_gemm_bf16_nn(dinp, dout, weight, N, OC, C, 1) < 0) return -1;
+                             const uint16_t *weight, int64_t N, int64_t C, int64_t OC, int accumulate) {
+    if (dinp && cst_gemm_bf16_nn(dinp, dout, weight, N, OC, C, accumulate) < 0) return -1;
     if (dweight && cst_gemm_bf16_tn(dweight, dout, inp, N, OC, C, 1) < 0) return -1;
     return 0;
 }

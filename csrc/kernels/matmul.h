@@ -9,16 +9,17 @@
 void cst_matmul_forward(float *out, const float *inp, const float *weight, int64_t N, int64_t C,
                         int64_t OC, int accumulate);
 
-/* dinp (N, C) += dout (N, OC) @ weight (OC, C);  dweight (OC, C) += dout^T @ inp (N, C).
- * Either output may be NULL to skip it (frozen weights, or the first layer's input). */
+/* dinp (N, C) += dout (N, OC) @ weight (OC, C) (= when accumulate == 0, which saves zeroing dinp first);
+ * dweight (OC, C) += dout^T @ inp (N, C). Either output may be NULL to skip it (frozen weights, or the
+ * first layer's input). */
 void cst_matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
-                         const float *weight, int64_t N, int64_t C, int64_t OC);
+                         const float *weight, int64_t N, int64_t C, int64_t OC, int accumulate);
 
 /* The same products with bf16 inputs and fp32 accumulation (gemm.h's cst_gemm_bf16_*): weight is bf16
  * (uint16_t), inp / dout are fp32 rounded to bf16 on the way in; outputs fp32. 0, or -1 without memory. */
 int cst_matmul_bf16_forward(float *out, const float *inp, const uint16_t *weight, int64_t N, int64_t C,
                             int64_t OC, int accumulate);
 int cst_matmul_bf16_backward(float *dinp, float *dweight, const float *dout, const float *inp,
-                             const uint16_t *weight, int64_t N, int64_t C, int64_t OC);
+                             const uint16_t *weight, int64_t N, int64_t C, int64_t OC, int accumulate);
 
 #endif

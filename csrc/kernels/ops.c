@@ -152,13 +152,14 @@ static inline __attribute__((always_inline)) void swiglu_fwd_row(float *y, const
 
 static inline __attribute__((always_inline)) void swiglu_bwd_row(float *dg, float *du,
                                                                 const float *dy, const float *g,
-                                                                const float *u, int64_t F) {
+                                                                const float *u, int64_t F, int acc) {
     for (int64_t i = 0; i < F; i++) {
         const float s = 1.0f / (1.0f + exp_f32(-g[i]));
         const float gs = g[i] * s;
         /* silu'(g) = s * (1 + g * (1 - s)) */
-        dg[i] += dy[i] * u[i] * (s * (1.0f + g[i] * (1.0f - s)));
-        du[i] += dy[i] * gs;
+        const float a = dy[i] * u[i] * (s * (1.0f + g[i] * (1.0f - s))), b = dy[i] * gs;
+        dg[i] = acc ? dg[i] + a : a;
+        du[i] = acc ? du[i] + b : b;
     }
 }
 
@@ -171,18 +172,16 @@ CST_TARGET_AVX2 static void swiglu_fwd_avx2(float *y, const float *g, const floa
 CST_TARGET_AVX512 static void swiglu_fwd_avx512(float *y, const float *g, const float *u, int64_t F) {
     swiglu_fwd_row(y, g, u, F);
 }
-static void swiglu_bwd_scalar(float *dg, float *du, const float *dy, const float *g, const float *u,
-                              int64_t F) {
-    swiglu_bwd_row(dg, du, dy, g, u, F);
-}
-CST_TARGET_AVX2 static void swiglu_bwd_avx2(float *dg, float *du, const float *dy, const float *g,
-                                            const float *u, int64_t F) {
-    swiglu_bwd_row(dg, du, dy, g, u, F);
-}
-CST_TARGET_AVX512 static void swiglu_bwd_avx512(float *dg, float *du, const float *dy, const float *g,
-                                                const float *u, int64_t F) {
-    swiglu_bwd_row(dg, du, dy, g, u, F);
-}
+/* acc as a literal in each branch, so the compiler emits the adding and the writing loop separately. */
+#define SWIGLU_BWD(NAME, TGT)                                                                       \
+    TGT static void NAME(float *dg, float *du, const float *dy, const float *g, const float *u,    \
+                         int64_t F, int acc) {                                                      \
+        if (acc) swiglu_bwd_row(dg, du, dy, g, u, F, 1);                                            \
+        else swiglu_bwd_row(dg, du, dy, g, u, F, 0);                                                \
+    }
+SWIGLU_BWD(swiglu_bwd_scalar, )
+SWIGLU_BWD(swiglu_bwd_avx2, CST_TARGET_AVX2)
+SWIGLU_BWD(swiglu_bwd_avx512, CST_TARGET_AVX512)
 
 void cst_swiglu_forward(float *out, const float *gu, int64_t N, int64_t F) {
     void (*row)(float *, const float *, const float *, int64_t) =
@@ -191,12 +190,12 @@ void cst_swiglu_forward(float *out, const float *gu, int64_t N, int64_t F) {
     for (int64_t n = 0; n < N; n++) row(out + n * F, gu + n * 2 * F, gu + n * 2 * F + F, F);
 }
 
-void cst_swiglu_backward(float *dgu, const float *dout, const float *gu, int64_t N, int64_t F) {
-    void (*row)(float *, float *, const float *, const float *, const float *, int64_t) =
+void cst_swiglu_backward(float *dgu, const float *dout, const float *gu, int64_t N, int64_t F, int accumulate) {
+    void (*row)(float *, float *, const float *, const float *, const float *, int64_t, int) =
         CST_SIMD_PICK(swiglu_bwd);
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++)
-        row(dgu + n * 2 * F, dgu + n * 2 * F + F, dout + n * F, gu + n * 2 * F, gu + n * 2 * F + F, F);
+        row(dgu + n * 2 * F, dgu + n * 2 * F + F, dout + n * F, gu + n * 2 * F, gu + n * 2 * F + F, F, accumulate);
 }
 
 /* ---- token log-probabilities ---- */

@@ -39,7 +39,7 @@ void cst_rope_backward(float *dx, const float *cos_t, const float *sin_t, int64_
 void cst_swiglu_forward(float *out, const float *gu, int64_t N, int64_t F);
 
 /* dgu (N, 2F) += [dout * up * silu'(gate) | dout * silu(gate)]. */
-void cst_swiglu_backward(float *dgu, const float *dout, const float *gu, int64_t N, int64_t F);
+void cst_swiglu_backward(float *dgu, const float *dout, const float *gu, int64_t N, int64_t F, int accumulate);
 
 /* logp (N) = log_softmax(logits (N, V))[targets (N)], lse (N, double) = log-sum-exp of each row
  * (max-shifted, summed in double). Target -1 means ignore: logp 0, lse 0, row not even read. */

@@ -12,7 +12,7 @@ static void run_matmul_forward(cst_call *c) {
 
 static void run_matmul_backward(cst_call *c) {
     cst_matmul_backward(c->v[0].p, c->v[1].p, c->v[2].p, c->v[3].p, c->v[4].p, cst_n(c, 'N'), cst_n(c, 'C'),
-                        cst_n(c, 'O'));
+                        cst_n(c, 'O'), (int)c->v[5].i);
 }
 
 static void run_matmul_bf16_forward(cst_call *c) {
@@ -22,7 +22,7 @@ static void run_matmul_bf16_forward(cst_call *c) {
 
 static void run_matmul_bf16_backward(cst_call *c) {
     c->failed = cst_matmul_bf16_backward(c->v[0].p, c->v[1].p, c->v[2].p, c->v[3].p, c->v[4].p, cst_n(c, 'N'),
-                                         cst_n(c, 'C'), cst_n(c, 'O')) < 0;
+                                         cst_n(c, 'C'), cst_n(c, 'O'), (int)c->v[5].i) < 0;
 }
 
 static void run_bf16_from_f32(cst_call *c) {
@@ -44,8 +44,9 @@ const cst_entry cst_matmul_entries[] = {
       {"dweight", CST_F32, "OC", CST_WRITE | CST_NONE},
       {"dout", CST_F32, "NO"},
       {"inp", CST_F32, "NC", CST_FIRST},
-      {"weight", CST_F32, "OC", CST_FIRST}},
-     .doc = "dinp += dout @ weight; dweight += dout^T @ inp "
+      {"weight", CST_F32, "OC", CST_FIRST},
+      {"accumulate", CST_FLAG, .def = "True"}},
+     .doc = "dinp += dout @ weight (= with accumulate=False); dweight += dout^T @ inp "
             "(either output may be None)."},
     {"matmul_bf16_forward", run_matmul_bf16_forward,
      {{"out", CST_F32, "NO", CST_WRITE | CST_EXCLUSIVE},
@@ -58,9 +59,10 @@ const cst_entry cst_matmul_entries[] = {
       {"dweight", CST_F32, "OC", CST_WRITE | CST_NONE | CST_EXCLUSIVE},
       {"dout", CST_F32, "NO"},
       {"inp", CST_F32, "NC", CST_FIRST},
-      {"weight", CST_U16, "OC", CST_FIRST}},
-     .doc = "dinp += bf16(dout) @ weight; dweight += bf16(dout)^T @ bf16(inp), fp32 accumulation "
-            "(either output may be None)."},
+      {"weight", CST_U16, "OC", CST_FIRST},
+      {"accumulate", CST_FLAG, .def = "True"}},
+     .doc = "dinp += bf16(dout) @ weight (= with accumulate=False); dweight += bf16(dout)^T @ bf16(inp), "
+            "fp32 accumulation (either output may be None)."},
     {"bf16_from_f32", run_bf16_from_f32,
      {{"dst", CST_U16, "N", CST_WRITE | CST_EXCLUSIVE}, {"src", CST_F32, "N", CST_FIRST}},
      .doc = "dst (N,) uint16 = src (N,) float32 rounded to bf16 (nearest even), as torch converts."},

@@ -49,7 +49,7 @@ static void run_swiglu_forward(cst_call *c) {
 }
 
 static void run_swiglu_backward(cst_call *c) {
-    cst_swiglu_backward(c->v[0].p, c->v[1].p, c->v[2].p, cst_n(c, 'N'), cst_n(c, 'F'));
+    cst_swiglu_backward(c->v[0].p, c->v[1].p, c->v[2].p, cst_n(c, 'N'), cst_n(c, 'F'), (int)c->v[3].i);
 }
 
 static int check_logits_columns(cst_call *c) {
@@ -126,9 +126,10 @@ const cst_entry cst_ops_entries[] = {
     {"swiglu_backward", run_swiglu_backward,
      {{"dgu", CST_F32, "NG", CST_WRITE},
       {"dout", CST_F32, "NF"},
-      {"gu", CST_F32, "NG"}},
+      {"gu", CST_F32, "NG"},
+      {"accumulate", CST_FLAG, .def = "True"}},
      .derive = "G=2F",
-     .doc = "dgu (N,2F) += gradient of swiglu_forward."},
+     .doc = "dgu (N,2F) += gradient of swiglu_forward (= with accumulate=False)."},
     {"logprobs_forward", run_logprobs_forward,
      {{"logp", CST_F32, "N", CST_WRITE},
       {"lse", CST_F64, "N", CST_WRITE},

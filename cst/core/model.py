@@ -57,12 +57,12 @@ def _matmul_forward(out, x, w, accumulate=False):
         _core.matmul_forward(out, x, w, accumulate)
 
 
-def _matmul_backward(dx, dw, dout, x, w):
-    """dx += dout @ w, dw += dout^T @ x (either may be None); bf16 w as in _matmul_forward."""
+def _matmul_backward(dx, dw, dout, x, w, accumulate=True):
+    """dx (+)= dout @ w, dw += dout^T @ x (either may be None); bf16 w as in _matmul_forward."""
     if w.dtype == np.uint16:
-        _core.matmul_bf16_backward(dx, dw, dout, x, w)
+        _core.matmul_bf16_backward(dx, dw, dout, x, w, accumulate)
     else:
-        _core.matmul_backward(dx, dw, dout, x, w)
+        _core.matmul_backward(dx, dw, dout, x, w, accumulate)
 
 
 # Model.save's writer, cst.io.save, installed by cst.io when it is imported (cst/__init__ imports it): the
@@ -251,10 +251,11 @@ class Model:
         if self.adapter is not None:
             self.adapter.forward(layer, which, x, out)
 
-    def _linear_backward(self, layer: int, which: str, dx, dout, x):
-        """dx (N, C) += dout @ W, and W's gradient += dout^T @ x unless the base is frozen."""
+    def _linear_backward(self, layer: int, which: str, dx, dout, x, accumulate: bool = True):
+        """dx (N, C) += dout @ W (= when not accumulate), and W's gradient += dout^T @ x unless the base
+        is frozen."""
         dw = None if self.frozen_base else self._gfused[layer][which]
-        _matmul_backward(dx, dw, dout, x, self._fused[layer][which])
+        _matmul_backward(dx, dw, dout, x, self._fused[layer][which], accumulate)
         if self.adapter is not None:
             self.adapter.backward(layer, which, dx, dout, x)
 
@@ -577,18 +578,16 @@ class Model:
             w2 = P[p + "post_attention_layernorm.weight"]
             _core.rmsnorm_forward(a.ln, a.rstd2[i], mid, w2, eps)
             _core.swiglu_forward(a.h, a.gu[i])
-            a.dh.fill(0.0)
-            self._linear_backward(i, "down", a.dh, dres, a.h)
-            a.dgu.fill(0.0)
-            _core.swiglu_backward(a.dgu, a.dh, a.gu[i])
-            a.dln.fill(0.0)
-            self._linear_backward(i, "gu", a.dln, a.dgu, a.ln)
+            # The first product into each input gradient writes it (accumulate=False) instead of
+            # adding into a zeroed buffer: one pass over dh, dgu, dln and datt less per layer.
+            self._linear_backward(i, "down", a.dh, dres, a.h, accumulate=False)
+            _core.swiglu_backward(a.dgu, a.dh, a.gu[i], False)
+            self._linear_backward(i, "gu", a.dln, a.dgu, a.ln, accumulate=False)
             _core.rmsnorm_backward(dres, G(p + "post_attention_layernorm.weight"), a.dln, mid, w2, a.rstd2[i])
             # Attention block; dres now holds d mid, which is also d x through the residual.
             w1 = P[p + "input_layernorm.weight"]
             _core.rmsnorm_forward(a.ln, a.rstd1[i], x, w1, eps)
-            a.datt.fill(0.0)
-            self._linear_backward(i, "o", a.datt, dres, a.att[i].reshape(N, QD))
+            self._linear_backward(i, "o", a.datt, dres, a.att[i].reshape(N, QD), accumulate=False)
             a.dq.fill(0.0)
             a.dk.fill(0.0)
             a.dv.fill(0.0)
@@ -607,8 +606,7 @@ class Model:
             np.copyto(a.dqkv[:, QD + KD:], a.dv.reshape(N, KD))
             if cfg.attention_bias and not frozen:  # padded rows of dqkv are zero
                 self._gfused[i]["qkv_bias"] += a.dqkv.sum(axis=0, dtype=np.float64).astype(np.float32)
-            a.dln.fill(0.0)
-            self._linear_backward(i, "qkv", a.dln, a.dqkv, a.ln)
+            self._linear_backward(i, "qkv", a.dln, a.dqkv, a.ln, accumulate=False)
             _core.rmsnorm_backward(dres, G(p + "input_layernorm.weight"), a.dln, x, w1, a.rstd1[i])
         if not frozen:
             tokens = self._buf("tokens", (B, T), np.int32)

@@ -35,7 +35,7 @@ static void matmul_checks(void) {
     /* dweight (2,3) += dout^T @ inp with dout = ones (2,2): every row is the column sums [5,7,9]. */
     const float dout[4] = {1, 1, 1, 1};
     float dw[6] = {0};
-    cst_matmul_backward(NULL, dw, dout, inp, w, 2, 3, 2);
+    cst_matmul_backward(NULL, dw, dout, inp, w, 2, 3, 2, 1);
     check("matmul dweight[1,2]", dw[5], 9, 0);
 }
 
