@@ -218,6 +218,52 @@ def test_thin_lora_products_match_float64(simd, rng, N, C, R):
     assert rel_err(db - b, d64.T @ h.astype(np.float64)) < 1e-5
 
 
+# lora_bd_backward: the B side of a fused projection's adapters, B block diagonal. q|k|v at the model's
+# sizes with all three modules, with q and v only (k's rows have no block), gate|up, and odd sizes.
+BD_CASES = [(1024, [(0, 576), (576, 768), (768, 960)], 16), (1024, [(0, 576), (768, 960)], 16),
+            (300, [(0, 1536), (1536, 3072)], 8), (61, [(0, 37), (37, 50), (50, 101)], 5), (33, [(3, 40)], 65)]
+
+
+@pytest.mark.parametrize("N,spans,R", BD_CASES)
+def test_lora_bd_backward_matches_the_dense_block_diagonal_product(simd, rng, N, spans, R):
+    rows, S = max(r1 for _, r1 in spans), len(spans) * R
+    blocks = np.array([(r0, r1, j * R, (j + 1) * R) for j, (r0, r1) in enumerate(spans)], np.int32)
+    B = np.zeros((rows, S), np.float32)
+    for r0, r1, c0, c1 in blocks:
+        B[r0:r1, c0:c1] = rng.standard_normal((r1 - r0, c1 - c0))
+    dout = rng.standard_normal((N, rows)).astype(np.float32)
+    H = rng.standard_normal((N, S)).astype(np.float32)
+    dH0, dB0 = rng.standard_normal((N, S)).astype(np.float32), rng.standard_normal((rows, S)).astype(np.float32)
+    dH, dB = dH0.copy(), dB0.copy()
+    _core.lora_bd_backward(dH, dB, dout, H, B, blocks)
+    d64 = dout.astype(np.float64)
+    assert rel_err(dH - dH0, d64 @ B.astype(np.float64)) < 1e-5
+    inside = np.zeros((rows, S), bool)
+    for r0, r1, c0, c1 in blocks:
+        inside[r0:r1, c0:c1] = True
+    ref = d64.T @ H.astype(np.float64)
+    assert rel_err((dB - dB0)[inside], ref[inside]) < 1e-5
+    np.testing.assert_array_equal(dB[~inside], dB0[~inside])  # outside the blocks: never written
+    # the same numbers whatever the thread count
+    from conftest import with_threads
+    again_h, again_b = dH0.copy(), dB0.copy()
+    with_threads(1, lambda: _core.lora_bd_backward(again_h, again_b, dout, H, B, blocks))
+    np.testing.assert_array_equal(again_h, dH)
+    np.testing.assert_array_equal(again_b, dB)
+
+
+def test_lora_bd_backward_rejects_bad_blocks(rng):
+    N, rows, S = 8, 10, 4
+    args = [np.zeros((N, S), np.float32), np.zeros((rows, S), np.float32), np.zeros((N, rows), np.float32),
+            np.zeros((N, S), np.float32), np.zeros((rows, S), np.float32)]
+    for bad, why in [([(0, 11, 0, 2)], "r1 <= 10"), ([(5, 5, 0, 2)], "r0 < r1"), ([(0, 5, 2, 5)], "c1 <= 4"),
+                     ([(0, 5, 0, 2), (5, 10, 1, 3)], "share rank columns"), ([(0, 5, 0)], "4 columns")]:
+        with pytest.raises(ValueError, match="lora_bd_backward"):
+            _core.lora_bd_backward(*args, np.array(bad, np.int32))
+    with pytest.raises(TypeError):
+        _core.lora_bd_backward(*args, np.array([(0, 5, 0, 2)], np.int64))
+
+
 def test_thin_products_unaligned_and_special_values(simd, rng):
     # A weight that is not 64-byte aligned (a view one float into a buffer) and NaN/inf confined to their rows.
     N, C, R = 200, 37, 12

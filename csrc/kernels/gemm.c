@@ -452,34 +452,40 @@ void cst_gemm(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, c
  * each weight row from memory once per tile; the NX x C inputs stay in L1/L2. Lane sums are reduced
  * in a fixed order, so the result depends only on the path and C. */
 
-static void gemv_scalar(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
-                        int64_t o0, int64_t o1, int accumulate) {
+/* x's rows ldx apart, out's ldo apart (C and OC in a plain product). */
+static void gemv_scalar_ld(float *out, int64_t ldo, const float *x, int64_t ldx, const float *w, int64_t N,
+                           int64_t C, int64_t o0, int64_t o1, int accumulate) {
     for (int64_t o = o0; o < o1; o++) {
         const float *wo = w + o * C;
         for (int64_t n = 0; n < N; n++) {
-            const float *xn = x + n * C;
+            const float *xn = x + n * ldx;
             float acc[8] = {0};
             int64_t i = 0;
             for (; i + 8 <= C; i += 8)
                 for (int j = 0; j < 8; j++) acc[j] += xn[i + j] * wo[i + j];
             float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
             for (; i < C; i++) s += xn[i] * wo[i];
-            float *y = out + n * OC + o;
+            float *y = out + n * ldo + o;
             *y = accumulate ? *y + s : s;
         }
     }
+}
+
+static void gemv_scalar(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
+                        int64_t o0, int64_t o1, int accumulate) {
+    gemv_scalar_ld(out, OC, x, C, w, N, C, o0, o1, accumulate);
 }
 
 #if defined(__x86_64__)
 /* Tile of up to NX x NW (rows beyond nx/nw repeat the last valid one and are not stored). */
 #define GEMV_TILE(NAME, TGT, VEC, W, LOAD, MLOAD, MASKT, MKMASK, FMA, ZERO, REDUCE)                 \
     TGT static inline __attribute__((always_inline)) void NAME(                                     \
-        float *out, const float *x, const float *w, int64_t C, int64_t OC, int64_t n0, int nx,       \
-        int64_t o0, int nw, const int NX, const int NW, int accumulate) {                           \
+        float *out, int64_t ldo, const float *x, int64_t ldx, const float *w, int64_t C, int64_t n0, \
+        int nx, int64_t o0, int nw, const int NX, const int NW, int accumulate) {                   \
         const float *xp[16], *wp[16];                                                                \
         VEC acc[16][16];                                                                             \
         _Pragma("GCC unroll 16") for (int i = 0; i < NX; i++) xp[i] =                               \
-            x + (n0 + (i < nx ? i : nx - 1)) * C;                                                    \
+            x + (n0 + (i < nx ? i : nx - 1)) * ldx;                                                  \
         _Pragma("GCC unroll 16") for (int j = 0; j < NW; j++) wp[j] =                               \
             w + (o0 + (j < nw ? j : nw - 1)) * C;                                                    \
         _Pragma("GCC unroll 16") for (int i = 0; i < NX; i++)                                       \
@@ -506,7 +512,7 @@ static void gemv_scalar(float *out, const float *x, const float *w, int64_t N, i
         }                                                                                            \
         _Pragma("GCC unroll 16") for (int i = 0; i < NX; i++)                                       \
             _Pragma("GCC unroll 16") for (int j = 0; j < NW; j++) if (i < nx && j < nw) {           \
-                float *y = out + (n0 + i) * OC + o0 + j;                                             \
+                float *y = out + (n0 + i) * ldo + o0 + j;                                            \
                 const float s = REDUCE(acc[i][j]);                                                   \
                 *y = accumulate ? *y + s : s;                                                        \
             }                                                                                        \
@@ -543,16 +549,16 @@ T512 static void gemv_avx512(float *out, const float *x, const float *w, int64_t
     for (int64_t o = o0; o < o1;) {
         if (N == 1) {
             const int nw = (int)min64(16, o1 - o);
-            gemv_tile512(out, x, w, C, OC, 0, 1, o, nw, 1, 16, accumulate);
+            gemv_tile512(out, OC, x, C, w, C, 0, 1, o, nw, 1, 16, accumulate);
             o += nw;
         } else if (N == 2) {
             const int nw = (int)min64(10, o1 - o);
-            gemv_tile512(out, x, w, C, OC, 0, 2, o, nw, 2, 10, accumulate);
+            gemv_tile512(out, OC, x, C, w, C, 0, 2, o, nw, 2, 10, accumulate);
             o += nw;
         } else {
             const int nw = (int)min64(4, o1 - o);
             for (int64_t n = 0; n < N; n += 6)
-                gemv_tile512(out, x, w, C, OC, n, (int)min64(6, N - n), o, nw, 6, 4, accumulate);
+                gemv_tile512(out, OC, x, C, w, C, n, (int)min64(6, N - n), o, nw, 6, 4, accumulate);
             o += nw;
         }
     }
@@ -563,16 +569,16 @@ T256 static void gemv_avx2(float *out, const float *x, const float *w, int64_t N
     for (int64_t o = o0; o < o1;) {
         if (N == 1) {
             const int nw = (int)min64(8, o1 - o);
-            gemv_tile256(out, x, w, C, OC, 0, 1, o, nw, 1, 8, accumulate);
+            gemv_tile256(out, OC, x, C, w, C, 0, 1, o, nw, 1, 8, accumulate);
             o += nw;
         } else if (N == 2) {
             const int nw = (int)min64(5, o1 - o);
-            gemv_tile256(out, x, w, C, OC, 0, 2, o, nw, 2, 5, accumulate);
+            gemv_tile256(out, OC, x, C, w, C, 0, 2, o, nw, 2, 5, accumulate);
             o += nw;
         } else {
             const int nw = (int)min64(4, o1 - o);
             for (int64_t n = 0; n < N; n += 3)
-                gemv_tile256(out, x, w, C, OC, n, (int)min64(3, N - n), o, nw, 3, 4, accumulate);
+                gemv_tile256(out, OC, x, C, w, C, n, (int)min64(3, N - n), o, nw, 3, 4, accumulate);
             o += nw;
         }
     }
@@ -609,11 +615,11 @@ void cst_gemv_nt(float *out, const float *x, const float *w, int64_t N, int64_t 
 /* 6 x 4 dot products (24 accumulators, 10 loads per 24 FMAs) whose four sums per row come out of one
  * shuffle tree: a quarter of the reduction work of the GEMV tile's four separate sums, which would cost
  * ~20% at C = 576. Rows past nx / nw repeat the last valid one and are not stored. */
-T512 static inline __attribute__((always_inline)) void thin_nt_tile512(float *out, const float *x,
-    const float *w, int64_t C, int64_t OC, int64_t n0, int nx, int64_t o0, int nw, int accumulate) {
+T512 static inline __attribute__((always_inline)) void thin_nt_tile512(float *out, int64_t ldo, const float *x,
+    int64_t ldx, const float *w, int64_t C, int64_t n0, int nx, int64_t o0, int nw, int accumulate) {
     const float *xp[6], *wp[4];
     __m512 acc[6][4];
-    _Pragma("GCC unroll 6") for (int i = 0; i < 6; i++) xp[i] = x + (n0 + (i < nx ? i : nx - 1)) * C;
+    _Pragma("GCC unroll 6") for (int i = 0; i < 6; i++) xp[i] = x + (n0 + (i < nx ? i : nx - 1)) * ldx;
     _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) wp[j] = w + (o0 + (j < nw ? j : nw - 1)) * C;
     _Pragma("GCC unroll 6") for (int i = 0; i < 6; i++)
         _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
@@ -637,7 +643,7 @@ T512 static inline __attribute__((always_inline)) void thin_nt_tile512(float *ou
     }
     const __mmask8 sm = (__mmask8)((1u << nw) - 1);
     _Pragma("GCC unroll 6") for (int i = 0; i < 6; i++) if (i < nx) {
-        float *y = out + (n0 + i) * OC + o0;
+        float *y = out + (n0 + i) * ldo + o0;
         __m128 s = hsum4_avx512(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
         if (accumulate) s = _mm_add_ps(_mm_maskz_loadu_ps(sm, y), s);
         _mm_mask_storeu_ps(y, sm, s);
@@ -645,23 +651,24 @@ T512 static inline __attribute__((always_inline)) void thin_nt_tile512(float *ou
 }
 
 /* Rows [n0, n1) of out: 6 x 4 (AVX-512) or 3 x 4 (AVX2, the GEMV path's tile) dot-product tiles. */
-T512 static void thin_nt_avx512(float *out, const float *x, const float *w, int64_t C, int64_t OC, int64_t n0,
-                                int64_t n1, int accumulate) {
+T512 static void thin_nt_avx512(float *out, int64_t ldo, const float *x, int64_t ldx, const float *w, int64_t C,
+                                int64_t OC, int64_t n0, int64_t n1, int accumulate) {
     for (int64_t n = n0; n < n1; n += 6)
         for (int64_t o = 0; o < OC; o += 4)
-            thin_nt_tile512(out, x, w, C, OC, n, (int)min64(6, n1 - n), o, (int)min64(4, OC - o), accumulate);
+            thin_nt_tile512(out, ldo, x, ldx, w, C, n, (int)min64(6, n1 - n), o, (int)min64(4, OC - o), accumulate);
 }
 
-T256 static void thin_nt_avx2(float *out, const float *x, const float *w, int64_t C, int64_t OC, int64_t n0,
-                              int64_t n1, int accumulate) {
+T256 static void thin_nt_avx2(float *out, int64_t ldo, const float *x, int64_t ldx, const float *w, int64_t C,
+                              int64_t OC, int64_t n0, int64_t n1, int accumulate) {
     for (int64_t n = n0; n < n1; n += 3)
         for (int64_t o = 0; o < OC; o += 4)
-            gemv_tile256(out, x, w, C, OC, n, (int)min64(3, n1 - n), o, (int)min64(4, OC - o), 3, 4, accumulate);
+            gemv_tile256(out, ldo, x, ldx, w, C, n, (int)min64(3, n1 - n), o, (int)min64(4, OC - o), 3, 4, accumulate);
 }
 #endif
 
-static void thin_nt(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
-                    int accumulate) {
+/* out (N, OC), rows ldo apart, (+)= x (N, C), rows ldx apart, @ w (OC, C)^T. */
+static void thin_nt(float *out, int64_t ldo, const float *x, int64_t ldx, const float *w, int64_t N, int64_t C,
+                    int64_t OC, int accumulate) {
     const cst_simd_path p = cst_simd_current();
     const int64_t nchunk = (N + THIN_ROWS - 1) / THIN_ROWS;
     int nt = max_threads();
@@ -673,11 +680,11 @@ static void thin_nt(float *out, const float *x, const float *w, int64_t N, int64
     for (int64_t ch = 0; ch < nchunk; ch++) {
         const int64_t n0 = ch * THIN_ROWS, n1 = min64(n0 + THIN_ROWS, N);
 #if defined(__x86_64__)
-        if (p == CST_SIMD_AVX512) thin_nt_avx512(out, x, w, C, OC, n0, n1, accumulate);
-        else if (p == CST_SIMD_AVX2) thin_nt_avx2(out, x, w, C, OC, n0, n1, accumulate);
+        if (p == CST_SIMD_AVX512) thin_nt_avx512(out, ldo, x, ldx, w, C, OC, n0, n1, accumulate);
+        else if (p == CST_SIMD_AVX2) thin_nt_avx2(out, ldo, x, ldx, w, C, OC, n0, n1, accumulate);
         else
 #endif
-            gemv_scalar(out + n0 * OC, x + n0 * C, w, n1 - n0, C, OC, 0, OC, accumulate);
+            gemv_scalar_ld(out + n0 * ldo, ldo, x + n0 * ldx, ldx, w, n1 - n0, C, 0, OC, accumulate);
     }
     (void)p;
 }
@@ -686,8 +693,8 @@ static void thin_nt(float *out, const float *x, const float *w, int64_t N, int64
  * (broadcast from a row of b), one accumulator per element for all of K. The tile is stored through a
  * small buffer since its vectors run down columns of c. Tails repeat a valid column and are not stored. */
 #define THIN_TN_TILE(NAME, TGT, VEC, W, NV, TJ, LOAD, MLOAD, MASKT, MKMASK, SET1, FMA, ZERO, STORE)       \
-    TGT static void NAME(float *c, const float *a, const float *b, int64_t M, int64_t R, int64_t K,        \
-                         int64_t m0, int64_t j0, int accumulate) {                                        \
+    TGT static void NAME(float *c, int64_t ldc, const float *a, int64_t lda, const float *b, int64_t ldb, \
+                         int64_t M, int64_t R, int64_t K, int64_t m0, int64_t j0, int accumulate) {        \
         const int nm = (int)min64(NV * W, M - m0), nj = (int)min64(TJ, R - j0);                           \
         MASKT mk[NV];                                                                                     \
         int jo[TJ];                                                                                       \
@@ -698,7 +705,7 @@ static void thin_nt(float *out, const float *x, const float *w, int64_t N, int64
             _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[j][v] = ZERO();                      \
         const float *ak = a + m0, *bk = b + j0;                                                           \
         if (nm == NV * W && nj == TJ) {                                                                   \
-            for (int64_t k = 0; k < K; k++, ak += M, bk += R) {                                           \
+            for (int64_t k = 0; k < K; k++, ak += lda, bk += ldb) {                                       \
                 VEC av[NV];                                                                               \
                 _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) av[v] = LOAD(ak + W * v);            \
                 _Pragma("GCC unroll 8") for (int j = 0; j < TJ; j++) {                                    \
@@ -707,7 +714,7 @@ static void thin_nt(float *out, const float *x, const float *w, int64_t N, int64
                 }                                                                                         \
             }                                                                                             \
         } else {                                                                                          \
-            for (int64_t k = 0; k < K; k++, ak += M, bk += R) {                                           \
+            for (int64_t k = 0; k < K; k++, ak += lda, bk += ldb) {                                       \
                 VEC av[NV];                                                                               \
                 _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) av[v] = MLOAD(ak + W * v, mk[v]);    \
                 _Pragma("GCC unroll 8") for (int j = 0; j < TJ; j++) {                                    \
@@ -719,8 +726,8 @@ static void thin_nt(float *out, const float *x, const float *w, int64_t N, int64
         float t[NV * W];                                                                                  \
         for (int j = 0; j < nj; j++) {                                                                    \
             _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) STORE(t + W * v, acc[j][v]);             \
-            float *cj = c + m0 * R + j0 + j;                                                              \
-            for (int i = 0; i < nm; i++) cj[i * R] = accumulate ? cj[i * R] + t[i] : t[i];                \
+            float *cj = c + m0 * ldc + j0 + j;                                                            \
+            for (int i = 0; i < nm; i++) cj[i * ldc] = accumulate ? cj[i * ldc] + t[i] : t[i];            \
         }                                                                                                 \
     }
 
@@ -741,31 +748,36 @@ void cst_gemm_thin_nt(float *out, const float *x, const float *w, int64_t N, int
     int cached = 0;
     float *wa = ((uintptr_t)w & 63) ? scratch_get((size_t)(OC * C), &cached) : NULL;
     if (wa) memcpy(wa, w, (size_t)(OC * C) * sizeof(float));
-    thin_nt(out, x, wa ? wa : w, N, C, OC, accumulate);
+    thin_nt(out, OC, x, C, wa ? wa : w, N, C, OC, accumulate);
     if (wa) scratch_put(wa, cached);
 }
 
-void cst_gemm_thin_nn(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
-                      int accumulate) {
+void cst_gemm_thin_nn_ld(float *out, int64_t ldo, const float *x, int64_t ldx, const float *w, int64_t ldw,
+                         int64_t N, int64_t C, int64_t OC, int accumulate) {
     if (N <= 0 || OC <= 0) return;
     int cached;
     float *wt = scratch_get((size_t)(C * OC), &cached);
     if (!wt) { /* no memory for w^T: the packed GEMM reads w (C, OC) as it is */
-        cst_gemm(out, OC, x, C, 1, w, OC, 1, N, OC, C, accumulate);
+        cst_gemm(out, ldo, x, ldx, 1, w, ldw, 1, N, OC, C, accumulate);
         return;
     }
     for (int64_t k = 0; k < C; k++) /* w^T (OC, C): a few KiB to a few hundred, next to the product */
-        for (int64_t o = 0; o < OC; o++) wt[o * C + k] = w[k * OC + o];
-    thin_nt(out, x, wt, N, C, OC, accumulate);
+        for (int64_t o = 0; o < OC; o++) wt[o * C + k] = w[k * ldw + o];
+    thin_nt(out, ldo, x, ldx, wt, N, C, OC, accumulate);
     scratch_put(wt, cached);
 }
 
-void cst_gemm_thin_tn(float *c, const float *a, const float *b, int64_t M, int64_t R, int64_t K,
+void cst_gemm_thin_nn(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
                       int accumulate) {
+    cst_gemm_thin_nn_ld(out, OC, x, C, w, OC, N, C, OC, accumulate);
+}
+
+void cst_gemm_thin_tn_ld(float *c, int64_t ldc, const float *a, int64_t lda, const float *b, int64_t ldb,
+                         int64_t M, int64_t R, int64_t K, int accumulate) {
     if (M <= 0 || R <= 0) return;
     const cst_simd_path p = cst_simd_current();
     if (K <= 0 || p == CST_SIMD_SCALAR) { /* the packed GEMM's portable kernel; a (K, M) read transposed */
-        cst_gemm(c, R, a, 1, M, b, R, 1, M, R, K, accumulate);
+        cst_gemm(c, ldc, a, 1, lda, b, ldb, 1, M, R, K, accumulate);
         return;
     }
 #if defined(__x86_64__)
@@ -777,10 +789,15 @@ void cst_gemm_thin_tn(float *c, const float *a, const float *b, int64_t M, int64
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t tm = 0; tm < ntile; tm++)
         for (int64_t j0 = 0; j0 < R; j0 += TJ) {
-            if (p == CST_SIMD_AVX512) thin_tn_tile512(c, a, b, M, R, K, tm * TM, j0, accumulate);
-            else thin_tn_tile256(c, a, b, M, R, K, tm * TM, j0, accumulate);
+            if (p == CST_SIMD_AVX512) thin_tn_tile512(c, ldc, a, lda, b, ldb, M, R, K, tm * TM, j0, accumulate);
+            else thin_tn_tile256(c, ldc, a, lda, b, ldb, M, R, K, tm * TM, j0, accumulate);
         }
 #endif
+}
+
+void cst_gemm_thin_tn(float *c, const float *a, const float *b, int64_t M, int64_t R, int64_t K,
+                      int accumulate) {
+    cst_gemm_thin_tn_ld(c, R, a, M, b, R, M, R, K, accumulate);
 }
 
 /* ---- bf16 inputs, fp32 accumulation ----

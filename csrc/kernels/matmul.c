@@ -34,6 +34,15 @@ void cst_matmul_backward(float *dinp, float *dweight, const float *dout, const f
         cst_gemm(dweight, C, dout, 1, OC, inp, C, 1, OC, C, N, 1);
 }
 
+void cst_lora_bd_backward(float *dH, float *dB, const float *dout, const float *H, const float *Bbd,
+                          int64_t N, int64_t ROWS, int64_t NR, int64_t nblocks, const int32_t *blocks) {
+    for (int64_t b = 0; b < nblocks; b++) {
+        const int64_t r0 = blocks[4 * b], r1 = blocks[4 * b + 1], c0 = blocks[4 * b + 2], c1 = blocks[4 * b + 3];
+        if (dH) cst_gemm_thin_nn_ld(dH + c0, NR, dout + r0, ROWS, Bbd + r0 * NR + c0, NR, N, r1 - r0, c1 - c0, 1);
+        if (dB) cst_gemm_thin_tn_ld(dB + r0 * NR + c0, NR, dout + r0, ROWS, H + c0, NR, r1 - r0, c1 - c0, N, 1);
+    }
+}
+
 int cst_matmul_bf16_forward(float *out, const float *inp, const uint16_t *weight, int64_t N, int64_t C,
                             int64_t OC, int accumulate) {
     return cst_gemm_bf16_nt(out, inp, weight, N, C, OC, accumulate);
