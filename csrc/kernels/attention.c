@@ -81,6 +81,9 @@ CST_INLINE float fwd_row_body(float *restrict o, const float *restrict qr, const
  * sums in exactly the order of the one-row code (same 8 partial sums, keys ascending, rows in
  * time order), so tiled and untiled rows give the same bits. */
 #define QT 4
+#ifndef BKEYS
+#define BKEYS 32 /* keys per block of the AVX-512 backward (a multiple of 4) */
+#endif
 
 /* Four dot products against one shared vector b, each in dot_f32's order. */
 CST_INLINE void dot4_f32(float out[QT], const float *a0, const float *a1, const float *a2,
@@ -337,12 +340,14 @@ CST_AVX512_INLINE void fwd_rows_avx512(float *o, int64_t os, float *lse, const f
     }
 }
 
-/* Backward of rows t0 .. t0+NR-1 (all valid) with keys 0..t0+NR-1: adds into their dq rows and into
- * dk, dv rows of those keys, row by row in time order for each dk/dv row (as NR one-row calls would). */
+/* Backward of rows t0 .. t0+NR-1 (all valid) with keys [jlo, min(jhi, t0+NR)) of 0..t0+NR-1 (jlo a
+ * multiple of 4): adds into their dq rows and into dk, dv rows of those keys, row by row in time order
+ * for each dk/dv row (as NR one-row calls would). Every key's p and ds are computed lane by lane, so
+ * splitting the keys into ranges (ascending, one call each) gives the same bits as one call. */
 CST_AVX512_INLINE void bwd_rows_avx512(float *dq, const float *dout, const float *out, const float *q,
                                        int64_t qs, float *dkb, float *dvb, const float *kb, const float *vb,
-                                       const float *L, int64_t ks, int64_t t0, float scale, const int NR,
-                                       const int CH) {
+                                       const float *L, int64_t ks, int64_t t0, int64_t jlo, int64_t jhi,
+                                       float scale, const int NR, const int CH) {
     float Dv[4] = {0, 0, 0, 0}, Lv[4] = {0, 0, 0, 0};
     for (int r = 0; r < NR; r++) {
         Dv[r] = lane_f32(dots_avx512(dout + r * qs, qs, out + r * qs, 1, CH), 0);
@@ -357,8 +362,8 @@ CST_AVX512_INLINE void bwd_rows_avx512(float *dq, const float *dout, const float
      * then the accumulations, so the exp is off each key's critical path. */
     const __m512 Lr4 = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3), Lr);
     const __m512 D4 = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3), D);
-    const int64_t n = t0 + NR;
-    for (int64_t j0 = 0; j0 < n; j0 += 4) {
+    const int64_t n = t0 + NR < jhi ? t0 + NR : jhi;
+    for (int64_t j0 = jlo; j0 < n; j0 += 4) {
         const int nk = n - j0 < 4 ? (int)(n - j0) : 4;
         float sv[16] = {0}, dpv[16] = {0};
         __mmask16 valid = 0;
@@ -418,14 +423,14 @@ static CST_TARGET_AVX512 void fwd_rows_x512(float *o, int64_t os, float *lse, co
 
 static CST_TARGET_AVX512 void bwd_rows_x512(float *dq, const float *dout, const float *out, const float *q,
                                             int64_t qs, float *dkb, float *dvb, const float *kb, const float *vb,
-                                            const float *L, int64_t ks, int64_t t0, int64_t HS, float scale,
-                                            int NR) {
+                                            const float *L, int64_t ks, int64_t t0, int64_t jlo, int64_t jhi,
+                                            int64_t HS, float scale, int NR) {
     if (HS == 64) {
-        if (NR == 4) bwd_rows_avx512(dq, dout, out, q, qs, dkb, dvb, kb, vb, L, ks, t0, scale, 4, 4);
-        else bwd_rows_avx512(dq, dout, out, q, qs, dkb, dvb, kb, vb, L, ks, t0, scale, 1, 4);
+        if (NR == 4) bwd_rows_avx512(dq, dout, out, q, qs, dkb, dvb, kb, vb, L, ks, t0, jlo, jhi, scale, 4, 4);
+        else bwd_rows_avx512(dq, dout, out, q, qs, dkb, dvb, kb, vb, L, ks, t0, jlo, jhi, scale, 1, 4);
     } else {
-        if (NR == 4) bwd_rows_avx512(dq, dout, out, q, qs, dkb, dvb, kb, vb, L, ks, t0, scale, 4, 8);
-        else bwd_rows_avx512(dq, dout, out, q, qs, dkb, dvb, kb, vb, L, ks, t0, scale, 1, 8);
+        if (NR == 4) bwd_rows_avx512(dq, dout, out, q, qs, dkb, dvb, kb, vb, L, ks, t0, jlo, jhi, scale, 4, 8);
+        else bwd_rows_avx512(dq, dout, out, q, qs, dkb, dvb, kb, vb, L, ks, t0, jlo, jhi, scale, 1, 8);
     }
 }
 #endif
@@ -447,28 +452,37 @@ CST_INLINE void bwd_group_body(float *dq, float *dk, float *dv, const float *dou
     float *dkb = dk + (size_t)b * T * ks + g * HS, *dvb = dv + (size_t)b * T * ks + g * HS;
     for (int64_t h = g * rep; h < (g + 1) * rep; h++) {
         const float *L = lse + ((size_t)b * NH + h) * T;
+#ifdef __x86_64__
+        /* Keys in blocks of BKEYS, each block's k, v, dk and dv rows (32 KiB at HS 64) staying in L1
+         * while every row that sees them passes: one pass over all keys per 4 rows streamed them from
+         * L2 (4 x 40 KiB per row tile at T = 160). Per dk/dv row the rows still come in time order,
+         * and per dq row the keys in key order, so the sums are the same as unblocked. */
+        if (fast) {
+            for (int64_t j0 = 0; j0 < len; j0 += BKEYS) {
+                const int64_t j1 = j0 + BKEYS;
+                int64_t t = j0 / QT * QT; /* the first row tile that sees a key of the block */
+                for (; t + QT <= len; t += QT) {
+                    const size_t row = ((size_t)b * T + t) * qs + h * HS;
+                    bwd_rows_x512(dq + row, dout + row, out + row, q + row, qs, dkb, dvb, kb, vb, L + t, ks, t,
+                                  j0, j1, HS, scale, QT);
+                }
+                for (t = t < j0 ? j0 : t; t < len; t++) {
+                    const size_t row = ((size_t)b * T + t) * qs + h * HS;
+                    bwd_rows_x512(dq + row, dout + row, out + row, q + row, qs, dkb, dvb, kb, vb, L + t, ks, t,
+                                  j0, j1, HS, scale, 1);
+                }
+            }
+            continue;
+        }
+#endif
         int64_t t = 0;
         for (; t + QT <= len; t += QT) {
             const size_t row = ((size_t)b * T + t) * qs + h * HS;
-#ifdef __x86_64__
-            if (fast) {
-                bwd_rows_x512(dq + row, dout + row, out + row, q + row, qs, dkb, dvb, kb, vb, L + t, ks, t, HS,
-                              scale, QT);
-                continue;
-            }
-#endif
             bwd_tile(dq + row, dout + row, out + row, q + row, qs, dkb, dvb, kb, vb, L + t, ks, t,
                      HS, scale);
         }
         for (; t < len; t++) {
             const size_t row = ((size_t)b * T + t) * qs + h * HS;
-#ifdef __x86_64__
-            if (fast) {
-                bwd_rows_x512(dq + row, dout + row, out + row, q + row, qs, dkb, dvb, kb, vb, L + t, ks, t, HS,
-                              scale, 1);
-                continue;
-            }
-#endif
             bwd_row(dq + row, dkb, dvb, dout + row, out + row, q + row, kb, vb, L[t], ks, t, HS,
                     scale);
         }
