@@ -50,6 +50,21 @@ def test_to_bf16_matches_torch_bitwise(simd, rng):
     np.testing.assert_array_equal(from_bf16(h), torch.from_numpy(h.view(np.int16)).view(torch.bfloat16).float().numpy())
     nan = to_bf16(np.array([np.nan, -np.nan], np.float32))
     assert np.isnan(from_bf16(nan)).all()
+    # every path gives the scalar rounding's bits, NaN payloads included, and keeps denormals both alone
+    # and in runs (the AVX512_BF16 instruction alone would flush them), at every offset of a 32-value block
+    bits = np.concatenate([rng.integers(0, 2 ** 32, 4000, dtype=np.uint32),
+                           rng.integers(1, 2 ** 23, 300, dtype=np.uint32),               # denormals
+                           rng.integers(0x7f800001, 0x7fffffff, 300, dtype=np.uint32),   # NaN payloads
+                           np.full(64, 0x00000001, np.uint32)]).view(np.float32)
+    for off in (0, 1, 17, 31):
+        y = bits[off:]
+        here = to_bf16(y)
+        _core.set_simd_path("scalar")
+        try:
+            scalar = to_bf16(y)
+        finally:
+            _core.set_simd_path(simd)
+        np.testing.assert_array_equal(here, scalar)
     with pytest.raises(TypeError, match="uint16"):
         from_bf16(np.zeros(3, np.float32))
 
