@@ -218,50 +218,61 @@ def test_thin_lora_products_match_float64(simd, rng, N, C, R):
     assert rel_err(db - b, d64.T @ h.astype(np.float64)) < 1e-5
 
 
-# lora_bd_backward: the B side of a fused projection's adapters, B block diagonal. q|k|v at the model's
-# sizes with all three modules, with q and v only (k's rows have no block), gate|up, and odd sizes.
-BD_CASES = [(1024, [(0, 576), (576, 768), (768, 960)], 16), (1024, [(0, 576), (768, 960)], 16),
-            (300, [(0, 1536), (1536, 3072)], 8), (61, [(0, 37), (37, 50), (50, 101)], 5), (33, [(3, 40)], 65)]
+# matmul_backward_block: matmul_backward on column blocks of wider operands (LoRA's backward reads one
+# module's rows of a fused q|k|v or gate|up gradient this way): blocks at q/k/v's offsets, at gate/up's, at
+# odd offsets and widths, a rank past the thin products' 64 columns, and a few rows (the GEMV-sized path).
+BLOCK_CASES = [(1024, 960, 576, 16, 48, 0), (1024, 960, 192, 16, 48, 32), (300, 3072, 1536, 8, 16, 8),
+               (61, 101, 13, 5, 15, 10), (33, 40, 37, 65, 130, 65), (7, 50, 9, 3, 9, 6)]
 
 
-@pytest.mark.parametrize("N,spans,R", BD_CASES)
-def test_lora_bd_backward_matches_the_dense_block_diagonal_product(simd, rng, N, spans, R):
-    rows, S = max(r1 for _, r1 in spans), len(spans) * R
-    blocks = np.array([(r0, r1, j * R, (j + 1) * R) for j, (r0, r1) in enumerate(spans)], np.int32)
-    B = np.zeros((rows, S), np.float32)
-    for r0, r1, c0, c1 in blocks:
-        B[r0:r1, c0:c1] = rng.standard_normal((r1 - r0, c1 - c0))
-    dout = rng.standard_normal((N, rows)).astype(np.float32)
-    H = rng.standard_normal((N, S)).astype(np.float32)
-    dH0, dB0 = rng.standard_normal((N, S)).astype(np.float32), rng.standard_normal((rows, S)).astype(np.float32)
-    dH, dB = dH0.copy(), dB0.copy()
-    _core.lora_bd_backward(dH, dB, dout, H, B, blocks)
-    d64 = dout.astype(np.float64)
-    assert rel_err(dH - dH0, d64 @ B.astype(np.float64)) < 1e-5
-    inside = np.zeros((rows, S), bool)
-    for r0, r1, c0, c1 in blocks:
-        inside[r0:r1, c0:c1] = True
-    ref = d64.T @ H.astype(np.float64)
-    assert rel_err((dB - dB0)[inside], ref[inside]) < 1e-5
-    np.testing.assert_array_equal(dB[~inside], dB0[~inside])  # outside the blocks: never written
+@pytest.mark.parametrize("N,R,O,C,S,in_col", BLOCK_CASES)
+def test_matmul_backward_block_is_matmul_backward_on_the_blocks(simd, rng, N, R, O, C, S, in_col):
+    out_col = R - O  # the block at the far end of dout's columns
+    dout = rng.standard_normal((N, R)).astype(np.float32)
+    inp = rng.standard_normal((N, S)).astype(np.float32)
+    w = rng.standard_normal((O, C)).astype(np.float32)
+    dinp0, dw0 = rng.standard_normal((N, S)).astype(np.float32), rng.standard_normal((O, C)).astype(np.float32)
+    dinp, dw = dinp0.copy(), dw0.copy()
+    _core.matmul_backward_block(dinp, dw, dout, inp, w, out_col, in_col)
+    dy, x = dout[:, out_col:out_col + O], inp[:, in_col:in_col + C]
+    d64 = dy.astype(np.float64)
+    blk = slice(in_col, in_col + C)
+    assert rel_err(dinp[:, blk] - dinp0[:, blk], d64 @ w.astype(np.float64)) < 1e-5
+    assert rel_err(dw - dw0, d64.T @ x.astype(np.float64)) < 1e-5
+    rest = np.ones(S, bool)
+    rest[blk] = False
+    np.testing.assert_array_equal(dinp[:, rest], dinp0[:, rest])  # outside the block: never written
+    # bit for bit matmul_backward on contiguous copies of the blocks, adding and writing
+    ref_dx, ref_dw = np.ascontiguousarray(dinp0[:, blk]), dw0.copy()
+    _core.matmul_backward(ref_dx, ref_dw, np.ascontiguousarray(dy), np.ascontiguousarray(x), w)
+    np.testing.assert_array_equal(dinp[:, blk], ref_dx)
+    np.testing.assert_array_equal(dw, ref_dw)
+    written = np.full_like(dinp0, np.nan)
+    _core.matmul_backward_block(written, None, dout, inp, w, out_col, in_col, accumulate=False)
+    ref_w = np.empty_like(ref_dx)
+    _core.matmul_backward(ref_w, None, np.ascontiguousarray(dy), np.ascontiguousarray(x), w, accumulate=False)
+    np.testing.assert_array_equal(written[:, blk], ref_w)
+    assert np.isnan(written[:, rest]).all()
     # the same numbers whatever the thread count
     from conftest import with_threads
-    again_h, again_b = dH0.copy(), dB0.copy()
-    with_threads(1, lambda: _core.lora_bd_backward(again_h, again_b, dout, H, B, blocks))
-    np.testing.assert_array_equal(again_h, dH)
-    np.testing.assert_array_equal(again_b, dB)
+    again_x, again_w = dinp0.copy(), dw0.copy()
+    with_threads(1, lambda: _core.matmul_backward_block(again_x, again_w, dout, inp, w, out_col, in_col))
+    np.testing.assert_array_equal(again_x, dinp)
+    np.testing.assert_array_equal(again_w, dw)
 
 
-def test_lora_bd_backward_rejects_bad_blocks(rng):
-    N, rows, S = 8, 10, 4
-    args = [np.zeros((N, S), np.float32), np.zeros((rows, S), np.float32), np.zeros((N, rows), np.float32),
-            np.zeros((N, S), np.float32), np.zeros((rows, S), np.float32)]
-    for bad, why in [([(0, 11, 0, 2)], "r1 <= 10"), ([(5, 5, 0, 2)], "r0 < r1"), ([(0, 5, 2, 5)], "c1 <= 4"),
-                     ([(0, 5, 0, 2), (5, 10, 1, 3)], "share rank columns"), ([(0, 5, 0)], "4 columns")]:
-        with pytest.raises(ValueError, match="lora_bd_backward"):
-            _core.lora_bd_backward(*args, np.array(bad, np.int32))
-    with pytest.raises(TypeError):
-        _core.lora_bd_backward(*args, np.array([(0, 5, 0, 2)], np.int64))
+def test_matmul_backward_block_rejects_blocks_past_the_operands():
+    N, R, S, O, C = 8, 10, 6, 4, 3
+    dinp, dw = np.zeros((N, S), np.float32), np.zeros((O, C), np.float32)
+    dout, inp, w = np.zeros((N, R), np.float32), np.zeros((N, S), np.float32), np.zeros((O, C), np.float32)
+    for out_col, in_col, why in [(7, 0, "out_col 7 \\+ weight's 4 rows exceed dout's 10 columns"),
+                                 (0, 4, "in_col 4 \\+ weight's 3 columns exceed inp's 6 columns")]:
+        with pytest.raises(ValueError, match=why):
+            _core.matmul_backward_block(dinp, dw, dout, inp, w, out_col, in_col)
+    with pytest.raises(ValueError, match="out_col"):
+        _core.matmul_backward_block(dinp, dw, dout, inp, w, -1, 0)
+    with pytest.raises(ValueError, match="dweight"):
+        _core.matmul_backward_block(dinp, np.zeros((O, C + 1), np.float32), dout, inp, w, 0, 0)
 
 
 def test_thin_products_unaligned_and_special_values(simd, rng):

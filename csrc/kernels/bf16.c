@@ -1,7 +1,6 @@
 /* bf16.c: conversions between fp32 and bf16 storage, and the k-pair layout of bf16 GEMM operands.
  * Pure data movement with round-to-nearest-even; no products (those are in gemm.c). */
 #include "bf16.h"
-#include <stdatomic.h>
 #include "simd.h"
 
 /* One loop body per SIMD path: the compiler vectorises the integer rounding; results are identical. */
@@ -96,10 +95,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void from
 void cst_bf16_from_f32(uint16_t *dst, const float *src, int64_t n) {
 #if defined(__x86_64__)
     const cst_simd_path p = cst_simd_current();
-    static atomic_int native = -1; /* AVX512_BF16 present: checked once, read from OpenMP threads */
-    int has = atomic_load_explicit(&native, memory_order_relaxed);
-    if (has < 0) atomic_store_explicit(&native, has = cst_bf16_dot_supported(), memory_order_relaxed);
-    if (p == CST_SIMD_AVX512) return has ? from_avx512bf16(dst, src, n) : from_avx512_v(dst, src, n);
+    /* the AVX-512 path is on only where the CPU has AVX-512; __builtin_cpu_supports reads a table */
+    if (p == CST_SIMD_AVX512)
+        return __builtin_cpu_supports("avx512bf16") ? from_avx512bf16(dst, src, n) : from_avx512_v(dst, src, n);
     if (p == CST_SIMD_AVX2) return from_avx2(dst, src, n);
 #endif
     from_scalar(dst, src, n);

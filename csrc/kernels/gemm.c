@@ -752,8 +752,8 @@ void cst_gemm_thin_nt(float *out, const float *x, const float *w, int64_t N, int
     if (wa) scratch_put(wa, cached);
 }
 
-void cst_gemm_thin_nn_ld(float *out, int64_t ldo, const float *x, int64_t ldx, const float *w, int64_t ldw,
-                         int64_t N, int64_t C, int64_t OC, int accumulate) {
+void cst_gemm_thin_nn(float *out, int64_t ldo, const float *x, int64_t ldx, const float *w, int64_t ldw,
+                      int64_t N, int64_t C, int64_t OC, int accumulate) {
     if (N <= 0 || OC <= 0) return;
     int cached;
     float *wt = scratch_get((size_t)(C * OC), &cached);
@@ -767,13 +767,8 @@ void cst_gemm_thin_nn_ld(float *out, int64_t ldo, const float *x, int64_t ldx, c
     scratch_put(wt, cached);
 }
 
-void cst_gemm_thin_nn(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
-                      int accumulate) {
-    cst_gemm_thin_nn_ld(out, OC, x, C, w, OC, N, C, OC, accumulate);
-}
-
-void cst_gemm_thin_tn_ld(float *c, int64_t ldc, const float *a, int64_t lda, const float *b, int64_t ldb,
-                         int64_t M, int64_t R, int64_t K, int accumulate) {
+void cst_gemm_thin_tn(float *c, int64_t ldc, const float *a, int64_t lda, const float *b, int64_t ldb,
+                      int64_t M, int64_t R, int64_t K, int accumulate) {
     if (M <= 0 || R <= 0) return;
     const cst_simd_path p = cst_simd_current();
     if (K <= 0 || p == CST_SIMD_SCALAR) { /* the packed GEMM's portable kernel; a (K, M) read transposed */
@@ -793,11 +788,6 @@ void cst_gemm_thin_tn_ld(float *c, int64_t ldc, const float *a, int64_t lda, con
             else thin_tn_tile256(c, ldc, a, lda, b, ldb, M, R, K, tm * TM, j0, accumulate);
         }
 #endif
-}
-
-void cst_gemm_thin_tn(float *c, const float *a, const float *b, int64_t M, int64_t R, int64_t K,
-                      int accumulate) {
-    cst_gemm_thin_tn_ld(c, R, a, M, b, R, M, R, K, accumulate);
 }
 
 /* ---- bf16 inputs, fp32 accumulation ----

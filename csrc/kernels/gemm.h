@@ -20,20 +20,16 @@ void cst_gemv_nt(float *out, const float *x, const float *w, int64_t N, int64_t 
  * cst_gemm_thin_nt: out (N, OC) (+)= x (N, C) @ w (OC, C)^T, dot-product tiles, parallel over rows.
  * cst_gemm_thin_nn: out (N, OC) (+)= x (N, C) @ w (C, OC): w transposed into scratch, then thin_nt.
  * cst_gemm_thin_tn: c (M, R) (+)= a (K, M)^T @ b (K, R), vectors along M, parallel over M.
- * The _ld forms take each operand's row stride (ldo/ldc, ldx/lda, ldw/ldb), so a block of columns of a
- * wider matrix is read or written in place; the plain forms are the _ld forms with contiguous rows.
+ * These two take each operand's row stride (ldo/ldc, ldx/lda, ldw/ldb), so a block of columns of a wider
+ * matrix is read or written in place (cst_matmul_backward_ld).
  * Each element is reduced by one thread in a fixed order (not cst_gemm's). */
 #define CST_THIN_MAX_COLS 64
-void cst_gemm_thin_nn_ld(float *out, int64_t ldo, const float *x, int64_t ldx, const float *w, int64_t ldw,
-                         int64_t N, int64_t C, int64_t OC, int accumulate);
-void cst_gemm_thin_tn_ld(float *c, int64_t ldc, const float *a, int64_t lda, const float *b, int64_t ldb,
-                         int64_t M, int64_t R, int64_t K, int accumulate);
 void cst_gemm_thin_nt(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
                       int accumulate);
-void cst_gemm_thin_nn(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
-                      int accumulate);
-void cst_gemm_thin_tn(float *c, const float *a, const float *b, int64_t M, int64_t R, int64_t K,
-                      int accumulate);
+void cst_gemm_thin_nn(float *out, int64_t ldo, const float *x, int64_t ldx, const float *w, int64_t ldw,
+                      int64_t N, int64_t C, int64_t OC, int accumulate);
+void cst_gemm_thin_tn(float *c, int64_t ldc, const float *a, int64_t lda, const float *b, int64_t ldb,
+                      int64_t M, int64_t R, int64_t K, int accumulate);
 
 /* bf16 inputs, fp32 accumulation and outputs (bf16 stored as uint16_t; fp32 inputs are rounded to bf16
  * first, as torch's autocast does). Each returns 0, or -1 when no memory for its converted operands.

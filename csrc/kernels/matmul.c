@@ -20,27 +20,24 @@ void cst_matmul_forward(float *out, const float *inp, const float *weight, int64
         cst_gemm(out, OC, inp, C, 1, weight, 1, C, N, OC, C, accumulate);
 }
 
-void cst_matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
-                         const float *weight, int64_t N, int64_t C, int64_t OC, int accumulate) {
+void cst_matmul_backward_ld(float *dinp, int64_t lddi, float *dweight, const float *dout, int64_t lddo,
+                            const float *inp, int64_t ldin, const float *weight, int64_t N, int64_t C, int64_t OC,
+                            int accumulate) {
     /* dinp (N, C) (+)= dout (N, OC) @ weight (OC, C): both operands row-major. */
     if (dinp && C <= CST_THIN_MAX_COLS && N > GEMV_MAX_ROWS) /* LoRA's dh = dy B */
-        cst_gemm_thin_nn(dinp, dout, weight, N, OC, C, accumulate);
+        cst_gemm_thin_nn(dinp, lddi, dout, lddo, weight, C, N, OC, C, accumulate);
     else if (dinp)
-        cst_gemm(dinp, C, dout, OC, 1, weight, C, 1, N, C, OC, accumulate);
-    /* dweight (OC, C) += dout^T @ inp: A(o, n) = dout[n*OC + o] is read transposed while packing. */
+        cst_gemm(dinp, lddi, dout, lddo, 1, weight, C, 1, N, C, OC, accumulate);
+    /* dweight (OC, C) += dout^T @ inp: A(o, n) = dout[n*lddo + o] is read transposed while packing. */
     if (dweight && C <= CST_THIN_MAX_COLS) /* LoRA's dB = dy^T h */
-        cst_gemm_thin_tn(dweight, dout, inp, OC, C, N, 1);
+        cst_gemm_thin_tn(dweight, C, dout, lddo, inp, ldin, OC, C, N, 1);
     else if (dweight)
-        cst_gemm(dweight, C, dout, 1, OC, inp, C, 1, OC, C, N, 1);
+        cst_gemm(dweight, C, dout, 1, lddo, inp, ldin, 1, OC, C, N, 1);
 }
 
-void cst_lora_bd_backward(float *dH, float *dB, const float *dout, const float *H, const float *Bbd,
-                          int64_t N, int64_t ROWS, int64_t NR, int64_t nblocks, const int32_t *blocks) {
-    for (int64_t b = 0; b < nblocks; b++) {
-        const int64_t r0 = blocks[4 * b], r1 = blocks[4 * b + 1], c0 = blocks[4 * b + 2], c1 = blocks[4 * b + 3];
-        if (dH) cst_gemm_thin_nn_ld(dH + c0, NR, dout + r0, ROWS, Bbd + r0 * NR + c0, NR, N, r1 - r0, c1 - c0, 1);
-        if (dB) cst_gemm_thin_tn_ld(dB + r0 * NR + c0, NR, dout + r0, ROWS, H + c0, NR, r1 - r0, c1 - c0, N, 1);
-    }
+void cst_matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
+                         const float *weight, int64_t N, int64_t C, int64_t OC, int accumulate) {
+    cst_matmul_backward_ld(dinp, C, dweight, dout, OC, inp, C, weight, N, C, OC, accumulate);
 }
 
 int cst_matmul_bf16_forward(float *out, const float *inp, const uint16_t *weight, int64_t N, int64_t C,

@@ -15,15 +15,12 @@ void cst_matmul_forward(float *out, const float *inp, const float *weight, int64
 void cst_matmul_backward(float *dinp, float *dweight, const float *dout, const float *inp,
                          const float *weight, int64_t N, int64_t C, int64_t OC, int accumulate);
 
-/* The B side of the LoRA backward of a fused projection (q|k|v, gate|up) whose adapters' B matrices
- * sit in one block-diagonal Bbd (ROWS, NR): block b (blocks[4b..4b+3] = r0, r1, c0, c1) is the B of
- * the module on output rows [r0, r1) and rank columns [c0, c1); everything outside the blocks is zero
- * and never read. For each block, on its nonzero part only:
- *   dH[:, c0:c1] += dout[:, r0:r1] @ Bbd[r0:r1, c0:c1]   (dH (N, NR), dout (N, ROWS))
- *   dB[r0:r1, c0:c1] += dout[:, r0:r1]^T @ H[:, c0:c1]   (dB (ROWS, NR), H (N, NR))
- * The blocks' column ranges must not overlap (the caller checks). */
-void cst_lora_bd_backward(float *dH, float *dB, const float *dout, const float *H, const float *Bbd,
-                          int64_t N, int64_t ROWS, int64_t NR, int64_t nblocks, const int32_t *blocks);
+/* The same with row strides: dinp, dout and inp are column blocks of wider row-major matrices (rows
+ * lddi, lddo, ldin apart); weight and dweight are contiguous. LoRA's backward reads one adapter's block
+ * of a fused projection's gradient this way (_core.matmul_backward_block). */
+void cst_matmul_backward_ld(float *dinp, int64_t lddi, float *dweight, const float *dout, int64_t lddo,
+                            const float *inp, int64_t ldin, const float *weight, int64_t N, int64_t C, int64_t OC,
+                            int accumulate);
 
 /* The same products with bf16 inputs and fp32 accumulation (gemm.h's cst_gemm_bf16_*): weight is bf16
  * (uint16_t), inp / dout are fp32 rounded to bf16 on the way in; outputs fp32. 0, or -1 without memory. */

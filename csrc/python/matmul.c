@@ -25,34 +25,27 @@ static void run_matmul_bf16_backward(cst_call *c) {
                                          cst_n(c, 'C'), cst_n(c, 'O'), (int)c->v[5].i) < 0;
 }
 
-static void run_lora_bd_backward(cst_call *c) {
-    cst_lora_bd_backward(c->v[0].p, c->v[1].p, c->v[2].p, c->v[3].p, c->v[4].p, cst_n(c, 'N'), cst_n(c, 'R'),
-                         cst_n(c, 'S'), cst_n(c, 'K'), c->v[5].p);
+/* dinp/inp (N, S) and dout (N, R) hold the product's operands as column blocks [in_col, in_col + C) and
+ * [out_col, out_col + O). */
+static void run_matmul_backward_block(cst_call *c) {
+    const int64_t S = cst_n(c, 'S'), R = cst_n(c, 'R'), in_col = c->v[6].i;
+    float *dinp = c->v[0].p;
+    cst_matmul_backward_ld(dinp ? dinp + in_col : NULL, S, c->v[1].p, (const float *)c->v[2].p + c->v[5].i, R,
+                           (const float *)c->v[3].p + in_col, S, c->v[4].p, cst_n(c, 'N'), cst_n(c, 'C'),
+                           cst_n(c, 'O'), (int)c->v[7].i);
 }
 
-/* blocks (K, 4) int32: r0 < r1 <= R, c0 < c1 <= S, column ranges pairwise disjoint. */
-static int check_lora_blocks(cst_call *c) {
-    const int32_t *b = c->v[5].p;
-    const int64_t K = cst_n(c, 'K'), R = cst_n(c, 'R'), S = cst_n(c, 'S');
-    if (cst_n(c, 'F') != 4) {
-        PyErr_Format(PyExc_ValueError, "%s: 'blocks' must have 4 columns (r0, r1, c0, c1), got %lld", c->fn,
-                     (long long)cst_n(c, 'F'));
+static int check_column_blocks(cst_call *c) {
+    const int64_t out_col = c->v[5].i, in_col = c->v[6].i;
+    if (out_col + cst_n(c, 'O') > cst_n(c, 'R')) {
+        PyErr_Format(PyExc_ValueError, "%s: out_col %lld + weight's %lld rows exceed dout's %lld columns", c->fn,
+                     (long long)out_col, (long long)cst_n(c, 'O'), (long long)cst_n(c, 'R'));
         return -1;
     }
-    for (int64_t i = 0; i < K; i++) {
-        const int32_t *q = b + 4 * i;
-        if (!(0 <= q[0] && q[0] < q[1] && q[1] <= R && 0 <= q[2] && q[2] < q[3] && q[3] <= S)) {
-            PyErr_Format(PyExc_ValueError, "%s: block %lld (%d, %d, %d, %d) must have 0 <= r0 < r1 <= %lld and "
-                         "0 <= c0 < c1 <= %lld", c->fn, (long long)i, q[0], q[1], q[2], q[3], (long long)R,
-                         (long long)S);
-            return -1;
-        }
-        for (int64_t j = 0; j < i; j++)
-            if (q[2] < b[4 * j + 3] && b[4 * j + 2] < q[3]) {
-                PyErr_Format(PyExc_ValueError, "%s: blocks %lld and %lld share rank columns", c->fn, (long long)j,
-                             (long long)i);
-                return -1;
-            }
+    if (in_col + cst_n(c, 'C') > cst_n(c, 'S')) {
+        PyErr_Format(PyExc_ValueError, "%s: in_col %lld + weight's %lld columns exceed inp's %lld columns", c->fn,
+                     (long long)in_col, (long long)cst_n(c, 'C'), (long long)cst_n(c, 'S'));
+        return -1;
     }
     return 0;
 }
@@ -95,17 +88,19 @@ const cst_entry cst_matmul_entries[] = {
       {"accumulate", CST_FLAG, .def = "True"}},
      .doc = "dinp += bf16(dout) @ weight (= with accumulate=False); dweight += bf16(dout)^T @ bf16(inp), "
             "fp32 accumulation (either output may be None)."},
-    {"lora_bd_backward", run_lora_bd_backward,
-     {{"dH", CST_F32, "NS", CST_WRITE | CST_EXCLUSIVE},
-      {"dB", CST_F32, "RS", CST_WRITE | CST_EXCLUSIVE},
-      {"dout", CST_F32, "NR", CST_FIRST},
-      {"H", CST_F32, "NS"},
-      {"B", CST_F32, "RS"},
-      {"blocks", CST_I32, "KF"}},
-     .check = check_lora_blocks,
-     .doc = "LoRA's B side for a block-diagonal B (R,S): for each block (r0, r1, c0, c1) of blocks (K,4) int32, "
-            "dH[:, c0:c1] += dout[:, r0:r1] @ B[r0:r1, c0:c1] and dB[r0:r1, c0:c1] += dout[:, r0:r1]^T @ "
-            "H[:, c0:c1]; nothing outside the blocks is read or written."},
+    {"matmul_backward_block", run_matmul_backward_block,
+     {{"dinp", CST_F32, "NS", CST_WRITE | CST_NONE | CST_EXCLUSIVE},
+      {"dweight", CST_F32, "OC", CST_WRITE | CST_NONE | CST_EXCLUSIVE},
+      {"dout", CST_F32, "NR"},
+      {"inp", CST_F32, "NS", CST_FIRST},
+      {"weight", CST_F32, "OC", CST_FIRST},
+      {"out_col", CST_INT64, .range = ">= 0"},
+      {"in_col", CST_INT64, .range = ">= 0"},
+      {"accumulate", CST_FLAG, .def = "True"}},
+     .check = check_column_blocks,
+     .doc = "matmul_backward on column blocks: dinp[:, in_col:in_col+C] (+)= dout[:, out_col:out_col+O] @ weight "
+            "(O,C) (= with accumulate=False); dweight += dout[:, out_col:out_col+O]^T @ inp[:, in_col:in_col+C] "
+            "(either output may be None); the rest of dinp is not touched."},
     {"bf16_from_f32", run_bf16_from_f32,
      {{"dst", CST_U16, "N", CST_WRITE | CST_EXCLUSIVE}, {"src", CST_F32, "N", CST_FIRST}},
      .doc = "dst (N,) uint16 = src (N,) float32 rounded to bf16 (nearest even), as torch converts."},

@@ -28,10 +28,11 @@ class _Group:
     matrices are adjacent in the flat buffer, so one (n*R, in) matmul computes every h = x A^T at
     once; the B matrices are copied into a block-diagonal (rows, n*R) scratch so that one
     accumulating matmul adds every x A^T B^T into the fused output (the zero blocks cost a few
-    percent of the base projection's flops and save a temporary per module and a strided add). The
-    backward's B side (_core.lora_bd_backward) reads and writes only the blocks themselves: there the
-    zero blocks would double (gate|up) or triple (q|k|v) the work. A group of one module that fills the projection (o, down) uses B directly, no scratch."""
-    __slots__ = ("sites", "A", "dA", "rows", "Bbd", "dBbd", "blocks", "H", "dropout_calls")
+    percent of the base projection's flops and save a temporary per module and a strided add). A
+    group of one module that fills the projection (o, down) uses B directly, no scratch. The backward
+    takes each module on its own (_core.matmul_backward_block on its rows of the fused gradient): the
+    zero blocks would double (gate|up) or triple (q|k|v) its work."""
+    __slots__ = ("sites", "A", "dA", "rows", "Bbd", "H", "dropout_calls")
 
 
 class LoRA:
@@ -114,12 +115,9 @@ class LoRA:
             g.A = self.flat_params[first:first + nR * C].reshape(nR, C)
             g.dA = self.flat_grads[first:first + nR * C].reshape(nR, C)
             if len(g.sites) == 1 and g.sites[0].r0 == 0 and g.sites[0].r1 == g.rows:
-                g.Bbd, g.dBbd, g.blocks = None, None, None  # o and down: B itself is the whole block
+                g.Bbd = None  # o and down: B itself is the whole block
             else:
                 g.Bbd = np.zeros((g.rows, nR), np.float32)
-                g.dBbd = np.zeros((g.rows, nR), np.float32)
-                # Bbd's nonzero blocks (r0, r1, c0, c1): the backward reads and writes only these.
-                g.blocks = np.array([(s.r0, s.r1, s.j * r, (s.j + 1) * r) for s in g.sites], np.int32)
         self._groups = groups
         self._sites = sites
         # PEFT's initialisation: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0,
@@ -205,14 +203,9 @@ class LoRA:
             raise ValueError("LoRA.backward: no saved activations for this shape (forward first)")
         H = g.H[:N]  # already carries the scale
         nR = len(g.sites) * R
-        dH = np.zeros((N, nR), np.float32)
-        if g.Bbd is None:
-            _core.matmul_backward(dH, g.sites[0].dB, dout, H, g.sites[0].B)
-        else:
-            g.dBbd.fill(0.0)
-            _core.lora_bd_backward(dH, g.dBbd, dout, H, g.Bbd, g.blocks)  # skips Bbd's zero blocks
-            for s in g.sites:
-                s.dB += g.dBbd[s.r0:s.r1, s.j * R:(s.j + 1) * R]
+        dH = np.empty((N, nR), np.float32)
+        for s in g.sites:  # each module's rows of dout with its own B: the block-diagonal scratch is forward-only
+            _core.matmul_backward_block(dH, s.dB, dout, H, s.B, s.r0, s.j * R, accumulate=False)
         dH *= np.float32(self.scale)
         if g.dropout_calls is None:
             _core.matmul_backward(dx, g.dA, dH, x, g.A)
@@ -221,9 +214,7 @@ class LoRA:
         dxd = np.empty_like(x)
         for s in g.sites:
             xd, keep = self._dropped(s, g.dropout_calls, x)
-            dh = np.ascontiguousarray(dH[:, s.j * R:(s.j + 1) * R])
-            dxd.fill(0.0)
-            _core.matmul_backward(dxd, s.dA, dh, xd, s.A)
+            _core.matmul_backward_block(dxd, s.dA, dH, xd, s.A, s.j * R, 0, accumulate=False)
             # d dropout(x) / dx is the same mask times 1/(1-p).
             dxd *= keep
             dxd *= inv
