@@ -82,8 +82,9 @@ CST_INLINE float fwd_row_body(float *restrict o, const float *restrict qr, const
  * time order), so tiled and untiled rows give the same bits. */
 #define QT 4
 #ifndef BKEYS
-#define BKEYS 32 /* keys per block of the AVX-512 backward (a multiple of 4) */
+#define BKEYS 32 /* keys per block of the AVX-512 backward */
 #endif
+_Static_assert(BKEYS % QT == 0, "BKEYS: whole row tiles start at each key block");
 
 /* Four dot products against one shared vector b, each in dot_f32's order. */
 CST_INLINE void dot4_f32(float out[QT], const float *a0, const float *a1, const float *a2,
@@ -460,13 +461,13 @@ CST_INLINE void bwd_group_body(float *dq, float *dk, float *dv, const float *dou
         if (fast) {
             for (int64_t j0 = 0; j0 < len; j0 += BKEYS) {
                 const int64_t j1 = j0 + BKEYS;
-                int64_t t = j0 / QT * QT; /* the first row tile that sees a key of the block */
+                int64_t t = j0; /* the first row that sees a key of the block, a tile's first (BKEYS % QT == 0) */
                 for (; t + QT <= len; t += QT) {
                     const size_t row = ((size_t)b * T + t) * qs + h * HS;
                     bwd_rows_x512(dq + row, dout + row, out + row, q + row, qs, dkb, dvb, kb, vb, L + t, ks, t,
                                   j0, j1, HS, scale, QT);
                 }
-                for (t = t < j0 ? j0 : t; t < len; t++) {
+                for (; t < len; t++) {
                     const size_t row = ((size_t)b * T + t) * qs + h * HS;
                     bwd_rows_x512(dq + row, dout + row, out + row, q + row, qs, dkb, dvb, kb, vb, L + t, ks, t,
                                   j0, j1, HS, scale, 1);
