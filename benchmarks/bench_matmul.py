@@ -10,6 +10,12 @@ threadpoolctl's report of those kernels is printed. The whole sweep is repeated 
 table gives the min and median over runs of each shape's best time, and `ratio` lines compare cst
 with the fastest anchor of the same precision, run by run. Not a test: it prints numbers.
 
+Every side overwrites its output, as the model's first product into each input gradient does
+(accumulate=False) and as torch.mm(out=) and numpy.matmul(out=) do; cst's weight gradient (dW) adds into
+its output (dW +=), the anchors overwrite. cst's bf16 products read fp32 activations (rounded to bf16
+inside, timed) and write fp32 outputs; torch's bf16 side gets bf16 operands and writes bf16, half the
+bytes, which dominates where k is short (k/v, the input gradients with k = 192 or 576).
+
     python3 benchmarks/bench_matmul.py [--runs 3] [--threads 2] [--only model,lora] [--min-time 0.3]
                                        [--clock wall|cpu] [--libs cst,openblas,torch,cst-bf16,torch-bf16] [--quick]
 """
@@ -66,13 +72,13 @@ def _operands(lib, M, N, K, kind, rng):
                 return lambda: _core.matmul_bf16_forward(c, a, w16)
             if kind == "nn":
                 w16, x = to_bf16(b), np.empty((M, N), np.float32)
-                return lambda: _core.matmul_bf16_backward(c, None, a, x, w16)
+                return lambda: _core.matmul_bf16_backward(c, None, a, x, w16, False)
             w16 = np.zeros((M, N), np.uint16)
             return lambda: _core.matmul_bf16_backward(None, c, a, b, w16)
         if kind == "nt":  # y = x W^T
             return lambda: _core.matmul_forward(c, a, b)
-        if kind == "nn":  # dinp += dout @ W with W (K, N) = (OC, C)
-            return lambda: _core.matmul_backward(c, None, a, np.empty((M, N), np.float32), b)
+        if kind == "nn":  # dinp = dout @ W with W (K, N) = (OC, C)
+            return lambda: _core.matmul_backward(c, None, a, np.empty((M, N), np.float32), b, False)
         return lambda: _core.matmul_backward(None, c, a, b, np.empty((M, N), np.float32))  # dW += dy^T x
     if lib == "openblas":
         if kind == "nt":

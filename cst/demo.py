@@ -21,7 +21,11 @@ __all__ = ["DEFAULTS", "QUICK", "OUTPUT_DIR", "settings_for", "run"]
 # The full recipe. Every key can be overridden through run(**overrides); docs/demo.md explains each choice.
 DEFAULTS = {
     "model": "smollm2-135m-instruct",
-    "configurations": "paraphrased",  # "paper": the paper's two strings; "paraphrased": 4 training phrasings each
+    # "paper": the paper's two strings; "paraphrased": 4 training phrasings each; "diverse": 17 each (the
+    # paraphrased four plus 13 written blind). On validation, seeds 0-2, on the same synthesised pairs,
+    # "diverse" against "paraphrased": S0 0.875 -> 0.911, S1 0.833 -> 0.922 (runs p1-s0..s2 vs fresh, r5-s1,
+    # r5-s2 in docs/demo.md).
+    "configurations": "diverse",
     "train_phrasings": 1,  # training phrasings per pair and configuration (rotating over the pairs)
     # prompts per category (None: all of the 20 train / 4 validation / 3 test harmful, 7-8 train /
     # 2 validation / 2 test benign). The default trains on the first 18 harmful and 6 benign train prompts
@@ -115,8 +119,9 @@ def settings_for(quick: bool = False, **overrides) -> dict:
     if unknown:
         raise ValueError(f"cst.demo: unknown setting(s) {unknown}; known: {sorted(s)}")
     s.update(overrides)
-    if s["configurations"] not in ("paper", "paraphrased"):
-        raise ValueError(f"cst.demo: configurations must be 'paper' or 'paraphrased', got {s['configurations']!r}")
+    if s["configurations"] not in _CONFIGURATION_SETS:
+        raise ValueError(f"cst.demo: configurations must be one of {sorted(_CONFIGURATION_SETS)}, got "
+                         f"{s['configurations']!r}")
     if s["eval_split"] not in ("validation", "test"):
         raise ValueError(f"cst.demo: eval_split must be 'validation' or 'test', got {s['eval_split']!r}")
     if s["eval_phrasings"] not in ("all", "rotate"):
@@ -217,9 +222,13 @@ class _TrimmedChat:
         return [_trim(t) if f else t for t, f in zip(out, flags)]
 
 
+_CONFIGURATION_SETS = {"paper": "PAPER_CONFIGURATIONS", "paraphrased": "PARAPHRASED_CONFIGURATIONS",
+                       "diverse": "DIVERSE_CONFIGURATIONS"}
+
+
 def _configurations(s: dict) -> list:
     from . import data as D
-    return D.PARAPHRASED_CONFIGURATIONS if s["configurations"] == "paraphrased" else D.PAPER_CONFIGURATIONS
+    return getattr(D, _CONFIGURATION_SETS[s["configurations"]])
 
 
 def _evaluate(model, s, seed, judge, progress, tag, reference=None):

@@ -193,6 +193,15 @@ def test_data_build_cst_and_vanilla(capsys, tmp_path, pairs_file):
     rc, _, _ = run_cli(capsys, ["data", "build", "--pairs", pairs_file, "--output", par, "--configurations",
                                 "paraphrased", "--phrasings", "2"])
     assert rc == 0 and len(load_records(par)) == 15
+    # The demo's 17 phrasings per side, one per pair and configuration: each pair under its own phrasing.
+    from cst.data import DIVERSE_CONFIGURATIONS
+    rc, _, _ = run_cli(capsys, ["data", "build", "--pairs", pairs_file, "--output", par, "--configurations",
+                                "diverse", "--phrasings", "1"])
+    div = load_records(par)
+    assert rc == 0 and len(div) == 3 * len(PAIRS)
+    systems = [r.system for r in div if r.system]
+    assert len(set(systems)) == len(systems)
+    assert set(systems) <= {p for c in DIVERSE_CONFIGURATIONS for p in c.train_prompts}
 
 
 def test_data_build_configuration_file_and_synth_log(capsys, tmp_path):

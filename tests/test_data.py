@@ -320,7 +320,7 @@ def test_rebuild_paper_harmless_part_exactly(paper_records):
 
 
 def test_presets_phrasings_disjoint():
-    for cfgs in (D.PAPER_CONFIGURATIONS, D.PARAPHRASED_CONFIGURATIONS):
+    for cfgs in (D.PAPER_CONFIGURATIONS, D.PARAPHRASED_CONFIGURATIONS, D.DIVERSE_CONFIGURATIONS):
         assert [c.name for c in cfgs] == ["safe", "uncensored"]
         train = [s for c in cfgs for s in c.train_prompts]
         evals = [s for c in cfgs for s in c.eval_prompts]
@@ -331,6 +331,9 @@ def test_presets_phrasings_disjoint():
     assert [c.train_prompts for c in D.PAPER_CONFIGURATIONS] == [[D.HARMLESS_SYSTEM_PROMPT],
                                                                  [D.UNCENSORED_SYSTEM_PROMPT]]
     assert all(len(c.train_prompts) == 4 for c in D.PARAPHRASED_CONFIGURATIONS)
+    for div, par in zip(D.DIVERSE_CONFIGURATIONS, D.PARAPHRASED_CONFIGURATIONS):
+        assert len(div.train_prompts) == 17 and div.train_prompts[:4] == par.train_prompts
+        assert div.held_out == par.held_out and (div.preferred, div.rejected) == (par.preferred, par.rejected)
     with pytest.raises(D.DataError, match="held-out prompts also used"):
         D.Configuration("x", ["a", "b"], "safe", held_out=["b"])
     with pytest.raises(D.DataError, match="list of strings"):
@@ -636,8 +639,23 @@ def test_tokenize_paper_records_smollm(paper_records):
 # ------------------------------------------------------------------------------------ splits, safe default
 
 
+def test_diverse_training_phrasings_are_not_near_copies_of_evaluation_phrasings():
+    """The 13 blind-written phrasings per side keep a difflib ratio below 0.55 to every validation and test
+    phrasing (the bound they were filtered with), so validation and test still measure unseen wording."""
+    import difflib
+    evals = [p for c in D.DIVERSE_CONFIGURATIONS for p in c.held_out]
+    evals += [p for ps in D.VALIDATION_SYSTEM_PROMPTS.values() for p in ps]
+    new = [p for c in D.DIVERSE_CONFIGURATIONS for p in c.train_prompts[4:]]
+    assert len(new) == 26 and len(set(new)) == 26
+    worst = max((difflib.SequenceMatcher(None, a.lower(), b.lower()).ratio(), a, b) for a in new for b in evals)
+    assert worst[0] < 0.55, worst
+    # the property can fail: a near copy of a test phrasing is caught
+    copy = evals[0].replace(".", "!")
+    assert max(difflib.SequenceMatcher(None, copy.lower(), b.lower()).ratio() for b in evals) >= 0.55
+
+
 def test_validation_phrasings_disjoint_from_training_and_test():
-    for cfg in D.PAPER_CONFIGURATIONS + D.PARAPHRASED_CONFIGURATIONS:
+    for cfg in D.PAPER_CONFIGURATIONS + D.PARAPHRASED_CONFIGURATIONS + D.DIVERSE_CONFIGURATIONS:
         val = D.VALIDATION_SYSTEM_PROMPTS[cfg.name]
         assert len(val) >= 2
         assert not set(val) & set(cfg.system_prompts) and not set(val) & set(cfg.held_out)

@@ -141,8 +141,9 @@ def build_parser():
     b.add_argument("--format", choices=("cst", "trl"), default="cst",
                    help="cst: {system, prompt, chosen, rejected} records; trl: TRL's conversational preference "
                         "format, which trl.DPOTrainer reads unchanged (docs/interop.md)")
-    b.add_argument("--configurations", default="paper", metavar="paper|paraphrased|FILE.json",
-                   help="system-prompt configurations: the paper's two, four paraphrased phrasings each, or a file")
+    b.add_argument("--configurations", default="paper", metavar="paper|paraphrased|diverse|FILE.json",
+                   help="system-prompt configurations: the paper's two, four paraphrased phrasings each, 17 "
+                        "(diverse) each, or a file")
     b.add_argument("--phrasings", type=_phrasings, default="all", metavar="all|first|K",
                    help="training phrasings per pair and configuration: all, the first, or K rotating across pairs")
     b.add_argument("--task", default="harmless", help="the records' task label")
@@ -223,7 +224,7 @@ def build_parser():
     e.add_argument("--judge", default="default", metavar="JUDGE",
                    help="default | behaviour:FILE.json | refusal | refusal-strict | classifier:FILE.npz | llm:MODEL")
     e.add_argument("--judge-max-new-tokens", type=_pos_int, default=64, metavar="N", help="for llm:MODEL judges")
-    e.add_argument("--configurations", default="paper", metavar="paper|paraphrased|FILE.json",
+    e.add_argument("--configurations", default="paper", metavar="paper|paraphrased|diverse|FILE.json",
                    help="configurations whose held-out system prompts are evaluated")
     e.add_argument("--training-prompts", action="store_true",
                    help="evaluate under the training system prompts instead of the held-out ones")

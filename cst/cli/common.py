@@ -210,15 +210,17 @@ def _read_prompts(spec, default, what="prompts"):
 
 
 def _configurations(spec):
-    """'paper', 'paraphrased', or a JSON file: a list of {name, system_prompts, preferred, rejected?,
+    """'paper', 'paraphrased', 'diverse', or a JSON file: a list of {name, system_prompts, preferred, rejected?,
     held_out?} objects (see docs/cli.md)."""
     from .. import data as D
     if spec == "paper":
         return list(D.PAPER_CONFIGURATIONS)
     if spec == "paraphrased":
         return list(D.PARAPHRASED_CONFIGURATIONS)
+    if spec == "diverse":
+        return list(D.DIVERSE_CONFIGURATIONS)
     if not spec.lower().endswith(".json"):
-        raise UsageError(f"--configurations: expected 'paper', 'paraphrased' or a .json file, got {spec!r}")
+        raise UsageError(f"--configurations: expected 'paper', 'paraphrased', 'diverse' or a .json file, got {spec!r}")
     items = _read_json(spec, "configurations file")
     if not isinstance(items, list) or not items:
         raise CliError(f"configurations file {spec}: expected a non-empty JSON list of configuration objects")
