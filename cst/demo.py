@@ -276,11 +276,16 @@ def _kind_shares(rows):
 
 
 def _baseline_key(s, seed, judge) -> str:
-    """The key of eval_baseline.json: the model, the evaluation settings and the judge's fingerprint (its
-    weights), so that a refitted judge re-scores the baseline instead of reusing stale verdicts."""
+    """The key of eval_baseline.json: the model, the evaluation settings, what is evaluated of the
+    configurations (name, preferred behaviour, the phrasings of the evaluated split; not the training
+    phrasings, which the base model never sees) and the judge's fingerprint (its weights), so that a refitted
+    judge re-scores the baseline instead of reusing stale verdicts."""
+    from .data import evaluation_configurations
     from .eval.judges import judge_fingerprint
+    evaluated = [[c.name, c.preferred, c.held_out] for c in evaluation_configurations(_configurations(s),
+                                                                                     s["eval_split"])]
     return _key({"model": s["model"], "seed": seed, **{k: s[k] for k in s if k.startswith("eval_")},
-                 "n_boot": s["n_boot"], "configurations": s["configurations"], "bs": s["gen_batch_size"],
+                 "n_boot": s["n_boot"], "configurations": evaluated, "bs": s["gen_batch_size"],
                  "judge": judge_fingerprint(judge)})
 
 

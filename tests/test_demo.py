@@ -129,6 +129,19 @@ def test_ctrl_c_in_training_then_resume(quick_demo, tmp_path, monkeypatch):
     assert json.dumps(_numbers(resumed), sort_keys=True) == json.dumps(_numbers(first), sort_keys=True)
 
 
+def test_baseline_cache_key_follows_what_is_evaluated():
+    """The baseline evaluation is reused across configuration sets that differ only in their training
+    phrasings (the base model never sees those), and not across anything it evaluates."""
+    from cst.eval.judges import default_judge
+    j = default_judge()
+    key = lambda **o: demo._baseline_key(demo.settings_for(**o), 0, j)  # noqa: E731
+    assert key(configurations="paraphrased") == key(configurations="diverse") == key(configurations="paper")
+    assert key() != key(eval_split="test")
+    assert key() != key(eval_max_new_tokens=48)
+    assert demo._baseline_key(demo.settings_for(), 0, j) != demo._baseline_key(demo.settings_for(), 1, j)
+    assert key() != demo._baseline_key(demo.settings_for(), 0, cst.judges.RefusalJudge())
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown setting"):
         demo.settings_for(quick=True, learning_rat=1e-3)
