@@ -119,8 +119,9 @@ def settings_for(quick: bool = False, **overrides) -> dict:
     if unknown:
         raise ValueError(f"cst.demo: unknown setting(s) {unknown}; known: {sorted(s)}")
     s.update(overrides)
-    if s["configurations"] not in _CONFIGURATION_SETS:
-        raise ValueError(f"cst.demo: configurations must be one of {sorted(_CONFIGURATION_SETS)}, got "
+    from .data import CONFIGURATION_SETS
+    if s["configurations"] not in CONFIGURATION_SETS:
+        raise ValueError(f"cst.demo: configurations must be one of {sorted(CONFIGURATION_SETS)}, got "
                          f"{s['configurations']!r}")
     if s["eval_split"] not in ("validation", "test"):
         raise ValueError(f"cst.demo: eval_split must be 'validation' or 'test', got {s['eval_split']!r}")
@@ -222,13 +223,9 @@ class _TrimmedChat:
         return [_trim(t) if f else t for t, f in zip(out, flags)]
 
 
-_CONFIGURATION_SETS = {"paper": "PAPER_CONFIGURATIONS", "paraphrased": "PARAPHRASED_CONFIGURATIONS",
-                       "diverse": "DIVERSE_CONFIGURATIONS"}
-
-
 def _configurations(s: dict) -> list:
-    from . import data as D
-    return getattr(D, _CONFIGURATION_SETS[s["configurations"]])
+    from .data import CONFIGURATION_SETS
+    return CONFIGURATION_SETS[s["configurations"]]
 
 
 def _evaluate(model, s, seed, judge, progress, tag, reference=None):

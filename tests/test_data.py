@@ -331,6 +331,8 @@ def test_presets_phrasings_disjoint():
     assert [c.train_prompts for c in D.PAPER_CONFIGURATIONS] == [[D.HARMLESS_SYSTEM_PROMPT],
                                                                  [D.UNCENSORED_SYSTEM_PROMPT]]
     assert all(len(c.train_prompts) == 4 for c in D.PARAPHRASED_CONFIGURATIONS)
+    assert D.CONFIGURATION_SETS == {"paper": D.PAPER_CONFIGURATIONS, "paraphrased": D.PARAPHRASED_CONFIGURATIONS,
+                                    "diverse": D.DIVERSE_CONFIGURATIONS}
     for div, par in zip(D.DIVERSE_CONFIGURATIONS, D.PARAPHRASED_CONFIGURATIONS):
         assert len(div.train_prompts) == 17 and div.train_prompts[:4] == par.train_prompts
         assert div.held_out == par.held_out and (div.preferred, div.rejected) == (par.preferred, par.rejected)

@@ -213,12 +213,8 @@ def _configurations(spec):
     """'paper', 'paraphrased', 'diverse', or a JSON file: a list of {name, system_prompts, preferred, rejected?,
     held_out?} objects (see docs/cli.md)."""
     from .. import data as D
-    if spec == "paper":
-        return list(D.PAPER_CONFIGURATIONS)
-    if spec == "paraphrased":
-        return list(D.PARAPHRASED_CONFIGURATIONS)
-    if spec == "diverse":
-        return list(D.DIVERSE_CONFIGURATIONS)
+    if spec in D.CONFIGURATION_SETS:
+        return list(D.CONFIGURATION_SETS[spec])
     if not spec.lower().endswith(".json"):
         raise UsageError(f"--configurations: expected 'paper', 'paraphrased', 'diverse' or a .json file, got {spec!r}")
     items = _read_json(spec, "configurations file")

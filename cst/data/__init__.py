@@ -20,7 +20,7 @@ __all__ = [
     "BehaviourPair", "Configuration", "build_records", "pairs_from_records", "vanilla_dpo",
     "HARMLESS_SYSTEM_PROMPT", "UNCENSORED_SYSTEM_PROMPT", "PAPER_EVAL_SYSTEM_PROMPTS", "PAPER_CONFIGURATIONS",
     "SAFE_DEFAULT", "VALIDATION_SYSTEM_PROMPTS", "evaluation_configurations",
-    "PARAPHRASED_CONFIGURATIONS", "DIVERSE_CONFIGURATIONS", "TokenizedExample", "tokenize_record", "tokenize_dataset", "truncate", "Batch", "collate",
+    "PARAPHRASED_CONFIGURATIONS", "DIVERSE_CONFIGURATIONS", "CONFIGURATION_SETS", "TokenizedExample", "tokenize_record", "tokenize_dataset", "truncate", "Batch", "collate",
     "to_trl",
 ]
 
@@ -782,6 +782,11 @@ DIVERSE_CONFIGURATIONS = [
 """The paraphrased four plus thirteen more per side (17 training phrasings each), the same held-out prompts:
 the demo's default. With one phrasing per pair (rotating), training sees each about 9 times per side; on
 validation this lifted S0 and S1 together (docs/demo.md, runs p1-s0..s2)."""
+
+CONFIGURATION_SETS = {"paper": PAPER_CONFIGURATIONS, "paraphrased": PARAPHRASED_CONFIGURATIONS,
+                      "diverse": DIVERSE_CONFIGURATIONS}
+"""The preset configuration sets by the names `cst demo` (its "configurations" setting) and the CLI's
+--configurations take."""
 
 
 # ----------------------------------------------------------------------------------------------------
