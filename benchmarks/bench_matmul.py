@@ -173,13 +173,17 @@ def main():
     args = ap.parse_args()
     if args.worker:
         return worker(args.worker, args.threads, args.only.split(","), args.min_time, args.clock)
+    libs = [lb for lb in args.libs.split(",") if lb]
+    unknown = [lb for lb in libs if lb not in LIBS]
+    if unknown or not libs:
+        ap.error(f"--libs: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(LIBS)}" if unknown
+                 else f"--libs: name at least one of {', '.join(LIBS)}")
     if args.quick:
         args.runs, args.min_time = 1, 0.1
     model, family, simd = cpu_info()
     print(f"CPU: {model}, cpu family {family}, {os.cpu_count()} logical CPUs; flags: {' '.join(simd)}")
     print(f"threads per library: {args.threads}; N = {N_TOKENS} tokens; {args.runs} runs, each library in "
           f"its own process, one after another; {args.clock} clock")
-    libs = [lb for lb in args.libs.split(",") if lb]
     runs = []  # runs[i][lib] = {name: seconds}
     for i in range(args.runs):
         res = {}

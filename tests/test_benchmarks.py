@@ -38,6 +38,12 @@ def test_trainer_race_names_an_unknown_side(tmp_path):
     assert r.returncode != 0 and "trl-fast" in r.stderr
 
 
+def test_matmul_race_names_an_unknown_library(tmp_path):
+    # "numpy" is not a side (OpenBLAS through NumPy is "openblas"); it once ran torch's fp32 under that name
+    r = _run([os.path.join(ROOT, "benchmarks", "bench_matmul.py"), "--libs", "cst,numpy"], tmp_path)
+    assert r.returncode != 0 and "'numpy'" in r.stderr and "openblas" in r.stderr
+
+
 def test_machine_line_names_the_cpu_family():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
