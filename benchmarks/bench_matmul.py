@@ -175,9 +175,10 @@ def main():
         return worker(args.worker, args.threads, args.only.split(","), args.min_time, args.clock)
     libs = [lb for lb in args.libs.split(",") if lb]
     unknown = [lb for lb in libs if lb not in LIBS]
-    if unknown or not libs:
-        ap.error(f"--libs: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(LIBS)}" if unknown
-                 else f"--libs: name at least one of {', '.join(LIBS)}")
+    if unknown:
+        ap.error(f"--libs: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(LIBS)}")
+    if not libs:
+        ap.error(f"--libs: name at least one of {', '.join(LIBS)}")
     if args.quick:
         args.runs, args.min_time = 1, 0.1
     model, family, simd = cpu_info()

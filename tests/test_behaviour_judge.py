@@ -223,6 +223,7 @@ DIVERSE128_FILE = Path(__file__).resolve().parent / "data" / "labelled-smollm2-d
 PAPER32_FILE = Path(__file__).resolve().parent / "data" / "labelled-smollm2-paper32.json"
 PAPER64_FILE = Path(__file__).resolve().parent / "data" / "labelled-smollm2-paper64.json"
 PAPER_FULL_FILE = Path(__file__).resolve().parent / "data" / "labelled-smollm2-paper-full.json"
+PAPER64_PLAIN_FILE = Path(__file__).resolve().parent / "data" / "labelled-smollm2-paper64-plain.json"
 
 
 def test_shipped_judge_on_a_held_out_labelled_set():
@@ -293,7 +294,19 @@ def test_shipped_judge_on_answers_trained_on_the_papers_data(path, n, agreement,
     assert err >= s0_error if s0_error > 0 else err <= s0_error
 
 
-@pytest.mark.parametrize("path", [PAPER32_FILE, PAPER64_FILE, PAPER_FULL_FILE], ids=["paper32", "paper64", "paper-full"])
+def test_shipped_judge_sees_the_plain_dpo_collapse():
+    """Held out: the 64-pair run with plain DPO (the paper's loss), blind labels. Vanilla DPO refuses
+    everything and the judge agrees on every answer; CST's uncensored answers all loop (labels 1.000 of
+    them degenerate) and the judge sees nearly all of it (0.958), though it calls 16 degenerate or refused
+    answers deflection or compliance elsewhere (agreement 0.514 on CST)."""
+    res = J.validate_kinds(J.default_judge(), J.load_labelled(PAPER64_PLAIN_FILE))
+    assert res["n"] == 144 and res["per_model"]["paper-dpo-plain"]["agreement"] == 1.0
+    deg = res["per_model"]["paper-cst-plain"]["rates"]["degeneration_uncensored"]
+    assert deg["labels"] == 1.0 and deg["judge"] >= 0.9
+
+
+@pytest.mark.parametrize("path", [PAPER32_FILE, PAPER64_FILE, PAPER_FULL_FILE, PAPER64_PLAIN_FILE],
+                         ids=["paper32", "paper64", "paper-full", "paper64-plain"])
 @pytest.mark.xfail(strict=True, reason="issue #13 targets are not met on answers of models trained on the paper's "
                                        "data: paper-style deflections are read as refusals or compliance")
 def test_issue_targets_on_answers_trained_on_the_papers_data(path):
