@@ -26,9 +26,14 @@
 #include <immintrin.h>
 #endif
 
-/* k block: 256 keeps an A micro-panel (MR x KC, 14 KiB at MR=14) in L1 and a B block (KC x NC,
- * 512 KiB) in the 1 MiB L2 of Zen 4; long enough that loading/storing the C tile is ~1% of the work. */
+/* k block: 256 keeps an A micro-panel (MR x KC, 8 KiB at MR=8) in L1 and a B block (KC x NC,
+ * 576 KiB) in the 1 MiB L2 of Zen 4; long enough that loading/storing the C tile is ~1% of the work. */
 #define KC 256
+/* The AVX-512 fp32 path cuts K into equal blocks of at most 512 instead, with proportionally fewer
+ * columns per B block (gemm_run): K = 1024 (every weight gradient) then reads and writes C twice, not
+ * four times. On Zen 4 (2 threads, best of 0.5 s, 3-4 alternating rounds on a noisy host) the weight
+ * gradients gained 2-6% at the median, the LM head's none; see docs/benchmarks.md. */
+#define KCMAX512 512
 
 typedef void (*ukr_fn)(int64_t kc, const float *ap, const float *b, int64_t ldb, float *c,
                        int64_t ldc, int mr, int nr, int beta);
@@ -38,6 +43,7 @@ typedef struct {
     int mcp, ncp; /* A block = mcp row panels, B block = ncp column panels */
     ukr_fn ukr;
     int simd_pack; /* the CPU runs the AVX2 packers */
+    int kcmax;     /* 0: k blocks of KC; else K is cut into equal blocks of at most kcmax (multiples of 8) */
 } gemm_cfg;
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -52,30 +58,43 @@ static void pack_b_t_avx2(float *d, const float *s, int64_t rsb, int64_t csb, in
 /* A rows [i0, i0+mc), k [p0, p0+kc) -> panels of MR rows: dst[panel*MR*kc + k*MR + i], zero-padded. */
 static void pack_a(float *dst, const float *a, int64_t rsa, int64_t csa, int64_t i0, int64_t mc,
                    int64_t p0, int64_t kc, int MR, int simd) {
+    if (rsa == 1) {
+        /* A transposed in memory (the weight gradient's dout^T): each k gives mc contiguous values. Walk k
+         * outside, so every source row is read once, front to back; panel by panel would stride across
+         * kc rows (each a page or more apart for a wide layer) once per MR rows. */
+        const int64_t full = mc / MR * MR;
+        for (int64_t k = 0; k < kc; k++) {
+            const float *sk = a + i0 + (p0 + k) * csa;
+            float *dk = dst + k * MR;
+            if (MR == 8)
+                for (int64_t ip = 0; ip < full; ip += 8) memcpy(dk + ip * kc, sk + ip, 8 * sizeof(float));
+            else
+                for (int64_t ip = 0; ip < full; ip += MR) memcpy(dk + ip * kc, sk + ip, (size_t)MR * sizeof(float));
+            if (full < mc) {
+                float *d = dk + full * kc;
+                const int mr = (int)(mc - full);
+                for (int i = 0; i < mr; i++) d[i] = sk[full + i];
+                for (int i = mr; i < MR; i++) d[i] = 0.0f;
+            }
+        }
+        return;
+    }
     for (int64_t ip = 0; ip < mc; ip += MR) {
         const int mr = (int)min64(MR, mc - ip);
         float *d = dst + ip * kc;
         const float *s = a + (i0 + ip) * rsa + p0 * csa;
-        if (rsa == 1) { /* A transposed in memory (dweight): each k gives mr contiguous values */
-            for (int64_t k = 0; k < kc; k++) {
-                const float *sk = s + k * csa;
-                for (int i = 0; i < mr; i++) d[k * MR + i] = sk[i];
-                for (int i = mr; i < MR; i++) d[k * MR + i] = 0.0f;
-            }
-        } else {
 #if defined(__x86_64__)
-            if (simd && csa == 1) { /* row-major A: same transpose as B = W^T */
-                pack_b_t_avx2(d, s, 1, rsa, kc, mr, MR);
-                continue;
-            }
-#endif
-            for (int i = 0; i < mr; i++) {
-                const float *si = s + i * rsa;
-                for (int64_t k = 0; k < kc; k++) d[k * MR + i] = si[k * csa];
-            }
-            for (int i = mr; i < MR; i++)
-                for (int64_t k = 0; k < kc; k++) d[k * MR + i] = 0.0f;
+        if (simd && csa == 1) { /* row-major A: same transpose as B = W^T */
+            pack_b_t_avx2(d, s, 1, rsa, kc, mr, MR);
+            continue;
         }
+#endif
+        for (int i = 0; i < mr; i++) {
+            const float *si = s + i * rsa;
+            for (int64_t k = 0; k < kc; k++) d[k * MR + i] = si[k * csa];
+        }
+        for (int i = mr; i < MR; i++)
+            for (int64_t k = 0; k < kc; k++) d[k * MR + i] = 0.0f;
     }
 }
 
@@ -195,7 +214,7 @@ T512 static inline __attribute__((always_inline)) void ukr512_t(int64_t kc, cons
     }
     _Pragma("GCC unroll 16") for (int i = 0; i < MR; i++)
         _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
-    for (int i = 0; i < mr; i++) _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T0);
+    for (int i = 0; i < mr; i++) _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) _mm_prefetch((const char *)(c + i * ldc + 16 * v), _MM_HINT_T0);
     if (nr == NV * 16) {
         for (int64_t k = 0; k < kc; k++, ap += MR, b += ldb) {
             __m512 bv[4];
@@ -292,7 +311,7 @@ static gemm_cfg cfg_for(cst_simd_path p) {
 #if defined(__x86_64__)
     /* MC ~ 1024 rows so that N = 1024 needs one A block; NC = 512-576 columns -> B block of
      * 512-576 KiB, half the 1 MiB L2. */
-    if (p == CST_SIMD_AVX512) g = (gemm_cfg){8, 48, 128, 12, ukr512_8x48, 1};
+    if (p == CST_SIMD_AVX512) g = (gemm_cfg){8, 48, 128, 12, ukr512_8x48, 1, KCMAX512};
     else if (p == CST_SIMD_AVX2) g = (gemm_cfg){6, 16, 171, 32, ukr_avx2, 1};
 #else
     (void)p;
@@ -346,19 +365,20 @@ typedef struct {
     int64_t rsb, csb;
     int64_t K;
     int accumulate;
+    int64_t kc, nc, mc; /* k block, column block and row block of this call */
 } gemm_args;
 
 /* Rows [m0, m1) x columns [n0, n1) of C, sequentially, with this thread's pack buffers. */
 static void gemm_region(const gemm_cfg *g, const gemm_args *x, float *abuf, float *bbuf, int64_t m0,
                         int64_t m1, int64_t n0, int64_t n1) {
     const int MR = g->mr, NR = g->nr;
-    const int64_t MC = (int64_t)g->mcp * MR, NC = (int64_t)g->ncp * NR;
+    const int64_t MC = x->mc, NC = x->nc, KB = x->kc;
     /* Few rows: packing B would cost as much as the product, so a row-major B is read in place. */
     const int direct_b = x->csb == 1 && m1 - m0 <= 2 * MR;
     for (int64_t ic = m0; ic < m1; ic += MC) {
         const int64_t mc = min64(MC, m1 - ic);
-        for (int64_t pc = 0; pc < x->K; pc += KC) {
-            const int64_t kc = min64(KC, x->K - pc);
+        for (int64_t pc = 0; pc < x->K; pc += KB) {
+            const int64_t kc = min64(KB, x->K - pc);
             const int beta = x->accumulate || pc > 0;
             pack_a(abuf, x->a, x->rsa, x->csa, ic, mc, pc, kc, MR, g->simd_pack);
             for (int64_t jc = n0; jc < n1; jc += NC) {
@@ -412,15 +432,25 @@ static int gemm_run(const gemm_cfg *gp, float *c, int64_t ldc, const float *a, i
             for (int64_t i = 0; i < M; i++) memset(c + i * ldc, 0, (size_t)N * sizeof(float));
         return 0;
     }
-    const gemm_args x = {c, ldc, a, rsa, csa, b, rsb, csb, K, accumulate};
     const gemm_cfg g = *gp;
+    /* k block: KC, or K cut into equal blocks of at most kcmax, so that a long K touches C fewer times
+     * (C is read and written once per block); the B block keeps its KC x ncp*NR size in bytes. The
+     * blocking depends on K alone, never on the thread count. */
+    int64_t kb = KC, ncp = g.ncp;
+    if (g.kcmax) {
+        const int64_t nkb = (K + g.kcmax - 1) / g.kcmax;
+        kb = ((K + nkb - 1) / nkb + 7) / 8 * 8;
+        ncp = (int64_t)g.ncp * KC / kb;
+        if (ncp < 1) ncp = 1;
+    }
+    const gemm_args x = {c, ldc, a, rsa, csa, b, rsb, csb, K, accumulate, kb, ncp * g.nr, (int64_t)g.mcp * g.mr};
     const int64_t pm = (M + g.mr - 1) / g.mr, pn = (N + g.nr - 1) / g.nr;
     /* Split output tiles along the dimension with more panels; tiny products stay on one thread. */
     const int split_rows = pm > pn;
     int nt = max_threads();
     if ((double)M * N * K < 1e6) nt = 1; /* fork/join (~5 us) would cost more than it saves */
     if (nt > (split_rows ? pm : pn)) nt = (int)(split_rows ? pm : pn);
-    const size_t abuf_len = (size_t)g.mcp * g.mr * KC, bbuf_len = (size_t)g.ncp * g.nr * KC;
+    const size_t abuf_len = (size_t)g.mcp * g.mr * kb, bbuf_len = (size_t)ncp * g.nr * kb;
     int cached;
     float *scratch = scratch_get((abuf_len + bbuf_len) * (size_t)nt, &cached);
     if (!scratch) return -1;
@@ -821,7 +851,7 @@ T512BF static void ukr512_bf16_8x48(int64_t kc, const float *ap_, const float *b
     }
     _Pragma("GCC unroll 8") for (int i = 0; i < MR; i++)
         _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) acc[i][v] = _mm512_setzero_ps();
-    for (int i = 0; i < mr; i++) _mm_prefetch((const char *)(c + i * ldc), _MM_HINT_T0);
+    for (int i = 0; i < mr; i++) _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) _mm_prefetch((const char *)(c + i * ldc + 16 * v), _MM_HINT_T0);
     for (int64_t k = 0; k < kc; k++, ap += MR, b += ldb) {
         __m512i bv[NV];
         _Pragma("GCC unroll 3") for (int v = 0; v < NV; v++) bv[v] = _mm512_maskz_loadu_epi32(m[v], b + 16 * v);
