@@ -10,7 +10,8 @@ from conftest import rel_err
 SHAPES = [(1, 1, 1), (1, 7, 3), (2, 5, 40), (3, 577, 40), (5, 16, 9), (16, 33, 70), (17, 31, 33),
           (28, 64, 47), (29, 300, 65), (33, 64, 17), (64, 96, 130), (130, 40, 257), (15, 256, 32),
           (100, 513, 31), (45, 20, 545), (40, 70, 50), (1, 600, 1100), (70, 8, 600), (64, 576, 8),
-          (1045, 9, 35)]
+          (1045, 9, 35),
+          (1100, 100, 77)]  # the weight gradient through the packed GEMM with K cut into three k blocks
 
 
 @pytest.mark.parametrize("N,C,OC", SHAPES)
@@ -96,7 +97,7 @@ def _all_products(x, w, dy, accumulate_into):
 
 
 # Shapes big enough to be split between threads, along rows, along columns, and the GEMV path.
-THREAD_SHAPES = [(64, 300, 130), (1040, 40, 70), (40, 300, 600), (4, 300, 700), (300, 520, 20)]
+THREAD_SHAPES = [(64, 300, 130), (1040, 40, 70), (40, 300, 600), (4, 300, 700), (300, 520, 20), (1030, 96, 45)]
 
 
 @pytest.mark.parametrize("N,C,OC", THREAD_SHAPES)
