@@ -8,8 +8,9 @@ Not a test: it prints numbers. Keep it short on shared machines (--new-tokens, -
 --quantized: batch-1 decoding on the real SmolLM2 Q4_1 GGUF instead: cst on the GGUF blocks
 (cst.load(path, dtype="q")), cst on the dequantised float32 weights, and llama.cpp (llama-cpp-python,
 in its own process, same file) when it is installed, interleaved --repeats times; prints min and median
-tok/s of each, the weight-streaming bound of the blocks, greedy-token agreement of the quantised and
-float32 paths, and a final `ratio ...` line.
+tok/s of each (128-token totals), the tok/s of each run's median decoding step (cst on the blocks and
+llama.cpp: steadier on a noisy host), the weight-streaming bound of the blocks, greedy-token agreement of
+the quantised and float32 paths, and a final `ratio ...` line.
 
     OMP_NUM_THREADS=2 python3 benchmarks/bench_generate.py --quantized [--new-tokens 128] [--repeats 3]
 """
@@ -65,16 +66,20 @@ path, n, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 llm = Llama(model_path=path, n_threads=threads, n_ctx=512, verbose=False)
 prompt = llm.tokenize(b"<|im_start|>user\nWrite a short story about a robot.<|im_end|>\n<|im_start|>assistant\n",
                       special=True)
-def run(k):
+def run(k, stamps=None):
     llm.reset()
     t = time.perf_counter()
     for i, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True)):
+        if stamps is not None:
+            stamps.append(time.perf_counter())
         if i + 1 == k:
             break
     return time.perf_counter() - t
 run(4)
-t1, tn = run(1), run(n)
-print((n - 1) / (tn - t1))
+stamps = []
+t1, tn = run(1), run(n, stamps)
+gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
+print((n - 1) / (tn - t1), 1.0 / gaps[len(gaps) // 2])
 """
 
 
@@ -83,6 +88,23 @@ def _decode_rate(fn, n):
     t1 = _timed(lambda: fn(1))
     tn = _timed(lambda: fn(n))
     return (n - 1) / max(tn - t1, 1e-9)
+
+
+def _token_rate(model, prompt, n):
+    """Decode tok/s from the median time of one greedy decoding step (KVCache.step plus the argmax), over
+    n - 1 steps after the prompt's prefill: a burst of noise on a shared host moves a median step far less
+    than the total time of n tokens."""
+    from cst.generate import KVCache
+    cache = KVCache(model, 1, len(prompt) + n + 1)
+    logits = cache.step(np.asarray([prompt], np.int32), np.array([len(prompt)], np.int32))
+    gaps = []
+    for _ in range(n - 1):
+        t = time.perf_counter()
+        tok = int(np.argmax(logits[0]))
+        logits = cache.step(np.array([[tok]], np.int32), np.array([1], np.int32))
+        gaps.append(time.perf_counter() - t)
+    gaps.sort()
+    return 1.0 / gaps[len(gaps) // 2]
 
 
 def quantized(args):
@@ -114,14 +136,18 @@ def quantized(args):
         have_lcp = False
         print("llama-cpp-python not installed: no llama.cpp anchor (pip install llama-cpp-python)")
     rates = {"cst q": [], "cst f32": [], "llama.cpp": []}
+    steps = {"cst q": [], "llama.cpp": []}  # tok/s of the median decoding step of each run
     for r in range(args.repeats):
         rates["cst q"].append(_decode_rate(lambda k: generate(mq, [prompt], max_new_tokens=k), N))
+        steps["cst q"].append(_token_rate(mq, prompt, N))
         rates["cst f32"].append(_decode_rate(lambda k: generate(mf, [prompt], max_new_tokens=k), N))
         if have_lcp:
             out = subprocess.run([sys.executable, "-c", LLAMA_CPP, path, str(N), str(args.threads)],
                                  capture_output=True, text=True, timeout=600)
             if out.returncode == 0:
-                rates["llama.cpp"].append(float(out.stdout.strip().splitlines()[-1]))
+                total, step = map(float, out.stdout.strip().splitlines()[-1].split())
+                rates["llama.cpp"].append(total)
+                steps["llama.cpp"].append(step)
             else:
                 print("llama.cpp run failed:", out.stderr[-500:])
         print(f"run {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items() if v) +
@@ -129,7 +155,13 @@ def quantized(args):
     for k, v in rates.items():
         if v:
             print(f"{k:10s} decode tok/s: min {min(v):.1f}, median {statistics.median(v):.1f}, max {max(v):.1f}")
+    for k, v in steps.items():
+        if v:
+            print(f"{k:10s} median decoding step, as tok/s, per run: {', '.join(f'{x:.1f}' for x in v)}")
     q = statistics.median(rates["cst q"])
+    if steps["llama.cpp"]:
+        print(f"ratio cst_q/llama.cpp by the median step {statistics.median(steps['cst q']) / statistics.median(steps['llama.cpp']):.2f} "
+              "(medians over runs)")
     if rates["llama.cpp"]:
         print(f"ratio cst_q/llama.cpp {q / statistics.median(rates['llama.cpp']):.2f} (medians)")
     else:
