@@ -11,10 +11,11 @@ splits the step into micro-batches of k pairs (gradient accumulation; both sides
 
 Trainer mode (--trl): the real thing on both sides. The real SmolLM2-135M-Instruct (cst.load), the
 demo's training recipe (cst.demo's settings: LoRA r 16 on all seven projections, lr 1e-3 cosine, beta
-0.1, rpo_alpha 1, batches of 4, max_length 80) and the first --records-n records of a demo run's
-train_records.jsonl, one epoch: cst's Trainer in fp32 and with the bf16 base, against TRL's DPOTrainer
-(with PEFT, on the same weights exported by cst.save_hf) in fp32, in its fastest CPU configuration (bf16
-autocast, no gradient checkpointing), the same with the reference log-probs computed once before training
+0.1, rpo_alpha 1, batches of 4, max_length 160) and the first --records-n records of a demo run's
+train_records.jsonl (or of demo-style records made first with --synth-records K), one epoch: cst's
+Trainer in fp32 and with the bf16 base, against TRL's DPOTrainer (with PEFT, on the same weights
+exported by cst.save_hf) in fp32, in its fastest CPU configuration (bf16 autocast, no gradient
+checkpointing), the same with the reference log-probs computed once before training
 (precompute_ref_log_probs, as cst does; TRL's default recomputes them every step with the adapters off),
 and with TRL's defaults (bf16 autocast and gradient checkpointing). Each timed figure is the whole
 trainer construction (tokenisation) and train() call, reference log-probs included, model load excluded.
@@ -22,7 +23,7 @@ trainer construction (tokenisation) and train() call, reference log-probs includ
     python3 benchmarks/bench_dpo.py [--threads 2] [--pairs 4] [--seq 256] [--prompt 64] [--layers 30]
                                     [--steps 3] [--dropout 0.0] [--dtype f32|bf16] [--micro K]
                                     [--skip-torch] [--profile]
-    python3 benchmarks/bench_dpo.py --trl [--records cst-demo/train_records.jsonl] [--records-n 64]
+    python3 benchmarks/bench_dpo.py --trl [--records cst-demo/train_records.jsonl | --synth-records 4] [--records-n 64]
                                     [--runs 3] [--threads 2] [--sides cst-f32,cst-bf16,trl-f32,trl-bf16,trl-bf16-pre,trl-default]
 """
 import argparse
@@ -291,6 +292,26 @@ def race_prepare(model_name, hf_dir, q):
     q.put({"ok": True})
 
 
+def race_records(model_name, per_category, threads, out_dir, q):
+    """Demo-style records without a demo run: the demo's harmful synthesis (cst.demo.harmful_synthesis:
+    its settings and judge, greedy) on the first `per_category` harmful train prompts of each category,
+    and their records (safe default on) in out_dir/train_records.jsonl. A demo run's file starts with
+    its harmful records too."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import _srcpath
+    _srcpath.prefer_built_source_tree()
+    import cst
+    from cst import data as D
+    from cst import demo
+    cst.set_num_threads(threads)
+    s = demo.settings_for(train_harmful_per_category=per_category)
+    res = demo.harmful_synthesis(cst.load(model_name), s, 0, out_dir)
+    records = res.records(phrasings=s["train_phrasings"], task="harmless", safe_default=s["safe_default"])
+    path = os.path.join(out_dir, "train_records.jsonl")
+    D.save_records(records, path)
+    q.put({"path": path, "n": len(records), "prompts": res.stats["generated"], "kept": res.stats["kept"]})
+
+
 def race_cst(model_name, records_path, n, threads, bf16, out_dir, q):
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import _srcpath
@@ -342,13 +363,26 @@ def race_main(a):
     import statistics
     import tempfile
     records = a.records
-    if not os.path.exists(records):
+    if a.synth_records is None and not os.path.exists(records):
         sys.exit(f"bench_dpo --trl: no records file {records!r}; run `cst demo` (it writes "
-                 "train_records.jsonl in its output folder) or pass --records FILE")
+                 "train_records.jsonl in its output folder), pass --records FILE, or make demo-style "
+                 "records first with --synth-records K")
+    if a.synth_records is not None and a.synth_records < 1:
+        sys.exit(f"bench_dpo --trl: --synth-records must be a positive number of prompts per category, "
+                 f"got {a.synth_records}")
     sides = [x.strip() for x in a.sides.split(",") if x.strip()]
     bad = [x for x in sides if x not in TRL_SIDES]
     if bad:
         sys.exit(f"bench_dpo --trl: unknown side(s) {bad}; known: {sorted(TRL_SIDES)}")
+    synth_tmp = None  # removed when race_main returns (TemporaryDirectory's finaliser)
+    if a.synth_records is not None:
+        synth_tmp = tempfile.TemporaryDirectory(prefix="bench_dpo_records_")
+        t0 = time.perf_counter()
+        r = _spawn(race_records, a.model, a.synth_records, a.threads, synth_tmp.name)
+        records = r["path"]
+        print(f"records: the demo's synthesis on the first {a.synth_records} harmful train prompts of each "
+              f"category ({r['prompts']} prompts, {r['kept']} pairs kept): {r['n']} records in "
+              f"{time.perf_counter() - t0:.0f} s (not timed in the race)")
     load = os.getloadavg()
     print(f"trainer race: {a.model}, the demo's recipe, the first {a.records_n} records of {records}, one "
           f"epoch; {a.threads} threads; {a.runs} run(s), the sides one after another in their own processes; "
@@ -409,6 +443,9 @@ def main():
     ap.add_argument("--model", default="smollm2-135m-instruct", help="trainer mode: the model (cst.load)")
     ap.add_argument("--records", default=os.path.join("cst-demo", "train_records.jsonl"),
                     help="trainer mode: CST records (a demo run's train_records.jsonl)")
+    ap.add_argument("--synth-records", type=int, default=None, metavar="K",
+                    help="trainer mode: instead of --records, first make demo-style records with the demo's "
+                         "synthesis on the first K harmful train prompts of each category (K=4: 75 records)")
     ap.add_argument("--records-n", type=int, default=64, help="trainer mode: records trained on (one epoch)")
     ap.add_argument("--runs", type=int, default=3, help="trainer mode: runs of every side")
     ap.add_argument("--sides", default=",".join(TRL_SIDES), help="trainer mode: which sides race")

@@ -223,6 +223,22 @@ class _TrimmedChat:
         return [_trim(t) if f else t for t, f in zip(out, flags)]
 
 
+def harmful_synthesis(model, s: dict, seed: int, out: Path, progress: bool = False):
+    """The demo's synthesis of harmful pairs (its step 3) with settings `s` (settings_for()): the first
+    `train_harmful_per_category` embedded train prompts of each category, logged to
+    out/synth_harmful.jsonl (resumed when it exists). Returns cst.eval.synth's result; its
+    records(phrasings=..., task="harmless", safe_default=...) are the demo's harmful records.
+    benchmarks/bench_dpo.py --trl --synth-records K uses it to make demo-style records without a demo run."""
+    from .data.prompts import default_prompts
+    from .eval.judges import judge_by_name
+    from .eval.synth import synthesize
+    harmful = _per_category(default_prompts("train", "harmful"), s["train_harmful_per_category"])
+    return synthesize(_TrimmedChat(model), harmful, configurations=_configurations(s),
+                      output=Path(out) / "synth_harmful.jsonl", max_new_tokens=s["synth_max_new_tokens"],
+                      batch_size=s["gen_batch_size"], seed=seed, judge=judge_by_name(s["synth_judge"]),
+                      refusal_fallback=True, resume=True, progress=progress, temperature=s["temperature"])
+
+
 def _configurations(s: dict) -> list:
     from .data import CONFIGURATION_SETS
     return CONFIGURATION_SETS[s["configurations"]]
@@ -650,16 +666,9 @@ def run(output_dir=OUTPUT_DIR, quick: bool = False, seed: int = 0, threads: int 
         step = "synthesis"
         header(3, "Synthesising CST data from the embedded train prompts")
         t0 = time.perf_counter()
-        from .data.prompts import default_prompts
-        from .eval.synth import synthesize
         cfgs = _configurations(s)
-        harmful = _per_category(default_prompts("train", "harmful"), s["train_harmful_per_category"])
         synth_judge = judge_by_name(s["synth_judge"])
-        chat = _TrimmedChat(model)
-        res = synthesize(chat, harmful, configurations=cfgs, output=out / "synth_harmful.jsonl",
-                         max_new_tokens=s["synth_max_new_tokens"], batch_size=s["gen_batch_size"], seed=seed,
-                         judge=synth_judge, refusal_fallback=True, resume=True, progress=progress,
-                         temperature=s["temperature"])
+        res = harmful_synthesis(model, s, seed, out, progress)
         h_stats = {k: v for k, v in res.stats.items() if k != "resumed"}
         # stats["fallback_refusals"] also counts pairs dropped afterwards; these two split the kept ones.
         h_stats["kept_template_refusal"] = sum(1 for p in res.pairs if p.metadata.get("fallback"))

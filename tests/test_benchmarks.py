@@ -54,3 +54,8 @@ def test_machine_line_names_the_cpu_family():
     if os.path.exists("/proc/cpuinfo"):
         assert family.isdigit() and model != "?"
     assert f"cpu family {family}" in _machine.cpu_line()
+
+
+def test_trainer_race_refuses_a_non_positive_synth_records(tmp_path):
+    r = _run([os.path.join(ROOT, "benchmarks", "bench_dpo.py"), "--trl", "--synth-records", "0"], tmp_path)
+    assert r.returncode != 0 and "--synth-records" in r.stderr and "got 0" in r.stderr
