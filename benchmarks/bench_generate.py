@@ -1,7 +1,8 @@
 """Generation throughput: cst.generate (KV cache, C kernels) vs transformers.generate (PyTorch CPU fp32)
 on a SmolLM2-135M-shaped Llama with random weights, greedy, fixed number of new tokens, plus the memory
-bandwidth of this machine and how close batch-1 decoding comes to the weight-streaming bound.
-Not a test: it prints numbers. Keep it short on shared machines (--new-tokens, --batches, --no-hf).
+bandwidth of this machine and how close batch-1 decoding comes to the weight-streaming bound. Every cst
+batch runs first; transformers then runs in its own spawned process (torch's OpenMP threads would slow
+cst's), and a final `ratio cst/transformers ...` line compares them. Not a test: it prints numbers. Keep it short on shared machines (--new-tokens, --batches, --no-hf).
 
     OMP_NUM_THREADS=2 python3 benchmarks/bench_generate.py [--new-tokens 128] [--batches 1 16]
 
@@ -25,6 +26,7 @@ import _srcpath
 _srcpath.prefer_built_source_tree()
 import cst  # noqa: E402
 from cst.generate import generate  # noqa: E402
+from bench_dpo import _spawn  # noqa: E402  (each library in its own process)
 
 SMOLLM2_135M = cst.ModelConfig(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536,
                                max_seq_len=8192, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True)
@@ -193,36 +195,54 @@ def main():
     bound = bw * 1e9 / weight_bytes
     print(f"weight-streaming bound for batch-1 decoding: {bound:.1f} tokens/s")
 
-    hm = None
-    if not args.no_hf:
-        import torch
-        torch.set_num_threads(args.threads)
-        hm = hf_model(model)
-
-    rng = np.random.default_rng(0)
+    prompts = _batch_prompts(args.batches, args.prompt_len)
     N = args.new_tokens
+    rows = {}
     for B in args.batches:
-        prompts = [rng.integers(0, SMOLLM2_135M.vocab_size, args.prompt_len).tolist() for _ in range(B)]
-        t_pre = _timed(lambda: generate(model, prompts, max_new_tokens=1))
-        t_all = _timed(lambda: generate(model, prompts, max_new_tokens=N))
+        t_pre = _timed(lambda: generate(model, prompts[B], max_new_tokens=1))
+        t_all = _timed(lambda: generate(model, prompts[B], max_new_tokens=N))
+        rows[B] = (t_pre, t_all)
+    # transformers afterwards, in its own process: torch's spinning OpenMP threads would slow cst's.
+    hf = None if args.no_hf else _spawn(hf_side, args.batches, args.prompt_len, N, args.threads)
+    for B in args.batches:
+        t_pre, t_all = rows[B]
         ours = B * N / t_all
         dec = B * (N - 1) / max(t_all - t_pre, 1e-9)
         line = (f"batch {B:3d}: cst {ours:7.1f} tok/s overall ({t_all:.1f} s; prefill {t_pre:.2f} s, "
                 f"decode {dec:.1f} tok/s)")
         if B == 1:
             line += f", decode at {100 * dec / bound:.0f}% of the streaming bound"
-        if hm is not None:
-            import torch
-            ids = torch.tensor(prompts)
-            kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0, eos_token_id=None,
-                      attention_mask=torch.ones_like(ids))
-            with torch.no_grad():
-                hm.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0,
-                            eos_token_id=None, attention_mask=torch.ones_like(ids))  # warm-up
-                t_hf = _timed(lambda: hm.generate(ids, **kw))
-            hf = B * N / t_hf
-            line += f"; transformers {hf:7.1f} tok/s ({t_hf:.1f} s); cst/transformers = {ours / hf:.2f}x"
+        if hf is not None:
+            rate = B * N / hf[B]
+            line += f"; transformers {rate:7.1f} tok/s ({hf[B]:.1f} s); cst/transformers = {ours / rate:.2f}x"
         print(line, flush=True)
+    if hf is not None:
+        print("ratio cst/transformers " + ", ".join(
+            f"batch {B} {(B * N / rows[B][1]) / (B * N / hf[B]):.2f}x" for B in args.batches))
+
+
+def _batch_prompts(batches, prompt_len):
+    """{B: B random prompts}, the same in every process (one generator, batches in order)."""
+    rng = np.random.default_rng(0)
+    return {B: [rng.integers(0, SMOLLM2_135M.vocab_size, prompt_len).tolist() for _ in range(B)] for B in batches}
+
+
+def hf_side(batches, prompt_len, N, threads, q):
+    """transformers.generate on the same weights (cst.Model(seed=0)) and prompts: {B: seconds}."""
+    import torch
+    torch.set_num_threads(threads)
+    hm = hf_model(cst.Model(SMOLLM2_135M, seed=0))
+    prompts = _batch_prompts(batches, prompt_len)
+    out = {}
+    for B in batches:
+        ids = torch.tensor(prompts[B])
+        kw = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0, eos_token_id=None,
+                  attention_mask=torch.ones_like(ids))
+        with torch.no_grad():
+            hm.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0,
+                        eos_token_id=None, attention_mask=torch.ones_like(ids))  # warm-up
+            out[B] = _timed(lambda: hm.generate(ids, **kw))
+    q.put(out)
 
 
 if __name__ == "__main__":
