@@ -305,8 +305,7 @@ def race_records(model_name, per_category, threads, out_dir, q):
     from cst import demo
     cst.set_num_threads(threads)
     s = demo.settings_for(train_harmful_per_category=per_category)
-    res = demo.harmful_synthesis(cst.load(model_name), s, 0, out_dir)
-    records = res.records(phrasings=s["train_phrasings"], task="harmless", safe_default=s["safe_default"])
+    res, records = demo.harmful_synthesis(cst.load(model_name), s, 0, out_dir)
     path = os.path.join(out_dir, "train_records.jsonl")
     D.save_records(records, path)
     q.put({"path": path, "n": len(records), "prompts": res.stats["generated"], "kept": res.stats["kept"]})
@@ -374,23 +373,21 @@ def race_main(a):
     bad = [x for x in sides if x not in TRL_SIDES]
     if bad:
         sys.exit(f"bench_dpo --trl: unknown side(s) {bad}; known: {sorted(TRL_SIDES)}")
-    synth_tmp = None  # removed when race_main returns (TemporaryDirectory's finaliser)
-    if a.synth_records is not None:
-        synth_tmp = tempfile.TemporaryDirectory(prefix="bench_dpo_records_")
-        t0 = time.perf_counter()
-        r = _spawn(race_records, a.model, a.synth_records, a.threads, synth_tmp.name)
-        records = r["path"]
-        print(f"records: the demo's synthesis on the first {a.synth_records} harmful train prompts of each "
-              f"category ({r['prompts']} prompts, {r['kept']} pairs kept): {r['n']} records in "
-              f"{time.perf_counter() - t0:.0f} s (not timed in the race)")
-    load = os.getloadavg()
-    print(f"trainer race: {a.model}, the demo's recipe, the first {a.records_n} records of {records}, one "
-          f"epoch; {a.threads} threads; {a.runs} run(s), the sides one after another in their own processes; "
-          f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    from _machine import cpu_line
-    print("CPU: " + cpu_line())
     res = {k: [] for k in sides}
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:
+        if a.synth_records is not None:
+            t0 = time.perf_counter()
+            r = _spawn(race_records, a.model, a.synth_records, a.threads, tmp)
+            records = r["path"]
+            print(f"records: the demo's synthesis on the first {a.synth_records} harmful train prompts of each "
+                  f"category ({r['prompts']} prompts, {r['kept']} pairs kept): {r['n']} records in "
+                  f"{time.perf_counter() - t0:.0f} s (not timed in the race)")
+        load = os.getloadavg()
+        print(f"trainer race: {a.model}, the demo's recipe, the first {a.records_n} records of {records}, one "
+              f"epoch; {a.threads} threads; {a.runs} run(s), the sides one after another in their own processes; "
+              f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        from _machine import cpu_line
+        print("CPU: " + cpu_line())
         hf_dir = os.path.join(tmp, "hf")
         if any(k.startswith("trl") for k in sides):
             _spawn(race_prepare, a.model, hf_dir)

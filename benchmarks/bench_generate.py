@@ -2,15 +2,16 @@
 on a SmolLM2-135M-shaped Llama with random weights, greedy, fixed number of new tokens, plus the memory
 bandwidth of this machine and how close batch-1 decoding comes to the weight-streaming bound. Every cst
 batch runs first; transformers then runs in its own spawned process (torch's OpenMP threads would slow
-cst's), and a final `ratio cst/transformers ...` line compares them. Not a test: it prints numbers. Keep it short on shared machines (--new-tokens, --batches, --no-hf).
+cst's), and a final `ratio cst/transformers ...` line compares them. Not a test: it prints numbers. Keep
+it short on shared machines (--new-tokens, --batches, --no-hf).
 
     OMP_NUM_THREADS=2 python3 benchmarks/bench_generate.py [--new-tokens 128] [--batches 1 16]
 
 --quantized: batch-1 decoding on the real SmolLM2 Q4_1 GGUF instead: cst on the GGUF blocks
 (cst.load(path, dtype="q")), cst on the dequantised float32 weights, and llama.cpp (llama-cpp-python,
 in its own process, same file) when it is installed, interleaved --repeats times; prints min and median
-tok/s of each (128-token totals), the tok/s of each run's median decoding step (cst on the blocks and
-llama.cpp: steadier on a noisy host), the weight-streaming bound of the blocks, greedy-token agreement of
+tok/s of each (128-token totals), the tok/s of each run's median gap between two generated tokens
+(steadier on a noisy host), the weight-streaming bound of the blocks, greedy-token agreement of
 the quantised and float32 paths, and a final `ratio ...` line.
 
     OMP_NUM_THREADS=2 python3 benchmarks/bench_generate.py --quantized [--new-tokens 128] [--repeats 3]
@@ -81,32 +82,20 @@ run(4)
 stamps = []
 t1, tn = run(1), run(n, stamps)
 gaps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
-print((n - 1) / (tn - t1), 1.0 / gaps[len(gaps) // 2])
+mid = len(gaps) // 2
+print((n - 1) / (tn - t1), 2.0 / (gaps[mid] + gaps[~mid]))  # the median gap, as numpy.median takes it
 """
 
 
-def _decode_rate(fn, n):
-    """Decode tok/s of fn(k) (k new tokens, prefill included): (n - 1) / (time(n) - time(1))."""
-    t1 = _timed(lambda: fn(1))
-    tn = _timed(lambda: fn(n))
-    return (n - 1) / max(tn - t1, 1e-9)
-
-
-def _token_rate(model, prompt, n):
-    """Decode tok/s from the median time of one greedy decoding step (KVCache.step plus the argmax), over
-    n - 1 steps after the prompt's prefill: a burst of noise on a shared host moves a median step far less
-    than the total time of n tokens."""
-    from cst.generate import KVCache
-    cache = KVCache(model, 1, len(prompt) + n + 1)
-    logits = cache.step(np.asarray([prompt], np.int32), np.array([len(prompt)], np.int32))
-    gaps = []
-    for _ in range(n - 1):
-        t = time.perf_counter()
-        tok = int(np.argmax(logits[0]))
-        logits = cache.step(np.array([[tok]], np.int32), np.array([1], np.int32))
-        gaps.append(time.perf_counter() - t)
-    gaps.sort()
-    return 1.0 / gaps[len(gaps) // 2]
+def _decode_rates(fn, n):
+    """Decode tok/s of fn(k, stream) (k new tokens, prefill included, stream(token) called per token) two
+    ways: (n - 1) / (time(n) - time(1)), and one over the median gap between two streamed tokens of the
+    n-token call (a burst of noise on a shared host moves a median gap far less than a total). The
+    llama.cpp side (LLAMA_CPP) measures both the same way."""
+    t1 = _timed(lambda: fn(1, None))
+    stamps = []
+    tn = _timed(lambda: fn(n, lambda _tok: stamps.append(time.perf_counter())))
+    return (n - 1) / max(tn - t1, 1e-9), 1.0 / float(np.median(np.diff(stamps)))
 
 
 def quantized(args):
@@ -138,11 +127,12 @@ def quantized(args):
         have_lcp = False
         print("llama-cpp-python not installed: no llama.cpp anchor (pip install llama-cpp-python)")
     rates = {"cst q": [], "cst f32": [], "llama.cpp": []}
-    steps = {"cst q": [], "llama.cpp": []}  # tok/s of the median decoding step of each run
+    steps = {k: [] for k in rates}  # tok/s of each run's median gap between two tokens
     for r in range(args.repeats):
-        rates["cst q"].append(_decode_rate(lambda k: generate(mq, [prompt], max_new_tokens=k), N))
-        steps["cst q"].append(_token_rate(mq, prompt, N))
-        rates["cst f32"].append(_decode_rate(lambda k: generate(mf, [prompt], max_new_tokens=k), N))
+        for k, m in (("cst q", mq), ("cst f32", mf)):
+            total, step = _decode_rates(lambda n, cb: generate(m, [prompt], max_new_tokens=n, stream=cb), N)
+            rates[k].append(total)
+            steps[k].append(step)
         if have_lcp:
             out = subprocess.run([sys.executable, "-c", LLAMA_CPP, path, str(N), str(args.threads)],
                                  capture_output=True, text=True, timeout=600)
@@ -159,11 +149,11 @@ def quantized(args):
             print(f"{k:10s} decode tok/s: min {min(v):.1f}, median {statistics.median(v):.1f}, max {max(v):.1f}")
     for k, v in steps.items():
         if v:
-            print(f"{k:10s} median decoding step, as tok/s, per run: {', '.join(f'{x:.1f}' for x in v)}")
+            print(f"{k:10s} median gap between two tokens, as tok/s, per run: {', '.join(f'{x:.1f}' for x in v)}")
     q = statistics.median(rates["cst q"])
     if steps["llama.cpp"]:
-        print(f"ratio cst_q/llama.cpp by the median step {statistics.median(steps['cst q']) / statistics.median(steps['llama.cpp']):.2f} "
-              "(medians over runs)")
+        ratio = statistics.median(steps["cst q"]) / statistics.median(steps["llama.cpp"])
+        print(f"ratio cst_q/llama.cpp by the median gap between tokens {ratio:.2f} (medians over runs)")
     if rates["llama.cpp"]:
         print(f"ratio cst_q/llama.cpp {q / statistics.median(rates['llama.cpp']):.2f} (medians)")
     else:
@@ -204,6 +194,7 @@ def main():
         rows[B] = (t_pre, t_all)
     # transformers afterwards, in its own process: torch's spinning OpenMP threads would slow cst's.
     hf = None if args.no_hf else _spawn(hf_side, args.batches, args.prompt_len, N, args.threads)
+    ratios = []
     for B in args.batches:
         t_pre, t_all = rows[B]
         ours = B * N / t_all
@@ -214,11 +205,11 @@ def main():
             line += f", decode at {100 * dec / bound:.0f}% of the streaming bound"
         if hf is not None:
             rate = B * N / hf[B]
+            ratios.append(f"batch {B} {ours / rate:.2f}x")
             line += f"; transformers {rate:7.1f} tok/s ({hf[B]:.1f} s); cst/transformers = {ours / rate:.2f}x"
         print(line, flush=True)
-    if hf is not None:
-        print("ratio cst/transformers " + ", ".join(
-            f"batch {B} {(B * N / rows[B][1]) / (B * N / hf[B]):.2f}x" for B in args.batches))
+    if ratios:
+        print("ratio cst/transformers " + ", ".join(ratios))
 
 
 def _batch_prompts(batches, prompt_len):

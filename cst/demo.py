@@ -223,20 +223,22 @@ class _TrimmedChat:
         return [_trim(t) if f else t for t, f in zip(out, flags)]
 
 
-def harmful_synthesis(model, s: dict, seed: int, out: Path, progress: bool = False):
+def harmful_synthesis(model, s: dict, seed: int, out: Path, progress: bool = False, judge=None):
     """The demo's synthesis of harmful pairs (its step 3) with settings `s` (settings_for()): the first
     `train_harmful_per_category` embedded train prompts of each category, logged to
-    out/synth_harmful.jsonl (resumed when it exists). Returns cst.eval.synth's result; its
-    records(phrasings=..., task="harmless", safe_default=...) are the demo's harmful records.
+    out/synth_harmful.jsonl (resumed when it exists), filtered by `judge` (default: the one
+    s["synth_judge"] names). Returns (cst.eval.synth's result, the demo's harmful records).
     benchmarks/bench_dpo.py --trl --synth-records K uses it to make demo-style records without a demo run."""
     from .data.prompts import default_prompts
     from .eval.judges import judge_by_name
     from .eval.synth import synthesize
     harmful = _per_category(default_prompts("train", "harmful"), s["train_harmful_per_category"])
-    return synthesize(_TrimmedChat(model), harmful, configurations=_configurations(s),
-                      output=Path(out) / "synth_harmful.jsonl", max_new_tokens=s["synth_max_new_tokens"],
-                      batch_size=s["gen_batch_size"], seed=seed, judge=judge_by_name(s["synth_judge"]),
-                      refusal_fallback=True, resume=True, progress=progress, temperature=s["temperature"])
+    res = synthesize(_TrimmedChat(model), harmful, configurations=_configurations(s),
+                     output=Path(out) / "synth_harmful.jsonl", max_new_tokens=s["synth_max_new_tokens"],
+                     batch_size=s["gen_batch_size"], seed=seed,
+                     judge=judge if judge is not None else judge_by_name(s["synth_judge"]),
+                     refusal_fallback=True, resume=True, progress=progress, temperature=s["temperature"])
+    return res, res.records(phrasings=s["train_phrasings"], task="harmless", safe_default=s["safe_default"])
 
 
 def _configurations(s: dict) -> list:
@@ -668,12 +670,11 @@ def run(output_dir=OUTPUT_DIR, quick: bool = False, seed: int = 0, threads: int 
         t0 = time.perf_counter()
         cfgs = _configurations(s)
         synth_judge = judge_by_name(s["synth_judge"])
-        res = harmful_synthesis(model, s, seed, out, progress)
+        res, h_records = harmful_synthesis(model, s, seed, out, progress, judge=synth_judge)
         h_stats = {k: v for k, v in res.stats.items() if k != "resumed"}
         # stats["fallback_refusals"] also counts pairs dropped afterwards; these two split the kept ones.
         h_stats["kept_template_refusal"] = sum(1 for p in res.pairs if p.metadata.get("fallback"))
         h_stats["kept_own_revision"] = h_stats["kept"] - h_stats["kept_template_refusal"]
-        h_records = res.records(phrasings=s["train_phrasings"], task="harmless", safe_default=s["safe_default"])
         b_pairs, b_stats = _benign_pairs(model, s, seed, synth_judge, out, progress)
         b_cfgs = [D.Configuration(c.name, c.train_prompts, "helpful", "refusal") for c in cfgs
                   if c.name in s["benign_under"]]
