@@ -7,14 +7,19 @@ it short on shared machines (--new-tokens, --batches, --no-hf).
 
     OMP_NUM_THREADS=2 python3 benchmarks/bench_generate.py [--new-tokens 128] [--batches 1 16]
 
---quantized: batch-1 decoding on the real SmolLM2 Q4_1 GGUF instead: cst on the GGUF blocks
+--dtype bf16: both sides hold the weights in bf16 (cst.Model.to_bf16(): bf16 products, fp32 sums;
+transformers: the model in torch.bfloat16).
+
+--quantized: batch-1 decoding on the real SmolLM2 GGUF instead: cst on the GGUF blocks
 (cst.load(path, dtype="q")), cst on the dequantised float32 weights, and llama.cpp (llama-cpp-python,
 in its own process, same file) when it is installed, interleaved --repeats times; prints min and median
 tok/s of each (128-token totals), the tok/s of each run's median gap between two generated tokens
 (steadier on a noisy host), the weight-streaming bound of the blocks, greedy-token agreement of
-the quantised and float32 paths, and a final `ratio ...` line.
+the quantised and float32 paths, and a final `ratio ...` line. --gguf q4_1 (default) is the bundled Q4_1
+file; --gguf bf16 is that model exported by cst as a BF16 GGUF (into a temporary directory), which both
+sides then read as bf16.
 
-    OMP_NUM_THREADS=2 python3 benchmarks/bench_generate.py --quantized [--new-tokens 128] [--repeats 3]
+    OMP_NUM_THREADS=2 python3 benchmarks/bench_generate.py --quantized [--gguf bf16] [--new-tokens 128] [--repeats 3]
 """
 import argparse
 import os
@@ -99,9 +104,18 @@ def _decode_rates(fn, n):
 
 
 def quantized(args):
+    import tempfile
+    if args.gguf == "q4_1":
+        return _quantized(args, cst.io.smollm2_path(), "Q4_1")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "smollm2-bf16.gguf")
+        cst.load(cst.io.smollm2_path()).save(path, format="gguf", dtype="bf16")
+        return _quantized(args, path, "BF16 (cst's export)")
+
+
+def _quantized(args, path, kind):
     import statistics
     import subprocess
-    path = cst.io.smollm2_path()
     mq = cst.load(path, dtype="q")
     mf = cst.load(path)
     tok = mq.tokenizer
@@ -109,7 +123,7 @@ def quantized(args):
                              add_generation_prompt=True)
     N = args.new_tokens
     bw = copy_bandwidth()
-    print(f"SmolLM2-135M-Instruct Q4_1 GGUF; threads {args.threads}; SIMD {cst.simd_path()}; prompt "
+    print(f"SmolLM2-135M-Instruct {kind} GGUF; threads {args.threads}; SIMD {cst.simd_path()}; prompt "
           f"{len(prompt)} tokens, {N} new tokens, greedy; load average {os.getloadavg()[0]:.1f}")
     print(f"blocks held: {mq.gen_quant['qweights'].nbytes / 1e6:.0f} MB (float32 model: {mf.flat_params.nbytes / 1e6:.0f} MB); "
           f"memory bandwidth {bw:.1f} GB/s -> streaming bounds {bw * 1e9 / mq.nbytes:.0f} tok/s (blocks), "
@@ -169,6 +183,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers.generate")
     ap.add_argument("--quantized", action="store_true", help="batch-1 decode on the SmolLM2 GGUF's blocks")
+    ap.add_argument("--gguf", choices=("q4_1", "bf16"), default="q4_1",
+                    help="with --quantized: the bundled Q4_1 file, or its BF16 export")
+    ap.add_argument("--dtype", choices=("f32", "bf16"), default="f32", help="weights of both sides (batch mode)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
@@ -176,9 +193,11 @@ def main():
     if args.quantized:
         return quantized(args)
     model = cst.Model(SMOLLM2_135M, seed=0)
-    weight_bytes = model.flat_params.nbytes  # every matrix, the tied LM head included, is read per step
+    if args.dtype == "bf16":
+        model.to_bf16()
+    weight_bytes = model.nbytes  # every matrix, the tied LM head included, is read per step
     print(f"model: SmolLM2-135M shape, random weights, {model.num_parameters / 1e6:.1f}M params "
-          f"({weight_bytes / 1e6:.0f} MB fp32); threads {args.threads}; SIMD {cst.simd_path()}; "
+          f"({weight_bytes / 1e6:.0f} MB {args.dtype}); threads {args.threads}; SIMD {cst.simd_path()}; "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy")
     bw = copy_bandwidth()
     print(f"memory bandwidth (NumPy copy of 1 GiB, read+write): {bw:.1f} GB/s")
@@ -193,7 +212,7 @@ def main():
         t_all = _timed(lambda: generate(model, prompts[B], max_new_tokens=N))
         rows[B] = (t_pre, t_all)
     # transformers afterwards, in its own process: torch's spinning OpenMP threads would slow cst's.
-    hf = None if args.no_hf else _spawn(hf_side, args.batches, args.prompt_len, N, args.threads)
+    hf = None if args.no_hf else _spawn(hf_side, args.batches, args.prompt_len, N, args.threads, args.dtype)
     ratios = []
     for B in args.batches:
         t_pre, t_all = rows[B]
@@ -218,11 +237,13 @@ def _batch_prompts(batches, prompt_len):
     return {B: [rng.integers(0, SMOLLM2_135M.vocab_size, prompt_len).tolist() for _ in range(B)] for B in batches}
 
 
-def hf_side(batches, prompt_len, N, threads, q):
+def hf_side(batches, prompt_len, N, threads, dtype, q):
     """transformers.generate on the same weights (cst.Model(seed=0)) and prompts: {B: seconds}."""
     import torch
     torch.set_num_threads(threads)
     hm = hf_model(cst.Model(SMOLLM2_135M, seed=0))
+    if dtype == "bf16":
+        hm = hm.to(torch.bfloat16)
     prompts = _batch_prompts(batches, prompt_len)
     out = {}
     for B in batches:

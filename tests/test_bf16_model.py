@@ -2,7 +2,7 @@
 dtype="bf16"), DPOConfig(bf16=True)): logits and LoRA gradients against torch.autocast bf16 (PEFT on
 transformers) and against cst in float32, both with float64 as the yardstick; the lean log-prob path;
 a DPO run against the same run in float32; parameter bytes; loading GGUF and HF files tensor by tensor;
-generation; and the errors for what a bf16 base cannot do.
+and the errors for what a bf16 base cannot do (its generation: test_generate_bf16.py).
 
 Every comparison shares one set of base weights: the float32 models hold the bf16-rounded values, so
 what differs is only where each computation rounds (cst bf16: the GEMMs' inputs; autocast: also every
@@ -214,16 +214,6 @@ def test_load_bf16_reads_tensor_by_tensor(tmp_path, fmt):
     cst.io.save(m16, out, format=fmt)
     back = cst.io.load(out)
     np.testing.assert_array_equal(back.flat_params, m16.float32_params())
-
-
-def test_generation_reads_the_bf16_weights():
-    (m32, l32), (m16, l16) = twins(True, seed=4)
-    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11], [12]]  # 4 sequences: the packed path too
-    for on in (False, True):  # the base alone, then with adapters merged per call
-        l32.enabled = l16.enabled = on
-        want = m32.generate(prompts, max_new_tokens=6, temperature=0.0)
-        assert m16.generate(prompts, max_new_tokens=6, temperature=0.0) == want
-    assert m16.dtype == "bf16"  # generation converted a copy, not the model
 
 
 def test_dpo_run_in_bf16_follows_the_fp32_run(tmp_path):

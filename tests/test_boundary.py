@@ -12,7 +12,8 @@ ENTRIES = ["matmul_forward", "matmul_backward", "embedding_forward", "embedding_
            "logprobs_forward", "logprobs_backward", "logprobs_backward_inplace", "attention_forward",
            "attention_backward", "seq_logps_forward", "seq_logps_backward", "dpo_loss_forward",
            "dpo_loss_backward", "dpo_loss", "adamw_step", "sum_squares", "dequantize",
-           "matmul_bf16_forward", "matmul_bf16_backward", "matmul_backward_block", "bf16_from_f32", "bf16_to_f32",
+           "matmul_bf16_forward", "matmul_bf16_backward", "gemv_bf16", "matmul_backward_block", "bf16_from_f32",
+           "bf16_to_f32",
            "gen_scratch_size", "gen_packed_size", "gen_pack", "gen_forward", "q8_quantize", "qmatvec"]
 
 

@@ -298,6 +298,11 @@ def test_train_lora_eval_chat_export(capsys, tmp_path, tiny, records_file):
                                 "--format", "gguf", "--dtype", "float16", gg])
     assert rc == 0
     np.testing.assert_allclose(cst.load(gg).flat_params, merged.flat_params, atol=2e-3)
+    rc, _, _ = run_cli(capsys, ["export", "--model", tiny, "--checkpoint", os.path.join(run, "checkpoint-2"),
+                                "--format", "gguf", "--dtype", "bf16", gg])
+    assert rc == 0
+    from cst.bf16 import from_bf16, to_bf16  # matrices rounded to bf16; the norms (all 1 here) exact either way
+    np.testing.assert_array_equal(cst.load(gg).flat_params, from_bf16(to_bf16(merged.flat_params)))
 
     # eval on the checkpoint: report files and a table.
     ev = str(tmp_path / "ev")

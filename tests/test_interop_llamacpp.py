@@ -113,3 +113,22 @@ def test_llama_cpp_applies_an_adapter_to_smollm2(tmp_path):
     n = 16
     ours = model.generate([ids], max_new_tokens=n, temperature=0.0, eos_token_id=None)[0]
     assert llama_greedy(llm, ids, n) == list(ours)
+
+
+def test_llama_cpp_runs_csts_bf16_export_as_cst_generates_in_bf16(tmp_path):
+    """SmolLM2 exported by cst as a BF16 GGUF: llama.cpp's logits on it are those of cst's bf16 generation
+    path (both round each product's input to bf16 and sum in fp32; measured 3e-3 apart, the float32 model
+    4.6e-3 from llama.cpp), and its greedy reply is cst's."""
+    from conftest import rel_err, smollm2_gguf
+    from cst.core.generate import KVCache
+    m16 = cst.load(smollm2_gguf(), dtype="bf16")
+    path = tmp_path / "smollm2-bf16.gguf"
+    m16.save(path, format="gguf", dtype="bf16")
+    ids = m16.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}],
+                                    add_generation_prompt=True)
+    llm = llama(path)
+    cache = KVCache(m16._generation_view(), 1, len(ids) + 1)
+    ours = cache.step(np.array([ids], np.int32), np.array([len(ids)], np.int32))[0]
+    assert rel_err(llama_logits(llm, ids)[-1], ours) < 1e-2
+    reply = m16.generate([ids], max_new_tokens=16)[0]
+    assert llama_greedy(llm, ids, len(reply)) == reply

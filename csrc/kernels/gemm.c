@@ -482,37 +482,47 @@ void cst_gemm(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, c
  * each weight row from memory once per tile; the NX x C inputs stay in L1/L2. Lane sums are reduced
  * in a fixed order, so the result depends only on the path and C. */
 
-/* x's rows ldx apart, out's ldo apart (C and OC in a plain product). */
-static void gemv_scalar_ld(float *out, int64_t ldo, const float *x, int64_t ldx, const float *w, int64_t N,
-                           int64_t C, int64_t o0, int64_t o1, int accumulate) {
-    for (int64_t o = o0; o < o1; o++) {
-        const float *wo = w + o * C;
-        for (int64_t n = 0; n < N; n++) {
-            const float *xn = x + n * ldx;
-            float acc[8] = {0};
-            int64_t i = 0;
-            for (; i + 8 <= C; i += 8)
-                for (int j = 0; j < 8; j++) acc[j] += xn[i + j] * wo[i + j];
-            float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-            for (; i < C; i++) s += xn[i] * wo[i];
-            float *y = out + n * ldo + o;
-            *y = accumulate ? *y + s : s;
-        }
+/* x's rows ldx apart, out's ldo apart (C and OC in a plain product). ELEM rows read through LD (the
+ * bf16 form widens each element exactly, so both forms sum the same products in the same order). */
+#define GEMV_SCALAR(NAME, ELEM, LD)                                                                    \
+    static void NAME(float *out, int64_t ldo, const ELEM *x, int64_t ldx, const ELEM *w, int64_t N,     \
+                     int64_t C, int64_t o0, int64_t o1, int accumulate) {                               \
+        for (int64_t o = o0; o < o1; o++) {                                                            \
+            const ELEM *wo = w + o * C;                                                                \
+            for (int64_t n = 0; n < N; n++) {                                                          \
+                const ELEM *xn = x + n * ldx;                                                          \
+                float acc[8] = {0};                                                                    \
+                int64_t i = 0;                                                                         \
+                for (; i + 8 <= C; i += 8)                                                             \
+                    for (int j = 0; j < 8; j++) acc[j] += LD(xn[i + j]) * LD(wo[i + j]);               \
+                float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])); \
+                for (; i < C; i++) s += LD(xn[i]) * LD(wo[i]);                                         \
+                float *y = out + n * ldo + o;                                                          \
+                *y = accumulate ? *y + s : s;                                                          \
+            }                                                                                          \
+        }                                                                                              \
     }
+#define GEMV_LD_F32(v) (v)
+GEMV_SCALAR(gemv_scalar_ld, float, GEMV_LD_F32)
+GEMV_SCALAR(gemv_bf16_scalar_ld, uint16_t, cst_bf16_to_f32)
+
+static void gemv_scalar(float *out, int64_t ldo, const float *x, const float *w, int64_t N, int64_t C,
+                        int64_t o0, int64_t o1, int accumulate) {
+    gemv_scalar_ld(out, ldo, x, C, w, N, C, o0, o1, accumulate);
 }
 
-static void gemv_scalar(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
-                        int64_t o0, int64_t o1, int accumulate) {
-    gemv_scalar_ld(out, OC, x, C, w, N, C, o0, o1, accumulate);
+static void gemv_bf16_scalar(float *out, int64_t ldo, const uint16_t *x, const uint16_t *w, int64_t N, int64_t C,
+                             int64_t o0, int64_t o1, int accumulate) {
+    gemv_bf16_scalar_ld(out, ldo, x, C, w, N, C, o0, o1, accumulate);
 }
 
 #if defined(__x86_64__)
 /* Tile of up to NX x NW (rows beyond nx/nw repeat the last valid one and are not stored). */
-#define GEMV_TILE(NAME, TGT, VEC, W, LOAD, MLOAD, MASKT, MKMASK, FMA, ZERO, REDUCE)                 \
+#define GEMV_TILE(NAME, TGT, ELEM, VEC, W, LOAD, MLOAD, MASKT, MKMASK, FMA, ZERO, REDUCE)           \
     TGT static inline __attribute__((always_inline)) void NAME(                                     \
-        float *out, int64_t ldo, const float *x, int64_t ldx, const float *w, int64_t C, int64_t n0, \
+        float *out, int64_t ldo, const ELEM *x, int64_t ldx, const ELEM *w, int64_t C, int64_t n0,   \
         int nx, int64_t o0, int nw, const int NX, const int NW, int accumulate) {                   \
-        const float *xp[16], *wp[16];                                                                \
+        const ELEM *xp[16], *wp[16];                                                                 \
         VEC acc[16][16];                                                                             \
         _Pragma("GCC unroll 16") for (int i = 0; i < NX; i++) xp[i] =                               \
             x + (n0 + (i < nx ? i : nx - 1)) * ldx;                                                  \
@@ -557,7 +567,7 @@ T512 static inline float reduce16(__m512 v) {
     q = _mm_add_ss(q, _mm_movehdup_ps(q));
     return _mm_cvtss_f32(q);
 }
-GEMV_TILE(gemv_tile512, T512, __m512, 16, _mm512_loadu_ps, mload16, __mmask16, mk_mask16,
+GEMV_TILE(gemv_tile512, T512, float, __m512, 16, _mm512_loadu_ps, mload16, __mmask16, mk_mask16,
           _mm512_fmadd_ps, _mm512_setzero_ps, reduce16)
 
 T256 static inline __m256i mk_mask8(int n) {
@@ -570,65 +580,192 @@ T256 static inline float reduce8(__m256 h) {
     q = _mm_add_ss(q, _mm_movehdup_ps(q));
     return _mm_cvtss_f32(q);
 }
-GEMV_TILE(gemv_tile256, T256, __m256, 8, _mm256_loadu_ps, mload8, __m256i, mk_mask8, _mm256_fmadd_ps,
+GEMV_TILE(gemv_tile256, T256, float, __m256, 8, _mm256_loadu_ps, mload8, __m256i, mk_mask8, _mm256_fmadd_ps,
           _mm256_setzero_ps, reduce8)
 
-/* Few rows: more weight rows per tile, so one input row still gives 8-16 independent chains. */
-T512 static void gemv_avx512(float *out, const float *x, const float *w, int64_t N, int64_t C,
-                             int64_t OC, int64_t o0, int64_t o1, int accumulate) {
+/* Few rows: more weight rows per tile, so one input row still gives 8-16 independent chains. Tiles of
+ * 1 x W1 (one row), 2 x W2 (two) or NX3 x W3 input x weight rows; each output is one chain of the
+ * tile's vector sums, whatever the tile, so a row's result does not depend on N. */
+#define GEMV_ROWS(NAME, TGT, TILE, ELEM, W1, W2, NX3, W3)                                              \
+    TGT static void NAME(float *out, int64_t ldo, const ELEM *x, const ELEM *w, int64_t N, int64_t C,  \
+                         int64_t o0, int64_t o1, int accumulate) {                                    \
+        for (int64_t o = o0; o < o1;) {                                                               \
+            if (N == 1) {                                                                             \
+                const int nw = (int)min64(W1, o1 - o);                                                \
+                TILE(out, ldo, x, C, w, C, 0, 1, o, nw, 1, W1, accumulate);                           \
+                o += nw;                                                                              \
+            } else if (N == 2) {                                                                      \
+                const int nw = (int)min64(W2, o1 - o);                                                \
+                TILE(out, ldo, x, C, w, C, 0, 2, o, nw, 2, W2, accumulate);                           \
+                o += nw;                                                                              \
+            } else {                                                                                  \
+                const int nw = (int)min64(W3, o1 - o);                                                \
+                for (int64_t n = 0; n < N; n += NX3)                                                  \
+                    TILE(out, ldo, x, C, w, C, n, (int)min64(NX3, N - n), o, nw, NX3, W3, accumulate); \
+                o += nw;                                                                              \
+            }                                                                                         \
+        }                                                                                             \
+    }
+GEMV_ROWS(gemv_avx512, T512, gemv_tile512, float, 16, 10, 6, 4)
+GEMV_ROWS(gemv_avx2, T256, gemv_tile256, float, 8, 5, 3, 4)
+
+/* bf16 rows (bf16 x and w, fp32 sums). "dot": k pairs as 32-bit elements, each vdpbf16ps adding the
+ * products of 16 pairs into 16 fp32 lanes (even C only); "convert": 16 (AVX-512) or 8 (AVX2) bf16
+ * widened to fp32 per load, then FMA. */
+#define T512BF __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
+T512BF static inline __m512 dpbf16_carrier(__m512 x, __m512 w, __m512 acc) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
+}
+
+/* NX input rows x NW weight rows, NX * NW = 16 (1 x 16, 2 x 8, 4 x 4), the 16 sums out of one
+ * transpose-and-add tree (hsum16_avx512) instead of 16 separate reductions: with 2 bytes per weight the
+ * reductions were a third of the instructions of decoding at C = 576. hsum16 adds each vector's lanes
+ * in reduce16's order, so an output does not depend on the tile it was computed in (or on N). Rows
+ * past nx / nw repeat the last valid one and are not stored. The next tile's weight rows are
+ * prefetched as these stream by: batch-1 decoding went from about 60 to 73-79 tok/s on the Zen 4 VM. */
+T512BF static inline __attribute__((always_inline)) void gemv_bf16dot_tile16(
+    float *out, int64_t ldo, const float *x, int64_t ldx, const float *w, int64_t C, int64_t n0, int nx, int64_t o0,
+    int nw, const int NX, const int NW, int accumulate) {
+    const float *xp[4], *wp[16];
+    __m512 acc[16];
+    for (int i = 0; i < NX; i++) xp[i] = x + (n0 + (i < nx ? i : nx - 1)) * ldx;
+    for (int j = 0; j < NW; j++) wp[j] = w + (o0 + (j < nw ? j : nw - 1)) * C;
+    for (int a = 0; a < 16; a++) acc[a] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= C; k += 16) {
+        __m512 wv[16];
+        _Pragma("GCC unroll 16") for (int j = 0; j < NW; j++) {
+            _mm_prefetch((const char *)(wp[j] + NW * C + k), _MM_HINT_T0); /* the next tile's row j */
+            wv[j] = _mm512_loadu_ps(wp[j] + k);
+        }
+        _Pragma("GCC unroll 4") for (int i = 0; i < NX; i++) {
+            const __m512 xv = _mm512_loadu_ps(xp[i] + k);
+            _Pragma("GCC unroll 16") for (int j = 0; j < NW; j++) acc[i * NW + j] = dpbf16_carrier(xv, wv[j], acc[i * NW + j]);
+        }
+    }
+    if (k < C) {
+        const __mmask16 m = mk_mask16((int)(C - k));
+        __m512 wv[16];
+        _Pragma("GCC unroll 16") for (int j = 0; j < NW; j++) wv[j] = _mm512_maskz_loadu_ps(m, wp[j] + k);
+        _Pragma("GCC unroll 4") for (int i = 0; i < NX; i++) {
+            const __m512 xv = _mm512_maskz_loadu_ps(m, xp[i] + k);
+            _Pragma("GCC unroll 16") for (int j = 0; j < NW; j++) acc[i * NW + j] = dpbf16_carrier(xv, wv[j], acc[i * NW + j]);
+        }
+    }
+    __m512 v[16];
+    for (int a = 0; a < 16; a++) v[4 * (a % 4) + a / 4] = acc[a]; /* lane a of the tree's result = sum of acc[a] */
+    const __m512 sum = hsum16_avx512(v);
+    const __mmask16 sm = mk_mask16(nw);
+    for (int i = 0; i < NX; i++) {
+        if (i >= nx) break;
+        float *y = out + (n0 + i) * ldo + o0;
+        /* lanes i*NW .. i*NW + nw - 1 to y[0 .. nw-1] */
+        __m512 r = _mm512_permutexvar_ps(_mm512_add_epi32(_mm512_set1_epi32(i * NW),
+                                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                                                            13, 14, 15)), sum);
+        if (accumulate) r = _mm512_add_ps(_mm512_maskz_loadu_ps(sm, y), r);
+        _mm512_mask_storeu_ps(y, sm, r);
+    }
+}
+
+/* Weight rows [o0, o1): 1 x 16 tiles for one input row, 2 x 8 for two, 4 x 4 (over the rows in fours) for
+ * more. Rows of C k pairs, read as 32-bit elements. */
+T512BF static void gemv_bf16dot_avx512(float *out, int64_t ldo, const float *x, const float *w, int64_t N,
+                                       int64_t C, int64_t o0, int64_t o1, int accumulate) {
     for (int64_t o = o0; o < o1;) {
         if (N == 1) {
             const int nw = (int)min64(16, o1 - o);
-            gemv_tile512(out, OC, x, C, w, C, 0, 1, o, nw, 1, 16, accumulate);
+            gemv_bf16dot_tile16(out, ldo, x, C, w, C, 0, 1, o, nw, 1, 16, accumulate);
             o += nw;
         } else if (N == 2) {
-            const int nw = (int)min64(10, o1 - o);
-            gemv_tile512(out, OC, x, C, w, C, 0, 2, o, nw, 2, 10, accumulate);
+            const int nw = (int)min64(8, o1 - o);
+            gemv_bf16dot_tile16(out, ldo, x, C, w, C, 0, 2, o, nw, 2, 8, accumulate);
             o += nw;
         } else {
             const int nw = (int)min64(4, o1 - o);
-            for (int64_t n = 0; n < N; n += 6)
-                gemv_tile512(out, OC, x, C, w, C, n, (int)min64(6, N - n), o, nw, 6, 4, accumulate);
+            for (int64_t n = 0; n < N; n += 4)
+                gemv_bf16dot_tile16(out, ldo, x, C, w, C, n, (int)min64(4, N - n), o, nw, 4, 4, accumulate);
             o += nw;
         }
     }
 }
 
-T256 static void gemv_avx2(float *out, const float *x, const float *w, int64_t N, int64_t C,
-                           int64_t OC, int64_t o0, int64_t o1, int accumulate) {
-    for (int64_t o = o0; o < o1;) {
-        if (N == 1) {
-            const int nw = (int)min64(8, o1 - o);
-            gemv_tile256(out, OC, x, C, w, C, 0, 1, o, nw, 1, 8, accumulate);
-            o += nw;
-        } else if (N == 2) {
-            const int nw = (int)min64(5, o1 - o);
-            gemv_tile256(out, OC, x, C, w, C, 0, 2, o, nw, 2, 5, accumulate);
-            o += nw;
-        } else {
-            const int nw = (int)min64(4, o1 - o);
-            for (int64_t n = 0; n < N; n += 3)
-                gemv_tile256(out, OC, x, C, w, C, n, (int)min64(3, N - n), o, nw, 3, 4, accumulate);
-            o += nw;
-        }
-    }
+T512 static inline __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
+T512 static inline __m512 mload16_bf16(const uint16_t *p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+GEMV_TILE(gemv_tile512_bf16, T512, uint16_t, __m512, 16, load16_bf16, mload16_bf16, __mmask16, mk_mask16,
+          _mm512_fmadd_ps, _mm512_setzero_ps, reduce16)
+GEMV_ROWS(gemv_bf16_avx512, T512, gemv_tile512_bf16, uint16_t, 16, 10, 6, 4)
+
+T256 static inline __m256 load8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+T256 static inline int mk_count8(int n) { return n < 8 ? n : 8; }
+T256 static inline __m256 mload8_bf16(const uint16_t *p, int n) { /* the first n of 8, zeros after */
+    uint16_t t[8] = {0};
+    memcpy(t, p, (size_t)n * sizeof(uint16_t));
+    return load8_bf16(t);
+}
+GEMV_TILE(gemv_tile256_bf16, T256, uint16_t, __m256, 8, load8_bf16, mload8_bf16, int, mk_count8, _mm256_fmadd_ps,
+          _mm256_setzero_ps, reduce8)
+GEMV_ROWS(gemv_bf16_avx2, T256, gemv_tile256_bf16, uint16_t, 8, 5, 3, 4)
+#endif
+
+/* Products below this many multiply-adds run on one thread. Decoding streams every weight matrix from
+ * memory once per token, and one core cannot draw the machine's bandwidth: on the 2-core Zen 4 VM,
+ * 1e5 instead of 1e6 (which put the 576 x 576, 960 x 576 and 576 x 1536 products of SmolLM2 on one
+ * thread) took bf16 batch-1 decoding from about 50 to 60-67 tok/s. */
+#ifndef GEMV_MIN_PARALLEL
+#define GEMV_MIN_PARALLEL 1e5
 #endif
 
 void cst_gemv_nt(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
                  int accumulate) {
     if (N <= 0 || OC <= 0) return;
-    void (*gemv)(float *, const float *, const float *, int64_t, int64_t, int64_t, int64_t, int64_t, int) =
+    void (*gemv)(float *, int64_t, const float *, const float *, int64_t, int64_t, int64_t, int64_t, int) =
         CST_SIMD_PICK(gemv);
     /* Chunks of 64 weight rows: whole tiles for every tile width, and enough chunks to balance. */
     const int64_t nchunk = (OC + 63) / 64;
     int nt = max_threads();
-    if ((double)N * C * OC < 1e6) nt = 1;
+    if ((double)N * C * OC < GEMV_MIN_PARALLEL) nt = 1;
     (void)nt; /* unused without OpenMP */
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t ch = 0; ch < nchunk; ch++) {
         const int64_t o0 = ch * 64, o1 = min64(o0 + 64, OC);
-        gemv(out, x, w, N, C, OC, o0, o1, accumulate);
+        gemv(out, OC, x, w, N, C, o0, o1, accumulate);
+    }
+}
+
+void cst_gemv_bf16_nt(float *out, int64_t ldo, const uint16_t *x, const uint16_t *w, int64_t N, int64_t C,
+                      int64_t OC, int accumulate) {
+    if (N <= 0 || OC <= 0) return;
+    void (*gemv)(float *, int64_t, const uint16_t *, const uint16_t *, int64_t, int64_t, int64_t, int64_t, int) =
+        CST_SIMD_PICK(gemv_bf16);
+#if defined(__x86_64__)
+    const int dot = C % 2 == 0 && cst_simd_current() == CST_SIMD_AVX512 && cst_gemm_bf16_way() != CST_BF16_CONVERT &&
+                    cst_bf16_dot_supported();
+#else
+    const int dot = 0;
+#endif
+    int nt = max_threads();
+    if ((double)N * C * OC < GEMV_MIN_PARALLEL) nt = 1;
+    /* One contiguous block of weight rows per thread (whole 16-row tiles): each thread streams its part
+     * of w front to back, and 2 threads split 576 rows 288 / 288 where 64-row chunks gave 320 / 256. */
+    const int64_t part = (OC + 16 * nt - 1) / (16 * nt) * 16, nchunk = (OC + part - 1) / part;
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t ch = 0; ch < nchunk; ch++) {
+        const int64_t o0 = ch * part, o1 = min64(o0 + part, OC);
+#if defined(__x86_64__)
+        if (dot) { /* rows of C / 2 k pairs, read as 32-bit elements */
+            gemv_bf16dot_avx512(out, ldo, (const float *)(const void *)x, (const float *)(const void *)w, N, C / 2, o0,
+                                o1, accumulate);
+            continue;
+        }
+#endif
+        gemv(out, ldo, x, w, N, C, o0, o1, accumulate);
     }
 }
 
@@ -834,7 +971,7 @@ void cst_gemm_thin_tn(float *c, int64_t ldc, const float *a, int64_t lda, const 
  *   then the fp32 GEMM of the current path. The weights still live in bf16 (half the memory). */
 
 #if defined(__x86_64__)
-#define T512BF __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
+/* T512BF: defined with the bf16 GEMV above. */
 
 /* 8 x 48 as the fp32 kernel: 24 accumulators, 3 loads (48 columns x one k pair) + 8 pair broadcasts per
  * 24 vdpbf16ps, each worth two fp32 FMAs. */

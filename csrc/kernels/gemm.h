@@ -16,6 +16,16 @@ void cst_gemm(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, c
 void cst_gemv_nt(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
                  int accumulate);
 
+/* The same for bf16 rows: out (N, OC), rows ldo apart (ldo >= OC: a column block of a wider output),
+ * (+)= x (N, C) @ w (OC, C)^T with x and w bf16 (uint16_t bits, rows C apart, no alignment needed) and
+ * fp32 sums: what generation runs on a bf16 base. Each output is one thread's single chain of vector
+ * sums over k, so results depend on neither the thread count nor N (a row alone or among others).
+ * The AVX-512 path uses vdpbf16ps on k pairs where cst_gemm_bf16_way() is not "convert" and C is
+ * even; otherwise bf16 is widened to fp32 (exactly) and multiplied with FMA (AVX-512, AVX2) or plain
+ * products (scalar). Paths differ in summation order only. */
+void cst_gemv_bf16_nt(float *out, int64_t ldo, const uint16_t *x, const uint16_t *w, int64_t N, int64_t C,
+                      int64_t OC, int accumulate);
+
 /* Thin products (LoRA at rank <= CST_THIN_MAX_COLS): outputs of few columns, operands read in place.
  * cst_gemm_thin_nt: out (N, OC) (+)= x (N, C) @ w (OC, C)^T, dot-product tiles, parallel over rows.
  * cst_gemm_thin_nn: out (N, OC) (+)= x (N, C) @ w (C, OC): w transposed into scratch, then thin_nt.

@@ -1,6 +1,7 @@
 /* gen.c: the cached forward for generation (see gen.h): new tokens of B sequences are packed into
  * one row block so each weight matrix is streamed once per step for the whole batch, whatever mix of
  * prefill and decode the step holds. Not a sampler; no backward. */
+#include "bf16.h"
 #include "gemm.h"
 #include "gen.h"
 #include "matmul.h"
@@ -153,14 +154,14 @@ CST_TARGET_AVX512 static void attend_avx512(float *att, float *sc, const float *
 }
 #endif
 
-/* The widest input of any product, and the floats per row of its int8 blocks (qdot.h): K int8 and
- * two scales per 32 values. */
+/* The widest input of any product, and the floats per row of its converted inputs: int8 blocks
+ * (qdot.h: K int8 and two scales per 32 values) and bf16 values (K uint16, for bf16 weights). */
 static int64_t qin_kmax(const cst_gen_config *cfg) {
     const int64_t K = cfg->C > cfg->NH * cfg->HS ? cfg->C : cfg->NH * cfg->HS;
     return K > cfg->F ? K : cfg->F;
 }
 static int64_t qin_floats(const cst_gen_config *cfg) {
-    return (qin_kmax(cfg) + 3) / 4 + 2 * (qin_kmax(cfg) / CST_Q8_BLOCK + 1);
+    return (qin_kmax(cfg) + 3) / 4 + 2 * (qin_kmax(cfg) / CST_Q8_BLOCK + 1) + (qin_kmax(cfg) + 1) / 2;
 }
 
 int64_t cst_gen_scratch_size(const cst_gen_config *cfg, int64_t B, int64_t S, int64_t maxT) {
@@ -234,22 +235,33 @@ static gen_mat gen_matrix(const float *params, cst_gen_layout layout, const cst_
     return m;
 }
 
-/* Scratch for the int8 blocks of a quantised product's N input rows of up to K values. */
+/* Scratch for a quantised product's N input rows of up to K values: int8 blocks, and bf16 values
+ * for BF16 weights. */
 typedef struct {
     int8_t *q;
     float *d, *s;
+    uint16_t *b;
 } gen_qin;
 
-/* y = x W^T: from the GGUF blocks (inputs quantised once per product), from the packed copy when
- * there is one and N is small, else from the weight itself; *wp always moves past this matrix's
- * packed copy. */
+/* y = x W^T: from the GGUF blocks (inputs quantised once per product: int8 blocks for the block types,
+ * bf16 for BF16 weights), from the packed copy when there is one and N is small, else from the weight
+ * itself; *wp always moves past this matrix's packed copy. */
 static void linear(float *out, const float *x, gen_mat m, const float **wp, const gen_qin *qin, int64_t N,
                    int64_t C, int64_t OC, int accumulate) {
     if (m.nq) {
-        cst_q8_quantize(qin->q, qin->d, qin->s, x, N, C);
-        for (int p = 0, o = 0; p < m.nq; o += (int)m.rows[p], p++)
-            cst_qmatvec(out + o, m.q[p], m.type[p], qin->q, qin->d, qin->s, N, C, m.nq > 1 ? m.rows[p] : OC, OC,
-                        accumulate);
+        int q8 = 0, bf = 0;
+        for (int p = 0; p < m.nq; p++) {
+            if (m.type[p] == CST_GGML_BF16) bf = 1;
+            else q8 = 1;
+        }
+        if (q8) cst_q8_quantize(qin->q, qin->d, qin->s, x, N, C);
+        if (bf) cst_bf16_from_f32(qin->b, x, N * C);
+        for (int p = 0, o = 0; p < m.nq; o += (int)m.rows[p], p++) {
+            const int64_t rows = m.nq > 1 ? m.rows[p] : OC;
+            if (m.type[p] == CST_GGML_BF16)
+                cst_gemv_bf16_nt(out + o, OC, qin->b, (const uint16_t *)(const void *)m.q[p], N, C, rows, accumulate);
+            else cst_qmatvec(out + o, m.q[p], m.type[p], qin->q, qin->d, qin->s, N, C, rows, OC, accumulate);
+        }
     } else if (*wp && N <= GEN_PACKED_MAX_ROWS) cst_gemm_packed_nt(out, x, *wp, N, C, OC, accumulate);
     else cst_matmul_forward(out, x, m.w, N, C, OC, accumulate);
     if (*wp) *wp += cst_gemm_packed_size(OC, C);
@@ -299,6 +311,7 @@ void cst_gen_forward(float *logits, float *kcache, float *vcache, float *scratch
     qin.q = (int8_t *)qin_base;
     qin.d = qin_base + R * ((kmax + 3) / 4);
     qin.s = qin.d + R * (kmax / CST_Q8_BLOCK + 1);
+    qin.b = (uint16_t *)(void *)(qin.s + R * (kmax / CST_Q8_BLOCK + 1));
     const gen_mat embed = gen_matrix(params, layout, quant, cfg, L, CST_GEN_EMBED);
     int64_t emb_blocks = 0, emb_row_bytes = 0;
     if (embed.nq) {

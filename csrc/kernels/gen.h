@@ -27,7 +27,8 @@ typedef const int64_t *cst_gen_layout; /* (L + 1, CST_GEN_NROLES) */
  * its parts instead: q, k, v (QKV) or gate, up (GU) at offsets[i][0..], each of its own type; parts
  * 1 and 2 are -1 when part 0 holds all the rows. Only the matrix roles (QKV, O, GU, DOWN) and the
  * embedding and head may be quantised: the embedding row of a token is dequantised (any
- * cst_quant_block_info type), products use cst_qmatvec (its types). */
+ * cst_quant_block_info type), products use cst_qmatvec (its types) or, for BF16 matrices (at even
+ * byte offsets), cst_gemv_bf16_nt with the inputs rounded to bf16. */
 enum { CST_GEN_QPARTS = 3 };
 typedef struct {
     const uint8_t *raw;

@@ -3,6 +3,7 @@
  * products that read Q8_0/Q4_0/Q4_1 blocks directly for generation are in qdot.c). Arithmetic mirrors gguf-py's reference (same products, same
  * order, no fused multiply-add) so results are bit-identical to gguf.quants.dequantize. */
 #include "quant.h"
+#include "bf16.h"
 #include <string.h>
 
 float cst_f16_to_f32(uint16_t h) {
@@ -23,13 +24,6 @@ float cst_f16_to_f32(uint16_t h) {
     } else {
         bits = sign;
     }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
-float cst_bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
     float f;
     memcpy(&f, &bits, 4);
     return f;

@@ -43,8 +43,8 @@ static inline void cst_k4_scale_min(int j, const uint8_t *q, uint8_t *d, uint8_t
     }
 }
 
-/* IEEE half / bfloat16 bit patterns to float32, exactly (subnormals, inf and NaN included). */
+/* IEEE half bit patterns to float32, exactly (subnormals, inf and NaN included); bfloat16's is
+ * bf16.h's cst_bf16_to_f32. */
 float cst_f16_to_f32(uint16_t h);
-float cst_bf16_to_f32(uint16_t h);
 
 #endif

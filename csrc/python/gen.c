@@ -173,9 +173,10 @@ static int check_quant(cst_call *c) {
                 int64_t be = 0, bb = 0;
                 const int type = types[p] < 0 || types[p] > 1024 ? -1 : (int)types[p];
                 const int known = type >= 0 && cst_quant_block_info(type, &be, &bb);
-                if (!known || type == CST_GGML_F32 || (!embed && !cst_qdot_supported(type)) || nc % be) {
+                if (!known || type == CST_GGML_F32 || (!embed && !cst_qdot_supported(type) && type != CST_GGML_BF16) ||
+                    nc % be) {
                     PyErr_Format(PyExc_ValueError, "%s: 'qtypes'[%lld, %d, %d] = %lld cannot be read here (products: "
-                                 "Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14; the embedding: any ggml "
+                                 "Q4_0 2, Q4_1 3, Q5_0 6, Q5_1 7, Q8_0 8, Q4_K 12, Q5_K 13, Q6_K 14, BF16 30; the embedding: any ggml "
                                  "block type "
                                  "dequantize reads, in whole rows)",
                                  c->fn, (long long)l, r, p, (long long)types[p]);
@@ -186,6 +187,11 @@ static int check_quant(cst_call *c) {
                     PyErr_Format(PyExc_ValueError, "%s: 'qoffsets'[%lld, %d, %d] = %lld places %lld bytes outside "
                                  "'qweights' (%lld bytes)", c->fn, (long long)l, r, p, (long long)o, (long long)need,
                                  (long long)nbytes);
+                    return -1;
+                }
+                if (type == CST_GGML_BF16 && (((uintptr_t)c->v[13].p + (uintptr_t)o) & 1)) {
+                    PyErr_Format(PyExc_ValueError, "%s: 'qoffsets'[%lld, %d, %d] = %lld puts a BF16 matrix at an odd "
+                                 "address (bf16 values must be 2-byte aligned)", c->fn, (long long)l, r, p, (long long)o);
                     return -1;
                 }
             }

@@ -50,6 +50,11 @@ static int check_column_blocks(cst_call *c) {
     return 0;
 }
 
+static void run_gemv_bf16(cst_call *c) {
+    cst_gemv_bf16_nt(c->v[0].p, cst_n(c, 'O'), c->v[1].p, c->v[2].p, cst_n(c, 'N'), cst_n(c, 'C'), cst_n(c, 'O'),
+                     (int)c->v[3].i);
+}
+
 static void run_bf16_from_f32(cst_call *c) {
     const int64_t n = cst_n(c, 'N');
     cst_bf16_rows_f32(c->v[0].p, c->v[1].p, n, 1, n, n);
@@ -88,6 +93,13 @@ const cst_entry cst_matmul_entries[] = {
       {"accumulate", CST_FLAG, .def = "True"}},
      .doc = "dinp += bf16(dout) @ weight (= with accumulate=False); dweight += bf16(dout)^T @ bf16(inp), "
             "fp32 accumulation (either output may be None)."},
+    {"gemv_bf16", run_gemv_bf16,
+     {{"out", CST_F32, "NO", CST_WRITE | CST_EXCLUSIVE},
+      {"inp", CST_U16, "NC", CST_FIRST},
+      {"weight", CST_U16, "OC"},
+      {"accumulate", CST_FLAG, .def = "False"}},
+     .doc = "out (N,OC) (+)= inp (N,C) @ weight (OC,C)^T, both bf16 bits (uint16), fp32 sums: generation's "
+            "product on a bf16 base (one chain per output, so N and the thread count do not change a row)."},
     {"matmul_backward_block", run_matmul_backward_block,
      {{"dinp", CST_F32, "NS", CST_WRITE | CST_NONE | CST_EXCLUSIVE},
       {"dweight", CST_F32, "OC", CST_WRITE | CST_NONE | CST_EXCLUSIVE},

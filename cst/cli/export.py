@@ -11,8 +11,8 @@ def _size(n_bytes):
 # ---- export ----
 
 _DTYPES = {"hf": {"float32": "float32", "f32": "float32", "float16": "float16", "f16": "float16"},
-           "gguf": {"float32": "f32", "f32": "f32", "float16": "f16", "f16": "f16"}}
-_DTYPES["gguf-lora"] = _DTYPES["gguf"]
+           "gguf-lora": {"float32": "f32", "f32": "f32", "float16": "f16", "f16": "f16"}}
+_DTYPES["gguf"] = dict(_DTYPES["gguf-lora"], bfloat16="bf16", bf16="bf16")
 
 
 def _export_gguf_lora(args, dtype):
@@ -37,7 +37,7 @@ def cmd_export(args):
         dtype = _DTYPES[args.format].get(args.dtype)
         if dtype is None:
             raise UsageError(f"--dtype: {args.dtype!r} is not available for --format {args.format}; "
-                             "use float32 (f32) or float16 (f16)")
+                             f"use {' or '.join(sorted(set(_DTYPES[args.format].values())))}")
     if args.format == "gguf-lora":
         return _export_gguf_lora(args, dtype)
     out = os.path.abspath(args.output)

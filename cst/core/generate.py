@@ -238,10 +238,15 @@ def generate(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p
     A sequence stops after max_new_tokens, at an eos_token_id (the EOS token is INCLUDED in its output,
     as in HF), or once its decoded text contains one of stop_strings (the completing token included;
     needs tokenizer, an object with .decode(ids) or a callable). Prompts may differ in length: each
-    sequence keeps its own positions, and finished ones stop costing compute. stream(token_id) is
+    sequence keeps its own positions, and finished ones stop costing compute. A cst.Model generates as
+    Model.generate does: enabled LoRA adapters merged into float32 weights; without them, a bf16 model
+    runs on its bf16 matrices (bf16 products, fp32 sums). stream(token_id) is
     called for every generated token, in order (one prompt only). Ctrl-C raises KeyboardInterrupt;
     all state is local to the call, so nothing is left half-updated.
     """
+    view = getattr(model, "_generation_view", None)
+    if view is not None:  # a cst.Model: enabled adapters merged in; a bf16 base read as bf16
+        model = view()
     cfg = _check_model(model)
     prompts, eos, stops, decode = _validate(cfg, prompts, max_new_tokens, temperature, top_k, top_p,
                                             repetition_penalty, eos_token_id, stop_strings, stream, tokenizer)

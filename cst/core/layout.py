@@ -88,22 +88,53 @@ GEN_ROLES = ("attn_norm", "q", "q_bias", "o", "ffn_norm", "gate", "down")
 GEN_GLOBALS = ("embed", "norm", "head")
 
 
-def gen_offsets(cfg: ModelConfig):
-    """(n_layers + 1, len(GEN_ROLES)) int64: the float offset of each role's tensor in the flat
-    parameters (-1: absent), last row the embedding, final norm and head (the embedding when tied).
-    This is how the C generation path learns the layout."""
-    table = tensor_table(cfg)
+def _flat_offsets(cfg: ModelConfig, keep=None):
+    """{(layer, role): offset} of the tensors `keep(shape)` selects (default all), packed in memory order."""
     offs, off = {}, 0
-    for name, shape, role, layer, _ in table:
-        offs[(layer, role)] = off
-        off += int(np.prod(shape))
+    for name, shape, role, layer, _ in tensor_table(cfg):
+        if keep is None or keep(shape):
+            offs[(layer, role)] = off
+            off += int(np.prod(shape))
+    return offs
+
+
+def _gen_table(cfg: ModelConfig, offs):
+    """gen_offsets' table from {(layer, role): offset}: -1 where a role has no entry; the head is the
+    embedding's entry when it has none of its own (tied)."""
     out = np.full((cfg.n_layers + 1, len(GEN_ROLES)), -1, np.int64)
     for i in range(cfg.n_layers):
         for j, role in enumerate(GEN_ROLES):
             out[i, j] = offs.get((i, role), -1)
     for j, role in enumerate(GEN_GLOBALS):
-        out[cfg.n_layers, j] = offs.get((None, role), offs[(None, "embed")])
+        tied = offs.get((None, "embed"), -1) if role == "head" else -1
+        out[cfg.n_layers, j] = offs.get((None, role), tied)
     return out
+
+
+def gen_offsets(cfg: ModelConfig):
+    """(n_layers + 1, len(GEN_ROLES)) int64: the float offset of each role's tensor in the flat
+    parameters (-1: absent), last row the embedding, final norm and head (the embedding when tied).
+    This is how the C generation path learns the layout."""
+    return _gen_table(cfg, _flat_offsets(cfg))
+
+
+# ggml's type id of bf16 (csrc/kernels/quant.h CST_GGML_BF16): the generation path reads such matrices
+# with bf16 products.
+GGML_BF16 = 30
+
+
+def gen_offsets_bf16(cfg: ModelConfig):
+    """The generation tables of a model whose matrices lie in one bf16 buffer and its norms and biases in
+    one float32 buffer, each in memory order (cst.Model with dtype "bf16"): (layout, qoffsets, qtypes) for
+    _core.gen_forward, `layout` placing the vectors in the float32 buffer (-1 for the matrices),
+    `qoffsets` ((n_layers + 1, len(GEN_ROLES), 3) int64) each matrix's byte offset in the bf16 buffer
+    (part 0 only: q|k|v and gate|up are adjacent there too), `qtypes` GGML_BF16 where a matrix is."""
+    layout = _gen_table(cfg, _flat_offsets(cfg, lambda shape: len(shape) == 1))
+    mats = _gen_table(cfg, {k: 2 * o for k, o in _flat_offsets(cfg, lambda shape: len(shape) == 2).items()})
+    qoffsets = np.full(mats.shape + (3,), -1, np.int64)
+    qoffsets[..., 0] = mats
+    qtypes = np.where(qoffsets >= 0, GGML_BF16, -1).astype(np.int64)
+    return layout, qoffsets, qtypes
 
 
 def check_trainable(model, who: str) -> None:

@@ -13,7 +13,7 @@ from .shared_prompt import SkipPlan, check_skip
 # The layout tables live in cst.core.layout (generation reads them without importing the model); their
 # names stay importable from here.
 from .layout import (GEN_GLOBALS, GEN_ROLES, GLOBAL_TENSORS, LAYER_TENSORS, check_trainable,  # noqa: F401
-                     gen_offsets, gguf_names, num_params, param_layout, tensor_table)
+                     gen_offsets, gen_offsets_bf16, gguf_names, num_params, param_layout, tensor_table)
 
 
 def _views(flat: np.ndarray, layout):
@@ -616,9 +616,9 @@ class Model:
     # ---- inference, chat and export ----
 
     def merged(self):
-        """The model as inference and export see it: itself without an enabled adapter, else a
-        snapshot whose weights have the adapters added in (a copy; the model is not changed). A bf16
-        model gives a float32 snapshot on every call (generation and export read float32 weights)."""
+        """The model as export sees it: itself without an enabled adapter, else a snapshot whose
+        weights have the adapters added in (a copy; the model is not changed). A bf16 model gives a
+        float32 snapshot on every call (the writers read float32 weights)."""
         if self.adapter is None or not self.adapter.enabled:
             return self.as_float32()
         return _Snapshot(self, self.adapter.merged_params())
@@ -637,7 +637,15 @@ class Model:
             kwargs["eos_token_id"] = self.tokenizer.eos_token_id
         if kwargs.get("stop_strings") and "tokenizer" not in kwargs and self.tokenizer is not None:
             kwargs["tokenizer"] = self.tokenizer
-        return generate(self.merged(), prompts, **kwargs)
+        return generate(self, prompts, **kwargs)
+
+    def _generation_view(self):
+        """What generation reads: a bf16 model without an enabled adapter runs on its bf16 matrices
+        themselves (bf16 products, fp32 sums; no float32 copy); otherwise merged(): float32 weights,
+        adapters folded in exactly."""
+        if self.dtype == "bf16" and (self.adapter is None or not self.adapter.enabled):
+            return _Bf16Generation(self)
+        return self.merged()
 
     def chat(self, conversations, max_new_tokens=256, trust_content=False, **kwargs):
         """Replies to chat conversations (lists of {"role", "content"} messages) rendered with the
@@ -667,6 +675,17 @@ class Model:
         """Writes the model (adapters merged) and its tokenizer: format "hf" (a directory that
         transformers loads) or "gguf" (F32 or F16); atomic. The writer is cst.io.save (see _save)."""
         return _save(self.merged(), path, format=format, dtype=dtype, tokenizer=self.tokenizer)
+
+
+class _Bf16Generation:
+    """A bf16 Model as the C generation path reads it: the matrices straight from flat_bf16 (as BF16
+    "blocks", cst.core.layout.gen_offsets_bf16), the norms and biases from flat_vectors. No copy."""
+
+    def __init__(self, model):
+        self.config, self.tokenizer = model.config, model.tokenizer
+        self.flat_params = model.flat_vectors
+        self.gen_layout, qoffsets, qtypes = gen_offsets_bf16(model.config)
+        self.gen_quant = {"qweights": model.flat_bf16.view(np.uint8), "qoffsets": qoffsets, "qtypes": qtypes}
 
 
 class _Snapshot:

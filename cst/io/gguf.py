@@ -1,5 +1,5 @@
 """GGUF (llama.cpp) files <-> cst.Model: reads "llama" (Llama, Mistral, SOLAR) and "qwen2" files with gguf.GGUFReader after a
-bounded structural check, dequantises with cst._core, un-permutes Q/K rows; writes F32/F16 files with
+bounded structural check, dequantises with cst._core, un-permutes Q/K rows; writes F32/F16/BF16 files with
 gguf.GGUFWriter. Not a general GGUF tool: other architectures and quantised export are out of scope."""
 import os
 import struct
@@ -7,7 +7,7 @@ import struct
 import numpy as np
 
 from .. import _core
-from ..core.bf16 import staged
+from ..core.bf16 import staged, to_bf16
 from ..core.config import ModelConfig
 from ..core.errors import FormatError
 from ..core.model import GLOBAL_TENSORS, LAYER_TENSORS, Model, gguf_names, param_layout
@@ -418,13 +418,13 @@ def _load_into(dst, f, path, t, n_head):
 
 
 def save_gguf(model, tokenizer, path, dtype="f32"):
-    """Writes model (and tokenizer, when not None) as a "llama" GGUF ("qwen2" for Qwen2). dtype "f32" or
-    "f16" for 2-D weights; norms and biases stay f32 as llama.cpp expects. Written to a temp file, then
-    renamed into place."""
+    """Writes model (and tokenizer, when not None) as a "llama" GGUF ("qwen2" for Qwen2). dtype "f32",
+    "f16" or "bf16" (rounded to nearest even) for 2-D weights; norms and biases stay f32 as llama.cpp
+    expects. Written to a temp file, then renamed into place."""
     import gguf
     from ..core.atomic import atomic_path
-    if dtype not in ("f32", "f16"):
-        raise ValueError(f"save_gguf: dtype must be 'f32' or 'f16', got {dtype!r}")
+    if dtype not in ("f32", "f16", "bf16"):
+        raise ValueError(f"save_gguf: dtype must be 'f32', 'f16' or 'bf16', got {dtype!r}")
     cfg = model.config
     path = os.fspath(path)
     with atomic_path(path) as tmp:
@@ -455,7 +455,7 @@ def save_gguf(model, tokenizer, path, dtype="f32"):
         if cfg.sliding_window is not None:
             w.add_sliding_window(cfg.sliding_window)
         w.add_vocab_size(cfg.vocab_size)
-        w.add_file_type(0 if dtype == "f32" else 1)
+        w.add_file_type({"f32": 0, "f16": 1, "bf16": 32}[dtype])  # llama.cpp's ALL_F32, MOSTLY_F16, MOSTLY_BF16
         if tokenizer is not None:
             f = tokenizer.gguf_fields()
             w.add_tokenizer_model(f["model"])
@@ -477,6 +477,9 @@ def save_gguf(model, tokenizer, path, dtype="f32"):
             a = model.params[name]
             if name in permuted:
                 a = _permute(a, permuted[name])
+            if dtype == "bf16" and a.ndim == 2:
+                w.add_tensor(names[name], to_bf16(a), raw_dtype=gguf.GGMLQuantizationType.BF16)
+                continue
             a = np.ascontiguousarray(a, dtype=np.float16 if (dtype == "f16" and a.ndim == 2) else np.float32)
             w.add_tensor(names[name], a)
         w.write_header_to_file()

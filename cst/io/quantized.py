@@ -1,19 +1,20 @@
 """Inference on a GGUF file's quantised weights: `cst.load(path, dtype="q")` keeps every weight matrix
-stored in a format the C products read (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) as its raw
-GGUF blocks, and dequantises only the rest (norms, biases, F32/F16/BF16 matrices) to float32; a matrix
+stored in a format the C products read (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, BF16) as its raw
+GGUF blocks, and dequantises only the rest (norms, biases, F32/F16 matrices) to float32; a matrix
 in another block type (Q2_K, Q3_K, IQ...) is refused (FormatError). Generation (generate, chat) reads
 the blocks directly (csrc/kernels/qdot.c); training needs float32 weights, so a QuantizedModel refuses
 it: load the file without dtype="q", or call .dequantize()."""
 import numpy as np
 
 from ..core.errors import FormatError
-from ..core.layout import GEN_GLOBALS, GEN_ROLES, check_trainable, tensor_table
+from ..core.layout import GEN_GLOBALS, GEN_ROLES, GGML_BF16, check_trainable, tensor_table
 from ..core.model import Model
 
-# ggml types the products read (quant.h's ids): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K.
-PRODUCT_TYPES = (2, 3, 6, 7, 8, 12, 13, 14)
-# Matrices of these types are not blocks: they run in float32 (F32, F16, BF16).
-FLOAT_TYPES = (0, 1, 30)
+# ggml types the products read (quant.h's ids): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, and BF16
+# (bf16 products with fp32 sums, the inputs rounded to bf16).
+PRODUCT_TYPES = (2, 3, 6, 7, 8, 12, 13, 14, GGML_BF16)
+# Matrices of these types are not kept: they run in float32 (F32, F16).
+FLOAT_TYPES = (0, 1)
 # The roles whose tensors are weight matrices of a product.
 _MATRIX_ROLES = ("q", "k", "v", "o", "gate", "up", "down", "head")
 # The weight matrices of one product, by the role of its first tensor in GEN_ROLES.
@@ -55,6 +56,9 @@ class QuantizedModel:
     def merged(self):
         return self
 
+    def _generation_view(self):  # what Model.generate reads: the blocks themselves
+        return self
+
     generate = Model.generate
     chat = Model.chat
 
@@ -90,7 +94,7 @@ def build(cfg, tensors, raw_of, dequantize_into, permuted, path, unpermute, relo
         if matrix and int(t) not in PRODUCT_TYPES + FLOAT_TYPES:
             kind = getattr(t, "name", f"ggml type id {int(t)}")
             raise FormatError(f"{path}: tensor {gg!r} is {kind}, a block type cst does not read (dtype='q' reads "
-                              "Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K blocks; F32, F16 and BF16 "
+                              "Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K and BF16 blocks; F32 and F16 "
                               "matrices run in float32)")
 
     def kept(layer, roles):
