@@ -2,6 +2,7 @@
  * worked out by hand, on every SIMD path this CPU runs. Built and run by tests/test_kernels_c.py with
  * the system C compiler; exits non-zero (after printing each mismatch) when any check fails. */
 #include "attention.h"
+#include "bf16.h"
 #include "dpo.h"
 #include "matmul.h"
 #include "ops.h"
