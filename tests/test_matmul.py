@@ -121,6 +121,21 @@ def test_matmul_bitwise_independent_of_thread_count(simd, rng, N, C, OC):
     assert rel_err(one[1], ref) < 1e-5
 
 
+@pytest.mark.parametrize("C,OC", [(576, 960), (77, 33), (1536, 577)])
+def test_gemv_rows_do_not_depend_on_how_many_rows_come_together(simd, rng, C, OC):
+    """The few-row path streams one weight row at a time for a single input row and uses tiles for more;
+    each output is one chain over k in both, so a row's result is the same alone or among others."""
+    x = rng.standard_normal((7, C)).astype(np.float32)
+    w = rng.standard_normal((OC, C)).astype(np.float32)
+    for n in (2, 3, 7):
+        many = np.empty((n, OC), np.float32)
+        _core.matmul_forward(many, x[:n], w)
+        for i in range(n):
+            one = np.empty((1, OC), np.float32)
+            _core.matmul_forward(one, x[i:i + 1].copy(), w)
+            np.testing.assert_array_equal(one[0], many[i])
+
+
 def test_matmul_training_shape_slice(simd, rng):
     # A slice of a real SmolLM2 shape (C = 576, several k blocks in the backward over N).
     N, C, OC = 600, 576, 96

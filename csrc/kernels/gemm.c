@@ -583,9 +583,12 @@ T256 static inline float reduce8(__m256 h) {
 GEMV_TILE(gemv_tile256, T256, float, __m256, 8, _mm256_loadu_ps, mload8, __m256i, mk_mask8, _mm256_fmadd_ps,
           _mm256_setzero_ps, reduce8)
 
-/* Few rows: more weight rows per tile, so one input row still gives 8-16 independent chains. Tiles of
- * 1 x W1 (one row), 2 x W2 (two) or NX3 x W3 input x weight rows; each output is one chain of the
- * tile's vector sums, whatever the tile, so a row's result does not depend on N. */
+/* Few rows: tiles of 1 x W1 (one input row), 2 x W2 (two) or NX3 x W3 input x weight rows; each output
+ * is one chain of the tile's vector sums, whatever the tile, so a row's result does not depend on N.
+ * W1 is 1: for one input row, weight rows are streamed one after another, front to back, which Zen 4's
+ * prefetchers follow best (a single chain per row still outruns memory). SmolLM2's float32 batch-1
+ * decoding step went from 32.6-33.5 to 21.3-22.3 ms on one thread (16-row tiles before), 22.6-29.0 to
+ * 19.8-20.3 ms on two (Zen 4 VM, 2026-12-03, KVCache.step medians). */
 #define GEMV_ROWS(NAME, TGT, TILE, ELEM, W1, W2, NX3, W3)                                              \
     TGT static void NAME(float *out, int64_t ldo, const ELEM *x, const ELEM *w, int64_t N, int64_t C,  \
                          int64_t o0, int64_t o1, int accumulate) {                                    \
@@ -606,8 +609,8 @@ GEMV_TILE(gemv_tile256, T256, float, __m256, 8, _mm256_loadu_ps, mload8, __m256i
             }                                                                                         \
         }                                                                                             \
     }
-GEMV_ROWS(gemv_avx512, T512, gemv_tile512, float, 16, 10, 6, 4)
-GEMV_ROWS(gemv_avx2, T256, gemv_tile256, float, 8, 5, 3, 4)
+GEMV_ROWS(gemv_avx512, T512, gemv_tile512, float, 1, 10, 6, 4)
+GEMV_ROWS(gemv_avx2, T256, gemv_tile256, float, 1, 5, 3, 4)
 
 /* bf16 rows (bf16 x and w, fp32 sums). "dot": k pairs as 32-bit elements, each vdpbf16ps adding the
  * products of 16 pairs into 16 fp32 lanes (even C only); "convert": 16 (AVX-512) or 8 (AVX2) bf16
@@ -622,7 +625,8 @@ T512BF static inline __m512 dpbf16_carrier(__m512 x, __m512 w, __m512 acc) {
  * reductions were a third of the instructions of decoding at C = 576. hsum16 adds each vector's lanes
  * in reduce16's order, so an output does not depend on the tile it was computed in (or on N). Rows
  * past nx / nw repeat the last valid one and are not stored. The next tile's weight rows are
- * prefetched as these stream by: batch-1 decoding went from about 60 to 73-79 tok/s on the Zen 4 VM. */
+ * prefetched as these stream by (measured when one input row still took 1 x 16 tiles: batch-1 decoding
+ * went from about 60 to 73-79 tok/s on the Zen 4 VM; one row now streams singly, gemv_bf16dot_row). */
 T512BF static inline __attribute__((always_inline)) void gemv_bf16dot_tile16(
     float *out, int64_t ldo, const float *x, int64_t ldx, const float *w, int64_t C, int64_t n0, int nx, int64_t o0,
     int nw, const int NX, const int NW, int accumulate) {
@@ -668,16 +672,32 @@ T512BF static inline __attribute__((always_inline)) void gemv_bf16dot_tile16(
     }
 }
 
-/* Weight rows [o0, o1): 1 x 16 tiles for one input row, 2 x 8 for two, 4 x 4 (over the rows in fours) for
- * more. Rows of C k pairs, read as 32-bit elements. */
+/* One input row against one weight row: a single chain of vdpbf16ps over k, reduced as reduce16 (so as
+ * in the tiles). Streaming the weights one row after another, front to back, is what Zen 4's prefetchers
+ * follow best: one thread read a 113 MB bf16 matrix at 21.7-23.3 GB/s this way, against 10.6-14.0 GB/s
+ * with 16 (or 2, or 4) rows interleaved, prefetched or not (a standalone C benchmark, 2026-12-03). */
+T512BF static inline void gemv_bf16dot_row(float *y, const float *x, const float *w, int64_t C, int accumulate) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= C; k += 16) acc = dpbf16_carrier(_mm512_loadu_ps(x + k), _mm512_loadu_ps(w + k), acc);
+    if (k < C) {
+        const __mmask16 m = mk_mask16((int)(C - k));
+        acc = dpbf16_carrier(_mm512_maskz_loadu_ps(m, x + k), _mm512_maskz_loadu_ps(m, w + k), acc);
+    }
+    const float s = reduce16(acc);
+    *y = accumulate ? *y + s : s;
+}
+
+/* Weight rows [o0, o1): one row at a time for one input row, 2 x 8 tiles for two, 4 x 4 (over the rows in
+ * fours) for more. Rows of C k pairs, read as 32-bit elements. */
 T512BF static void gemv_bf16dot_avx512(float *out, int64_t ldo, const float *x, const float *w, int64_t N,
                                        int64_t C, int64_t o0, int64_t o1, int accumulate) {
+    if (N == 1) { /* one weight row at a time: see gemv_bf16dot_row */
+        for (int64_t o = o0; o < o1; o++) gemv_bf16dot_row(out + o, x, w + o * C, C, accumulate);
+        return;
+    }
     for (int64_t o = o0; o < o1;) {
-        if (N == 1) {
-            const int nw = (int)min64(16, o1 - o);
-            gemv_bf16dot_tile16(out, ldo, x, C, w, C, 0, 1, o, nw, 1, 16, accumulate);
-            o += nw;
-        } else if (N == 2) {
+        if (N == 2) {
             const int nw = (int)min64(8, o1 - o);
             gemv_bf16dot_tile16(out, ldo, x, C, w, C, 0, 2, o, nw, 2, 8, accumulate);
             o += nw;
@@ -698,7 +718,7 @@ T512 static inline __m512 mload16_bf16(const uint16_t *p, __mmask16 m) {
 }
 GEMV_TILE(gemv_tile512_bf16, T512, uint16_t, __m512, 16, load16_bf16, mload16_bf16, __mmask16, mk_mask16,
           _mm512_fmadd_ps, _mm512_setzero_ps, reduce16)
-GEMV_ROWS(gemv_bf16_avx512, T512, gemv_tile512_bf16, uint16_t, 16, 10, 6, 4)
+GEMV_ROWS(gemv_bf16_avx512, T512, gemv_tile512_bf16, uint16_t, 1, 10, 6, 4)
 
 T256 static inline __m256 load8_bf16(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
@@ -711,7 +731,7 @@ T256 static inline __m256 mload8_bf16(const uint16_t *p, int n) { /* the first n
 }
 GEMV_TILE(gemv_tile256_bf16, T256, uint16_t, __m256, 8, load8_bf16, mload8_bf16, int, mk_count8, _mm256_fmadd_ps,
           _mm256_setzero_ps, reduce8)
-GEMV_ROWS(gemv_bf16_avx2, T256, gemv_tile256_bf16, uint16_t, 8, 5, 3, 4)
+GEMV_ROWS(gemv_bf16_avx2, T256, gemv_tile256_bf16, uint16_t, 1, 5, 3, 4)
 #endif
 
 /* Products below this many multiply-adds run on one thread. Decoding streams every weight matrix from
