@@ -586,7 +586,9 @@ GEMV_TILE(gemv_tile256, T256, float, __m256, 8, _mm256_loadu_ps, mload8, __m256i
 /* Few rows: tiles of 1 x W1 (one input row), 2 x W2 (two) or NX3 x W3 input x weight rows; each output
  * is one chain of the tile's vector sums, whatever the tile, so a row's result does not depend on N.
  * W1 is 1: for one input row, weight rows are streamed one after another, front to back, which Zen 4's
- * prefetchers follow best (a single chain per row still outruns memory). SmolLM2's float32 batch-1
+ * prefetchers follow best (a single chain per row still outruns memory): a standalone C loop on one
+ * thread read a 113 MB bf16 matrix at 21.7-23.3 GB/s this way, 9.3-14.0 GB/s with 2, 4 or 16 rows
+ * interleaved, prefetched or not (2026-12-03). SmolLM2's float32 batch-1
  * decoding step went from 32.6-33.5 to 21.3-22.3 ms on one thread (16-row tiles before), 22.6-29.0 to
  * 19.8-20.3 ms on two (Zen 4 VM, 2026-12-03, KVCache.step medians). */
 #define GEMV_ROWS(NAME, TGT, TILE, ELEM, W1, W2, NX3, W3)                                              \
@@ -626,7 +628,7 @@ T512BF static inline __m512 dpbf16_carrier(__m512 x, __m512 w, __m512 acc) {
  * in reduce16's order, so an output does not depend on the tile it was computed in (or on N). Rows
  * past nx / nw repeat the last valid one and are not stored. The next tile's weight rows are
  * prefetched as these stream by (measured when one input row still took 1 x 16 tiles: batch-1 decoding
- * went from about 60 to 73-79 tok/s on the Zen 4 VM; one row now streams singly, gemv_bf16dot_row). */
+ * went from about 60 to 73-79 tok/s on the Zen 4 VM; one row now streams singly, GEMV_ROWS). */
 T512BF static inline __attribute__((always_inline)) void gemv_bf16dot_tile16(
     float *out, int64_t ldo, const float *x, int64_t ldx, const float *w, int64_t C, int64_t n0, int nx, int64_t o0,
     int nw, const int NX, const int NW, int accumulate) {
@@ -672,43 +674,18 @@ T512BF static inline __attribute__((always_inline)) void gemv_bf16dot_tile16(
     }
 }
 
-/* One input row against one weight row: a single chain of vdpbf16ps over k, reduced as reduce16 (so as
- * in the tiles). Streaming the weights one row after another, front to back, is what Zen 4's prefetchers
- * follow best: one thread read a 113 MB bf16 matrix at 21.7-23.3 GB/s this way, against 10.6-14.0 GB/s
- * with 16 (or 2, or 4) rows interleaved, prefetched or not (a standalone C benchmark, 2026-12-03). */
-T512BF static inline void gemv_bf16dot_row(float *y, const float *x, const float *w, int64_t C, int accumulate) {
-    __m512 acc = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= C; k += 16) acc = dpbf16_carrier(_mm512_loadu_ps(x + k), _mm512_loadu_ps(w + k), acc);
-    if (k < C) {
-        const __mmask16 m = mk_mask16((int)(C - k));
-        acc = dpbf16_carrier(_mm512_maskz_loadu_ps(m, x + k), _mm512_maskz_loadu_ps(m, w + k), acc);
-    }
-    const float s = reduce16(acc);
-    *y = accumulate ? *y + s : s;
+/* The dot way's tiles: 1 x 1 is GEMV_TILE's single chain (the weight rows streamed one after another,
+ * see GEMV_ROWS), 2 x 8 and 4 x 4 the transpose-and-add tree above. */
+GEMV_TILE(gemv_bf16dot_tile1, T512BF, float, __m512, 16, _mm512_loadu_ps, mload16, __mmask16, mk_mask16,
+          dpbf16_carrier, _mm512_setzero_ps, reduce16)
+T512BF static inline __attribute__((always_inline)) void gemv_bf16dot_tile(
+    float *out, int64_t ldo, const float *x, int64_t ldx, const float *w, int64_t C, int64_t n0, int nx, int64_t o0,
+    int nw, const int NX, const int NW, int accumulate) {
+    if (NX * NW == 16) gemv_bf16dot_tile16(out, ldo, x, ldx, w, C, n0, nx, o0, nw, NX, NW, accumulate);
+    else gemv_bf16dot_tile1(out, ldo, x, ldx, w, C, n0, nx, o0, nw, NX, NW, accumulate);
 }
-
-/* Weight rows [o0, o1): one row at a time for one input row, 2 x 8 tiles for two, 4 x 4 (over the rows in
- * fours) for more. Rows of C k pairs, read as 32-bit elements. */
-T512BF static void gemv_bf16dot_avx512(float *out, int64_t ldo, const float *x, const float *w, int64_t N,
-                                       int64_t C, int64_t o0, int64_t o1, int accumulate) {
-    if (N == 1) { /* one weight row at a time: see gemv_bf16dot_row */
-        for (int64_t o = o0; o < o1; o++) gemv_bf16dot_row(out + o, x, w + o * C, C, accumulate);
-        return;
-    }
-    for (int64_t o = o0; o < o1;) {
-        if (N == 2) {
-            const int nw = (int)min64(8, o1 - o);
-            gemv_bf16dot_tile16(out, ldo, x, C, w, C, 0, 2, o, nw, 2, 8, accumulate);
-            o += nw;
-        } else {
-            const int nw = (int)min64(4, o1 - o);
-            for (int64_t n = 0; n < N; n += 4)
-                gemv_bf16dot_tile16(out, ldo, x, C, w, C, n, (int)min64(4, N - n), o, nw, 4, 4, accumulate);
-            o += nw;
-        }
-    }
-}
+/* Rows of C k pairs, read as 32-bit elements. */
+GEMV_ROWS(gemv_bf16dot_avx512, T512BF, gemv_bf16dot_tile, float, 1, 8, 4, 4)
 
 T512 static inline __m512 load16_bf16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
@@ -742,19 +719,27 @@ GEMV_ROWS(gemv_bf16_avx2, T256, gemv_tile256_bf16, uint16_t, 1, 5, 3, 4)
 #define GEMV_MIN_PARALLEL 1e5
 #endif
 
+/* How both GEMVs split the OC weight rows: *nt threads (one below GEMV_MIN_PARALLEL multiply-adds), one
+ * contiguous block of rows each (a multiple of 16, so whole tiles of every width but the tail). Each
+ * thread streams its part of w front to back, and 2 threads split 576 rows 288 / 288 where 64-row chunks
+ * gave 320 / 256; dynamic 64- or 256-row chunks were no faster (bf16 decoding, Zen 4 VM). Which thread
+ * computes a row never changes its result. Returns the rows per block. */
+static int64_t gemv_part(int64_t N, int64_t C, int64_t OC, int *nt) {
+    *nt = (double)N * C * OC < GEMV_MIN_PARALLEL ? 1 : max_threads();
+    return (OC + 16 * *nt - 1) / (16 * *nt) * 16;
+}
+
 void cst_gemv_nt(float *out, const float *x, const float *w, int64_t N, int64_t C, int64_t OC,
                  int accumulate) {
     if (N <= 0 || OC <= 0) return;
     void (*gemv)(float *, int64_t, const float *, const float *, int64_t, int64_t, int64_t, int64_t, int) =
         CST_SIMD_PICK(gemv);
-    /* Chunks of 64 weight rows: whole tiles for every tile width, and enough chunks to balance. */
-    const int64_t nchunk = (OC + 63) / 64;
-    int nt = max_threads();
-    if ((double)N * C * OC < GEMV_MIN_PARALLEL) nt = 1;
+    int nt;
+    const int64_t part = gemv_part(N, C, OC, &nt), nchunk = (OC + part - 1) / part;
     (void)nt; /* unused without OpenMP */
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t ch = 0; ch < nchunk; ch++) {
-        const int64_t o0 = ch * 64, o1 = min64(o0 + 64, OC);
+        const int64_t o0 = ch * part, o1 = min64(o0 + part, OC);
         gemv(out, OC, x, w, N, C, o0, o1, accumulate);
     }
 }
@@ -770,11 +755,9 @@ void cst_gemv_bf16_nt(float *out, int64_t ldo, const uint16_t *x, const uint16_t
 #else
     const int dot = 0;
 #endif
-    int nt = max_threads();
-    if ((double)N * C * OC < GEMV_MIN_PARALLEL) nt = 1;
-    /* One contiguous block of weight rows per thread (whole 16-row tiles): each thread streams its part
-     * of w front to back, and 2 threads split 576 rows 288 / 288 where 64-row chunks gave 320 / 256. */
-    const int64_t part = (OC + 16 * nt - 1) / (16 * nt) * 16, nchunk = (OC + part - 1) / part;
+    int nt;
+    const int64_t part = gemv_part(N, C, OC, &nt), nchunk = (OC + part - 1) / part;
+    (void)nt;
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t ch = 0; ch < nchunk; ch++) {
         const int64_t o0 = ch * part, o1 = min64(o0 + part, OC);
