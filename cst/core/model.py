@@ -112,6 +112,7 @@ class Model:
         self._rope = None
         self._skip = None  # the cst.shared_prompt.SkipPlan of the last forward_logprobs, if any
         self._gfused = None
+        self._bf16_gen_tables = None  # gen_offsets_bf16(config), made on the first bf16 generation
         if not init:  # weights about to be loaded: skip drawing 135M normals
             for flat in self.param_buffers():
                 flat[...] = 0
@@ -684,7 +685,9 @@ class _Bf16Generation:
     def __init__(self, model):
         self.config, self.tokenizer = model.config, model.tokenizer
         self.flat_params = model.flat_vectors
-        self.gen_layout, qoffsets, qtypes = gen_offsets_bf16(model.config)
+        if model._bf16_gen_tables is None:  # they depend on the config only (2 ms for SmolLM2): made once
+            model._bf16_gen_tables = gen_offsets_bf16(model.config)
+        self.gen_layout, qoffsets, qtypes = model._bf16_gen_tables
         self.gen_quant = {"qweights": model.flat_bf16.view(np.uint8), "qoffsets": qoffsets, "qtypes": qtypes}
 
 
