@@ -55,26 +55,35 @@ static void pack_b_t_avx2(float *d, const float *s, int64_t rsb, int64_t csb, in
 #endif
 
 
+/* k rows per group when packing a transposed A (a multiple of 8: 8 x MR floats are whole cache lines). */
+#define PACK_KG 8
+
 /* A rows [i0, i0+mc), k [p0, p0+kc) -> panels of MR rows: dst[panel*MR*kc + k*MR + i], zero-padded. */
 static void pack_a(float *dst, const float *a, int64_t rsa, int64_t csa, int64_t i0, int64_t mc,
                    int64_t p0, int64_t kc, int MR, int simd) {
     if (rsa == 1) {
         /* A transposed in memory (the weight gradient's dout^T): each k gives mc contiguous values. Walk k
-         * outside, so every source row is read once, front to back; panel by panel would stride across
-         * kc rows (each a page or more apart for a wide layer) once per MR rows. */
+         * in groups of PACK_KG rows: the group (PACK_KG x mc values, at most 32 KiB) stays in L1 while it
+         * is copied panel by panel, so every source row is still read once, front to back, and each panel
+         * receives PACK_KG x MR contiguous values (whole cache lines). One k at a time would write MR
+         * values to every panel in turn, MR * kc floats apart: a multiple of 4 KiB whenever kc is a
+         * multiple of 128, so those writes all fall in one L1 set (Zen 5, one thread, K = 1024: 217 vs
+         * 244 GFLOP/s at K = 576). */
         const int64_t full = mc / MR * MR;
-        for (int64_t k = 0; k < kc; k++) {
-            const float *sk = a + i0 + (p0 + k) * csa;
-            float *dk = dst + k * MR;
-            if (MR == 8)
-                for (int64_t ip = 0; ip < full; ip += 8) memcpy(dk + ip * kc, sk + ip, 8 * sizeof(float));
-            else
-                for (int64_t ip = 0; ip < full; ip += MR) memcpy(dk + ip * kc, sk + ip, (size_t)MR * sizeof(float));
+        for (int64_t k0 = 0; k0 < kc; k0 += PACK_KG) {
+            const int64_t kn = min64(PACK_KG, kc - k0);
+            const float *sk = a + i0 + (p0 + k0) * csa;
+            for (int64_t ip = 0; ip < full; ip += MR) {
+                float *d = dst + ip * kc + k0 * MR;
+                for (int64_t k = 0; k < kn; k++) memcpy(d + k * MR, sk + k * csa + ip, (size_t)MR * sizeof(float));
+            }
             if (full < mc) {
-                float *d = dk + full * kc;
+                float *d = dst + full * kc + k0 * MR;
                 const int mr = (int)(mc - full);
-                for (int i = 0; i < mr; i++) d[i] = sk[full + i];
-                for (int i = mr; i < MR; i++) d[i] = 0.0f;
+                for (int64_t k = 0; k < kn; k++) {
+                    for (int i = 0; i < mr; i++) d[k * MR + i] = sk[k * csa + full + i];
+                    for (int i = mr; i < MR; i++) d[k * MR + i] = 0.0f;
+                }
             }
         }
         return;
