@@ -165,3 +165,40 @@ def test_bf16_products_reject_bad_input():
         _core.matmul_bf16_backward(None, None, np.zeros((4, 5), np.float32), x, w16)
     with pytest.raises(ValueError, match="unknown way"):
         _core.bf16_gemm_way("fast")
+
+
+@pytest.mark.parametrize("N,C,OC", [(33, 40, 17), (64, 576, 96), (7, 100, 3)])
+def test_bf16_products_round_their_inputs_as_to_bf16_does(simd, way, rng, N, C, OC):
+    """Each way rounds fp32 inputs to bf16 inside (the dot way while laying out k pairs, 16 columns of two
+    rows at a time), so a product of raw inputs equals, bit for bit, the product of the inputs already
+    rounded by to_bf16. The inputs hold ties (half-way between two bf16 values), values that round up into
+    the next binade and denormals (the dot way's vectors with one take the scalar rounding); odd N gives the
+    k pairs an unpaired last row."""
+    def awkward(shape):
+        a = rng.standard_normal(shape).astype(np.float32)
+        bits = a.view(np.uint32)
+        flat = bits.reshape(-1)
+        n = flat.size
+        flat[rng.integers(0, n, n // 8)] = (flat[rng.integers(0, n, n // 8)] & 0xFFFF0000) | 0x8000  # ties
+        flat[rng.integers(0, n, n // 16)] = 0x3F7FFFFF  # rounds up to 1.0
+        flat[rng.integers(0, n, max(1, n // 97))] = rng.integers(1, 2 ** 23, max(1, n // 97), dtype=np.uint32)
+        return a
+
+    x, dy = awkward((N, C)), awkward((N, OC))
+    w16 = to_bf16(rng.standard_normal((OC, C)))
+    xr, dyr = from_bf16(to_bf16(x)), from_bf16(to_bf16(dy))
+
+    def products(x, dy):
+        out = np.empty((N, OC), np.float32)
+        _core.matmul_bf16_forward(out, x, w16)
+        dx, dw = np.zeros((N, C), np.float32), np.zeros((OC, C), np.float32)
+        _core.matmul_bf16_backward(dx, dw, dy, x, w16)
+        return out, dx, dw
+
+    raw = products(x, dy)
+    for a, b in zip(raw, products(xr, dyr)):
+        np.testing.assert_array_equal(a, b)
+    # and the rounded values are the ones multiplied (the dot way flushes bf16 denormals to zero)
+    x64, dy64, w64 = (np.where(np.abs(v) < 2.0 ** -126, 0.0, v.astype(np.float64)) for v in (xr, dyr, from_bf16(w16)))
+    for got, ref in zip(raw, (x64 @ w64.T, dy64 @ w64, dy64.T @ x64)):
+        assert rel_err(got, ref) < 1e-5

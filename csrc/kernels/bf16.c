@@ -90,6 +90,32 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void from
     for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i *)(dst + i), round16(_mm512_loadu_ps(src + i)));
     for (; i < n; i++) dst[i] = cst_bf16_round(src[i]);
 }
+
+/* cst_bf16_pairs_f32 with vcvtne2ps2bf16: 16 columns of two rows rounded in one instruction, then the two
+ * halves interleaved into k pairs (one vpermw). A block holding a denormal takes the scalar rounding, as
+ * from_avx512bf16 does, so the bits are the scalar path's. r1 NULL: the odd last row, paired with zero. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void pairs_row_avx512bf16(
+    uint32_t *d, const float *r0, const float *r1, int64_t C) {
+    const __m512i expo = _mm512_set1_epi32(0x7f800000), mant = _mm512_set1_epi32(0x007fffff);
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    int64_t j = 0;
+    for (; j + 16 <= C; j += 16) {
+        const __m512 a = _mm512_loadu_ps(r0 + j), b = r1 ? _mm512_loadu_ps(r1 + j) : _mm512_setzero_ps();
+        const __m512i ua = _mm512_castps_si512(a), ub = _mm512_castps_si512(b);
+        const __mmask16 den = (_mm512_testn_epi32_mask(ua, expo) & _mm512_test_epi32_mask(ua, mant)) |
+                              (_mm512_testn_epi32_mask(ub, expo) & _mm512_test_epi32_mask(ub, mant));
+        if (den) break;
+        _mm512_storeu_si512(d + j, _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(b, a)));
+    }
+    for (; j < C; j++) d[j] = (uint32_t)cst_bf16_round(r0[j]) | (r1 ? (uint32_t)cst_bf16_round(r1[j]) << 16 : 0u);
+}
+
+static void pairs_f32_avx512bf16(uint32_t *dst, const float *src, int64_t lds, int64_t R, int64_t C) {
+#pragma omp parallel for schedule(static) if ((double)R * C >= 1e5)
+    for (int64_t p = 0; p < R / 2; p++) pairs_row_avx512bf16(dst + p * C, src + 2 * p * lds, src + (2 * p + 1) * lds, C);
+    if (R % 2) pairs_row_avx512bf16(dst + (R / 2) * C, src + (R - 1) * lds, NULL, C);
+}
 #endif
 
 void cst_bf16_from_f32(uint16_t *dst, const float *src, int64_t n) {
@@ -139,7 +165,9 @@ void cst_bf16_round_f32(float *dst, const float *src, int64_t n) { BF16_CHUNKED(
 void cst_bf16_pairs_f32(uint32_t *dst, const float *src, int64_t lds, int64_t R, int64_t C) {
 #if defined(__x86_64__)
     const cst_simd_path p = cst_simd_current();
-    if (p == CST_SIMD_AVX512) return pairs_f32_avx512(dst, src, lds, R, C);
+    if (p == CST_SIMD_AVX512)
+        return __builtin_cpu_supports("avx512bf16") ? pairs_f32_avx512bf16(dst, src, lds, R, C)
+                                                    : pairs_f32_avx512(dst, src, lds, R, C);
     if (p == CST_SIMD_AVX2) return pairs_f32_avx2(dst, src, lds, R, C);
 #endif
     pairs_f32_scalar(dst, src, lds, R, C);

@@ -75,7 +75,10 @@ static void pack_a(float *dst, const float *a, int64_t rsa, int64_t csa, int64_t
             const float *sk = a + i0 + (p0 + k0) * csa;
             for (int64_t ip = 0; ip < full; ip += MR) {
                 float *d = dst + ip * kc + k0 * MR;
-                for (int64_t k = 0; k < kn; k++) memcpy(d + k * MR, sk + k * csa + ip, (size_t)MR * sizeof(float));
+                if (MR == 8) /* a constant size, so the copy is two vector moves, not a call */
+                    for (int64_t k = 0; k < kn; k++) memcpy(d + k * 8, sk + k * csa + ip, 8 * sizeof(float));
+                else
+                    for (int64_t k = 0; k < kn; k++) memcpy(d + k * MR, sk + k * csa + ip, (size_t)MR * sizeof(float));
             }
             if (full < mc) {
                 float *d = dst + full * kc + k0 * MR;
