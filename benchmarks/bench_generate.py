@@ -16,10 +16,10 @@ in its own process, same file) when it is installed, interleaved --repeats times
 tok/s of each (128-token totals), the tok/s of each run's median gap between two generated tokens
 (steadier on a noisy host), the weight-streaming bound of the blocks, greedy-token agreement of
 the quantised and float32 paths, and a final `ratio ...` line. --gguf q4_1 (default) is the bundled Q4_1
-file; --gguf bf16 is that model exported by cst as a BF16 GGUF (into a temporary directory), which both
-sides then read as bf16.
+file; --gguf bf16 (or q8_0, q4_0, q5_0, ...) is that model exported by cst as a BF16 (or Q8_0, ...) GGUF into a
+temporary directory, which both sides then read.
 
-    OMP_NUM_THREADS=2 python3 benchmarks/bench_generate.py --quantized [--gguf bf16] [--new-tokens 128] [--repeats 3]
+    OMP_NUM_THREADS=2 python3 benchmarks/bench_generate.py --quantized [--gguf bf16|q8_0] [--new-tokens 128] [--repeats 3]
 """
 import argparse
 import os
@@ -108,9 +108,9 @@ def quantized(args):
     if args.gguf == "q4_1":
         return _quantized(args, cst.io.smollm2_path(), "Q4_1")
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "smollm2-bf16.gguf")
-        cst.load(cst.io.smollm2_path()).save(path, format="gguf", dtype="bf16")
-        return _quantized(args, path, "BF16 (cst's export)")
+        path = os.path.join(tmp, f"smollm2-{args.gguf}.gguf")
+        cst.load(cst.io.smollm2_path()).save(path, format="gguf", dtype=args.gguf)
+        return _quantized(args, path, f"{args.gguf.upper()} (cst's export)")
 
 
 def _quantized(args, path, kind):
@@ -183,8 +183,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers.generate")
     ap.add_argument("--quantized", action="store_true", help="batch-1 decode on the SmolLM2 GGUF's blocks")
-    ap.add_argument("--gguf", choices=("q4_1", "bf16"), default="q4_1",
-                    help="with --quantized: the bundled Q4_1 file, or its BF16 export")
+    ap.add_argument("--gguf", choices=("q4_1", "bf16", "q8_0", "q4_0", "q5_0", "q5_1"), default="q4_1",
+                    help="with --quantized: the bundled Q4_1 file, or cst's export of it in that type")
     ap.add_argument("--dtype", choices=("f32", "bf16"), default="f32", help="weights of both sides (batch mode)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()

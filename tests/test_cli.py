@@ -303,6 +303,12 @@ def test_train_lora_eval_chat_export(capsys, tmp_path, tiny, records_file):
     assert rc == 0
     from cst.bf16 import from_bf16, to_bf16  # matrices rounded to bf16; the norms (all 1 here) exact either way
     np.testing.assert_array_equal(cst.load(gg).flat_params, from_bf16(to_bf16(merged.flat_params)))
+    rc, text, _ = run_cli(capsys, ["export", "--model", tiny, "--checkpoint", os.path.join(run, "checkpoint-2"),
+                                   "--format", "gguf", "--dtype", "q8_0", gg])
+    assert rc == 0 and "wrote" in text
+    assert set(cst.load(gg, dtype="q").quantized_types.values()) <= {8}  # Q8_0 where rows are whole blocks
+    rc, _, err = run_cli(capsys, ["export", "--model", tiny, "--format", "hf", "--dtype", "q8_0", str(tmp_path / "h")])
+    assert rc == 2 and "'q8_0' is not available for --format hf" in err
 
     # eval on the checkpoint: report files and a table.
     ev = str(tmp_path / "ev")

@@ -9,7 +9,8 @@ import pytest
 import cst
 import cst.gguf
 import cst.io
-from conftest import damaged_copies, smollm2_gguf
+from conftest import damaged_copies, rel_err, smollm2_gguf
+from cst.generate import KVCache
 from cst.errors import FormatError
 
 gguf = pytest.importorskip("gguf")
@@ -115,6 +116,47 @@ def test_save_gguf_round_trip_with_transformers(tmp_path, tied, dtype):
     if tied:
         assert "output.weight" not in {t.name for t in gguf.GGUFReader(str(out)).tensors}
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("dtype,tol", [("q8_0", 0.008), ("q4_0", 0.13), ("q4_1", 0.12), ("q5_0", 0.065), ("q5_1", 0.06)])
+def test_save_gguf_in_block_types(tmp_path, dtype, tol):
+    """Every matrix whose rows are whole 32-value blocks is written in the block type (the gguf library's
+    quantiser, as llama.cpp's), the rest (rows of 48 here) in f32; norms stay f32. What cst reads back is
+    what transformers reads from the same file, the weights within the type's rounding, and the blocks
+    themselves decode (dtype="q") to the logits of the float32 model of the same file."""
+    from cst.io.gguf import SAVE_DTYPES
+    cfg = cst.ModelConfig(**{**TINY.to_dict(), "ffn_dim": 48, "tie_embeddings": True})
+    m = cst.Model(cfg, seed=3)
+    out = tmp_path / "out.gguf"
+    cst.io.save(m, str(out), format="gguf", dtype=dtype)
+    reader = gguf.GGUFReader(str(out))
+    assert int(reader.fields["general.file_type"].parts[-1][0]) == SAVE_DTYPES[dtype]
+    block = getattr(gguf.GGMLQuantizationType, dtype.upper())
+    for t in reader.tensors:
+        rows = int(t.shape[0])  # gguf lists the row length first
+        want = block if len(t.shape) == 2 and rows % 32 == 0 else gguf.GGMLQuantizationType.F32
+        if t.name == "token_embd.weight":  # tied: the output matrix, Q8_0 as llama.cpp's quantize writes it
+            want = gguf.GGMLQuantizationType.Q8_0
+        assert t.tensor_type == want, t.name
+    assert {t.name for t in reader.tensors if t.tensor_type == gguf.GGMLQuantizationType.F32 and len(t.shape) == 2} \
+        == {f"blk.{i}.ffn_down.weight" for i in range(cfg.n_layers)}
+    back = cst.io.load(str(out))
+    _, hf = hf_gguf_state(str(out))
+    for name, a in back.params.items():
+        np.testing.assert_array_equal(hf[name], a, err_msg=name)
+        assert rel_err(a, m.params[name]) < tol, name
+    ids = np.array([[1, 5, 9, 30, 77, 2, 64]], np.int32)
+    want_logits = np.asarray(back.forward(ids), np.float64)[0, -1]
+    q = cst.io.load(str(out), dtype="q")
+    assert q.quantized_types["blk.0.attn_q.weight"] == int(block) and q.quantized_types["token_embd.weight"] == 8
+    got = KVCache(q, 1, ids.shape[1]).step(ids, np.array([ids.shape[1]], np.int32))[0]
+    assert rel_err(got, want_logits) < 1.2e-2  # activations rounded to 8-bit blocks (measured 5-7e-3)
+
+
+def test_save_gguf_rejects_an_unknown_dtype(tmp_path):
+    with pytest.raises(ValueError, match="dtype must be one of .*'q8_0'.*got 'q3_k'"):
+        cst.io.save(cst.Model(TINY, seed=0), str(tmp_path / "x.gguf"), format="gguf", dtype="q3_k")
+    assert not os.listdir(tmp_path)
 
 
 def test_rejects_other_architectures(tmp_path):

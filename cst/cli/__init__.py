@@ -275,9 +275,9 @@ def build_parser():
     x.add_argument("--format", "-f", required=True, choices=("hf", "gguf", "gguf-lora"),
                    help="output format; gguf-lora: only the LoRA adapter of --checkpoint, as a llama.cpp GGUF "
                         "LoRA adapter for the base model's GGUF")
-    x.add_argument("--dtype", metavar="float32|float16|bfloat16",
-                   help="weight type: float32 (default), float16, or bfloat16 for --format gguf (f32/f16/bf16 "
-                        "also accepted)")
+    x.add_argument("--dtype", metavar="float32|float16|bfloat16|q8_0|...",
+                   help="weight type: float32 (default), float16; for --format gguf also bfloat16, or the "
+                        "llama.cpp block types q8_0, q4_0, q4_1, q5_0, q5_1 (f32/f16/bf16 also accepted)")
     x.add_argument("output", metavar="OUTPUT", help="directory (hf) or .gguf file (gguf) to write")
     x.set_defaults(func=cmd_export)
 

@@ -12,7 +12,8 @@ def _size(n_bytes):
 
 _DTYPES = {"hf": {"float32": "float32", "f32": "float32", "float16": "float16", "f16": "float16"},
            "gguf-lora": {"float32": "f32", "f32": "f32", "float16": "f16", "f16": "f16"}}
-_DTYPES["gguf"] = dict(_DTYPES["gguf-lora"], bfloat16="bf16", bf16="bf16")
+_DTYPES["gguf"] = dict(_DTYPES["gguf-lora"], bfloat16="bf16", bf16="bf16",
+                       **{q: q for q in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")})
 
 
 def _export_gguf_lora(args, dtype):

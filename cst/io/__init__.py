@@ -58,7 +58,8 @@ def load(source, dtype=None):
 
 def save(model, path, format="hf", dtype=None, tokenizer=None):
     """Writes model (and model.tokenizer, or the tokenizer given) to path. format "hf": a directory
-    (dtype "float32" default or "float16"); "gguf": one file (dtype "f32" default, "f16" or "bf16")."""
+    (dtype "float32" default or "float16"); "gguf": one file (dtype "f32" default, "f16", "bf16", or the block types "q8_0", "q4_0", "q4_1", "q5_0",
+    "q5_1": see cst.io.gguf.save_gguf)."""
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if getattr(model, "dtype", "f32") == "bf16":  # the writers read float32 weights (bf16 values are exact)
         model = model.as_float32()

@@ -417,14 +417,24 @@ def _load_into(dst, f, path, t, n_head):
         raise FormatError(f"{path}: tensor {t.name!r}{f' ({kind})' if kind else ''}: {e}") from None
 
 
+# save_gguf's dtypes: llama.cpp's file type id, and the block type of the 2-D weights (None: numpy's).
+SAVE_DTYPES = {"f32": 0, "f16": 1, "bf16": 32, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9}
+
+
 def save_gguf(model, tokenizer, path, dtype="f32"):
     """Writes model (and tokenizer, when not None) as a "llama" GGUF ("qwen2" for Qwen2). dtype "f32",
-    "f16" or "bf16" (rounded to nearest even) for 2-D weights; norms and biases stay f32 as llama.cpp
-    expects. Written to a temp file, then renamed into place."""
+    "f16" or "bf16" (rounded to nearest even) for 2-D weights, or a block type: "q8_0", "q4_0", "q4_1",
+    "q5_0" or "q5_1", quantised by the gguf library; the blocks are byte for byte those of llama.cpp's
+    llama_model_quantize on the f32 file. As there, the output matrix (the LM head, or the embedding when
+    tied) of the 4- and 5-bit types is Q8_0 (llama.cpp would take Q6_K where rows are whole 256-value
+    blocks, which the gguf library cannot write). A matrix whose rows are not whole 32-value blocks is
+    written in f32. Norms and biases stay f32 as llama.cpp expects. Written to a temp file, then renamed
+    into place."""
     import gguf
     from ..core.atomic import atomic_path
-    if dtype not in ("f32", "f16", "bf16"):
-        raise ValueError(f"save_gguf: dtype must be 'f32', 'f16' or 'bf16', got {dtype!r}")
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"save_gguf: dtype must be one of {', '.join(map(repr, SAVE_DTYPES))}, got {dtype!r}")
+    block = getattr(gguf.GGMLQuantizationType, dtype.upper()) if dtype.startswith("q") else None
     cfg = model.config
     path = os.fspath(path)
     with atomic_path(path) as tmp:
@@ -455,7 +465,9 @@ def save_gguf(model, tokenizer, path, dtype="f32"):
         if cfg.sliding_window is not None:
             w.add_sliding_window(cfg.sliding_window)
         w.add_vocab_size(cfg.vocab_size)
-        w.add_file_type({"f32": 0, "f16": 1, "bf16": 32}[dtype])  # llama.cpp's ALL_F32, MOSTLY_F16, MOSTLY_BF16
+        w.add_file_type(SAVE_DTYPES[dtype])  # llama.cpp's ALL_F32, MOSTLY_F16, MOSTLY_BF16, MOSTLY_Q8_0, ...
+        if block is not None:  # required by the GGUF spec where tensors are quantised; llama.cpp writes 2
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         if tokenizer is not None:
             f = tokenizer.gguf_fields()
             w.add_tokenizer_model(f["model"])
@@ -473,12 +485,17 @@ def save_gguf(model, tokenizer, path, dtype="f32"):
             if f["chat_template"]:
                 w.add_chat_template(f["chat_template"])
         names, permuted = gguf_names(cfg), _permuted(cfg)
+        output = "token_embd.weight" if cfg.tie_embeddings else "output.weight"  # the LM head's matrix
         for name, _ in model.layout:
             a = model.params[name]
             if name in permuted:
                 a = _permute(a, permuted[name])
             if dtype == "bf16" and a.ndim == 2:
                 w.add_tensor(names[name], to_bf16(a), raw_dtype=gguf.GGMLQuantizationType.BF16)
+                continue
+            if block is not None and a.ndim == 2 and a.shape[1] % gguf.GGML_QUANT_SIZES[block][0] == 0:
+                bt = gguf.GGMLQuantizationType.Q8_0 if names[name] == output else block
+                w.add_tensor(names[name], gguf.quants.quantize(np.ascontiguousarray(a, np.float32), bt), raw_dtype=bt)
                 continue
             a = np.ascontiguousarray(a, dtype=np.float16 if (dtype == "f16" and a.ndim == 2) else np.float32)
             w.add_tensor(names[name], a)
