@@ -22,7 +22,6 @@
             for (int64_t j = 0; j < C; j++) d[j] = (uint32_t)CONV(r0[j]);                            \
         }                                                                                            \
     }
-#define SAME(x) (x)
 #define BF16_ROUND(NAME, TGT)                                                                 \
     TGT static void NAME(float *dst, const float *src, int64_t n) {                           \
         for (int64_t i = 0; i < n; i++) dst[i] = cst_bf16_to_f32(cst_bf16_round(src[i]));     \
@@ -36,7 +35,6 @@ BF16_FROM(from_scalar, )
 BF16_ROUND(round_scalar, )
 BF16_TO(to_scalar, )
 BF16_PAIRS(pairs_f32_scalar, , float, cst_bf16_round)
-BF16_PAIRS(pairs_bf16_scalar, , uint16_t, SAME)
 #if defined(__x86_64__)
 BF16_FROM(from_avx2, CST_TARGET_AVX2)
 BF16_ROUND(round_avx2, CST_TARGET_AVX2)
@@ -45,7 +43,6 @@ BF16_TO(to_avx2, CST_TARGET_AVX2)
 BF16_TO(to_avx512, CST_TARGET_AVX512)
 BF16_PAIRS(pairs_f32_avx2, CST_TARGET_AVX2, float, cst_bf16_round)
 BF16_PAIRS(pairs_f32_avx512, CST_TARGET_AVX512, float, cst_bf16_round)
-BF16_PAIRS(pairs_bf16_avx512, CST_TARGET_AVX512, uint16_t, SAME)
 #endif
 
 #if defined(__x86_64__)
@@ -171,13 +168,6 @@ void cst_bf16_pairs_f32(uint32_t *dst, const float *src, int64_t lds, int64_t R,
     if (p == CST_SIMD_AVX2) return pairs_f32_avx2(dst, src, lds, R, C);
 #endif
     pairs_f32_scalar(dst, src, lds, R, C);
-}
-
-void cst_bf16_pairs_bf16(uint32_t *dst, const uint16_t *src, int64_t lds, int64_t R, int64_t C) {
-#if defined(__x86_64__)
-    if (cst_simd_current() == CST_SIMD_AVX512) return pairs_bf16_avx512(dst, src, lds, R, C);
-#endif
-    pairs_bf16_scalar(dst, src, lds, R, C);
 }
 
 void cst_bf16_rows_f32(uint16_t *dst, const float *src, int64_t lds, int64_t R, int64_t C, int64_t Cp) {

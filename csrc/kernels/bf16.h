@@ -34,10 +34,9 @@ void cst_bf16_rows_bf16(uint16_t *dst, const uint16_t *src, int64_t lds, int64_t
 
 /* The pair layout the bf16 GEMM consumes, k running in pairs (vdpbf16ps multiplies two k per lane):
  * dst (ceil(R/2), C) of uint32, dst[p*C + j] = bf16(src[2p][j]) | bf16(src[2p+1][j]) << 16, the missing
- * row of an odd R read as zero. src is (R, C) fp32 (cst_bf16_pairs_f32) or bf16 (cst_bf16_pairs_bf16),
- * row stride lds. */
+ * row of an odd R read as zero; src is (R, C) fp32, row stride lds. (Pairs of bf16 rows are built while
+ * packing, by gemm.c's pack_pairs.) */
 void cst_bf16_pairs_f32(uint32_t *dst, const float *src, int64_t lds, int64_t R, int64_t C);
-void cst_bf16_pairs_bf16(uint32_t *dst, const uint16_t *src, int64_t lds, int64_t R, int64_t C);
 
 /* 1 when this CPU has AVX512_BF16 (vdpbf16ps); the bf16 GEMM's other paths convert to fp32 and FMA. */
 int cst_bf16_dot_supported(void);

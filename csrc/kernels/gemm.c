@@ -140,6 +140,28 @@ static void pack_b(float *dst, const float *b, int64_t rsb, int64_t csb, int64_t
     }
 }
 
+#if defined(__x86_64__)
+/* d = the k-pair panel of columns [col, col + nr) (nr <= 16; none when nr <= 0) for pairs [p0, p0 + kd) of a
+ * row-major bf16 matrix w of K rows (ldw), one pair row every ldd elements: element (p, j) holds w[2p][j]
+ * low and w[2p + 1][j] high (zero past row K - 1 and past column nr). Built straight from w's rows, so the
+ * input gradient needs no paired copy of w (AMX: 16-column panels, ldd 16; the dot way: 16 columns of
+ * a 48-column panel). */
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void pack_pairs(uint32_t *d, int64_t ldd,
+                                                                           const uint16_t *w, int64_t ldw,
+                                                                           int64_t K, int64_t p0, int64_t kd,
+                                                                           int64_t col, int nr) {
+    const __mmask16 m = nr >= 16 ? (__mmask16)0xFFFF : nr <= 0 ? 0 : (__mmask16)((1u << nr) - 1);
+    for (int64_t p = 0; p < kd; p++) {
+        const int64_t r = 2 * (p0 + p);
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w + r * ldw + col));
+        const __m512i hi = r + 1 < K ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w + (r + 1) * ldw + col))
+                                     : _mm512_setzero_si512();
+        _mm512_storeu_si512(d + p * ldd, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+}
+
+#endif
+
 /* ---- microkernels: c[0..mr) x [0..nr) (+)= ap (MR x kc packed) @ b (kc rows of ldb stride).
  * b is either a packed zero-padded panel (ldb == NR) or row-major B itself, so loads past nr are
  * masked. beta == 0 overwrites c. ---- */
@@ -378,7 +400,22 @@ typedef struct {
     int64_t K;
     int accumulate;
     int64_t kc, nc, mc; /* k block, column block and row block of this call */
+    const uint16_t *b16; /* not NULL: B's k pairs are pairs of rows of this bf16 matrix (k16 rows, rsb apart;
+                          * pack_pairs), b unused: the dot way's input gradient (NR a multiple of 16) */
+    int64_t k16;
 } gemm_args;
+
+/* B's panels for columns [j0, j0 + nc), pairs [p0, p0 + kc), from x->b16's rows (see gemm_args). */
+static void pack_b_pairs(float *dst, const gemm_args *x, int64_t p0, int64_t kc, int64_t j0, int64_t nc, int NR) {
+#if defined(__x86_64__)
+    for (int64_t jp = 0; jp < nc; jp += NR)
+        for (int v = 0; v < NR; v += 16)
+            pack_pairs((uint32_t *)dst + jp * kc + v, NR, x->b16, x->rsb, x->k16, p0, kc, j0 + jp + v,
+                       (int)min64(16, nc - jp - v));
+#else
+    (void)dst, (void)x, (void)p0, (void)kc, (void)j0, (void)nc, (void)NR;
+#endif
+}
 
 /* Rows [m0, m1) x columns [n0, n1) of C, sequentially, with this thread's pack buffers. */
 static void gemm_region(const gemm_cfg *g, const gemm_args *x, float *abuf, float *bbuf, int64_t m0,
@@ -386,7 +423,7 @@ static void gemm_region(const gemm_cfg *g, const gemm_args *x, float *abuf, floa
     const int MR = g->mr, NR = g->nr;
     const int64_t MC = x->mc, NC = x->nc, KB = x->kc;
     /* Few rows: packing B would cost as much as the product, so a row-major B is read in place. */
-    const int direct_b = x->csb == 1 && m1 - m0 <= 2 * MR;
+    const int direct_b = !x->b16 && x->csb == 1 && m1 - m0 <= 2 * MR;
     for (int64_t ic = m0; ic < m1; ic += MC) {
         const int64_t mc = min64(MC, m1 - ic);
         for (int64_t pc = 0; pc < x->K; pc += KB) {
@@ -395,7 +432,10 @@ static void gemm_region(const gemm_cfg *g, const gemm_args *x, float *abuf, floa
             pack_a(abuf, x->a, x->rsa, x->csa, ic, mc, pc, kc, MR, g->simd_pack);
             for (int64_t jc = n0; jc < n1; jc += NC) {
                 const int64_t nc = min64(NC, n1 - jc);
-                if (!direct_b) pack_b(bbuf, x->b, x->rsb, x->csb, pc, kc, jc, nc, NR, g->simd_pack);
+                if (x->b16)
+                    pack_b_pairs(bbuf, x, pc, kc, jc, nc, NR);
+                else if (!direct_b)
+                    pack_b(bbuf, x->b, x->rsb, x->csb, pc, kc, jc, nc, NR, g->simd_pack);
                 for (int64_t ip = 0; ip < mc; ip += MR) {
                     const int mr = (int)min64(MR, mc - ip);
                     float *crow = x->c + (ic + ip) * x->ldc + jc;
@@ -437,7 +477,8 @@ static int max_threads(void) {
 /* The blocked product with the tiles and microkernel of g (fp32 elements, or bf16 k pairs); -1 when no
  * memory for the packing buffers. */
 static int gemm_run(const gemm_cfg *gp, float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa,
-                     const float *b, int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t K, int accumulate) {
+                     const float *b, int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t K, int accumulate,
+                     const uint16_t *b16, int64_t k16) {
     if (M <= 0 || N <= 0) return 0;
     if (K <= 0) {
         if (!accumulate)
@@ -455,7 +496,8 @@ static int gemm_run(const gemm_cfg *gp, float *c, int64_t ldc, const float *a, i
         ncp = (int64_t)g.ncp * KC / kb;
         if (ncp < 1) ncp = 1;
     }
-    const gemm_args x = {c, ldc, a, rsa, csa, b, rsb, csb, K, accumulate, kb, ncp * g.nr, (int64_t)g.mcp * g.mr};
+    const gemm_args x = {c, ldc, a, rsa, csa, b, rsb, csb, K, accumulate, kb, ncp * g.nr, (int64_t)g.mcp * g.mr,
+                         b16, k16};
     const int64_t pm = (M + g.mr - 1) / g.mr, pn = (N + g.nr - 1) / g.nr;
     /* Split output tiles along the dimension with more panels; tiny products stay on one thread. */
     const int split_rows = pm > pn;
@@ -483,7 +525,7 @@ static int gemm_run(const gemm_cfg *gp, float *c, int64_t ldc, const float *a, i
 void cst_gemm(float *c, int64_t ldc, const float *a, int64_t rsa, int64_t csa, const float *b,
               int64_t rsb, int64_t csb, int64_t M, int64_t N, int64_t K, int accumulate) {
     const gemm_cfg g = cfg_for(cst_simd_current());
-    if (gemm_run(&g, c, ldc, a, rsa, csa, b, rsb, csb, M, N, K, accumulate) < 0) {
+    if (gemm_run(&g, c, ldc, a, rsa, csa, b, rsb, csb, M, N, K, accumulate, NULL, 0) < 0) {
         const gemm_args x = {c, ldc, a, rsa, csa, b, rsb, csb, K, accumulate};
         gemm_naive(&x, M, N);
     }
@@ -1131,22 +1173,6 @@ TAMX static void amx_panels(float *c, int64_t ldc, const uint32_t *a, int64_t ld
         }
 }
 
-/* d (kd x 16) = the k-pair panel of columns [col, col + nr) for pairs [p0, p0 + kd) of a row-major bf16
- * matrix w of K rows (ldw): element (p, j) holds w[2p][j] low and w[2p + 1][j] high (zero past row K - 1
- * and past column nr). Built straight from w's rows, so the input gradient needs no paired copy of w. */
-__attribute__((target("avx512f,avx512bw,avx512vl"))) static void pack_pairs(uint32_t *d, const uint16_t *w,
-                                                                           int64_t ldw, int64_t K, int64_t p0,
-                                                                           int64_t kd, int64_t col, int nr) {
-    const __mmask16 m = nr >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nr) - 1);
-    for (int64_t p = 0; p < kd; p++) {
-        const int64_t r = 2 * (p0 + p);
-        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w + r * ldw + col));
-        const __m512i hi = r + 1 < K ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, w + (r + 1) * ldw + col))
-                                     : _mm512_setzero_si512();
-        _mm512_storeu_si512(d + p * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
-    }
-}
-
 /* r[j] = column j of the 16 x 16 block of 32-bit elements r[0..15] (rows): 32-bit then 64-bit interleaves
  * inside each 128-bit lane leave u[4i + m], lane L, holding column 4L + m of rows 4i..4i + 3; two
  * rounds of 128-bit lane shuffles then gather each column's four lanes into one register. */
@@ -1187,7 +1213,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) static void amx_a_pairs_t(u
         uint32_t blk[16 * 16];
         for (int64_t p0 = 0; p0 < KPp; p0 += 16) {
             const int64_t kd = p0 < KP ? min64(16, KP - p0) : 0;
-            if (kd) pack_pairs(blk, d16, M, K, p0, kd, col, nr);
+            if (kd) pack_pairs(blk, 16, d16, M, K, p0, kd, col, nr);
             __m512i r[16];
             for (int p = 0; p < 16; p++)
                 r[p] = p < kd ? _mm512_loadu_si512(blk + 16 * p) : _mm512_setzero_si512();
@@ -1220,7 +1246,7 @@ TAMX static void amx_thread(float *c, int64_t ldc, const uint32_t *a, int64_t ld
                 uint32_t *d = bp + (int64_t)q * 16 * kb;
                 const int64_t col = (jc + q) * 16;
                 if (q < npan && w16)
-                    pack_pairs(d, w16, N, K16, p0, kd, col, (int)min64(16, N - col));
+                    pack_pairs(d, 16, w16, N, K16, p0, kd, col, (int)min64(16, N - col));
                 else if (q < npan)
                     pack_b((float *)d, (const float *)b, rsb, csb, p0, kd, col, min64(16, N - col), 16, 1);
                 memset(d + (q < npan ? kd : 0) * 16, 0, (size_t)((q < npan ? kb - kd : kb) * 16) * 4);
@@ -1363,7 +1389,7 @@ int cst_gemm_bf16_nt(float *out, const float *x, const uint16_t *w, int64_t N, i
     cst_bf16_rows_f32(xa, x, C, N, C, Cp);
     /* A (N, Cp/2 pairs) row-major; B(k, j) = pair k of row j of w. */
     const int st = gemm_run(&bf16_dot_cfg, out, OC, (const float *)xa, Cp / 2, 1, (const float *)wa, 1, Cp / 2,
-                            N, OC, Cp / 2, accumulate);
+                            N, OC, Cp / 2, accumulate, NULL, 0);
     return bufs_put(&s, st);
 }
 
@@ -1388,12 +1414,10 @@ int cst_gemm_bf16_nn(float *out, const float *dy, const uint16_t *w, int64_t N, 
                                 OCp / 2, accumulate);
         return bufs_put(&s, st);
     }
-    uint32_t *wp = bufs_get(&s, 1, OCp / 2 * C * 4);
-    if (!wp) return bufs_put(&s, -1);
-    cst_bf16_pairs_bf16(wp, w, C, OC, C); /* rows 2p and 2p+1 of w interleaved */
     cst_bf16_rows_f32(da, dy, OC, N, OC, OCp);
-    const int st = gemm_run(&bf16_dot_cfg, out, C, (const float *)da, OCp / 2, 1, (const float *)wp, C, 1, N, C,
-                            OCp / 2, accumulate);
+    /* A (N, OCp/2 pairs) row-major; B(p, j) = rows 2p and 2p + 1 of w, paired while packing (pack_pairs). */
+    const int st = gemm_run(&bf16_dot_cfg, out, C, (const float *)da, OCp / 2, 1, NULL, C, 1, N, C, OCp / 2,
+                            accumulate, w, OC);
     return bufs_put(&s, st);
 }
 
@@ -1426,7 +1450,7 @@ int cst_gemm_bf16_tn(float *out, const float *dy, const float *x, int64_t N, int
     cst_bf16_pairs_f32(dp, dy, OC, N, OC); /* A(o, p) = pair p of column o of dy */
     cst_bf16_pairs_f32(xp, x, C, N, C);
     const int st = gemm_run(&bf16_dot_cfg, out, C, (const float *)dp, 1, OC, (const float *)xp, C, 1, OC, C, NP,
-                            accumulate);
+                            accumulate, NULL, 0);
     return bufs_put(&s, st);
 }
 
