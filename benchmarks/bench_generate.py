@@ -183,7 +183,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-hf", action="store_true", help="skip transformers.generate")
     ap.add_argument("--quantized", action="store_true", help="batch-1 decode on the SmolLM2 GGUF's blocks")
-    ap.add_argument("--gguf", choices=("q4_1", "bf16", "q8_0", "q4_0", "q5_0", "q5_1"), default="q4_1",
+    from cst.io.gguf import SAVE_DTYPES
+    exports = tuple(d for d in SAVE_DTYPES if d == "bf16" or d.startswith("q") and d != "q4_1")
+    ap.add_argument("--gguf", choices=("q4_1",) + exports, default="q4_1",
                     help="with --quantized: the bundled Q4_1 file, or cst's export of it in that type")
     ap.add_argument("--dtype", choices=("f32", "bf16"), default="f32", help="weights of both sides (batch mode)")
     ap.add_argument("--repeats", type=int, default=3)

@@ -8,20 +8,6 @@
     TGT static void NAME(uint16_t *dst, const float *src, int64_t n) {                        \
         for (int64_t i = 0; i < n; i++) dst[i] = cst_bf16_round(src[i]);                      \
     }
-#define BF16_PAIRS(NAME, TGT, T, CONV)                                                               \
-    TGT static void NAME(uint32_t *dst, const T *src, int64_t lds, int64_t R, int64_t C) {           \
-        _Pragma("omp parallel for schedule(static) if ((double)R * C >= 1e5)")                       \
-        for (int64_t p = 0; p < R / 2; p++) {                                                        \
-            const T *r0 = src + 2 * p * lds, *r1 = r0 + lds;                                         \
-            uint32_t *d = dst + p * C;                                                               \
-            for (int64_t j = 0; j < C; j++) d[j] = (uint32_t)CONV(r0[j]) | (uint32_t)CONV(r1[j]) << 16; \
-        }                                                                                            \
-        if (R % 2) {                                                                                 \
-            const T *r0 = src + (R - 1) * lds;                                                       \
-            uint32_t *d = dst + (R / 2) * C;                                                         \
-            for (int64_t j = 0; j < C; j++) d[j] = (uint32_t)CONV(r0[j]);                            \
-        }                                                                                            \
-    }
 #define BF16_ROUND(NAME, TGT)                                                                 \
     TGT static void NAME(float *dst, const float *src, int64_t n) {                           \
         for (int64_t i = 0; i < n; i++) dst[i] = cst_bf16_to_f32(cst_bf16_round(src[i]));     \
@@ -34,16 +20,20 @@
 BF16_FROM(from_scalar, )
 BF16_ROUND(round_scalar, )
 BF16_TO(to_scalar, )
-BF16_PAIRS(pairs_f32_scalar, , float, cst_bf16_round)
 #if defined(__x86_64__)
 BF16_FROM(from_avx2, CST_TARGET_AVX2)
 BF16_ROUND(round_avx2, CST_TARGET_AVX2)
 BF16_ROUND(round_avx512, CST_TARGET_AVX512)
 BF16_TO(to_avx2, CST_TARGET_AVX2)
 BF16_TO(to_avx512, CST_TARGET_AVX512)
-BF16_PAIRS(pairs_f32_avx2, CST_TARGET_AVX2, float, cst_bf16_round)
-BF16_PAIRS(pairs_f32_avx512, CST_TARGET_AVX512, float, cst_bf16_round)
 #endif
+
+/* Pair row d[j] = bf16(r0[j]) | bf16(r1[j]) << 16 for j in [j0, j1); r1 NULL: the odd last row, paired
+ * with zero. */
+static void pairs_row_scalar(uint32_t *d, const float *r0, const float *r1, int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; j++)
+        d[j] = (uint32_t)cst_bf16_round(r0[j]) | (r1 ? (uint32_t)cst_bf16_round(r1[j]) << 16 : 0u);
+}
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -64,20 +54,23 @@ CST_TARGET_AVX512 static void from_avx512_v(uint16_t *dst, const float *src, int
     for (; i < n; i++) dst[i] = cst_bf16_round(src[i]);
 }
 
+/* The lanes of x that are fp32 denormals (exponent bits 0, mantissa not): vcvtne2ps2bf16 reads them as
+ * zero, so its users round vectors holding one another way, keeping the scalar rounding's bits. */
+__attribute__((target("avx512f"), always_inline)) static inline __mmask16 denormals16(__m512 x) { /* inlined into the AVX512_BF16 functions */
+    const __m512i u = _mm512_castps_si512(x);
+    return _mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7f800000)) & _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x007fffff));
+}
+
 /* The same bits with AVX512_BF16's vcvtne2ps2bf16 (round to nearest even, NaN quieted as above), 32 values
- * an instruction, ~5x the integer rounding's rate on data in L2. The instruction reads fp32 denormals as
- * zero; a vector holding one (exponent bits 0, mantissa not) goes through round16, so denormals are kept. */
+ * an instruction, ~5x the integer rounding's rate on data in L2; a vector holding a denormal goes through
+ * round16, so denormals are kept. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void from_avx512bf16(uint16_t *dst,
                                                                                           const float *src,
                                                                                           int64_t n) {
-    const __m512i expo = _mm512_set1_epi32(0x7f800000), mant = _mm512_set1_epi32(0x007fffff);
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
         const __m512 a = _mm512_loadu_ps(src + i), b = _mm512_loadu_ps(src + i + 16);
-        const __m512i ua = _mm512_castps_si512(a), ub = _mm512_castps_si512(b);
-        const __mmask16 da = _mm512_testn_epi32_mask(ua, expo) & _mm512_test_epi32_mask(ua, mant);
-        const __mmask16 db = _mm512_testn_epi32_mask(ub, expo) & _mm512_test_epi32_mask(ub, mant);
-        if (da | db) {
+        if (denormals16(a) | denormals16(b)) {
             _mm256_storeu_si256((__m256i *)(dst + i), round16(a));
             _mm256_storeu_si256((__m256i *)(dst + i + 16), round16(b));
         } else {
@@ -88,30 +81,21 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void from
     for (; i < n; i++) dst[i] = cst_bf16_round(src[i]);
 }
 
-/* cst_bf16_pairs_f32 with vcvtne2ps2bf16: 16 columns of two rows rounded in one instruction, then the two
- * halves interleaved into k pairs (one vpermw). A block holding a denormal takes the scalar rounding, as
- * from_avx512bf16 does, so the bits are the scalar path's. r1 NULL: the odd last row, paired with zero. */
+/* The same with vcvtne2ps2bf16: 16 columns of two rows rounded in one instruction, the two halves then
+ * interleaved into k pairs (one vpermw); a block holding a denormal, and the tail, take pairs_row_scalar. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) static void pairs_row_avx512bf16(
     uint32_t *d, const float *r0, const float *r1, int64_t C) {
-    const __m512i expo = _mm512_set1_epi32(0x7f800000), mant = _mm512_set1_epi32(0x007fffff);
     const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                          23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     int64_t j = 0;
     for (; j + 16 <= C; j += 16) {
         const __m512 a = _mm512_loadu_ps(r0 + j), b = r1 ? _mm512_loadu_ps(r1 + j) : _mm512_setzero_ps();
-        const __m512i ua = _mm512_castps_si512(a), ub = _mm512_castps_si512(b);
-        const __mmask16 den = (_mm512_testn_epi32_mask(ua, expo) & _mm512_test_epi32_mask(ua, mant)) |
-                              (_mm512_testn_epi32_mask(ub, expo) & _mm512_test_epi32_mask(ub, mant));
-        if (den) break;
-        _mm512_storeu_si512(d + j, _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(b, a)));
+        if (denormals16(a) | denormals16(b))
+            pairs_row_scalar(d, r0, r1, j, j + 16);
+        else
+            _mm512_storeu_si512(d + j, _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(b, a)));
     }
-    for (; j < C; j++) d[j] = (uint32_t)cst_bf16_round(r0[j]) | (r1 ? (uint32_t)cst_bf16_round(r1[j]) << 16 : 0u);
-}
-
-static void pairs_f32_avx512bf16(uint32_t *dst, const float *src, int64_t lds, int64_t R, int64_t C) {
-#pragma omp parallel for schedule(static) if ((double)R * C >= 1e5)
-    for (int64_t p = 0; p < R / 2; p++) pairs_row_avx512bf16(dst + p * C, src + 2 * p * lds, src + (2 * p + 1) * lds, C);
-    if (R % 2) pairs_row_avx512bf16(dst + (R / 2) * C, src + (R - 1) * lds, NULL, C);
+    pairs_row_scalar(d, r0, r1, j, C);
 }
 #endif
 
@@ -160,14 +144,25 @@ void cst_bf16_to_f32_n(float *dst, const uint16_t *src, int64_t n) { BF16_CHUNKE
 void cst_bf16_round_f32(float *dst, const float *src, int64_t n) { BF16_CHUNKED(round_path, dst, src, n); }
 
 void cst_bf16_pairs_f32(uint32_t *dst, const float *src, int64_t lds, int64_t R, int64_t C) {
+    /* Its one caller, the dot way of the bf16 GEMM, runs only on CPUs with AVX512_BF16; the scalar rows
+     * keep it correct anywhere. */
 #if defined(__x86_64__)
-    const cst_simd_path p = cst_simd_current();
-    if (p == CST_SIMD_AVX512)
-        return __builtin_cpu_supports("avx512bf16") ? pairs_f32_avx512bf16(dst, src, lds, R, C)
-                                                    : pairs_f32_avx512(dst, src, lds, R, C);
-    if (p == CST_SIMD_AVX2) return pairs_f32_avx2(dst, src, lds, R, C);
+    const int vec = __builtin_cpu_supports("avx512bf16");
+#else
+    const int vec = 0;
 #endif
-    pairs_f32_scalar(dst, src, lds, R, C);
+#pragma omp parallel for schedule(static) if ((double)R * C >= 1e5)
+    for (int64_t p = 0; p < (R + 1) / 2; p++) {
+        const float *r0 = src + 2 * p * lds, *r1 = 2 * p + 1 < R ? r0 + lds : NULL;
+#if defined(__x86_64__)
+        if (vec) {
+            pairs_row_avx512bf16(dst + p * C, r0, r1, C);
+            continue;
+        }
+#endif
+        pairs_row_scalar(dst + p * C, r0, r1, 0, C);
+    }
+    (void)vec;
 }
 
 void cst_bf16_rows_f32(uint16_t *dst, const float *src, int64_t lds, int64_t R, int64_t C, int64_t Cp) {

@@ -1,6 +1,7 @@
 """`cst export`: a model (and a checkpoint merged into it) written as a Hugging Face directory or GGUF."""
 import os
 
+from ..io.gguf import SAVE_DTYPES
 from .common import CliError, UsageError, _count, _model_from_args, _say
 
 
@@ -13,7 +14,7 @@ def _size(n_bytes):
 _DTYPES = {"hf": {"float32": "float32", "f32": "float32", "float16": "float16", "f16": "float16"},
            "gguf-lora": {"float32": "f32", "f32": "f32", "float16": "f16", "f16": "f16"}}
 _DTYPES["gguf"] = dict(_DTYPES["gguf-lora"], bfloat16="bf16", bf16="bf16",
-                       **{q: q for q in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")})
+                       **{q: q for q in SAVE_DTYPES if q.startswith("q")})  # the block types save_gguf writes
 
 
 def _export_gguf_lora(args, dtype):

@@ -417,7 +417,8 @@ def _load_into(dst, f, path, t, n_head):
         raise FormatError(f"{path}: tensor {t.name!r}{f' ({kind})' if kind else ''}: {e}") from None
 
 
-# save_gguf's dtypes: llama.cpp's file type id, and the block type of the 2-D weights (None: numpy's).
+# save_gguf's dtypes and llama.cpp's file type id for each (general.file_type); those starting with "q"
+# are block types, the GGMLQuantizationType of the same name in upper case.
 SAVE_DTYPES = {"f32": 0, "f16": 1, "bf16": 32, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9}
 
 
