@@ -176,10 +176,10 @@ def test_bf16_products_round_their_inputs_as_to_bf16_does(simd, way, rng, N, C, 
     k pairs an unpaired last row."""
     def awkward(shape):
         a = rng.standard_normal(shape).astype(np.float32)
-        bits = a.view(np.uint32)
-        flat = bits.reshape(-1)
+        flat = a.view(np.uint32).reshape(-1)
         n = flat.size
-        flat[rng.integers(0, n, n // 8)] = (flat[rng.integers(0, n, n // 8)] & 0xFFFF0000) | 0x8000  # ties
+        ties = rng.integers(0, n, n // 8)
+        flat[ties] = (flat[ties] & 0xFFFF0000) | 0x8000  # half-way between two bf16 values
         flat[rng.integers(0, n, n // 16)] = 0x3F7FFFFF  # rounds up to 1.0
         flat[rng.integers(0, n, max(1, n // 97))] = rng.integers(1, 2 ** 23, max(1, n // 97), dtype=np.uint32)
         return a

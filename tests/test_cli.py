@@ -306,7 +306,8 @@ def test_train_lora_eval_chat_export(capsys, tmp_path, tiny, records_file):
     rc, text, _ = run_cli(capsys, ["export", "--model", tiny, "--checkpoint", os.path.join(run, "checkpoint-2"),
                                    "--format", "gguf", "--dtype", "q8_0", gg])
     assert rc == 0 and "wrote" in text
-    assert set(cst.load(gg, dtype="q").quantized_types.values()) <= {8}  # Q8_0 where rows are whole blocks
+    # Q8_0 where rows are whole 32-value blocks: only ffn_down's (rows of ffn_dim 32; the rest are 16 wide)
+    assert cst.load(gg, dtype="q").quantized_types == {"blk.0.ffn_down.weight": 8}
     rc, _, err = run_cli(capsys, ["export", "--model", tiny, "--format", "hf", "--dtype", "q8_0", str(tmp_path / "h")])
     assert rc == 2 and "'q8_0' is not available for --format hf" in err
 
