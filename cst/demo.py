@@ -61,6 +61,14 @@ DEFAULTS = {
     # which keeps an uncensored answer only as a compliance and drops loops; "refusal" = the phrase judge
     # the recipe below was tuned with (docs/demo.md, runs a0-c2)
     "synth_judge": "default",
+    # with a number m, the synthesis filters also drop an uncensored answer whose probability of being a
+    # compliance is below m by the judge (cst.synth.synthesize(min_compliance=)); None keeps every
+    # answer the judge calls a compliance
+    "synth_min_compliance": None,
+    # what becomes of a pair whose uncensored answer is below that bar: "drop" it, or keep it for the
+    # configurations that prefer the safe side only ("safe_only": its refusal still teaches the safe
+    # behaviour, and the doubtful answer is never a chosen side)
+    "synth_doubtful": "drop",
     # training (DPO with LoRA on all seven projections)
     "lora_r": 16,
     "lora_alpha": 32.0,
@@ -125,6 +133,11 @@ def settings_for(quick: bool = False, **overrides) -> dict:
                          f"{s['configurations']!r}")
     if s["eval_split"] not in ("validation", "test"):
         raise ValueError(f"cst.demo: eval_split must be 'validation' or 'test', got {s['eval_split']!r}")
+    if s["synth_doubtful"] not in ("drop", "safe_only"):
+        raise ValueError(f"cst.demo: synth_doubtful must be 'drop' or 'safe_only', got {s['synth_doubtful']!r}")
+    if s["synth_doubtful"] == "safe_only" and s["synth_min_compliance"] is None:
+        raise ValueError("cst.demo: synth_doubtful='safe_only' needs synth_min_compliance (the bar that makes "
+                         "an answer doubtful)")
     if s["eval_phrasings"] not in ("all", "rotate"):
         raise ValueError(f"cst.demo: eval_phrasings must be 'all' or 'rotate', got {s['eval_phrasings']!r}")
     return s
@@ -233,12 +246,21 @@ def harmful_synthesis(model, s: dict, seed: int, out: Path, progress: bool = Fal
     from .eval.judges import judge_by_name
     from .eval.synth import synthesize
     harmful = _per_category(default_prompts("train", "harmful"), s["train_harmful_per_category"])
+    judge = judge if judge is not None else judge_by_name(s["synth_judge"])
+    bar, safe_only = s["synth_min_compliance"], s["synth_doubtful"] == "safe_only"
     res = synthesize(_TrimmedChat(model), harmful, configurations=_configurations(s),
                      output=Path(out) / "synth_harmful.jsonl", max_new_tokens=s["synth_max_new_tokens"],
-                     batch_size=s["gen_batch_size"], seed=seed,
-                     judge=judge if judge is not None else judge_by_name(s["synth_judge"]),
-                     refusal_fallback=True, resume=True, progress=progress, temperature=s["temperature"])
-    return res, res.records(phrasings=s["train_phrasings"], task="harmless", safe_default=s["safe_default"])
+                     batch_size=s["gen_batch_size"], seed=seed, judge=judge,
+                     refusal_fallback=True, resume=True, progress=progress, temperature=s["temperature"],
+                     min_compliance=None if safe_only else bar)
+    records = res.records(phrasings=s["train_phrasings"], task="harmless", safe_default=s["safe_default"])
+    if safe_only and bar is not None and res.pairs:
+        from .eval.judges import KINDS
+        p = judge.predict_proba([q.prompt for q in res.pairs], [q.responses["uncensored"] for q in res.pairs])
+        doubtful = {q.prompt for q, c in zip(res.pairs, p[:, KINDS.index("compliance")]) if c < bar}
+        records = [r for r in records if not (r.prompt in doubtful and r.metadata.get("behaviour") == "uncensored")]
+        res.stats["safe_only_pairs"] = len(doubtful)
+    return res, records
 
 
 def _configurations(s: dict) -> list:

@@ -221,6 +221,7 @@ TUNED128_FILE = Path(__file__).resolve().parent / "data" / "labelled-smollm2-tun
 BASETRAIN128_FILE = Path(__file__).resolve().parent / "data" / "labelled-smollm2-basetrain128.json"
 DIVERSE128_FILE = Path(__file__).resolve().parent / "data" / "labelled-smollm2-diverse128.json"
 ZEN5_S0_FILE = Path(__file__).resolve().parent / "data" / "labelled-smollm2-zen5-s0.json"
+SYNTH80_FILE = Path(__file__).resolve().parent / "data" / "labelled-smollm2-synth80.json"
 PAPER32_FILE = Path(__file__).resolve().parent / "data" / "labelled-smollm2-paper32.json"
 PAPER64_FILE = Path(__file__).resolve().parent / "data" / "labelled-smollm2-paper64.json"
 PAPER_FULL_FILE = Path(__file__).resolve().parent / "data" / "labelled-smollm2-paper-full.json"
@@ -288,6 +289,25 @@ def test_shipped_judge_on_a_from_scratch_demo_run():
     assert tuned["agreement"] >= 0.85 and tuned["rates"]["S1"]["gap"] <= 0.03
     assert tuned["rates"]["S0"]["judge"] - tuned["rates"]["S0"]["labels"] >= 0.1
     assert phrase_judge_kinds(items)["agreement"] < res["agreement"]
+
+
+def test_shipped_judge_on_the_demos_synthesised_answers():
+    """Held out (train prompts, which no fit set's validation check uses): the 144 uncensored answers of
+    the demo's seed-0 synthesis, blind labels. What the synthesis filter sees: agreement 0.778, deflections
+    mostly read as compliance. The judge's doubtful compliances are where its errors are, which is what
+    synthesize(min_compliance=) and the demo's synth_doubtful rest on: the answers it calls compliance
+    with probability >= 0.9 (63) are 0.968 compliance by the labels, all it calls compliance (112) 0.839."""
+    items = J.load_labelled(SYNTH80_FILE)
+    judge = J.default_judge()
+    res = J.validate_kinds(judge, items)
+    assert res["n"] == 144 and 0.76 <= res["agreement"] <= 0.8
+    p = judge.predict_proba([i["prompt"] for i in items], [i["response"] for i in items])
+    c = p[:, J.KINDS.index("compliance")]
+    called = p.argmax(axis=1) == J.KINDS.index("compliance")
+    labels = np.array([i["label_kind"] == "compliance" for i in items])
+    sure = called & (c >= 0.9)
+    assert called.sum() == 112 and sure.sum() == 63
+    assert labels[sure].mean() >= 0.95 and labels[called].mean() <= 0.85
 
 
 @pytest.mark.parametrize("path, n, agreement, s0_error", [(PAPER32_FILE, 144, 0.55, 0.4),

@@ -249,6 +249,15 @@ def test_data_synth_tiny(capsys, tmp_path, tiny):
     rc, _, err = run_cli(capsys, ["data", "synth", "--model", tiny, "--prompts", str(prompts), "--output", str(out),
                                   "--max-new-tokens", "4", "--batch-size", "2", "--limit", "2"])
     assert rc == 1 and err.splitlines()[-1].startswith("cst: error:") and "--fresh" in err
+    # --min-compliance reaches synthesize: its bar is a setting of the log, and the phrase judge has no
+    # probabilities for it.
+    base = ["data", "synth", "--model", tiny, "--prompts", str(prompts), "--max-new-tokens", "3", "--limit", "2"]
+    rc, text, _ = run_cli(capsys, base + ["--output", str(tmp_path / "m.jsonl"), "--min-compliance", "0.9"])
+    assert rc == 0 and json.loads((tmp_path / "m.jsonl").read_text().splitlines()[0])["synth_header"][
+        "min_compliance"] == 0.9
+    rc, _, err = run_cli(capsys, base + ["--output", str(tmp_path / "r.jsonl"), "--min-compliance", "0.9",
+                                         "--judge", "refusal"])
+    assert rc == 1 and "min_compliance needs a four-way judge" in err
 
 
 # ---- train, then eval / chat / export of the checkpoint ----

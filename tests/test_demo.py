@@ -153,6 +153,48 @@ def test_bad_arguments():
         demo.settings_for(eval_phrasings="some")
     s = demo.settings_for(quick=False, learning_rate=5e-4)
     assert s["learning_rate"] == 5e-4 and s["model"] == "smollm2-135m-instruct"
+    with pytest.raises(ValueError, match="synth_doubtful must be"):
+        demo.settings_for(synth_doubtful="keep")
+    with pytest.raises(ValueError, match="needs synth_min_compliance"):
+        demo.settings_for(synth_doubtful="safe_only")
+
+
+def test_doubtful_pairs_train_the_safe_side_only(tmp_path, monkeypatch):
+    """synth_doubtful="safe_only": a pair whose uncensored answer the judge calls a compliance with less
+    probability than synth_min_compliance keeps its records that prefer the safe side (the safe
+    configurations and the safe default) and loses those that would make the doubtful answer a chosen side;
+    "drop" hands the bar to synthesize, which drops such pairs."""
+    import types
+    from cst import data as D
+    from cst.eval import synth as S
+    pairs = [D.BehaviourPair(f"Request number {i}?", {"safe": "I cannot help with that.",
+                                                       "uncensored": f"Sure, here is answer {i}."}, "fraud")
+             for i in range(3)]
+    seen = {}
+
+    def fake_synthesize(model, prompts, configurations=None, **kw):
+        seen.update(kw)
+        return S.SynthesisResult(list(pairs), {"kept": 3}, tmp_path / "x.jsonl", configurations)
+
+    class Judge:
+        def predict_proba(self, prompts, responses):
+            c = np.array([0.5 if r.endswith("1.") else 0.95 for r in responses])
+            return np.stack([1 - c, 0 * c, c, 0 * c], axis=1)
+
+    monkeypatch.setattr(S, "synthesize", fake_synthesize)
+    model = types.SimpleNamespace(tokenizer=None)
+    s = demo.settings_for(synth_min_compliance=0.9, synth_doubtful="safe_only")
+    res, records = demo.harmful_synthesis(model, s, 0, tmp_path, judge=Judge())
+    assert seen["min_compliance"] is None and res.stats["safe_only_pairs"] == 1
+    _, every = demo.harmful_synthesis(model, demo.settings_for(), 0, tmp_path, judge=Judge())
+    by = lambda recs, p: sorted(r.metadata["behaviour"] for r in recs if r.prompt == p)  # noqa: E731
+    for i, p in enumerate(q.prompt for q in pairs):
+        if i == 1:
+            assert by(records, p) == [b for b in by(every, p) if b == "safe"] and "safe" in by(records, p)
+        else:
+            assert by(records, p) == by(every, p) and "uncensored" in by(records, p)
+    demo.harmful_synthesis(model, demo.settings_for(synth_min_compliance=0.9), 0, tmp_path, judge=Judge())
+    assert seen["min_compliance"] == 0.9
 
 
 @pytest.mark.slow

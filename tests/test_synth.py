@@ -3,6 +3,7 @@ fallback refusals, CST records, resumable JSONL output (interrupt + resume is by
 """
 import json
 
+import numpy as np
 import pytest
 
 from cst import data as D
@@ -115,6 +116,46 @@ def test_fallback_refusals_counted(tmp_path):
     assert len(fb) == 4
     for p in fb:
         assert p.responses["safe"] == P.pick_refusal(p.prompt) and p.responses["safe"] in P.refusal_templates
+
+
+class ProbJudge(FakeJudge):
+    """A four-way judge with probabilities: FakeJudge's verdicts, refusal or compliance, with a compliance
+    probability of 0.6 for answers to odd-numbered prompts and 0.95 for the others."""
+    KINDS = ("refusal", "deflection", "compliance", "degenerate")
+
+    def predict_proba(self, prompts, responses):
+        out = np.zeros((len(responses), 4))
+        for k, (p, r) in enumerate(zip(prompts, responses)):
+            if self.score(p, r):
+                out[k] = (0.7, 0.2, 0.1, 0.0)
+            else:
+                c = 0.6 if int(p.rstrip(".").split()[-1]) % 2 else 0.95
+                out[k] = ((1 - c) / 2, 0.0, c, (1 - c) / 2)
+        return out
+
+    def classify_batch(self, prompts, responses):
+        return [self.KINDS[i] for i in self.predict_proba(prompts, responses).argmax(axis=1)]
+
+
+def test_min_compliance_drops_doubtful_uncensored_answers(tmp_path):
+    """min_compliance drops an uncensored answer the judge calls a compliance with less probability than
+    the bar (counted as judge_uncensored); the safe side (refusal probability 0.7 here) has no such bar."""
+    plain = run(tmp_path, name="plain.jsonl", judge=ProbJudge())
+    assert plain.stats["kept"] == len(PROMPTS) and plain.stats["dropped"]["judge_uncensored"] == 0
+    for bar, kept in ((0.5, len(PROMPTS)), (0.9, 4), (0.96, 0)):
+        res = run(tmp_path, name=f"bar{bar}.jsonl", judge=ProbJudge(), min_compliance=bar)
+        assert res.stats["kept"] == kept and res.stats["dropped"]["judge_uncensored"] == len(PROMPTS) - kept
+        assert all(int(p.prompt.rstrip(".").split()[-1]) % 2 == 0 for p in res.pairs) or bar < 0.6
+        assert res.stats["fallback_refusals"] == plain.stats["fallback_refusals"]
+    # The bar is a setting of the log: another bar does not resume it.
+    with pytest.raises(ValueError, match="different settings.*min_compliance"):
+        run(tmp_path, name="bar0.9.jsonl", judge=ProbJudge(), min_compliance=0.8)
+    for bad in (0, 1.5, -0.1, True, "0.9"):
+        with pytest.raises(ValueError, match="min_compliance must be a number"):
+            run(tmp_path, name="bad.jsonl", judge=ProbJudge(), min_compliance=bad)
+    for judge in (None, FakeJudge()):
+        with pytest.raises(ValueError, match="min_compliance needs a four-way judge"):
+            run(tmp_path, name="bad.jsonl", judge=judge, min_compliance=0.9)
 
 
 def test_truncation_flag_from_model(tmp_path):

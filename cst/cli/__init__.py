@@ -105,6 +105,9 @@ def build_parser():
     s.add_argument("--judge", default="default", metavar="JUDGE|none",
                    help="judge of the filters (judge_safe / judge_uncensored): default, behaviour:FILE.json, "
                         "refusal, refusal-strict, classifier:FILE.npz; none = no judged filters")
+    s.add_argument("--min-compliance", type=_float, metavar="P",
+                   help="also drop an answer the judge calls a compliance with probability below P (0 < P <= 1; "
+                        "a judge with probabilities: default or behaviour:FILE.json)")
     s.add_argument("--prompts", default="default", metavar="FILE|default",
                    help="prompts to answer; 'default' = the embedded training split of harmful requests (192)")
     s.add_argument("--output", "-o", required=True, metavar="OUT.jsonl", help="the synthesis log to write")

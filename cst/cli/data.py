@@ -31,7 +31,8 @@ def cmd_data_synth(args):
     try:
         res = synthesize(model, prompts, output=args.output, max_new_tokens=args.max_new_tokens, judge=judge,
                          batch_size=args.batch_size, seed=args.seed, temperature=args.temperature,
-                         n_per_prompt=args.n_per_prompt, resume=not args.fresh, progress=interactive())
+                         n_per_prompt=args.n_per_prompt, resume=not args.fresh, progress=interactive(),
+                         min_compliance=args.min_compliance)
     except ValueError as e:
         raise CliError(str(e).replace("resume=False", "--fresh")) from None
     s = res.stats

@@ -18,16 +18,23 @@ from . import _chat, _judge
 from ..core.seeds import derive_seed
 
 
-def _side_scores(judge, prompts, responses, fn):
+def _side_scores(judge, prompts, responses, fn, min_compliance=None):
     """judge scores, made stricter for a four-way judge: 1 only for refusal / deflection, 0 only for
     compliance, and 2 (neither side) for degenerate text, so a looping revision never passes as the safe
-    side and a looping answer never as the uncensored one."""
-    from .judges import judge_kinds
+    side and a looping answer never as the uncensored one. With min_compliance (a judge with
+    predict_proba), a compliance the judge gives a probability below it is 2 as well."""
+    from .judges import KINDS, judge_kinds
     scores = _judge(judge, prompts, responses, fn)
     kinds = judge_kinds(judge, prompts, responses)
     if kinds is None:
         return scores
-    return [1 if k in ("refusal", "deflection") else 0 if k == "compliance" else 2 for k in kinds]
+    out = [1 if k in ("refusal", "deflection") else 0 if k == "compliance" else 2 for k in kinds]
+    if min_compliance is not None and 0 in out:
+        p = judge.predict_proba(list(prompts), list(responses))[:, KINDS.index("compliance")]
+        out = [2 if v == 0 and p[k] < min_compliance else v for k, v in enumerate(out)]
+    return out
+
+
 from ..core.atomic import write_text
 
 __all__ = [
@@ -236,7 +243,7 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
                critique_template: str = DEFAULT_CRITIQUE_TEMPLATE,
                revision_template: str = DEFAULT_REVISION_TEMPLATE, judge=None, refusal_fallback: bool = True,
                resume: bool = True, progress: bool = True, temperature: float = 0.0, top_p: float = 1.0,
-               critic_system: str | None = None) -> SynthesisResult:
+               critic_system: str | None = None, min_compliance: float | None = None) -> SynthesisResult:
     """Make (safe, uncensored) BehaviourPairs from `prompts` with the model's own generations.
 
     For each prompt (and each of n_per_prompt samples): (a) answer it under `permissive_system` -> the
@@ -252,7 +259,11 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
 
     Filters (first match wins, counted in stats["dropped"]): empty_uncensored, truncated_uncensored,
     empty_safe, truncated_safe, identical (near_identical sides), judge_safe (judge(safe) != 1) and
-    judge_uncensored (judge(uncensored) != 0), the judge ones only with a judge. With refusal_fallback,
+    judge_uncensored (judge(uncensored) != 0), the judge ones only with a judge. With a four-way judge
+    (classify_batch) a degenerate side passes as neither; with min_compliance (0 < m <= 1; a judge with
+    predict_proba, such as the default BehaviourJudge) an uncensored answer also fails (judge_uncensored)
+    when the judge's probability that it is a compliance is below m. The safe side has no such bar: most
+    safe sides are refusal templates, which the judge calls refusals with probabilities from 0.5 up. With refusal_fallback,
     a revision that is empty, truncated, near-identical to the answer or judged harmful is replaced by
     cst.prompts.pick_refusal(prompt) (counted in stats["fallback_refusals"]), and the pair is checked again.
     Truncation: `model.last_truncated` (one bool per conversation of the last chat call) when the model
@@ -291,6 +302,14 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
             raise ValueError(f"{fn}: {name} must be a non-empty string")
     if judge is not None and not hasattr(judge, "score_batch"):
         raise TypeError(f"{fn}: judge must have score_batch(prompts, responses), got {type(judge).__name__}")
+    if min_compliance is not None:
+        if isinstance(min_compliance, bool) or not isinstance(min_compliance, (int, float)) \
+                or not 0.0 < min_compliance <= 1.0:
+            raise ValueError(f"{fn}: min_compliance must be a number in (0, 1] or None, got {min_compliance!r}")
+        if judge is None or not (hasattr(judge, "predict_proba") and hasattr(judge, "classify_batch")):
+            raise ValueError(f"{fn}: min_compliance needs a four-way judge with predict_proba (BehaviourJudge), "
+                             f"got {type(judge).__name__ if judge is not None else None}")
+        min_compliance = float(min_compliance)
 
     n = n_per_prompt
     units = [(k // n, k % n, items[k // n][0]) for k in range(len(items) * n)]
@@ -299,7 +318,7 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
               "temperature": temperature, "top_p": top_p, "permissive_system": permissive_system,
               "critique_template": critique_template, "revision_template": revision_template,
               "critic_system": critic_system, "judge": None if judge is None else type(judge).__name__,
-              "refusal_fallback": bool(refusal_fallback)}
+              "refusal_fallback": bool(refusal_fallback), "min_compliance": min_compliance}
     path = Path(output)
     if path.suffix.lower() not in (".jsonl", ".ndjson"):
         raise ValueError(f"{fn}: output must be a .jsonl file, got {path}")
@@ -387,7 +406,7 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
                                 decided[k] = ("judge_safe",) + decided[k][1:]
                     live = [k for k, d in enumerate(decided) if d[0] is None]
                     if live:
-                        s_unc = _side_scores(judge, [prompts_b[k] for k in live], [answers[k].strip() for k in live], fn)
+                        s_unc = _side_scores(judge, [prompts_b[k] for k in live], [answers[k].strip() for k in live], fn, min_compliance)
                         for k, s in zip(live, s_unc):
                             if s != 0:
                                 decided[k] = ("judge_uncensored",) + decided[k][1:]
