@@ -263,8 +263,8 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
     (classify_batch) a degenerate side passes as neither; with min_compliance (0 < m <= 1; a judge with
     predict_proba, such as the default BehaviourJudge) an uncensored answer also fails (judge_uncensored)
     when the judge's probability that it is a compliance is below m. The safe side has no such bar: most
-    safe sides are refusal templates, which the judge calls refusals with probabilities from 0.5 up. With refusal_fallback,
-    a revision that is empty, truncated, near-identical to the answer or judged harmful is replaced by
+    safe sides are refusal templates, which the judge calls refusals with probabilities from 0.5 up.
+    With refusal_fallback, a revision that is empty, truncated, near-identical to the answer or judged harmful is replaced by
     cst.prompts.pick_refusal(prompt) (counted in stats["fallback_refusals"]), and the pair is checked again.
     Truncation: `model.last_truncated` (one bool per conversation of the last chat call) when the model
     provides it, else is_truncated() on the text (with a token count if model.tokenizer can encode).
@@ -406,7 +406,8 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
                                 decided[k] = ("judge_safe",) + decided[k][1:]
                     live = [k for k, d in enumerate(decided) if d[0] is None]
                     if live:
-                        s_unc = _side_scores(judge, [prompts_b[k] for k in live], [answers[k].strip() for k in live], fn, min_compliance)
+                        s_unc = _side_scores(judge, [prompts_b[k] for k in live], [answers[k].strip() for k in live],
+                                             fn, min_compliance)
                         for k, s in zip(live, s_unc):
                             if s != 0:
                                 decided[k] = ("judge_uncensored",) + decided[k][1:]
