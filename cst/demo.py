@@ -248,6 +248,9 @@ def harmful_synthesis(model, s: dict, seed: int, out: Path, progress: bool = Fal
     harmful = _per_category(default_prompts("train", "harmful"), s["train_harmful_per_category"])
     judge = judge if judge is not None else judge_by_name(s["synth_judge"])
     bar, safe_only = s["synth_min_compliance"], s["synth_doubtful"] == "safe_only"
+    if safe_only and not hasattr(judge, "predict_proba"):
+        raise ValueError(f"cst.demo: synth_doubtful='safe_only' needs a synthesis judge with probabilities "
+                         f"(default or behaviour:FILE.json), got {type(judge).__name__}")
     res = synthesize(_TrimmedChat(model), harmful, configurations=_configurations(s),
                      output=Path(out) / "synth_harmful.jsonl", max_new_tokens=s["synth_max_new_tokens"],
                      batch_size=s["gen_batch_size"], seed=seed, judge=judge,

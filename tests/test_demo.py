@@ -195,6 +195,8 @@ def test_doubtful_pairs_train_the_safe_side_only(tmp_path, monkeypatch):
             assert by(records, p) == by(every, p) and "uncensored" in by(records, p)
     demo.harmful_synthesis(model, demo.settings_for(synth_min_compliance=0.9), 0, tmp_path, judge=Judge())
     assert seen["min_compliance"] == 0.9
+    with pytest.raises(ValueError, match="needs a synthesis judge with probabilities"):
+        demo.harmful_synthesis(model, s, 0, tmp_path, judge=cst.judges.RefusalJudge())
 
 
 @pytest.mark.slow
