@@ -145,7 +145,8 @@ def test_min_compliance_drops_doubtful_uncensored_answers(tmp_path):
     for bar, kept in ((0.5, len(PROMPTS)), (0.9, 4), (0.96, 0)):
         res = run(tmp_path, name=f"bar{bar}.jsonl", judge=ProbJudge(), min_compliance=bar)
         assert res.stats["kept"] == kept and res.stats["dropped"]["judge_uncensored"] == len(PROMPTS) - kept
-        assert all(int(p.prompt.rstrip(".").split()[-1]) % 2 == 0 for p in res.pairs) or bar < 0.6
+        if bar == 0.9:  # the 0.6 answers (odd prompts) go, the 0.95 ones stay
+            assert [int(p.prompt.rstrip(".").split()[-1]) for p in res.pairs] == [0, 2, 4, 6]
         assert res.stats["fallback_refusals"] == plain.stats["fallback_refusals"]
     # The bar is a setting of the log: another bar does not resume it.
     with pytest.raises(ValueError, match="different settings.*min_compliance"):

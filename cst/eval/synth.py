@@ -22,17 +22,19 @@ def _side_scores(judge, prompts, responses, fn, min_compliance=None):
     """judge scores, made stricter for a four-way judge: 1 only for refusal / deflection, 0 only for
     compliance, and 2 (neither side) for degenerate text, so a looping revision never passes as the safe
     side and a looping answer never as the uncensored one. With min_compliance (a judge with
-    predict_proba), a compliance the judge gives a probability below it is 2 as well."""
+    predict_proba, whose kinds are its most probable ones, as BehaviourJudge's are), the kinds come from one
+    predict_proba call, and a compliance with a probability below min_compliance is 2 as well."""
     from .judges import KINDS, judge_kinds
-    scores = _judge(judge, prompts, responses, fn)
-    kinds = judge_kinds(judge, prompts, responses)
-    if kinds is None:
-        return scores
-    out = [1 if k in ("refusal", "deflection") else 0 if k == "compliance" else 2 for k in kinds]
-    if min_compliance is not None and 0 in out:
-        p = judge.predict_proba(list(prompts), list(responses))[:, KINDS.index("compliance")]
-        out = [2 if v == 0 and p[k] < min_compliance else v for k, v in enumerate(out)]
-    return out
+    if min_compliance is not None:
+        P = judge.predict_proba(list(prompts), list(responses))
+        c = KINDS.index("compliance")
+        kinds = [KINDS[i] if i != c or P[k, c] >= min_compliance else None for k, i in enumerate(P.argmax(axis=1))]
+    else:
+        scores = _judge(judge, prompts, responses, fn)
+        kinds = judge_kinds(judge, prompts, responses)
+        if kinds is None:
+            return scores
+    return [1 if k in ("refusal", "deflection") else 0 if k == "compliance" else 2 for k in kinds]
 
 
 from ..core.atomic import write_text
@@ -264,8 +266,9 @@ def synthesize(model, prompts, configurations=None, output="synth.jsonl", n_per_
     predict_proba, such as the default BehaviourJudge) an uncensored answer also fails (judge_uncensored)
     when the judge's probability that it is a compliance is below m. The safe side has no such bar: most
     safe sides are refusal templates, which the judge calls refusals with probabilities from 0.5 up.
-    With refusal_fallback, a revision that is empty, truncated, near-identical to the answer or judged harmful is replaced by
-    cst.prompts.pick_refusal(prompt) (counted in stats["fallback_refusals"]), and the pair is checked again.
+    With refusal_fallback, a revision that is empty, truncated, near-identical to the answer or judged
+    harmful is replaced by cst.prompts.pick_refusal(prompt) (counted in stats["fallback_refusals"]), and the
+    pair is checked again.
     Truncation: `model.last_truncated` (one bool per conversation of the last chat call) when the model
     provides it, else is_truncated() on the text (with a token count if model.tokenizer can encode).
 
